@@ -1,0 +1,239 @@
+"""Safe reading and atomic writing of weights and other run files.
+
+Everything cdprune reads from disk may come from a stranger, so weights are only ever
+read with ``torch.load(..., weights_only=True)`` or safetensors: a checkpoint that carries
+a pickled code payload is refused without running it. Everything cdprune writes goes to a
+temporary file in the destination folder first and is then moved into place with
+``os.replace``, so a crash or a full disk never leaves a half-written file under the real
+name.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = [
+    "WEIGHT_SUFFIXES",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_weights",
+    "read_state_dict",
+    "safe_torch_load",
+    "save_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".pth", ".pth.tar", ".th", ".pt", ".safetensors")
+_NEST_KEYS = ("state_dict", "model", "net", "model_state_dict")
+
+
+# --------------------------------------------------------------------------- writing
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The bytes go to a temporary file in the same folder (same file system, so the final
+    rename is atomic), are flushed and fsynced, then moved over ``path``. On any error the
+    temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Atomically ``torch.save`` an object made of plain data and tensors.
+
+    The object should be loadable with ``weights_only=True``: dicts, lists, numbers,
+    strings and tensors only.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_weights(model_or_state: nn.Module | Mapping[str, torch.Tensor],
+                 path: str | os.PathLike) -> Path:
+    """Save a state dict as ``.safetensors`` or, for any other suffix, with ``torch.save``."""
+    state = (model_or_state.state_dict() if isinstance(model_or_state, nn.Module)
+             else dict(model_or_state))
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        return atomic_write_bytes(path, save(tensors))
+    return atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, path)
+
+
+# --------------------------------------------------------------------------- reading
+def _check_suffix(path: Path) -> None:
+    name = path.name.lower()
+    if not name.endswith(WEIGHT_SUFFIXES):
+        raise CheckpointError(
+            f"unsupported weights file '{path}': expected one of {', '.join(WEIGHT_SUFFIXES)}; "
+            "rename the file or convert it to .safetensors")
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True``, turning every failure into one clear error.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: the file is empty, truncated, not a checkpoint, or carries code
+            (a pickled object other than plain data and tensors), which is refused unrun.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; check the path")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes); re-download or re-save it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses globals it does not know: this is where a code payload stops.
+        raise CheckpointError(
+            f"refused to load '{path}': it contains pickled objects other than tensors and "
+            f"plain data, which could run code ({str(exc).splitlines()[0][:200]}). "
+            "Only load files you trust; re-save the weights as a plain state_dict or .safetensors"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint '{path}': the file is truncated or not a PyTorch "
+            f"checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; check the path")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read safetensors file '{path}': the file is truncated or corrupt "
+            f"({str(exc).splitlines()[0][:160]})") from None
+
+
+def _unnest(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Find the state dict inside common checkpoint layouts."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor)
+                                                    for v in obj.values()):
+            return dict(obj)
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _NEST_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if isinstance(obj, Mapping):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(
+        f"'{path}' holds no state dict: expected tensors at the top level or under one of "
+        f"{', '.join(repr(k) for k in _NEST_KEYS)}")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from any supported weights file, safely.
+
+    Accepts ``.pth``, ``.pth.tar``, ``.th``, ``.pt`` and ``.safetensors``; unnests state
+    dicts stored under ``state_dict``/``model``/``net``; strips the ``module.`` prefix that
+    DataParallel and DistributedDataParallel add.
+    """
+    path = Path(path)
+    _check_suffix(path)
+    if path.name.lower().endswith(".safetensors"):
+        state = _read_safetensors(path)
+    else:
+        state = _unnest(safe_torch_load(path), path)
+    prefix = "module."
+    if all(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _mismatch_message(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
+                      strict: bool) -> str | None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    parts = []
+    if strict and missing:
+        parts.append(f"missing keys ({len(missing)}): {_short_list(missing)}")
+    if strict and unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_short_list(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches ({len(shapes)}): {_short_list(shapes)}")
+    if not parts:
+        return None
+    return (f"weights in '{path}' do not fit the model ({type(model).__name__}): "
+            + "; ".join(parts)
+            + ". Check --model (and --num-classes) match the checkpoint's architecture")
+
+
+def _short_list(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a weights file into ``model`` in place and return it.
+
+    Args:
+        model: the module to fill; its architecture must match the file.
+        path: a ``.pth``/``.pth.tar``/``.th``/``.pt``/``.safetensors`` file.
+        strict: require the keys to match exactly. Shapes must always match.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: unreadable or unsafe file, or keys/shapes that do not fit the model
+            (all mismatches are listed by name in one message).
+    """
+    path = Path(path)
+    state = read_state_dict(path)
+    message = _mismatch_message(model, state, path, strict)
+    if message:
+        raise CheckpointError(message)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+    logger.info("loaded %d tensors from %s", len(state), path)
+    return model
