@@ -1,0 +1,512 @@
+"""Activation statistics for CDP: one pooled value per channel per document.
+
+For every scored Conv2d the output (before BatchNorm) goes through ReLU and a spatial mean,
+giving one value per channel per image. Two kinds of *documents* are supported:
+
+* ``"sample"`` (the published code): every sampled image is a document. The TF-IDF needs
+  the mean over all documents before anything can be counted, so the pooled values of
+  every image are kept: **4 bytes per sample per channel** in float32 (2 with
+  ``dtype=torch.float16``). ResNet-56 has 2,032 scored channels, so 10,000 images cost
+  81 MB; ResNet-50 has 26,560, so 50,000 images cost 5.3 GB (2.7 GB in float16).
+* ``"class"`` (the paper's wording): every class is a document, the mean pooled vector of
+  its images. Only per-class sums and counts are kept: **8 bytes per class per channel**
+  (float64 sums), whatever the number of images.
+
+The pass is streaming: all scored layers of a batch are gathered into one ``[B, channels]``
+row block and copied once into a chunked buffer, so memory grows linearly and nothing is
+re-concatenated batch after batch. Under ``torch.distributed`` each rank reads its shard and
+the result is reduced exactly (see :meth:`ActivationStats.sufficient`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_bytes
+from .errors import CheckpointError, ConfigError, DataError
+
+__all__ = ["ActivationStats", "collect_stats", "conv_layer_names", "model_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+DOCUMENTS = ("sample", "class")
+_CHUNK_ROWS = 4096
+
+
+def conv_layer_names(model: nn.Module) -> list[str]:
+    """Names of all ``nn.Conv2d`` modules, in definition order."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's parameter and buffer names and shapes.
+
+    Two models share a fingerprint exactly when their state dicts have the same layout,
+    which is what makes statistics collected on one valid for the other.
+    """
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if _dist_ready():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of the scored layers, ready for TF-IDF scoring and saving.
+
+    Attributes:
+        documents: ``"sample"`` or ``"class"``.
+        layers: scored layer names, in model order.
+        channels: channel count of each layer.
+        num_samples: images seen (over all ranks).
+        features: sample mode on one process: ``[num_samples, sum(channels)]`` pooled
+            values, layer blocks side by side in ``layers`` order. ``None`` otherwise.
+        class_sums: class mode: ``[num_classes, sum(channels)]`` float64 sums.
+        class_counts: class mode: ``[num_classes]`` images per class.
+        reduced: sample mode under ``torch.distributed``: per layer ``(df, tf_sum)``
+            already aggregated over all ranks (see :meth:`sufficient`).
+        fingerprint: :func:`model_fingerprint` of the model the statistics came from.
+        meta: free-form facts (model name, sampled images, versions).
+    """
+
+    documents: str
+    layers: list[str]
+    channels: dict[str, int]
+    num_samples: int
+    features: torch.Tensor | None = None
+    class_sums: torch.Tensor | None = None
+    class_counts: torch.Tensor | None = None
+    reduced: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    fingerprint: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ views
+    def _offsets(self) -> dict[str, tuple[int, int]]:
+        out, start = {}, 0
+        for name in self.layers:
+            out[name] = (start, start + self.channels[name])
+            start += self.channels[name]
+        return out
+
+    def matrix(self, layer: str) -> torch.Tensor:
+        """The ``[channels, documents]`` matrix F of one layer (float32).
+
+        Sample mode: one column per image. Class mode: one column per class that occurs,
+        holding the mean pooled vector of its images.
+
+        Raises:
+            ConfigError: unknown layer, or statistics already reduced across ranks.
+        """
+        if layer not in self.channels:
+            raise ConfigError(f"no statistics for layer '{layer}'; available: "
+                              f"{', '.join(self.layers[:8])}{' ...' if len(self.layers) > 8 else ''}")
+        lo, hi = self._offsets()[layer]
+        if self.documents == "class":
+            present = self.class_counts > 0
+            means = self.class_sums[present, lo:hi] / self.class_counts[present, None]
+            return means.T.float()
+        if self.features is None:
+            raise ConfigError(
+                "per-sample features were reduced across processes and are not kept; "
+                "use sufficient() or tfidf_scores(), which work on the reduced form")
+        return self.features[:, lo:hi].T.float()
+
+    def num_documents(self) -> int:
+        """Number of documents N in the TF-IDF (images, or classes that occur)."""
+        if self.documents == "class":
+            return int((self.class_counts > 0).sum())
+        return self.num_samples
+
+    def sufficient(self, layer: str) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """``(N, df, tf_sum)`` for one layer: all TF-IDF needs, in float64.
+
+        ``df[j]`` counts documents where channel j is at or above its mean over documents;
+        ``tf_sum[j]`` sums, over those documents, channel j's share of the document's total
+        activation. The score is then ``b * tf_sum / df * ln(N / (df + 1))``. Both are plain
+        sums over documents, which is what makes the distributed reduction exact.
+        """
+        if self.reduced is not None and layer in self.reduced:
+            df, tf_sum = self.reduced[layer]
+            return self.num_documents(), df, tf_sum
+        from .scoring import document_counts  # local: scoring imports this module
+
+        return (self.num_documents(), *document_counts(self.matrix(layer), name=layer))
+
+    # ------------------------------------------------------------------ checks
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise if these statistics were not collected on a model of this architecture."""
+        fp = model_fingerprint(model)
+        if self.fingerprint and fp != self.fingerprint:
+            raise CheckpointError(
+                f"statistics come from a different architecture (fingerprint {self.fingerprint}"
+                f", model {self.meta.get('model', '?')}) than the model given (fingerprint {fp})"
+                "; collect statistics again with this model, or pass the model they came from")
+        names = dict(model.named_modules())
+        for layer in self.layers:
+            mod = names.get(layer)
+            if not isinstance(mod, nn.Conv2d) or mod.out_channels != self.channels[layer]:
+                raise CheckpointError(
+                    f"statistics layer '{layer}' ({self.channels[layer]} channels) does not "
+                    "match the model; collect statistics again with this model")
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the statistics atomically as safetensors with JSON metadata."""
+        from safetensors.torch import save
+
+        from . import __version__
+
+        tensors: dict[str, torch.Tensor] = {}
+        if self.features is not None:
+            tensors["features"] = self.features.contiguous()
+        if self.class_sums is not None:
+            tensors["class_sums"] = self.class_sums.contiguous()
+            tensors["class_counts"] = self.class_counts.contiguous()
+        for name, (df, tf_sum) in (self.reduced or {}).items():
+            tensors[f"reduced.df.{name}"] = df.contiguous()
+            tensors[f"reduced.tf_sum.{name}"] = tf_sum.contiguous()
+        header = {
+            "format": "cdprune.stats/1",
+            "documents": self.documents,
+            "layers": self.layers,
+            "channels": [self.channels[n] for n in self.layers],
+            "num_samples": self.num_samples,
+            "fingerprint": self.fingerprint,
+            "cdprune_version": __version__,
+            "meta": self.meta,
+        }
+        data = save(tensors, metadata={"cdprune": json.dumps(header)})
+        return atomic_write_bytes(path, data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> ActivationStats:
+        """Read statistics written by :meth:`save`; with ``model``, check they belong to it.
+
+        Raises:
+            FileNotFoundError: no such file.
+            CheckpointError: not a cdprune statistics file, corrupt, or from another model.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"statistics file '{path}' does not exist; run "
+                                    "`cdprune stats` first or check the path")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = json.loads((fh.metadata() or {}).get("cdprune", "null"))
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read statistics file '{path}': truncated or not a "
+                                  f"statistics file ({str(exc)[:160]})") from None
+        if not isinstance(header, dict) or header.get("format") != "cdprune.stats/1":
+            raise CheckpointError(f"'{path}' is not a cdprune statistics file (no "
+                                  "'cdprune.stats/1' header); create one with `cdprune stats`")
+        layers = list(header["layers"])
+        reduced = {}
+        for name in layers:
+            if f"reduced.df.{name}" in tensors:
+                reduced[name] = (tensors[f"reduced.df.{name}"], tensors[f"reduced.tf_sum.{name}"])
+        stats = cls(
+            documents=header["documents"], layers=layers,
+            channels=dict(zip(layers, header["channels"])),
+            num_samples=int(header["num_samples"]), features=tensors.get("features"),
+            class_sums=tensors.get("class_sums"), class_counts=tensors.get("class_counts"),
+            reduced=reduced or None, fingerprint=header.get("fingerprint", ""),
+            meta=header.get("meta", {}))
+        stats._validate(path)
+        if model is not None:
+            stats.check_compatible(model)
+        return stats
+
+    def _validate(self, path: Path) -> None:
+        total = sum(self.channels.values())
+        ok = self.documents in DOCUMENTS
+        if self.documents == "sample" and self.reduced is None:
+            ok = ok and self.features is not None and tuple(self.features.shape) == (
+                self.num_samples, total)
+        if self.documents == "class":
+            ok = ok and self.class_sums is not None and self.class_sums.shape[1] == total
+        if not ok:
+            raise CheckpointError(f"statistics file '{path}' is inconsistent (tensor shapes do "
+                                  "not match its header); collect the statistics again")
+
+
+# ---------------------------------------------------------------------- collection
+class _Collector:
+    """Forward hooks that pool each scored layer's output into one row block per batch."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.pooled: list[torch.Tensor | None] = [None] * len(modules)
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            # ReLU then spatial mean; float32 even under autocast so sums stay accurate.
+            self.pooled[index] = torch.relu(output).mean(dim=(2, 3), dtype=torch.float32)
+        return hook
+
+    def take(self) -> torch.Tensor:
+        rows = torch.cat(self.pooled, dim=1)
+        self.pooled = [None] * len(self.pooled)
+        return rows
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
+    convs = conv_layer_names(model)
+    if not convs:
+        raise ConfigError(f"model {type(model).__name__} has no nn.Conv2d layer; CDP scores "
+                          "convolution filters, so there is nothing to score")
+    if layers is None:
+        return convs
+    import difflib
+
+    layers = list(layers)
+    named = dict(model.named_modules())
+    for name in layers:
+        if name not in named:
+            close = difflib.get_close_matches(name, convs, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"layer '{name}' does not exist in the model{hint} "
+                              "(list them with cdprune.stats.conv_layer_names(model))")
+        if not isinstance(named[name], nn.Conv2d):
+            raise ConfigError(f"layer '{name}' is a {type(named[name]).__name__}, not a Conv2d; "
+                              "only Conv2d layers can be scored")
+    return [n for n in convs if n in set(layers)]
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], labels
+    raise DataError(f"the loader yields {type(batch).__name__}; expected image tensors or "
+                    "(images, labels) pairs")
+
+
+def collect_stats(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    layers: Iterable[str] | None = None,
+    max_batches: int | None = None,
+    documents: str = "sample",
+    num_classes: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> ActivationStats:
+    """Run images through ``model`` and gather the pooled activations CDP scores.
+
+    Args:
+        model: the pretrained network; its mode is restored afterwards.
+        loader: yields image batches or ``(images, labels)``; labels are needed for
+            ``documents="class"``. Under ``torch.distributed`` each rank passes its shard.
+        layers: Conv2d names to score; all Conv2d layers by default.
+        max_batches: stop after this many batches (the original ``--stop_batch``).
+        documents: ``"sample"`` (every image a document, as published) or ``"class"``.
+        num_classes: number of classes for class documents; inferred from the labels
+            seen (over all ranks) when omitted.
+        device: where to run; defaults to the device of the model's parameters.
+        dtype: storage of per-sample values, ``torch.float32`` or ``torch.float16``.
+        progress: show a progress bar.
+
+    Returns:
+        The statistics; under ``torch.distributed`` identical on every rank.
+
+    Raises:
+        ConfigError: bad argument, unknown layer, or a model without Conv2d.
+        DataError: no batches, missing labels for class documents, labels out of range,
+            or NaN/inf activations (the message names the layer).
+    """
+    if documents not in DOCUMENTS:
+        raise ConfigError(f"documents={documents!r} is not valid; use 'sample' or 'class'")
+    if max_batches is not None and max_batches <= 0:
+        raise ConfigError(f"max_batches (--stop-batch) must be a positive integer, got "
+                          f"{max_batches}; leave it unset to use the whole loader")
+    if dtype not in (torch.float32, torch.float16):
+        raise ConfigError(f"dtype {dtype} is not supported; use torch.float32 or torch.float16")
+    names = _resolve_layers(model, layers)
+    modules = dict(model.named_modules())
+    channels = {n: modules[n].out_channels for n in names}
+    total = sum(channels.values())
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    expected = None
+    if max_batches is not None:
+        expected = max_batches
+    elif hasattr(loader, "__len__"):
+        expected = len(loader)
+
+    was_training = model.training
+    collector = _Collector([modules[n] for n in names])
+    chunks: list[torch.Tensor] = []
+    filled = 0
+    sums = counts = None
+    labels_max = -1
+    seen = 0
+    batches = 0
+    try:
+        model.eval()
+        with torch.inference_mode():
+            bar = tqdm(total=expected, desc="statistics", unit="batch", disable=not progress,
+                       leave=False)
+            for batch in loader:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                images, labels = _split_batch(batch)
+                model(images.to(device, non_blocking=True))
+                rows = collector.take()
+                n = rows.shape[0]
+                if documents == "sample":
+                    rows = rows.to("cpu", dtype)
+                    pos = 0
+                    while pos < n:  # fill fixed-size chunks; no growing tensor is re-copied
+                        if filled == 0 or filled == chunks[-1].shape[0]:
+                            chunks.append(torch.empty(_CHUNK_ROWS, total, dtype=dtype))
+                            filled = 0
+                        take = min(n - pos, _CHUNK_ROWS - filled)
+                        chunks[-1][filled:filled + take] = rows[pos:pos + take]
+                        filled += take
+                        pos += take
+                else:
+                    if labels is None:
+                        raise DataError("documents='class' needs labels: the loader must yield "
+                                        "(images, labels) pairs")
+                    labels = labels.to(device).long()
+                    labels_max = max(labels_max, int(labels.max()))
+                    if num_classes is not None and labels_max >= num_classes:
+                        raise DataError(f"label {labels_max} is out of range for num_classes="
+                                        f"{num_classes}; pass the dataset's class count")
+                    width = num_classes or labels_max + 1
+                    if sums is None:
+                        sums = torch.zeros(width, total, dtype=torch.float64, device=device)
+                        counts = torch.zeros(width, dtype=torch.float64, device=device)
+                    elif width > sums.shape[0]:  # classes grow rarely; pad, do not re-cat rows
+                        sums = torch.cat([sums, sums.new_zeros(width - sums.shape[0], total)])
+                        counts = torch.cat([counts, counts.new_zeros(width - counts.shape[0])])
+                    sums.index_add_(0, labels, rows.double())
+                    counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+                seen += n
+                batches += 1
+                bar.update(1)
+            bar.close()
+    finally:
+        collector.remove()
+        model.train(was_training)
+
+    if max_batches is not None and batches < max_batches:
+        logger.warning("the loader yielded %d batches, fewer than the %d asked for; using the "
+                       "%d images there are", batches, max_batches, seen)
+    total_seen = int(_all_reduce(torch.tensor([seen], dtype=torch.int64, device=device)).item())
+    if total_seen == 0:
+        raise DataError("the loader yielded no images; check the dataset and --stop-batch")
+
+    stats = ActivationStats(documents=documents, layers=names, channels=channels,
+                            num_samples=total_seen, fingerprint=model_fingerprint(model),
+                            meta={"batches": batches})
+    if documents == "class":
+        stats.class_sums, stats.class_counts = _reduce_classes(sums, counts, total, device,
+                                                               num_classes)
+        _check_finite(stats.class_sums, stats)
+        return stats
+
+    if chunks:
+        chunks[-1] = chunks[-1][:filled]
+    else:  # a rank with an empty shard
+        chunks = [torch.empty(0, total, dtype=dtype)]
+    features = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    _check_finite(features, stats)
+    if not _dist_ready():
+        stats.features = features
+        return stats
+    stats.reduced = _reduce_samples(features, stats, device)
+    return stats
+
+
+def _reduce_classes(sums: torch.Tensor | None, counts: torch.Tensor | None, total: int,
+                    device: torch.device, num_classes: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    width = torch.tensor([0 if sums is None else sums.shape[0]], device=device)
+    if _dist_ready():  # ranks may have seen different label ranges
+        torch.distributed.all_reduce(width, op=torch.distributed.ReduceOp.MAX)
+    width = int(width.item()) if num_classes is None else num_classes
+    full_sums = torch.zeros(width, total, dtype=torch.float64, device=device)
+    full_counts = torch.zeros(width, dtype=torch.float64, device=device)
+    if sums is not None:
+        full_sums[:sums.shape[0]] = sums
+        full_counts[:counts.shape[0]] = counts
+    _all_reduce(full_sums)
+    _all_reduce(full_counts)
+    return full_sums.cpu(), full_counts.cpu()
+
+
+def _reduce_samples(features: torch.Tensor, stats: ActivationStats, device: torch.device
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact distributed TF-IDF ingredients without gathering the N x C matrix.
+
+    The mean over all documents needs every rank's channel sums; with it, each rank counts
+    its own documents at or above the mean and sums their TF shares; both are sums, so an
+    all-reduce of them equals the single-process result.
+    """
+    from .scoring import document_counts
+
+    col = features.double().sum(dim=0).to(device)
+    _all_reduce(col)
+    mean = (col / stats.num_samples).cpu()
+    reduced = {}
+    for name, (lo, hi) in stats._offsets().items():
+        df, tf_sum = document_counts(features[:, lo:hi].T, mean=mean[lo:hi], name=name)
+        packed = torch.stack([df, tf_sum]).to(device)
+        _all_reduce(packed)
+        reduced[name] = (packed[0].cpu(), packed[1].cpu())
+    return reduced
+
+
+def _check_finite(values: torch.Tensor, stats: ActivationStats) -> None:
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = torch.isfinite(values).all(dim=0).logical_not().nonzero().flatten().tolist()
+    for name, (lo, hi) in stats._offsets().items():
+        if any(lo <= i < hi for i in bad):
+            raise DataError(f"activations of layer '{name}' contain NaN or inf; check the "
+                            "checkpoint (diverged weights?) and the input normalisation")
+    raise DataError("activations contain NaN or inf")  # pragma: no cover - offsets cover all
+
+
+def memory_bytes(channels: int, samples: int, documents: str = "sample",
+                 dtype: torch.dtype = torch.float32, num_classes: int = 0) -> int:
+    """Bytes the statistics of ``channels`` scored channels take (see the module notes)."""
+    if documents == "class":
+        return 8 * channels * num_classes
+    return (2 if dtype == torch.float16 else 4) * channels * math.ceil(samples)

@@ -1,0 +1,216 @@
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from cdprune.errors import CheckpointError, ConfigError, DataError
+from cdprune.scoring import tfidf, tfidf_scores
+from cdprune.stats import ActivationStats, collect_stats, conv_layer_names
+
+from .conftest import SmallNet, make_loader
+
+
+def manual_pooled(model, loader):
+    """Pooled ReLU(conv output) per layer, the slow obvious way."""
+    outs = {n: [] for n in conv_layer_names(model)}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: outs[n].append(o.relu().mean((2, 3))))
+             for n, m in model.named_modules() if n in outs]
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in outs.items()}
+
+
+def test_sample_features_match_manual(small_net, loader):
+    stats = collect_stats(small_net, loader, progress=False)
+    ref = manual_pooled(small_net, loader)
+    assert stats.layers == ["conv1", "conv2", "conv3"]
+    assert stats.num_samples == 48 and stats.features.shape == (48, 8 + 8 + 16)
+    for name in stats.layers:
+        assert torch.allclose(stats.matrix(name), ref[name].T, atol=1e-6)
+    scores = tfidf_scores(stats)
+    assert torch.allclose(scores["conv3"], tfidf(ref["conv3"].T), atol=1e-6)
+
+
+def test_class_documents_are_class_means(small_net, loader):
+    stats = collect_stats(small_net, loader, documents="class", num_classes=6, progress=False)
+    ref = manual_pooled(small_net, loader)["conv2"]
+    labels = torch.arange(48) % 4
+    means = torch.stack([ref[labels == k].mean(0) for k in range(4)])
+    assert stats.num_documents() == 4  # classes 4 and 5 never occur: not documents
+    assert torch.allclose(stats.matrix("conv2"), means.T, atol=1e-6)
+    assert stats.class_counts.tolist() == [12, 12, 12, 12, 0, 0]
+    assert torch.allclose(tfidf_scores(stats, coe=1.0)["conv2"], tfidf(means.T, coe=1.0),
+                          atol=1e-6)
+
+
+def test_max_batches_and_short_loader(small_net, loader, caplog):
+    stats = collect_stats(small_net, loader, max_batches=2, progress=False)
+    assert stats.num_samples == 32
+    with caplog.at_level(logging.WARNING, logger="cdprune.stats"):
+        stats = collect_stats(small_net, loader, max_batches=10, progress=False)
+    assert stats.num_samples == 48
+    assert "fewer than the 10 asked for" in caplog.text
+    with pytest.raises(ConfigError, match="stop-batch"):
+        collect_stats(small_net, loader, max_batches=0, progress=False)
+
+
+def test_restores_mode_and_removes_hooks_even_on_error(small_net):
+    small_net.train()
+
+    def broken():
+        yield torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+        raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        collect_stats(small_net, broken(), progress=False)
+    assert small_net.training
+    assert all(not m._forward_hooks for m in small_net.modules())
+    collect_stats(small_net, make_loader(), progress=False)
+    assert small_net.training and all(not m._forward_hooks for m in small_net.modules())
+
+
+def test_uses_eval_mode_batchnorm(small_net, loader):
+    """Statistics must not update BN running stats (eval mode, inference mode)."""
+    small_net.train()
+    before = small_net.bn1.running_mean.clone()
+    collect_stats(small_net, loader, progress=False)
+    assert torch.equal(before, small_net.bn1.running_mean)
+
+
+def test_float16_halves_memory(small_net, loader):
+    s32 = collect_stats(small_net, loader, progress=False)
+    s16 = collect_stats(small_net, loader, dtype=torch.float16, progress=False)
+    assert s16.features.dtype == torch.float16
+    assert s16.features.nbytes * 2 == s32.features.nbytes
+    for name in s32.layers:
+        assert torch.allclose(s16.matrix(name), s32.matrix(name), rtol=2e-3, atol=1e-3)
+
+
+def test_chunked_buffer_spans_chunks(small_net, monkeypatch):
+    import cdprune.stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_CHUNK_ROWS", 5)  # batches of 16 straddle chunks
+    stats = collect_stats(small_net, make_loader(n=48), progress=False)
+    ref = manual_pooled(small_net, make_loader(n=48))
+    assert torch.allclose(stats.matrix("conv1"), ref["conv1"].T, atol=1e-6)
+
+
+def test_layers_selection_and_errors(small_net, loader):
+    stats = collect_stats(small_net, loader, layers=["conv3", "conv1"], progress=False)
+    assert stats.layers == ["conv1", "conv3"]
+    with pytest.raises(ConfigError, match="did you mean conv2"):
+        collect_stats(small_net, loader, layers=["conv22"], progress=False)
+    with pytest.raises(ConfigError, match="not a Conv2d"):
+        collect_stats(small_net, loader, layers=["bn1"], progress=False)
+    with pytest.raises(ConfigError, match="no nn.Conv2d"):
+        collect_stats(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), loader, progress=False)
+    with pytest.raises(ConfigError, match="documents"):
+        collect_stats(small_net, loader, documents="word", progress=False)
+
+
+def test_class_mode_needs_labels_in_range(small_net):
+    images = [torch.randn(4, 3, 8, 8)]
+    with pytest.raises(DataError, match="needs labels"):
+        collect_stats(small_net, images, documents="class", progress=False)
+    with pytest.raises(DataError, match="out of range"):
+        collect_stats(small_net, make_loader(), documents="class", num_classes=2, progress=False)
+
+
+def test_nan_activations_name_the_layer(small_net, loader):
+    small_net.conv2.weight.data[3] = float("nan")
+    with pytest.raises(DataError, match="layer 'conv2'"):
+        collect_stats(small_net, loader, progress=False)
+
+
+@pytest.mark.parametrize("documents", ["sample", "class"])
+def test_save_load_round_trip(small_net, loader, tmp_path, documents):
+    stats = collect_stats(small_net, loader, documents=documents, progress=False)
+    path = stats.save(tmp_path / "stats.safetensors")
+    back = ActivationStats.load(path, model=small_net)
+    assert back.layers == stats.layers and back.channels == stats.channels
+    for name, score in tfidf_scores(stats).items():
+        assert torch.equal(score, tfidf_scores(back)[name])
+    other = SmallNet(width=6)
+    with pytest.raises(CheckpointError, match="different architecture"):
+        ActivationStats.load(path, model=other)
+
+
+def test_load_refuses_truncated_and_foreign_files(small_net, loader, tmp_path):
+    path = collect_stats(small_net, loader, progress=False).save(tmp_path / "s.safetensors")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        ActivationStats.load(cut)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="not a cdprune statistics file"):
+        ActivationStats.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError, match="cdprune stats"):
+        ActivationStats.load(tmp_path / "missing.safetensors")
+
+
+DIST_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from conftest import SmallNet, make_loader
+    from torch.utils.data import DataLoader, Subset
+    from cdprune.stats import collect_stats
+    from cdprune.scoring import tfidf_scores
+
+    def model():
+        torch.manual_seed(0)
+        return SmallNet().eval()
+
+    def shard_loader(rank, world):
+        full = make_loader(n=60, batch_size=7).dataset
+        return DataLoader(Subset(full, list(range(rank, 60, world))), batch_size=7)
+
+    def worker(rank, world, port, out):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        result = {{}}
+        for documents in ("sample", "class"):
+            stats = collect_stats(model(), shard_loader(rank, world), documents=documents,
+                                  progress=False)
+            result[documents] = tfidf_scores(stats, coe=0.5)
+        if rank == 0:
+            torch.save(result, out)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        import socket
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        torch.multiprocessing.spawn(worker, args=(2, port, sys.argv[1]), nprocs=2)
+""")
+
+
+@pytest.mark.slow
+def test_distributed_statistics_equal_single_process(tmp_path):
+    from pathlib import Path
+
+    script = tmp_path / "dist_stats.py"
+    script.write_text(DIST_SCRIPT.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "scores.pt"
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dist_scores = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    for documents in ("sample", "class"):
+        single = tfidf_scores(collect_stats(model, make_loader(n=60, batch_size=7),
+                                            documents=documents, progress=False), coe=0.5)
+        for name, score in single.items():
+            assert torch.allclose(dist_scores[documents][name], score, atol=1e-6, rtol=0), name
