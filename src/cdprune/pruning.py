@@ -1,0 +1,670 @@
+"""Physical, dependency-aware removal of the lowest-scoring filters.
+
+Scores rank filters globally, as in the paper; channels are then removed for real through
+Torch-Pruning's dependency graph, so layers whose channels are coupled (residual
+additions, concatenation, depthwise convolutions) shrink together and the pruned network
+is genuinely smaller and faster.
+
+A *group* is a set of coupled channels; its importance per channel is the reduction of
+its members' CDP scores (:class:`~cdprune.scoring.CDPImportance`). Groups are ranked in
+one global list; the lowest are removed until a fraction of filters (``sparsity``) or of
+MACs (``macs_reduction``) is gone. MACs of a candidate pruning are computed analytically
+from the layer shapes, which makes the threshold search cheap; the final model is then
+measured for real.
+
+Pruned models are saved as ``model.safetensors`` plus ``plan.json``. Loading replays the
+plan on a fresh base model: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .checkpoint import atomic_write_text, load_weights, save_weights
+from .errors import CheckpointError, ConfigError
+from .macs import count_macs, count_params
+from .scoring import CDPImportance
+
+__all__ = ["PruneResult", "load_pruned", "prune", "save_pruned"]
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("auto", "internal", "all")
+PLAN_FORMAT = "cdprune.plan/1"
+_OUT_FNS = ("prune_conv_out_channels", "prune_depthwise_conv_out_channels",
+            "prune_linear_out_channels")
+_MACS_TOLERANCE = 0.003  # the paper's own: within 0.3 percentage points
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did.
+
+    Attributes:
+        model: the pruned network (a new module unless ``inplace=True``).
+        plan: plain-data record that rebuilds the pruned architecture from the base model:
+            ``steps`` (the group removals, in order) and ``kept`` (per pruned module, the
+            kept output-channel indices of the original).
+        macs_before, macs_after, params_before, params_after: measured on the real models.
+        widths_before, widths_after: output channels of every Conv2d.
+        removed_filters, candidate_filters: scored filters removed, out of those that could
+            be (in scope, not ignored).
+    """
+
+    model: nn.Module
+    plan: dict[str, Any]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    widths_before: dict[str, int]
+    widths_after: dict[str, int]
+    removed_filters: int = 0
+    candidate_filters: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def macs_reduction(self) -> float:
+        """Fraction of the base model's MACs removed."""
+        return 1.0 - self.macs_after / self.macs_before
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of candidate filters removed."""
+        return self.removed_filters / max(1, self.candidate_filters)
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers for reports: MACs, parameters, sparsity and per-layer widths."""
+        return {
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "macs_reduction": round(self.macs_reduction, 6),
+            "params_before": self.params_before, "params_after": self.params_after,
+            "removed_filters": self.removed_filters,
+            "candidate_filters": self.candidate_filters,
+            "sparsity": round(self.sparsity, 6),
+            "widths_before": self.widths_before, "widths_after": self.widths_after,
+        }
+
+
+# ---------------------------------------------------------------------- dependency graph
+class _PadShortcutPruner(tp.pruner.function.BasePruningFunc):
+    """Teaches Torch-Pruning the option-A shortcut, which it would read as element-wise.
+
+    The shortcut places input channel ``i`` at output position ``index[i]`` (or nowhere),
+    so input and output channels are pruned independently and stay exact: a removed input
+    channel leaves zeros where it went, exactly what the unpruned model computes once
+    that channel is zeroed.
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        layer.remove_outputs(idxs)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        layer.remove_inputs(idxs)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+
+def _custom_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
+    from .models.cifar_resnet import PadShortcut
+
+    return {PadShortcut: _PadShortcutPruner()}
+
+
+def _has_pad_shortcut(model: nn.Module) -> bool:
+    pruners = _custom_pruners()
+    return any(type(m) in pruners for m in model.modules())
+
+
+def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    was_training = model.training
+    model.eval()  # tracing runs a forward pass: never let it update BN running stats
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, customized_pruners=_custom_pruners(),
+                verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def _output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
+    """The layer that produced the model's output (the classifier), found by running it."""
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: order.append(m))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            _forward(model, example_inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order[-1:]
+
+
+def _forward(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, (list, tuple)):
+        return model(*example_inputs)
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    return model(example_inputs)
+
+
+# ---------------------------------------------------------------------- analytic MACs
+@dataclass
+class _Geometry:
+    """Shape facts of one Conv2d/Linear layer, enough to recount its MACs after pruning."""
+
+    in_ch: int
+    out_ch: int
+    groups: int
+    kernel: int
+    positions: int  # output positions per sample (H*W for conv)
+
+    def macs(self, out_rm: int = 0, in_rm: int = 0, depthwise_rm: int = 0) -> int:
+        out = self.out_ch - out_rm - depthwise_rm
+        if self.groups > 1 and self.groups == self.in_ch:  # depthwise: one input per output
+            return self.positions * out * self.kernel
+        return self.positions * out * ((self.in_ch - in_rm) // self.groups) * self.kernel
+
+
+def _geometry(model: nn.Module, example_inputs: Any) -> dict[nn.Module, _Geometry]:
+    geo: dict[nn.Module, _Geometry] = {}
+
+    def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            geo[m] = _Geometry(m.in_channels, m.out_channels, m.groups,
+                               m.kernel_size[0] * m.kernel_size[1],
+                               out.shape[-1] * out.shape[-2])
+        else:
+            geo[m] = _Geometry(m.in_features, m.out_features, 1, 1,
+                               out.numel() // out.shape[0] // m.out_features)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            example = _first_sample(example_inputs)
+            _forward(model, example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return geo
+
+
+def _first_sample(example_inputs: Any) -> Any:
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs[:1]
+    return example_inputs
+
+
+@dataclass
+class _Candidate:
+    """A prunable group: its channels' importance and how removal touches each layer."""
+
+    root: nn.Module
+    root_fn: Any
+    importance: torch.Tensor
+    allowed: torch.Tensor  # channels that may be removed without changing the function
+    width: int
+    min_keep: int
+    scored_members: int
+    # (module, kind, root indices of the member's channels); kind: out/in/dw
+    members: list[tuple[nn.Module, str, torch.Tensor]]
+
+
+def _kind(fn: Any) -> str | None:
+    if fn == tp.prune_depthwise_conv_out_channels:
+        return "dw"
+    if fn == tp.prune_conv_out_channels or fn == tp.prune_linear_out_channels:
+        return "out"
+    if fn == tp.prune_conv_in_channels or fn == tp.prune_linear_in_channels:
+        return "in"
+    return None
+
+
+def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: list[nn.Module],
+                scope: str, max_layer_pruning: float, scored: set[nn.Module]
+                ) -> list[_Candidate]:
+    out = []
+    pad_pruner = _PadShortcutPruner
+    for group in graph.get_all_groups(ignored_layers=ignored,
+                                      root_module_types=(nn.Conv2d, nn.Linear)):
+        imp = importance(group)
+        if imp is None:
+            continue
+        width = len(group[0].root_idxs)
+        allowed = torch.ones(width, dtype=torch.bool)
+        members, outs, scored_members = [], 0, 0
+        for item in group:
+            fn = item.dep.pruning_fn
+            module = item.dep.target.module
+            kind = _kind(fn)
+            if kind is None and isinstance(getattr(fn, "__self__", None), pad_pruner):
+                if fn == fn.__self__.prune_out_channels:
+                    outs += 1
+                    # A stream position fed by the shortcut is not zero when its conv
+                    # branch is: removing it would change the function. Only the
+                    # zero-padded positions can go.
+                    live = module.gather[list(item.idxs)] < module.in_channels
+                    allowed[torch.tensor(list(item.root_idxs))[live]] = False
+                continue
+            if kind is None:
+                continue
+            outs += kind == "out"
+            scored_members += kind in ("out", "dw") and module in scored
+            members.append((module, kind, torch.tensor(list(item.root_idxs))))
+        if scope == "internal" and outs != 1:
+            continue  # the channels feed more than one layer's output: a residual stream
+        min_keep = max(1, math.ceil((1.0 - max_layer_pruning) * width - 1e-9))
+        if width <= min_keep or not allowed.any():
+            continue
+        out.append(_Candidate(group[0].dep.target.module, group[0].dep.pruning_fn,
+                              imp.float().cpu(), allowed, width, min_keep, scored_members,
+                              members))
+    return out
+
+
+class _Search:
+    """Turns a number of globally lowest channels into per-group removals and their MACs."""
+
+    def __init__(self, candidates: list[_Candidate], geometry: dict[nn.Module, _Geometry],
+                 round_to: int | None):
+        self.cands = candidates
+        self.geometry = geometry
+        self.round_to = round_to
+        scores = torch.cat([c.importance for c in candidates]) if candidates else torch.empty(0)
+        group_ids = torch.cat([torch.full((c.width,), i) for i, c in enumerate(candidates)]) \
+            if candidates else torch.empty(0, dtype=torch.long)
+        channel_ids = torch.cat([torch.arange(c.width) for c in candidates]) \
+            if candidates else torch.empty(0, dtype=torch.long)
+        # Deterministic: by score, then group order, then channel index (stable sort).
+        allowed = torch.cat([c.allowed for c in candidates]) if candidates \
+            else torch.empty(0, dtype=torch.bool)
+        order = torch.argsort(scores, stable=True)
+        order = order[allowed[order]]
+        self.order = list(zip(group_ids[order].tolist(), channel_ids[order].tolist()))
+        self.base_macs = sum(g.macs() for g in geometry.values())
+
+    def removals(self, k: int, extra: Sequence[int] = ()) -> list[list[int]]:
+        """Root channel indices to remove per candidate when the k lowest are chosen.
+
+        ``extra`` adds further positions of the ranking (used to land on a MACs target
+        when the k-th channel alone would overshoot it).
+        """
+        chosen: list[list[int]] = [[] for _ in self.cands]
+        for gid, ch in [*self.order[:k], *(self.order[i] for i in extra)]:
+            cand = self.cands[gid]
+            if cand.width - len(chosen[gid]) > cand.min_keep:
+                chosen[gid].append(ch)
+        if self.round_to:
+            for gid, idxs in enumerate(chosen):
+                keep = self.cands[gid].width - len(idxs)
+                keep_rounded = min(self.cands[gid].width,
+                                   math.ceil(keep / self.round_to) * self.round_to)
+                # keep the best of the chosen ones to reach a multiple of round_to
+                del idxs[len(idxs) - (keep_rounded - keep):]
+        return [sorted(idxs) for idxs in chosen]
+
+    def macs(self, removals: list[list[int]]) -> int:
+        out_rm: dict[nn.Module, int] = {}
+        in_rm: dict[nn.Module, int] = {}
+        dw_rm: dict[nn.Module, int] = {}
+        for cand, idxs in zip(self.cands, removals):
+            if not idxs:
+                continue
+            removed = torch.tensor(idxs)
+            for module, kind, roots in cand.members:
+                n = int(torch.isin(roots, removed).sum())
+                target = {"out": out_rm, "in": in_rm, "dw": dw_rm}[kind]
+                target[module] = target.get(module, 0) + n
+        return sum(g.macs(out_rm.get(m, 0), in_rm.get(m, 0), dw_rm.get(m, 0))
+                   for m, g in self.geometry.items())
+
+    def filters(self, removals: list[list[int]]) -> int:
+        return sum(len(r) * c.scored_members for c, r in zip(self.cands, removals))
+
+
+# ---------------------------------------------------------------------- public API
+def _validate(sparsity: float | None, macs_reduction: float | None, scope: str,
+              max_layer_pruning: float, round_to: int | None) -> None:
+    if (sparsity is None) == (macs_reduction is None):
+        raise ConfigError("give exactly one pruning target: sparsity (fraction of filters) or "
+                          "macs_reduction (fraction of MACs), e.g. --macs-reduction 0.5")
+    for name, value in (("sparsity", sparsity), ("macs_reduction", macs_reduction)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
+            raise ConfigError(f"{name}={value} is outside (0, 1); give a fraction such as 0.5")
+    if scope not in SCOPES:
+        raise ConfigError(f"scope={scope!r} is not valid; use one of {', '.join(SCOPES)}")
+    if not 0 < max_layer_pruning <= 1:
+        raise ConfigError(f"max_layer_pruning={max_layer_pruning} is outside (0, 1]")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to={round_to} must be a positive integer (e.g. 8) or None")
+
+
+def _resolve_modules(model: nn.Module, names: Iterable[str] | None, what: str
+                     ) -> list[nn.Module]:
+    named = dict(model.named_modules())
+    modules = []
+    for name in names or ():
+        if name not in named:
+            close = difflib.get_close_matches(name, list(named), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{what} '{name}' is not a module of the model{hint}")
+        modules.append(named[name])
+    return modules
+
+
+def _check_scores(model: nn.Module, scores: Mapping[str, torch.Tensor]) -> set[nn.Module]:
+    named = dict(model.named_modules())
+    modules = set()
+    for name, score in scores.items():
+        module = named.get(name)
+        if not isinstance(module, nn.Conv2d):
+            close = difflib.get_close_matches(name, [n for n, m in named.items()
+                                                     if isinstance(m, nn.Conv2d)], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"scores name '{name}', which is not a Conv2d of the model{hint}"
+                              "; were the scores computed on another architecture?")
+        if torch.as_tensor(score).numel() != module.out_channels:
+            raise ConfigError(f"scores of '{name}' have {torch.as_tensor(score).numel()} entries "
+                              f"but the layer has {module.out_channels} filters")
+        modules.add(module)
+    if not modules:
+        raise ConfigError("no scores given: collect statistics and score them first")
+    return modules
+
+
+def conv_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every Conv2d, by name."""
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def prune(
+    model: nn.Module,
+    scores: Mapping[str, torch.Tensor],
+    *,
+    example_inputs: Any,
+    sparsity: float | None = None,
+    macs_reduction: float | None = None,
+    ignored_layers: Iterable[str] | None = None,
+    scope: str = "auto",
+    max_layer_pruning: float = 0.9,
+    round_to: int | None = None,
+    group_reduction: str = "mean",
+    inplace: bool = False,
+) -> PruneResult:
+    """Remove the lowest-scoring filters physically, to a sparsity or a MACs target.
+
+    Args:
+        model: the network to prune (left untouched unless ``inplace``).
+        scores: per-filter scores keyed by Conv2d name, e.g. from
+            :func:`~cdprune.scoring.tfidf_scores`; higher is kept first.
+        example_inputs: a batch the model accepts, used to trace dependencies and shapes.
+        sparsity: fraction of candidate filters to remove, by one global ranking.
+        macs_reduction: fraction of the model's MACs to remove; the result lands within
+            0.3 percentage points of it or a ``ConfigError`` says why it cannot.
+        ignored_layers: module names whose output channels must not be pruned.
+        scope: ``"internal"`` prunes only channels that belong to one layer's output
+            (block-internal channels of residual networks); ``"all"`` also prunes coupled
+            channels such as the residual stream; ``"auto"`` picks ``"internal"`` for
+            option-A CIFAR ResNets and ``"all"`` otherwise.
+        max_layer_pruning: no group loses more than this fraction of its channels (and
+            every layer keeps at least one).
+        round_to: keep channel counts at multiples of this (faster kernels), or None.
+        group_reduction: how coupled channels combine their scores.
+        inplace: prune ``model`` itself instead of a copy.
+
+    Returns:
+        The pruned model, its plan and its MACs, parameters and widths before and after.
+
+    Raises:
+        ConfigError: bad target or arguments, unknown layer names, scores that do not fit
+            the model, or a MACs target that cannot be reached under the constraints.
+    """
+    _validate(sparsity, macs_reduction, scope, max_layer_pruning, round_to)
+    scored = _check_scores(model, scores)
+    ignored_named = list(ignored_layers or ())
+    _resolve_modules(model, ignored_named, "ignored layer")
+    if scope == "auto":
+        scope = "internal" if _has_pad_shortcut(model) else "all"
+
+    work = model if inplace else copy.deepcopy(model)
+    names = {m: n for n, m in work.named_modules()}
+    scored = {dict(work.named_modules())[names_] for names_ in scores}
+    ignored = _resolve_modules(work, ignored_named, "ignored layer")
+    ignored += [m for m in _output_layers(work, example_inputs) if m not in ignored]
+
+    macs_before = count_macs(work, example_inputs=_first_sample(example_inputs))
+    params_before = count_params(work)
+    widths_before = conv_widths(work)
+    graph = _build_graph(work, example_inputs)
+    importance = CDPImportance(scores, group_reduction=group_reduction, model=work)
+    cands = _candidates(graph, importance, ignored, scope, max_layer_pruning, scored)
+    search = _Search(cands, _geometry(work, example_inputs), round_to)
+    candidate_filters = sum(int(c.allowed.sum()) * c.scored_members for c in cands)
+    if not cands:
+        raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
+                          "free of ignored layers; try scope='all' or fewer ignored layers")
+
+    if sparsity is not None:
+        removals = _by_sparsity(search, sparsity, candidate_filters)
+    else:
+        removals = _by_macs(search, macs_reduction, scope, max_layer_pruning)
+
+    plan = _apply(graph, cands, removals, names)
+    plan.update(scope=scope, target={"sparsity": sparsity, "macs_reduction": macs_reduction},
+                round_to=round_to, max_layer_pruning=max_layer_pruning)
+    macs_after = count_macs(work, example_inputs=_first_sample(example_inputs))
+    predicted = search.macs(removals)
+    if predicted != macs_after:
+        logger.warning("analytic MACs %d differ from measured %d; the MACs target search may "
+                       "be off for this architecture", predicted, macs_after)
+    result = PruneResult(work, plan, macs_before, macs_after, params_before, count_params(work),
+                         widths_before, conv_widths(work), search.filters(removals),
+                         candidate_filters)
+    if macs_reduction is not None and abs(result.macs_reduction - macs_reduction) > _MACS_TOLERANCE:
+        raise ConfigError(
+            f"pruned MACs reduction {result.macs_reduction:.4f} misses the target "
+            f"{macs_reduction} by more than 0.3 points: the channels left to remove are too "
+            "coarse" + ("; try a smaller round_to" if round_to else "") + " or another target")
+    logger.info("pruned %d of %d candidate filters: MACs %.2fM -> %.2fM (-%.1f%%)",
+                result.removed_filters, candidate_filters, macs_before / 1e6, macs_after / 1e6,
+                100 * result.macs_reduction)
+    return result
+
+
+def _by_sparsity(search: _Search, sparsity: float, candidate_filters: int) -> list[list[int]]:
+    target = sparsity * candidate_filters
+    lo, hi = 0, len(search.order)
+    while lo < hi:  # smallest k whose removals reach the target filter count
+        mid = (lo + hi) // 2
+        if search.filters(search.removals(mid)) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return search.removals(lo)
+
+
+def _by_macs(search: _Search, target: float, scope: str, max_layer_pruning: float
+             ) -> list[list[int]]:
+    def reduction(k: int) -> float:
+        return 1.0 - search.macs(search.removals(k)) / search.base_macs
+
+    most = reduction(len(search.order))
+    if most + _MACS_TOLERANCE < target:
+        raise ConfigError(
+            f"a MACs reduction of {target} is unreachable: at most {most:.4f} can be removed "
+            f"with scope={scope!r} and max_layer_pruning={max_layer_pruning} (the stem, the "
+            "classifier and ignored layers are kept); lower the target, raise "
+            "max_layer_pruning, or use scope='all'")
+    lo, hi = 0, len(search.order)
+    while lo < hi:  # smallest k reaching the target; reduction is monotone in k
+        mid = (lo + hi) // 2
+        if reduction(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min((k for k in (lo - 1, lo) if 0 <= k <= len(search.order)),
+               key=lambda k: abs(reduction(k) - target))
+    if abs(reduction(best) - target) <= _MACS_TOLERANCE or lo == 0:
+        return search.removals(best)
+    # The channel at the boundary is too coarse (it would overshoot): keep the ranking up
+    # to it and fill the rest with the next-lowest channels that fit under the target.
+    base, extra = lo - 1, []
+    for i in range(lo, min(len(search.order), lo + 4096)):
+        value = 1.0 - search.macs(search.removals(base, [*extra, i])) / search.base_macs
+        if value <= target + _MACS_TOLERANCE:
+            extra.append(i)
+            if value >= target - _MACS_TOLERANCE:
+                break
+    return search.removals(base, extra)
+
+
+def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],
+           names: dict[nn.Module, str]) -> dict[str, Any]:
+    steps, kept = [], {}
+    for cand, idxs in zip(cands, removals):
+        if not idxs:
+            continue
+        group = graph.get_pruning_group(cand.root, cand.root_fn, idxs)
+        for item in group:
+            kind = _kind(item.dep.pruning_fn)
+            module = item.dep.target.module
+            if kind in ("out", "dw") or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                width = (module.num_features if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                         else getattr(module, "out_channels", getattr(module, "out_features", 0)))
+                gone = set(item.idxs)
+                kept[names[module]] = [i for i in range(width) if i not in gone]
+        steps.append({"module": names[cand.root],
+                      "kind": "linear" if isinstance(cand.root, nn.Linear) else "conv",
+                      "idxs": [int(i) for i in idxs]})
+        group.prune()
+    return {"format": PLAN_FORMAT, "steps": steps, "kept": kept}
+
+
+# ---------------------------------------------------------------------- save / load
+def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> nn.Module:
+    if not isinstance(plan, Mapping) or plan.get("format") != PLAN_FORMAT:
+        raise CheckpointError(f"not a cdprune plan (expected format {PLAN_FORMAT!r})")
+    graph = _build_graph(model, example_inputs)
+    named = dict(model.named_modules())
+    for step in plan["steps"]:
+        module = named.get(step.get("module"))
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise CheckpointError(f"plan step names module {step.get('module')!r}, which the "
+                                  "base model lacks: the plan belongs to another architecture")
+        fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) \
+            else tp.prune_conv_out_channels
+        width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        idxs = step.get("idxs", [])
+        if not idxs or any(not isinstance(i, int) or not 0 <= i < width for i in idxs) \
+                or len(set(idxs)) >= width:
+            raise CheckpointError(f"plan step for '{step['module']}' removes channels "
+                                  f"{idxs[:8]}... that do not fit its {width} channels")
+        graph.get_pruning_group(module, fn, idxs).prune()
+    return model
+
+
+def _example_for(plan: Mapping[str, Any]) -> torch.Tensor:
+    shape = plan.get("input_size")
+    if not shape:
+        raise CheckpointError("plan has no input_size; pass example_inputs to load_pruned")
+    return torch.randn(1, *shape)
+
+
+def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
+                model_name: str | None = None, input_size: Sequence[int] | None = None,
+                extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a pruned model as ``model.safetensors`` + ``plan.json`` into ``directory``.
+
+    Args:
+        directory: created if missing.
+        result: from :func:`prune`.
+        model_name: zoo name of the base architecture, or None for a user model.
+        input_size: ``(C, H, W)`` of one input, so loading can trace without arguments.
+        extra: more plain data to store in ``plan.json`` (e.g. dataset, normalisation).
+    """
+    from . import __version__
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(result.model, directory / "model.safetensors")
+    doc = dict(result.plan)
+    doc.update(
+        model=model_name or "user model (pass the same base model to load_pruned)",
+        zoo_model=model_name, input_size=list(input_size) if input_size else None,
+        macs_before=result.macs_before, macs_after=result.macs_after,
+        params_before=result.params_before, params_after=result.params_after,
+        cdprune_version=__version__, extra=dict(extra or {}))
+    atomic_write_text(directory / "plan.json", json.dumps(doc, indent=1) + "\n")
+    return directory
+
+
+def read_plan(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and minimally check ``plan.json`` of a pruned-model directory."""
+    path = Path(directory) / "plan.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' does not exist; point to a directory written by "
+                                "`cdprune prune` or save_pruned()")
+    try:
+        plan = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"'{path}' is not valid JSON ({exc}); the file is corrupt, "
+                              "prune again") from None
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT \
+            or not isinstance(plan.get("steps"), list):
+        raise CheckpointError(f"'{path}' is not a cdprune plan (format {PLAN_FORMAT!r})")
+    return plan
+
+
+def load_pruned(directory: str | os.PathLike, base_model: nn.Module, *,
+                example_inputs: Any = None) -> nn.Module:
+    """Rebuild a pruned model: replay ``plan.json`` on a fresh base model, load its weights.
+
+    Args:
+        directory: written by :func:`save_pruned`.
+        base_model: an unpruned model of the same architecture (its weights are replaced).
+        example_inputs: a batch for tracing; defaults to one of the stored input size.
+
+    Raises:
+        FileNotFoundError: missing directory or files.
+        CheckpointError: corrupt plan, a plan for another architecture, or weights that do
+            not fit the rebuilt model.
+    """
+    plan = read_plan(directory)
+    example = example_inputs if example_inputs is not None else _example_for(plan)
+    try:
+        model = _replay(base_model, plan, example)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"plan in '{directory}' does not fit the base model "
+                              f"({type(exc).__name__}: {exc}); use the base architecture it "
+                              "was made from") from None
+    return load_weights(model, Path(directory) / "model.safetensors")

@@ -1,0 +1,212 @@
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cdprune.errors import CheckpointError, ConfigError
+from cdprune.macs import count_macs
+from cdprune.models import create_model
+from cdprune.pruning import load_pruned, prune, read_plan, save_pruned
+
+from .conftest import SmallNet
+
+
+class ConcatDepthwiseNet(nn.Module):
+    """A user model with a concatenation and a depthwise conv (Torch-Pruning must couple)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(14, 14, 3, padding=1, groups=14), nn.BatchNorm2d(14),
+                                nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(14, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.cat([self.a(x), self.b(x)], dim=1)
+        x = self.pw(self.dw(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model.eval()
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(m.out_channels, generator=g) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d)}
+
+
+def masked_copy(model: nn.Module, plan: dict) -> nn.Module:
+    """The original with every removed channel forced to zero after its BN (or conv)."""
+    masked = copy.deepcopy(model)
+    named = dict(masked.named_modules())
+    for name, kept in plan["kept"].items():
+        module = named[name]
+        width = module.weight.shape[0]
+        removed = [i for i in range(width) if i not in set(kept)]
+        module.weight.data[removed] = 0
+        if module.bias is not None:
+            module.bias.data[removed] = 0
+    return masked
+
+
+MODELS = {
+    "resnet20": (3, 32), "resnet20b": (3, 32), "vgg16_cifar": (3, 32), "resnet18": (3, 64),
+    "mobilenet_v2": (3, 64), "tiny_cnn": (3, 16), "digits_cnn": (1, 8),
+}
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "small_net":
+        return randomize_bn(SmallNet()), torch.randn(4, 3, 8, 8)
+    if name == "concat_dw":
+        return randomize_bn(ConcatDepthwiseNet()), torch.randn(4, 3, 8, 8)
+    channels, size = MODELS[name]
+    return randomize_bn(create_model(name)), torch.randn(4, channels, size, size)
+
+
+@pytest.mark.parametrize("name", [*MODELS, "small_net", "concat_dw"])
+@pytest.mark.parametrize("scope", ["auto", "all"])
+def test_pruned_equals_masked_original(name, scope):
+    model, x = build(name)
+    result = prune(model, random_scores(model), example_inputs=x, sparsity=0.4, scope=scope)
+    assert result.macs_after < result.macs_before
+    assert result.removed_filters > 0
+    pruned = result.model.eval()
+    with torch.no_grad():
+        expected = masked_copy(model, result.plan)(x)
+        got = pruned(x)
+    assert got.shape == expected.shape  # the classifier keeps its outputs
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    # the original is untouched
+    assert all(p.shape == q.shape for p, q in zip(model.state_dict().values(),
+                                                   build(name)[0].state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20b", "vgg16_cifar", "mobilenet_v2"])
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_macs_target_within_tolerance(name, target):
+    model, x = build(name)
+    result = prune(model, random_scores(model, 1), example_inputs=x, macs_reduction=target)
+    assert abs(result.macs_reduction - target) <= 0.003
+    assert result.macs_after == count_macs(result.model, example_inputs=x[:1])
+
+
+def test_option_a_scopes():
+    model, x = build("resnet20")
+    internal = prune(model, random_scores(model), example_inputs=x, macs_reduction=0.3)
+    assert internal.plan["scope"] == "internal"
+    stream = ["conv1"] + [f"layer{s}.{i}.conv2" for s in (1, 2, 3) for i in range(3)]
+    assert all(internal.widths_after[n] == internal.widths_before[n] for n in stream)
+    full = prune(model, random_scores(model), example_inputs=x, macs_reduction=0.3, scope="all")
+    assert any(full.widths_after[n] < full.widths_before[n] for n in stream)
+    with torch.no_grad():
+        assert torch.allclose(full.model(x), masked_copy(model, full.plan)(x), atol=1e-4)
+
+
+def test_limits_classifier_and_ignored_layers():
+    model, x = build("resnet20b")
+    result = prune(model, random_scores(model), example_inputs=x, sparsity=0.95,
+                   max_layer_pruning=0.75, ignored_layers=["layer1.0.conv1"])
+    assert result.model.fc.out_features == 10
+    assert result.widths_after["layer1.0.conv1"] == 16
+    for name, width in result.widths_after.items():
+        assert width >= max(1, 0.25 * result.widths_before[name] - 1e-6), name
+
+
+def test_round_to_gives_multiples():
+    model, x = build("vgg16_cifar")
+    result = prune(model, random_scores(model), example_inputs=x, macs_reduction=0.5, round_to=8)
+    assert all(w % 8 == 0 for w in result.widths_after.values())
+    assert abs(result.macs_reduction - 0.5) <= 0.003
+
+
+def test_deterministic_and_low_scores_go_first():
+    model, x = build("small_net")
+    scores = {"conv1": torch.ones(8), "conv2": torch.ones(8), "conv3": torch.arange(16.0)}
+    a = prune(model, scores, example_inputs=x, sparsity=0.25)
+    b = prune(model, scores, example_inputs=x, sparsity=0.25)
+    assert a.plan["steps"] == b.plan["steps"]
+    # ties (all ones) broken by group order then channel index; conv3's lowest go first
+    kept3 = a.plan["kept"].get("conv3")
+    assert kept3 is None or kept3 == sorted(kept3)
+
+
+def test_sparsity_counts_filters():
+    model, x = build("vgg16_cifar")
+    result = prune(model, random_scores(model), example_inputs=x, sparsity=0.5)
+    assert abs(result.sparsity - 0.5) < 0.01
+    removed = sum(result.widths_before.values()) - sum(result.widths_after.values())
+    assert removed == result.removed_filters
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"sparsity": 0.0}, "outside"), ({"sparsity": 1.0}, "outside"),
+    ({"macs_reduction": -0.2}, "outside"), ({}, "exactly one"),
+    ({"sparsity": 0.3, "macs_reduction": 0.3}, "exactly one"),
+    ({"macs_reduction": 0.97}, "unreachable"),
+    ({"sparsity": 0.3, "ignored_layers": ["layer9.conv"]}, "not a module"),
+    ({"sparsity": 0.3, "scope": "stream"}, "scope"),
+    ({"sparsity": 0.3, "round_to": 0}, "round_to"),
+])
+def test_bad_arguments(kwargs, match):
+    model, x = build("resnet20")
+    with pytest.raises(ConfigError, match=match):
+        prune(model, random_scores(model), example_inputs=x, **kwargs)
+
+
+def test_scores_must_fit():
+    model, x = build("resnet20")
+    with pytest.raises(ConfigError, match="layer1.0.conv1"):
+        prune(model, {"layer1.0.conv1": torch.ones(3)}, example_inputs=x, sparsity=0.3)
+    with pytest.raises(ConfigError, match="not a Conv2d"):
+        prune(model, {"layer1.0.bn1": torch.ones(16)}, example_inputs=x, sparsity=0.3)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20b", "mobilenet_v2", "concat_dw"])
+def test_save_load_round_trip_is_exact(name, tmp_path):
+    model, x = build(name)
+    result = prune(model, random_scores(model), example_inputs=x, macs_reduction=0.4,
+                   scope="all")
+    save_pruned(tmp_path / "run", result, model_name=name, input_size=tuple(x.shape[1:]))
+    assert not list(tmp_path.glob("run/*.pt*"))  # no pickle files
+    fresh, _ = build(name)
+    loaded = load_pruned(tmp_path / "run", fresh).eval()
+    for (k, v), (k2, v2) in zip(result.model.state_dict().items(),
+                                loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model.eval()(x))
+
+
+def test_load_pruned_errors(tmp_path):
+    model, x = build("resnet20b")
+    result = prune(model, random_scores(model), example_inputs=x, sparsity=0.3)
+    save_pruned(tmp_path / "run", result, model_name="resnet20b", input_size=(3, 32, 32))
+    with pytest.raises(CheckpointError, match="another architecture|does not fit"):
+        load_pruned(tmp_path / "run", build("vgg16_cifar")[0])
+    plan_path = tmp_path / "run" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan["steps"][0]["idxs"] = [999]
+    plan_path.write_text(json.dumps(plan))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_pruned(tmp_path / "run", build("resnet20b")[0])
+    plan_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_plan(tmp_path / "run")
+    with pytest.raises(FileNotFoundError):
+        read_plan(tmp_path / "nowhere")
