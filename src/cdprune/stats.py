@@ -261,11 +261,23 @@ class _Collector:
     def __init__(self, modules: Sequence[nn.Module]):
         self.pooled: list[torch.Tensor | None] = [None] * len(modules)
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+        self.scratch = torch.empty(0)
+
+    def _relu(self, output: torch.Tensor) -> torch.Tensor:
+        # Hooks run one after another, so one scratch buffer serves them all. Writing the
+        # ReLU into reused memory instead of a fresh tensor avoids the page faults of a
+        # large allocation per layer, which cost more than the ReLU itself on a CPU.
+        n = output.numel()
+        if (self.scratch.numel() < n or self.scratch.dtype != output.dtype
+                or self.scratch.device != output.device):
+            self.scratch = torch.empty(n, dtype=output.dtype, device=output.device)
+        buf = self.scratch[:n].view(output.shape)
+        return torch.clamp_min(output, 0, out=buf)
 
     def _hook(self, index: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             # ReLU then spatial mean; float32 even under autocast so sums stay accurate.
-            self.pooled[index] = torch.relu(output).mean(dim=(2, 3), dtype=torch.float32)
+            self.pooled[index] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
         return hook
 
     def take(self) -> torch.Tensor:
@@ -276,6 +288,7 @@ class _Collector:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.scratch = torch.empty(0)
 
 
 def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
