@@ -311,14 +311,14 @@ class _Search:
         self.order = list(zip(group_ids[order].tolist(), channel_ids[order].tolist()))
         self.base_macs = sum(g.macs() for g in geometry.values())
 
-    def removals(self, k: int, extra: Sequence[int] = ()) -> list[list[int]]:
-        """Root channel indices to remove per candidate when the k lowest are chosen.
+    def removals(self, k: int) -> list[list[int]]:
+        """Root channel indices to remove per candidate when the k lowest are chosen."""
+        return self.select(range(k))
 
-        ``extra`` adds further positions of the ranking (used to land on a MACs target
-        when the k-th channel alone would overshoot it).
-        """
+    def select(self, ranks: Iterable[int]) -> list[list[int]]:
+        """Removals per candidate for the given positions of the global ranking."""
         chosen: list[list[int]] = [[] for _ in self.cands]
-        for gid, ch in [*self.order[:k], *(self.order[i] for i in extra)]:
+        for gid, ch in (self.order[i] for i in sorted(ranks)):
             cand = self.cands[gid]
             if cand.width - len(chosen[gid]) > cand.min_keep:
                 chosen[gid].append(ch)
@@ -534,16 +534,28 @@ def _by_macs(search: _Search, target: float, scope: str, max_layer_pruning: floa
                key=lambda k: abs(reduction(k) - target))
     if abs(reduction(best) - target) <= _MACS_TOLERANCE or lo == 0:
         return search.removals(best)
-    # The channel at the boundary is too coarse (it would overshoot): keep the ranking up
-    # to it and fill the rest with the next-lowest channels that fit under the target.
-    base, extra = lo - 1, []
-    for i in range(lo, min(len(search.order), lo + 4096)):
-        value = 1.0 - search.macs(search.removals(base, [*extra, i])) / search.base_macs
-        if value <= target + _MACS_TOLERANCE:
-            extra.append(i)
-            if value >= target - _MACS_TOLERANCE:
-                break
-    return search.removals(base, extra)
+    # The boundary channel is too coarse: removing it overshoots, keeping it falls short.
+    # Land within tolerance by moving the finest channels near the threshold: first fill
+    # from below with the next-ranked channels that fit, then trim from above by putting
+    # back the highest-ranked removed channels that can be spared.
+    def value(ranks: Sequence[int]) -> float:
+        return 1.0 - search.macs(search.select(ranks)) / search.base_macs
+
+    below = list(range(lo - 1))
+    for i in range(lo - 1, min(len(search.order), lo + 2047)):
+        if value([*below, i]) <= target + _MACS_TOLERANCE:
+            below.append(i)
+            if value(below) >= target - _MACS_TOLERANCE:
+                return search.select(below)
+    above = list(range(lo))
+    for i in range(lo - 1, max(-1, lo - 2049), -1):
+        trial = [r for r in above if r != i]
+        if value(trial) >= target - _MACS_TOLERANCE:
+            above = trial
+            if value(above) <= target + _MACS_TOLERANCE:
+                return search.select(above)
+    return min((search.select(below), search.select(above), search.removals(best)),
+               key=lambda rm: abs(1.0 - search.macs(rm) / search.base_macs - target))
 
 
 def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],

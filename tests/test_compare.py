@@ -1,0 +1,68 @@
+import json
+import math
+
+import pytest
+import torch
+
+from cdprune.compare import compare_criteria, write_comparison
+from cdprune.criteria import (
+    CRITERIA,
+    bn_scale_scores,
+    fpgm_scores,
+    l1_scores,
+    random_scores,
+    taylor_scores,
+)
+from cdprune.errors import ConfigError
+from cdprune.train import TrainConfig
+
+from .conftest import SmallNet, make_loader
+
+
+def test_baseline_scores_have_one_value_per_filter(small_net, loader):
+    example = torch.randn(2, 3, 8, 8)
+    for scores in (l1_scores(small_net), fpgm_scores(small_net), random_scores(small_net, 3),
+                   bn_scale_scores(small_net, example), taylor_scores(small_net, loader)):
+        assert set(scores) == {"conv1", "conv2", "conv3"}
+        assert scores["conv3"].shape == (16,) and torch.isfinite(scores["conv3"]).all()
+    assert torch.allclose(l1_scores(small_net)["conv1"],
+                          small_net.conv1.weight.abs().sum((1, 2, 3)))
+    assert torch.allclose(bn_scale_scores(small_net, example)["conv2"],
+                          small_net.bn2.weight.abs())
+    assert all(p.grad is None for p in small_net.parameters())  # taylor cleans up
+    assert not torch.equal(random_scores(small_net, 0)["conv1"],
+                           random_scores(small_net, 1)["conv1"])
+
+
+def test_compare_all_criteria_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    small_net = SmallNet(width=32).eval()  # wide enough to land within 0.3 points
+    train = make_loader(n=32, batch_size=16, seed=1)
+    val = make_loader(n=32, batch_size=16, seed=2)
+    rows = compare_criteria(
+        small_net, train_loader=train, val_loader=val, stats_loader=train,
+        example_inputs=torch.randn(2, 3, 8, 8), macs_reductions=[0.3, 0.5],
+        criteria=CRITERIA, finetune=TrainConfig(epochs=1, lr=0.01, batch_size=16),
+        output_dir=tmp_path, random_seeds=(0, 1), num_classes=4, progress=False)
+    assert len(rows) == 2 * (len(CRITERIA) + 1)
+    for row in rows:
+        assert abs(row["macs_reduction"] - row["macs_target"]) <= 0.003
+        assert 0 <= row["acc_pruned"] <= 100 and not math.isnan(row["acc_finetuned"])
+    assert len({r["macs_target"] for r in rows}) == 2
+    js, md = write_comparison(tmp_path, rows, {"model": "small_net"})
+    doc = json.loads(js.read_text())
+    assert len(doc["summary"]) == 2 * len(CRITERIA)
+    random_line = next(s for s in doc["summary"] if s["criterion"] == "random")
+    assert random_line["runs"] == 2
+    text = md.read_text()
+    assert "CDP (class documents)" in text and "(2 seeds)" in text
+    assert (tmp_path / "compare.png").is_file()
+
+
+def test_compare_rejects_bad_input(small_net, loader, tmp_path):
+    kwargs = dict(train_loader=loader, val_loader=loader, stats_loader=loader,
+                  example_inputs=torch.randn(1, 3, 8, 8), output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="unknown criteria"):
+        compare_criteria(small_net, macs_reductions=[0.5], criteria=["l2"], **kwargs)
+    with pytest.raises(ConfigError, match="outside"):
+        compare_criteria(small_net, macs_reductions=[1.5], criteria=["l1"], **kwargs)
