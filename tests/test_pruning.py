@@ -210,3 +210,16 @@ def test_load_pruned_errors(tmp_path):
         read_plan(tmp_path / "run")
     with pytest.raises(FileNotFoundError):
         read_plan(tmp_path / "nowhere")
+
+
+def test_uniform_allocation_prunes_every_layer_alike():
+    model, x = build("vgg16_cifar")
+    scores = random_scores(model)
+    scores["features.0"] = scores["features.0"] * 100  # would be spared by a global ranking
+    result = prune(model, scores, example_inputs=x, sparsity=0.5, allocation="uniform")
+    fractions = [result.widths_after[n] / w for n, w in result.widths_before.items()]
+    assert max(fractions) - min(fractions) <= 0.07
+    glob = prune(model, scores, example_inputs=x, sparsity=0.5)
+    assert glob.widths_after["features.0"] == 64
+    with pytest.raises(ConfigError, match="allocation"):
+        prune(model, scores, example_inputs=x, sparsity=0.5, allocation="layer")

@@ -161,3 +161,25 @@ def test_importance_with_explicit_model_and_bad_sizes(small_net):
         CDPImportance({"conv3": torch.ones(5)})(g3)
     with pytest.raises(ConfigError, match="group_reduction"):
         CDPImportance({}, group_reduction="median")
+
+
+def test_layer_normalisation_and_published_variant(small_net):
+    from cdprune.scoring import tfidf_scores
+    from cdprune.stats import collect_stats
+
+    from .conftest import make_loader
+
+    stats = collect_stats(small_net, make_loader(), progress=False)
+    raw = tfidf_scores(stats)
+    by_max = tfidf_scores(stats, normalize="max")
+    by_mean = tfidf_scores(stats, normalize="mean")
+    for name in raw:
+        assert torch.isclose(by_max[name].max(), torch.tensor(1.0))
+        assert torch.allclose(by_max[name] * raw[name].max(), raw[name], atol=1e-6)
+        assert torch.isclose(by_mean[name].mean(), torch.tensor(1.0), atol=1e-5)
+        # ranking inside a layer is unchanged
+        assert torch.equal(torch.argsort(by_max[name]), torch.argsort(raw[name]))
+    published = tfidf_scores(stats, normalize="max", variant="published")
+    assert all(torch.equal(published[n], raw[n]) for n in raw)
+    with pytest.raises(ConfigError, match="normalize"):
+        tfidf_scores(stats, normalize="l2")

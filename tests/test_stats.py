@@ -214,3 +214,31 @@ def test_distributed_statistics_equal_single_process(tmp_path):
                                             documents=documents, progress=False), coe=0.5)
         for name, score in single.items():
             assert torch.allclose(dist_scores[documents][name], score, atol=1e-6, rtol=0), name
+
+
+def test_act_tap_reads_the_batchnorm_output(small_net, loader):
+    stats = collect_stats(small_net, loader, tap="act", progress=False)
+    outs = []
+    h = small_net.bn2.register_forward_hook(lambda m, i, o: outs.append(o.relu().mean((2, 3))))
+    with torch.no_grad():
+        for x, _ in loader:
+            small_net(x)
+    h.remove()
+    assert torch.allclose(stats.matrix("conv2"), torch.cat(outs).T, atol=1e-6)
+    assert stats.meta["tap"] == "act"
+    conv = collect_stats(small_net, loader, progress=False)
+    assert not torch.allclose(stats.matrix("conv2"), conv.matrix("conv2"))
+    published = collect_stats(small_net, loader, tap="act", documents="class",
+                              variant="published", progress=False)
+    assert published.documents == "sample" and published.meta["tap"] == "conv"
+    assert torch.equal(published.matrix("conv2"), conv.matrix("conv2"))
+    with pytest.raises(ConfigError, match="tap"):
+        collect_stats(small_net, loader, tap="bn", progress=False)
+
+
+def test_act_tap_without_batchnorm_falls_back_to_conv_output(loader):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten())
+    act = collect_stats(net, loader, tap="act", progress=False)
+    conv = collect_stats(net, loader, progress=False)
+    assert torch.allclose(act.features, conv.features)

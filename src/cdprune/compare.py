@@ -142,11 +142,10 @@ def compare_criteria(
                 if finetune is not None and (finetune.epochs > 0 or finetune.max_iters):
                     tag = f"{criterion}{'' if seed is None else f'-seed{seed}'}"
                     run_dir = output_dir / f"macs{target:g}" / tag
-                    fine_tune(pruned, train_loader, val_loader, finetune, output_dir=run_dir,
-                              device=device, extra_state={"plan": result.plan},
-                              progress=progress)
-                    acc_tuned = evaluate(pruned, val_loader, device=device,
-                                         progress=False).top1
+                    acc_tuned = fine_tune(pruned, train_loader, val_loader, finetune,
+                                          output_dir=run_dir, device=device,
+                                          extra_state={"plan": result.plan},
+                                          progress=progress).final_acc
                 row = {"macs_target": target, "criterion": criterion, "seed": seed,
                        "macs": result.macs_after, "macs_reduction": result.macs_reduction,
                        "params": result.params_after, "acc_base": base_acc,

@@ -43,6 +43,7 @@ __all__ = ["PruneResult", "load_pruned", "prune", "save_pruned"]
 logger = logging.getLogger(__name__)
 
 SCOPES = ("auto", "internal", "all")
+ALLOCATIONS = ("global", "uniform")
 PLAN_FORMAT = "cdprune.plan/1"
 _OUT_FNS = ("prune_conv_out_channels", "prune_depthwise_conv_out_channels",
             "prune_linear_out_channels")
@@ -294,11 +295,15 @@ class _Search:
     """Turns a number of globally lowest channels into per-group removals and their MACs."""
 
     def __init__(self, candidates: list[_Candidate], geometry: dict[nn.Module, _Geometry],
-                 round_to: int | None):
+                 round_to: int | None, allocation: str = "global"):
         self.cands = candidates
         self.geometry = geometry
         self.round_to = round_to
-        scores = torch.cat([c.importance for c in candidates]) if candidates else torch.empty(0)
+        keys = [c.importance for c in candidates]
+        if allocation == "uniform":  # position within the group, as a fraction of its width
+            keys = [(torch.argsort(torch.argsort(k, stable=True)) + 1).float() / len(k)
+                    for k in keys]
+        scores = torch.cat(keys) if candidates else torch.empty(0)
         group_ids = torch.cat([torch.full((c.width,), i) for i, c in enumerate(candidates)]) \
             if candidates else torch.empty(0, dtype=torch.long)
         channel_ids = torch.cat([torch.arange(c.width) for c in candidates]) \
@@ -417,6 +422,7 @@ def prune(
     max_layer_pruning: float = 0.9,
     round_to: int | None = None,
     group_reduction: str = "mean",
+    allocation: str = "global",
     inplace: bool = False,
 ) -> PruneResult:
     """Remove the lowest-scoring filters physically, to a sparsity or a MACs target.
@@ -438,6 +444,10 @@ def prune(
             every layer keeps at least one).
         round_to: keep channel counts at multiples of this (faster kernels), or None.
         group_reduction: how coupled channels combine their scores.
+        allocation: ``"global"`` ranks raw group scores across the whole network (the
+            paper); ``"uniform"`` ranks each channel by its rank within its group, so
+            every group loses about the same fraction and scores only choose *which*
+            channels go inside a layer.
         inplace: prune ``model`` itself instead of a copy.
 
     Returns:
@@ -448,6 +458,9 @@ def prune(
             the model, or a MACs target that cannot be reached under the constraints.
     """
     _validate(sparsity, macs_reduction, scope, max_layer_pruning, round_to)
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation={allocation!r} is not valid; use one of "
+                          f"{', '.join(ALLOCATIONS)}")
     scored = _check_scores(model, scores)
     ignored_named = list(ignored_layers or ())
     _resolve_modules(model, ignored_named, "ignored layer")
@@ -466,7 +479,7 @@ def prune(
     graph = _build_graph(work, example_inputs)
     importance = CDPImportance(scores, group_reduction=group_reduction, model=work)
     cands = _candidates(graph, importance, ignored, scope, max_layer_pruning, scored)
-    search = _Search(cands, _geometry(work, example_inputs), round_to)
+    search = _Search(cands, _geometry(work, example_inputs), round_to, allocation)
     candidate_filters = sum(int(c.allowed.sum()) * c.scored_members for c in cands)
     if not cands:
         raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
@@ -479,7 +492,7 @@ def prune(
 
     plan = _apply(graph, cands, removals, names)
     plan.update(scope=scope, target={"sparsity": sparsity, "macs_reduction": macs_reduction},
-                round_to=round_to, max_layer_pruning=max_layer_pruning)
+                round_to=round_to, max_layer_pruning=max_layer_pruning, allocation=allocation)
     macs_after = count_macs(work, example_inputs=_first_sample(example_inputs))
     predicted = search.macs(removals)
     if predicted != macs_after:

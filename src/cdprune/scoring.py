@@ -121,18 +121,39 @@ def tfidf(features: torch.Tensor, coe: float = 0.0, *, name: str | None = None) 
     return _from_counts(features.shape[1], df, tf_sum, balance_factor(features.shape[0], coe))
 
 
-def tfidf_scores(stats: Any, coe: float = 0.0) -> dict[str, torch.Tensor]:
+NORMALIZATIONS = (None, "max", "mean")
+
+
+def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
+                 variant: str | None = None) -> dict[str, torch.Tensor]:
     """Scores of every layer in an :class:`~cdprune.stats.ActivationStats`.
 
     Works for both document modes and for statistics reduced across processes, which give
     the same scores as one process on the same data.
+
+    Args:
+        stats: collected statistics.
+        coe: balance coefficient (0: b = 1).
+        normalize: ``None`` (published: raw scores), or divide each layer's scores by
+            their ``"max"`` or ``"mean"`` so that layers compare on one scale in the
+            global ranking whatever their width and activation level.
+        variant: ``"published"`` forces ``normalize=None`` (the published arithmetic).
     """
+    if variant not in (None, "published"):
+        raise ConfigError(f"variant={variant!r} is not valid; use 'published' or None")
+    if variant == "published":
+        normalize = None
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"normalize={normalize!r} is not valid; use None, 'max' or 'mean'")
     balance_factor(1, coe)  # validate once
     scores = {}
     for layer in stats.layers:
         num_docs, df, tf_sum = stats.sufficient(layer)
-        scores[layer] = _from_counts(num_docs, df, tf_sum,
-                                     balance_factor(stats.channels[layer], coe))
+        score = _from_counts(num_docs, df, tf_sum, balance_factor(stats.channels[layer], coe))
+        if normalize is not None:
+            scale = score.max() if normalize == "max" else score.mean()
+            score = score / scale if scale > 0 else score
+        scores[layer] = score
     return scores
 
 

@@ -42,6 +42,7 @@ __all__ = ["ActivationStats", "collect_stats", "conv_layer_names", "model_finger
 logger = logging.getLogger(__name__)
 
 DOCUMENTS = ("sample", "class")
+TAPS = ("conv", "act")
 _CHUNK_ROWS = 4096
 
 
@@ -256,12 +257,36 @@ class ActivationStats:
 
 # ---------------------------------------------------------------------- collection
 class _Collector:
-    """Forward hooks that pool each scored layer's output into one row block per batch."""
+    """Forward hooks that pool each scored layer's output into one row block per batch.
 
-    def __init__(self, modules: Sequence[nn.Module]):
+    With ``tap="act"`` the value pooled is the output of the BatchNorm that reads the conv
+    output (found by tensor identity while the model runs); a conv without one falls back
+    to its own output.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], model: nn.Module, tap: str = "conv"):
         self.pooled: list[torch.Tensor | None] = [None] * len(modules)
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
         self.scratch = torch.empty(0)
+        self.tap = tap
+        if tap == "conv":
+            self.handles = [m.register_forward_hook(self._hook(i))
+                            for i, m in enumerate(modules)]
+            return
+        self.pending: dict[int, tuple[int, torch.Tensor]] = {}
+        self.handles = [m.register_forward_hook(self._conv_seen(i))
+                        for i, m in enumerate(modules)]
+        self.handles += [m.register_forward_hook(self._bn_hook) for m in model.modules()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _conv_seen(self, index: int):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self.pending[id(output)] = (index, output)
+        return hook
+
+    def _bn_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        entry = self.pending.pop(id(inputs[0]), None)
+        if entry is not None:
+            self.pooled[entry[0]] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
 
     def _relu(self, output: torch.Tensor) -> torch.Tensor:
         # Hooks run one after another, so one scratch buffer serves them all. Writing the
@@ -281,6 +306,10 @@ class _Collector:
         return hook
 
     def take(self) -> torch.Tensor:
+        if self.tap == "act":  # convs no BatchNorm read: their own output
+            for index, output in self.pending.values():
+                self.pooled[index] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
+            self.pending.clear()
         rows = torch.cat(self.pooled, dim=1)
         self.pooled = [None] * len(self.pooled)
         return rows
@@ -334,6 +363,8 @@ def collect_stats(
     num_classes: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    tap: str | None = None,
+    variant: str | None = None,
     progress: bool = True,
 ) -> ActivationStats:
     """Run images through ``model`` and gather the pooled activations CDP scores.
@@ -349,6 +380,11 @@ def collect_stats(
             seen (over all ranks) when omitted.
         device: where to run; defaults to the device of the model's parameters.
         dtype: storage of per-sample values, ``torch.float32`` or ``torch.float16``.
+        tap: where a filter's activation is read: ``"conv"``, the conv output before
+            BatchNorm (published), or ``"act"``, the output of the BatchNorm that follows,
+            i.e. what the next layer receives after its ReLU. Default ``"conv"``.
+        variant: ``"published"`` forces every option to the published code's
+            (``tap="conv"``, ``documents="sample"``) whatever else is passed.
         progress: show a progress bar.
 
     Returns:
@@ -359,6 +395,14 @@ def collect_stats(
         DataError: no batches, missing labels for class documents, labels out of range,
             or NaN/inf activations (the message names the layer).
     """
+    if variant not in (None, "published"):
+        raise ConfigError(f"variant={variant!r} is not valid; use 'published' or None")
+    if variant == "published":
+        tap, documents = "conv", "sample"
+    tap = tap or "conv"
+    if tap not in TAPS:
+        raise ConfigError(f"tap={tap!r} is not valid; use 'conv' (before BatchNorm, as "
+                          "published) or 'act' (after BatchNorm and ReLU)")
     if documents not in DOCUMENTS:
         raise ConfigError(f"documents={documents!r} is not valid; use 'sample' or 'class'")
     if max_batches is not None and max_batches <= 0:
@@ -382,7 +426,7 @@ def collect_stats(
         expected = len(loader)
 
     was_training = model.training
-    collector = _Collector([modules[n] for n in names])
+    collector = _Collector([modules[n] for n in names], model, tap)
     chunks: list[torch.Tensor] = []
     filled = 0
     sums = counts = None
@@ -447,7 +491,7 @@ def collect_stats(
 
     stats = ActivationStats(documents=documents, layers=names, channels=channels,
                             num_samples=total_seen, fingerprint=model_fingerprint(model),
-                            meta={"batches": batches})
+                            meta={"batches": batches, "tap": tap})
     if documents == "class":
         stats.class_sums, stats.class_counts = _reduce_classes(sums, counts, total, device,
                                                                num_classes)
