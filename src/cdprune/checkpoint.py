@@ -15,7 +15,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -124,15 +123,34 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses globals it does not know: this is where a code payload stops.
+        detail = _unpickling_detail(exc)
+        if "global" in detail.lower():
+            raise CheckpointError(
+                f"refused to load '{path}': it contains pickled objects other than tensors "
+                f"and plain data, which could run code ({detail}); nothing in it was run. "
+                "Only load files you trust; re-save the weights as a plain state_dict or "
+                ".safetensors") from None
         raise CheckpointError(
-            f"refused to load '{path}': it contains pickled objects other than tensors and "
-            f"plain data, which could run code ({str(exc).splitlines()[0][:200]}). "
-            "Only load files you trust; re-save the weights as a plain state_dict or .safetensors"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+            f"cannot read checkpoint '{path}': it is corrupt or not a plain PyTorch "
+            f"checkpoint ({detail}); nothing in it was run. Re-download or re-save it as a "
+            "plain state_dict or .safetensors") from None
+    except Exception as exc:  # any parse failure of a foreign file is the file's fault
         raise CheckpointError(
             f"cannot read checkpoint '{path}': the file is truncated or not a PyTorch "
-            f"checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+            f"checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else "no details")[:160]
+
+
+def _unpickling_detail(exc: BaseException) -> str:
+    """The informative line of torch's weights-only refusal, without its boilerplate."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or [type(exc).__name__])[0][:200]
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -192,7 +210,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _mismatch_message(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
                       strict: bool) -> str | None:
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not _fillable(k)]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
@@ -208,6 +226,12 @@ def _mismatch_message(model: nn.Module, state: Mapping[str, torch.Tensor], path:
     return (f"weights in '{path}' do not fit the model ({type(model).__name__}): "
             + "; ".join(parts)
             + ". Check --model (and --num-classes) match the checkpoint's architecture")
+
+
+def _fillable(key: str) -> bool:
+    # BN batch counters appeared in PyTorch 0.4.1; older checkpoints (such as the public
+    # option-A CIFAR ResNets) lack them and the model keeps its own value.
+    return key.endswith("num_batches_tracked")
 
 
 def _short_list(items: list[str], limit: int = 12) -> str:
@@ -234,6 +258,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     if message:
         raise CheckpointError(message)
     own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+    fitting = {k: v for k, v in state.items() if k in own}
+    fitting.update({k: v for k, v in own.items() if k not in state and _fillable(k)})
+    model.load_state_dict(fitting, strict=strict)
     logger.info("loaded %d tensors from %s", len(state), path)
     return model
