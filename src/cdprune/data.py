@@ -495,8 +495,7 @@ def _read_batch(path: Path, spec: _CifarSpec, root: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             obj = _CifarUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as exc:
+    except Exception as exc:  # any decoding failure means the file is not a valid batch
         raise DataError(f"{path} is not a valid {spec.title} python batch file ({exc}). "
                         f"{_fix_hint(spec, root)}") from exc
     if not isinstance(obj, dict):
@@ -655,8 +654,8 @@ def download_cifar(name: str, root: str | os.PathLike, *, progress: bool = False
         digest = hashlib.md5(usedforsecurity=False)
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=60) as resp:
-                total = getattr(getattr(resp, "headers", None), "get", lambda *_: None)(
-                    "Content-Length")
+                headers = getattr(resp, "headers", None)
+                total = headers.get("Content-Length") if headers is not None else None
                 from tqdm.auto import tqdm
 
                 with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
@@ -909,6 +908,9 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
     """
     key = _canonical(name)
     info = _INFO[key]
+    if key == "synthetic" and mean is None and std is None:
+        channels = int(kwargs.get("image_size", info.input_size)[0])
+        mean, std = (0.0,) * channels, (1.0,) * channels
     mean = tuple(mean) if mean is not None else info.mean
     std = tuple(std) if std is not None else info.std
     if key in ("cifar10", "cifar100", "imagenet"):
@@ -937,9 +939,7 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
     params = {"num_samples": 512 if train else 128, "num_classes": info.num_classes,
               "image_size": info.input_size, "seed": 0}
     params.update(kwargs)
-    c, h, w = params["image_size"]
-    if len(mean) != c:
-        mean, std = (0.0,) * c, (1.0,) * c
+    _, h, w = params["image_size"]
     steps = [RandomCrop((h, w), padding=max(h // 8, 1)), RandomHorizontalFlip()] \
         if do_augment else []
     return SyntheticImages(train=train, transform=Compose([*steps, Normalize(mean, std)]),
