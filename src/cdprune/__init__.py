@@ -1,7 +1,8 @@
 """cdprune: compress convolutional networks with CDP (class-wise discriminative power).
 
-The pipeline: collect activation statistics, score filters with TF-IDF, remove the
-lowest-scoring channels physically, fine-tune.
+The pipeline: collect activation statistics (:func:`collect_stats`), score filters with
+TF-IDF (:func:`tfidf_scores`), remove the lowest-scoring channels physically
+(:func:`prune`), fine-tune (:func:`fine_tune`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,16 @@ import logging
 
 __version__ = "0.1.0"
 
+from . import models  # noqa: E402
 from .checkpoint import load_weights, read_state_dict, save_weights  # noqa: E402
+from .errors import CdpruneError, CheckpointError, ConfigError, DataError  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .macs import count_macs, count_params  # noqa: E402
+from .models import create_model, list_models  # noqa: E402
+from .pruning import PruneResult, load_pruned, prune, save_pruned  # noqa: E402
 from .scoring import CDPImportance, tfidf, tfidf_scores  # noqa: E402
 from .stats import ActivationStats, collect_stats  # noqa: E402
+from .train import TrainConfig, fine_tune  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -20,9 +28,25 @@ __all__ = [
     "__version__",
     "ActivationStats",
     "CDPImportance",
+    "CdpruneError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "PruneResult",
+    "TrainConfig",
     "collect_stats",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "evaluate",
+    "fine_tune",
+    "list_models",
+    "load_pruned",
     "load_weights",
+    "models",
+    "prune",
     "read_state_dict",
+    "save_pruned",
     "save_weights",
     "tfidf",
     "tfidf_scores",

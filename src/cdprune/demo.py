@@ -1,0 +1,122 @@
+"""The embedded demo: the whole CDP pipeline on scikit-learn's digits, offline, on a CPU.
+
+A small CNN is trained from scratch on the 8x8 handwritten digits, CDP statistics are
+collected on training images, about half of the MACs are pruned away, the pruned network
+is fine-tuned briefly, and a before/after table (MACs, parameters, accuracy, CPU latency)
+is handed back together with the report and plots of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import save_weights
+
+__all__ = ["run_demo"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False,
+             overwrite: bool = True, progress: bool = True, seed: int = 0,
+             printer: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run the demo and return its numbers.
+
+    Args:
+        output_dir: run directory for checkpoints, report and plots.
+        quick: a shorter version (fewer epochs), used as a smoke test.
+        overwrite: reuse ``output_dir`` if it holds an earlier demo.
+        progress: show progress bars.
+        seed: seed for data order, initialisation and sampling.
+        printer: receives the lines of the before/after table (the CLI passes ``print``).
+    """
+    from .data import build_dataset, build_loader, subset
+    from .evaluate import evaluate, measure_latency
+    from .macs import count_macs, count_params
+    from .models import create_model
+    from .pipeline import RunDir, finish_report
+    from .pruning import prune, save_pruned
+    from .report import plot_scores, plot_training, plot_widths
+    from .scoring import tfidf_scores
+    from .stats import collect_stats
+    from .train import TrainConfig, fine_tune
+
+    say = printer or (lambda line: logger.info("%s", line))
+    torch.manual_seed(seed)
+    base_epochs, tune_epochs = (4, 2) if quick else (15, 8)
+    with RunDir(output_dir, overwrite=overwrite, resume=False) as run:
+        train_set = build_dataset("digits", train=True)
+        val_set = build_dataset("digits", train=False)
+        train = build_loader(train_set, 64, shuffle=True, seed=seed)
+        val = build_loader(val_set, 256, shuffle=False, seed=seed)
+        stats_loader = build_loader(subset(train_set, min(len(train_set), 512), seed), 128,
+                                    shuffle=False, seed=seed)
+        model = create_model("digits_cnn", num_classes=10)
+        example = torch.zeros(1, *next(iter(val))[0].shape[1:])
+
+        say(f"1/4 training the base CNN on digits ({base_epochs} epochs)")
+        base_cfg = TrainConfig(epochs=base_epochs, lr=0.05, weight_decay=5e-4, batch_size=64,
+                               lr_warmup_epochs=0, seed=seed)
+        fine_tune(model, train, val, base_cfg, output_dir=run.path / "base", progress=progress)
+        base_acc = evaluate(model, val, progress=False).top1
+        save_weights(model, run.path / "base" / "model.safetensors")
+
+        say("2/4 collecting CDP statistics and scores")
+        stats = collect_stats(model, stats_loader, progress=progress)
+        scores = tfidf_scores(stats)
+        stats.save(run.path / "stats.safetensors")
+        plot_scores(run.path / "scores.png", scores)
+
+        say("3/4 pruning 50% of the MACs")
+        result = prune(model, scores, example_inputs=example, macs_reduction=0.5, scope="all")
+        pruned_acc = evaluate(result.model, val, progress=False).top1
+        save_pruned(run.path / "pruned", result, model_name="digits_cnn",
+                    input_size=tuple(example.shape[1:]))
+        plot_widths(run.path / "widths.png", result.widths_before, result.widths_after)
+
+        say(f"4/4 fine-tuning the pruned CNN ({tune_epochs} epochs)")
+        tune_cfg = replace(base_cfg, epochs=tune_epochs, lr=0.02)
+        tuned = fine_tune(result.model, train, val, tune_cfg, output_dir=run.path / "finetune",
+                          extra_state={"plan": result.plan}, progress=progress)
+        final_acc = evaluate(result.model, val, progress=False).top1
+        plot_training(run.path / "training.png", tuned.history)
+
+        size = tuple(example.shape[1:])
+        lat_base = measure_latency(model, size, batch_size=1024, iters=30, threads=1)
+        lat_pruned = measure_latency(result.model, size, batch_size=1024, iters=30, threads=1)
+        summary = result.summary()
+        summary.update(acc_base=base_acc, acc_pruned=pruned_acc)
+        config = {"model": "digits_cnn", "dataset": "digits", "macs_reduction": 0.5,
+                  "epochs_base": base_epochs, "epochs_finetune": tune_epochs, "seed": seed,
+                  "quick": quick}
+        latency = {"base (1 thread, batch 1024)": f"{1e3 * lat_base:.2f} ms",
+                   "pruned (1 thread, batch 1024)": f"{1e3 * lat_pruned:.2f} ms"}
+        _, report_md = finish_report(run, config, summary, finetuned=final_acc,
+                                     latency=latency)
+
+    rows = [
+        ("MACs", f"{count_macs(model, example_inputs=example) / 1e6:.3f}M",
+         f"{result.macs_after / 1e6:.3f}M"),
+        ("parameters", f"{count_params(model) / 1e3:.1f}k", f"{result.params_after / 1e3:.1f}k"),
+        ("accuracy", f"{base_acc:.2f}%", f"{final_acc:.2f}% ({pruned_acc:.2f}% before "
+                                          "fine-tuning)"),
+        ("CPU latency (1 thread, batch 1024)", f"{1e3 * lat_base:.2f} ms", f"{1e3 * lat_pruned:.2f} ms"),
+    ]
+    say("")
+    say(f"{'':24s}{'base':>14s}   {'pruned':s}")
+    for label, before, after in rows:
+        say(f"{label:24s}{before:>14s}   {after}")
+    say("")
+    say(f"report: {Path(report_md)}")
+    say(f"plots:  {', '.join(str(p) for p in sorted(Path(output_dir).glob('*.png')))}")
+    return {"acc_base": base_acc, "acc_pruned": pruned_acc, "acc_finetuned": final_acc,
+            "macs_before": result.macs_before, "macs_after": result.macs_after,
+            "latency_base": lat_base, "latency_pruned": lat_pruned,
+            "best_finetune": tuned.best_acc, "report": str(report_md)}

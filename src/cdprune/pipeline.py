@@ -1,0 +1,339 @@
+"""The three stages wired together: statistics, pruning, fine-tuning, with a run directory.
+
+Each stage is a function taking a plain config mapping (what the CLI resolves from flags
+and YAML) and a run directory, so the same runs are available from Python. Every stage
+writes its outputs atomically and records what it did in ``report.json``/``report.md``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_text, load_weights
+from .distributed import barrier, is_main_process
+from .errors import ConfigError
+from .report import environment, plot_scores, plot_training, plot_widths, write_report
+
+__all__ = ["RunDir", "build_data", "build_model", "run_finetune", "run_prune", "run_stats"]
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- run directory
+class RunDir:
+    """An output directory owned by one run: never silently overwritten, locked while used.
+
+    Args:
+        path: the directory.
+        resume: continue a run that wrote there before.
+        overwrite: reuse a directory that holds another run's files.
+
+    Raises:
+        ConfigError: the directory holds files and neither ``resume`` nor ``overwrite`` is
+            set, or another process holds its lock.
+    """
+
+    LOCK = ".cdprune.lock"
+
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.resume = resume
+        self.main = is_main_process()  # under torchrun only rank 0 owns (and writes) the run
+        self._fh = None
+        if not self.main:
+            return
+        existing = [p for p in self.path.iterdir() if p.name != self.LOCK] \
+            if self.path.is_dir() else []
+        if existing and not (resume or overwrite):
+            raise ConfigError(f"output directory '{self.path}' already holds a run "
+                              f"({existing[0].name}, ...); pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --output-dir")
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--output-dir '{self.path}' is a file, not a directory")
+
+    def __enter__(self) -> RunDir:
+        if not self.main:
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path / self.LOCK, "a+")  # noqa: SIM115 - held for the run's life
+        try:
+            # flock dies with the process, even under SIGKILL: no stale locks.
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"another cdprune process is using '{self.path}' (lock file "
+                                  f"{self.LOCK}); wait for it or choose another --output-dir"
+                                  ) from None
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def write_config(self, config: Mapping[str, Any]) -> Path:
+        import yaml
+
+        if not self.main:
+            return self.path / "config.yaml"
+        clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
+        return atomic_write_text(self.path / "config.yaml",
+                                 yaml.safe_dump(clean, sort_keys=True))
+
+
+# ---------------------------------------------------------------------- building blocks
+def _device(config: Mapping[str, Any]) -> torch.device:
+    default = "cpu"
+    if torch.cuda.is_available():
+        default = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # torchrun: one GPU per rank
+    name = config.get("device") or default
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a valid device; use cpu, cuda or cuda:N"
+                          ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but CUDA is not available; use "
+                          "--device cpu")
+    return device
+
+
+def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
+    """The base model named in the config, with its checkpoint loaded when one is given."""
+    from .models import create_model
+
+    model = create_model(config["model"], num_classes=num_classes)
+    if config.get("checkpoint"):
+        load_weights(model, config["checkpoint"])
+    return model
+
+
+@dataclass
+class Data:
+    """Datasets and loaders of one run."""
+
+    num_classes: int
+    input_size: tuple[int, ...]
+    train: Any
+    val: Any
+    stats: Any
+
+
+def build_data(config: Mapping[str, Any], *, need_train: bool = True,
+               need_stats: bool = True) -> Data:
+    """Datasets for statistics, fine-tuning and evaluation, as the config describes."""
+    from .data import build_dataset, build_loader, dataset_info, subset
+
+    name = config["dataset"]
+    num_classes, input_size, mean, std = dataset_info(name)
+    mean = tuple(config.get("mean") or mean)
+    std = tuple(config.get("std") or std)
+    common = dict(mean=mean, std=std, download=bool(config.get("download")))
+    root = config.get("data_root")
+    workers = int(config.get("workers") or 0)
+    seed = int(config.get("seed") or 0)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    val_set = build_dataset(name, root, train=False, **common)
+    val = build_loader(val_set, config.get("eval_batch_size") or config["batch_size"],
+                       shuffle=False, workers=workers, seed=seed, distributed=distributed)
+    train = stats = None
+    if need_train:
+        train_set = build_dataset(name, root, train=True, cutout=bool(config.get("cutout")),
+                                  **common)
+        if config.get("train_subset"):
+            train_set = subset(train_set, min(len(train_set), config["train_subset"]), seed)
+        train = build_loader(train_set, config["batch_size"], shuffle=True, workers=workers,
+                             seed=seed, drop_last=False, distributed=distributed)
+    if need_stats:
+        # Statistics read un-augmented training images, a seeded random sample of them.
+        stats_set = build_dataset(name, root, train=True, augment=False, **common)
+        batch = config.get("stats_batch_size") or config["batch_size"]
+        stop = config.get("stop_batch")
+        if stop:
+            stats_set = subset(stats_set, min(len(stats_set), stop * batch), seed)
+        stats = build_loader(stats_set, batch, shuffle=False, workers=workers, seed=seed,
+                             distributed=distributed)
+    return Data(num_classes, tuple(input_size), train, val, stats)
+
+
+def _example(input_size: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(2, *input_size)
+
+
+def _metric(result: Any) -> float:
+    return float(result.top1)
+
+
+# ---------------------------------------------------------------------- stages
+def run_stats(config: Mapping[str, Any], run: RunDir, data: Data | None = None,
+              model: nn.Module | None = None) -> Path:
+    """Collect activation statistics and write ``stats.safetensors`` and ``scores.safetensors``."""
+    from .scoring import tfidf_scores
+    from .stats import collect_stats
+
+    data = data or build_data(config, need_train=False)
+    model = model or build_model(config, data.num_classes)
+    device = _device(config)
+    model.to(device)
+    started = time.perf_counter()
+    # build_data already sampled stop_batch batches of images (split across ranks under
+    # torchrun), so the loader is used whole.
+    stats = collect_stats(model, data.stats,
+                          documents=config.get("documents", "sample"),
+                          num_classes=data.num_classes, device=device,
+                          dtype=torch.float16 if config.get("stats_dtype") == "float16"
+                          else torch.float32, progress=not config.get("no_progress"))
+    stats.meta.update(model=config["model"], dataset=config["dataset"],
+                      seconds=round(time.perf_counter() - started, 2))
+    path = run.path / "stats.safetensors"
+    if run.main:
+        stats.save(path)
+        scores = tfidf_scores(stats, coe=config.get("coe") or 0.0)
+        _save_scores(run.path / "scores.safetensors", scores)
+        plot_scores(run.path / "scores.png", scores)
+    barrier()  # other ranks read the file next
+    return path
+
+
+def _save_scores(path: Path, scores: Mapping[str, torch.Tensor]) -> None:
+    from .checkpoint import save_weights
+
+    save_weights({k: v.contiguous() for k, v in scores.items()}, path)
+
+
+def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = None,
+              model: nn.Module | None = None, stats_path: str | os.PathLike | None = None
+              ) -> dict[str, Any]:
+    """Prune the base model with scores from a statistics file; write ``pruned/``.
+
+    Returns the pruning summary (``PruneResult.summary()``) with accuracies added.
+    """
+    from .evaluate import evaluate
+    from .pruning import prune, save_pruned
+    from .scoring import tfidf_scores
+    from .stats import ActivationStats
+
+    data = data or build_data(config, need_train=False, need_stats=False)
+    model = model or build_model(config, data.num_classes)
+    stats_path = Path(stats_path or config.get("stats") or run.path / "stats.safetensors")
+    stats = ActivationStats.load(stats_path, model=model)
+    scores = tfidf_scores(stats, coe=config.get("coe") or 0.0)
+    device = _device(config)
+    result = prune(model, scores, example_inputs=_example(data.input_size),
+                   sparsity=config.get("sparsity"), macs_reduction=config.get("macs_reduction"),
+                   ignored_layers=config.get("ignore_layers") or None,
+                   scope=config.get("scope") or "auto",
+                   max_layer_pruning=config.get("max_layer_pruning") or 0.9,
+                   round_to=config.get("round_to") or None)
+    if run.main:
+        save_pruned(run.path / "pruned", result, model_name=config["model"],
+                    input_size=data.input_size,
+                    extra={"dataset": config["dataset"], "num_classes": data.num_classes,
+                           "mean": config.get("mean"), "std": config.get("std")})
+        plot_widths(run.path / "widths.png", result.widths_before, result.widths_after)
+    summary = result.summary()
+    progress = not config.get("no_progress")
+    if not config.get("skip_eval"):
+        summary["acc_base"] = _metric(evaluate(model.to(device), data.val, device=device,
+                                               progress=progress))
+        summary["acc_pruned"] = _metric(evaluate(result.model.to(device), data.val,
+                                                 device=device, progress=progress))
+    if run.main:
+        atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
+    barrier()
+    return summary
+
+
+def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = None,
+                 model: nn.Module | None = None, plan: Mapping[str, Any] | None = None
+                 ) -> Any:
+    """Fine-tune ``model`` (by default the pruned model in ``run/pruned``)."""
+    from .train import TrainConfig, fine_tune
+
+    data = data or build_data(config, need_stats=False)
+    if model is None:
+        model, plan = load_pruned_dir(config.get("model_dir") or run.path, config,
+                                      data.num_classes)
+    fields = TrainConfig.__dataclass_fields__
+    train_cfg = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
+    result = fine_tune(model, data.train, data.val, train_cfg, output_dir=run.path,
+                       device=_device(config), resume=bool(config.get("resume")),
+                       extra_state={"plan": dict(plan)} if plan else None,
+                       progress=not config.get("no_progress"))
+    if result.history and run.main:
+        plot_training(run.path / "training.png", result.history)
+    return result
+
+
+def pruned_dir(path: str | os.PathLike) -> Path:
+    """The pruned-model directory: ``path`` itself or the ``pruned/`` of a run directory."""
+    path = Path(path)
+    return path / "pruned" if (path / "pruned" / "plan.json").is_file() else path
+
+
+def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
+                    num_classes: int | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the pruned model saved under ``path`` (a run or pruned-model directory)."""
+    from .pruning import load_pruned, read_plan
+
+    directory = pruned_dir(path)
+    plan = read_plan(directory)
+    name = config.get("model") or plan.get("zoo_model")
+    if not name:
+        raise ConfigError(f"'{directory}' holds a user model; pass --model with a zoo name, "
+                          "or load it from Python with cdprune.load_pruned")
+    base = build_model({**config, "model": name, "checkpoint": None}, num_classes)
+    return load_pruned(directory, base), plan
+
+
+def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,
+                  finetuned: float | None = None, latency: Mapping[str, Any] | None = None
+                  ) -> tuple[Path, Path]:
+    """Write ``report.json``/``report.md`` for what the run did (rank 0 only)."""
+    if not run.main:
+        return run.path / "report.json", run.path / "report.md"
+    accuracy = {}
+    if summary:
+        for key, src in (("base", "acc_base"), ("pruned", "acc_pruned")):
+            if summary.get(src) is not None:
+                accuracy[key] = summary[src]
+    if finetuned is not None and not math.isnan(finetuned):
+        accuracy["finetuned"] = finetuned
+    plots = [p.name for p in sorted(run.path.glob("*.png"))]
+    return write_report(run.path, {
+        "title": f"{config.get('model')} on {config.get('dataset')}",
+        "pruning": dict(summary) if summary else None, "accuracy": accuracy,
+        "latency": dict(latency or {}), "config": dict(config), "plots": plots,
+        "environment": environment(), "seed": config.get("seed"),
+    })
+
+
+@contextmanager
+def timed(label: str):
+    """Log how long a stage took."""
+    started = time.perf_counter()
+    yield
+    logger.info("%s took %.1f s", label, time.perf_counter() - started)

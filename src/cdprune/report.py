@@ -1,0 +1,175 @@
+"""Run reports: ``report.json`` and ``report.md`` plus PNG plots, written atomically.
+
+A report collects what a user wants to know after a run: MACs and parameters before and
+after pruning, accuracy of the base model, right after pruning and after fine-tuning,
+per-layer widths, and the versions and seed that make the run reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import atomic_write_bytes, atomic_write_text
+
+__all__ = ["environment", "plot_scores", "plot_training", "plot_widths", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+
+def environment() -> dict[str, str]:
+    """Versions and machine facts recorded in every report."""
+    import torch_pruning
+
+    from . import __version__
+
+    return {
+        "cdprune": __version__, "torch": torch.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_threads": str(torch.get_num_threads()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def _fmt_m(value: Any) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}M"
+
+
+def _fmt_acc(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.2f}%"
+
+
+def _markdown(report: Mapping[str, Any]) -> str:
+    lines = [f"# cdprune report: {report.get('title', 'run')}", ""]
+    prune = report.get("pruning") or {}
+    acc = report.get("accuracy") or {}
+    if prune:
+        ratio = prune["macs_before"] / max(1, prune["macs_after"])
+        lines += [
+            "| | before | after | change |", "| --- | --- | --- | --- |",
+            f"| MACs | {_fmt_m(prune['macs_before'])} | {_fmt_m(prune['macs_after'])} | "
+            f"-{100 * (1 - prune['macs_after'] / prune['macs_before']):.1f}% "
+            f"({ratio:.2f}x fewer) |",
+            f"| parameters | {_fmt_m(prune['params_before'])} | {_fmt_m(prune['params_after'])}"
+            f" | -{100 * (1 - prune['params_after'] / prune['params_before']):.1f}% |",
+            "",
+        ]
+    if acc:
+        lines += ["| accuracy (top-1) | value |", "| --- | --- |"]
+        for key, label in (("base", "base model"), ("pruned", "right after pruning"),
+                           ("finetuned", "after fine-tuning")):
+            if key in acc:
+                lines.append(f"| {label} | {_fmt_acc(acc[key])} |")
+        lines.append("")
+    for key, value in (report.get("latency") or {}).items():
+        lines.append(f"- latency {key}: {value}")
+    if prune.get("widths_before"):
+        lines += ["", "## Per-layer widths", "", "| layer | before | after | kept |",
+                  "| --- | --- | --- | --- |"]
+        after = prune["widths_after"]
+        for name, before in prune["widths_before"].items():
+            lines.append(f"| {name} | {before} | {after.get(name, before)} | "
+                         f"{100 * after.get(name, before) / before:.0f}% |")
+    if report.get("config"):
+        lines += ["", "## Configuration", "", "```json",
+                  json.dumps(report["config"], indent=1, default=str), "```"]
+    if report.get("environment"):
+        lines += ["", "## Environment", ""]
+        lines += [f"- {k}: {v}" for k, v in report["environment"].items()]
+    if report.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(directory: str | os.PathLike, report: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``directory`` (atomically).
+
+    Args:
+        directory: the run directory.
+        report: plain data; recognised keys are ``title``, ``pruning`` (from
+            ``PruneResult.summary()``), ``accuracy`` (``base``/``pruned``/``finetuned``
+            top-1 in percent), ``latency``, ``config``, ``environment``, ``plots``.
+    """
+    directory = Path(directory)
+    doc = dict(report)
+    doc.setdefault("environment", environment())
+    js = atomic_write_text(directory / "report.json",
+                           json.dumps(doc, indent=1, default=str) + "\n")
+    md = atomic_write_text(directory / "report.md", _markdown(doc))
+    return js, md
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_widths(path: str | os.PathLike, widths_before: Mapping[str, int],
+                widths_after: Mapping[str, int]) -> Path:
+    """Bar chart of channels kept versus original, one bar per Conv2d."""
+    plt = _pyplot()
+    names = list(widths_before)
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 4))
+    xs = range(len(names))
+    ax.bar(xs, [widths_before[n] for n in names], color="#cccccc", label="original")
+    ax.bar(xs, [widths_after.get(n, widths_before[n]) for n in names], color="#1f77b4",
+           label="kept")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("channels")
+    ax.set_title("Channels kept per layer")
+    ax.legend()
+    return _save_figure(fig, Path(path))
+
+
+def plot_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor]) -> Path:
+    """Box plot of the CDP score distribution of each layer."""
+    plt = _pyplot()
+    names = list(scores)
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 4))
+    ax.boxplot([scores[n].float().numpy() for n in names], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("CDP score")
+    ax.set_title("Score distribution per layer")
+    return _save_figure(fig, Path(path))
+
+
+def plot_training(path: str | os.PathLike, history: Sequence[Mapping[str, Any]]) -> Path:
+    """Training loss and validation accuracy per epoch."""
+    plt = _pyplot()
+    epochs = [h.get("epoch", i) for i, h in enumerate(history)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [h.get("train_loss") for h in history], marker="o")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax2.plot(epochs, [h.get("val_top1") for h in history], marker="o", color="#2ca02c")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation top-1 (%)")
+    fig.suptitle("Fine-tuning")
+    return _save_figure(fig, Path(path))
