@@ -128,10 +128,15 @@ def test_limits_classifier_and_ignored_layers():
         assert width >= max(1, 0.25 * result.widths_before[name] - 1e-6), name
 
 
-def test_round_to_gives_multiples():
-    model, x = build("vgg16_cifar")
-    result = prune(model, random_scores(model), example_inputs=x, macs_reduction=0.5, round_to=8)
-    assert all(w % 8 == 0 for w in result.widths_after.values())
+@pytest.mark.parametrize("name", ["vgg16_cifar", "resnet20b", "resnet56", "mobilenet_v2"])
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_gives_multiples(name, round_to):
+    model, x = build(name) if name != "resnet56" else (create_model("resnet56").eval(),
+                                                      torch.randn(2, 3, 32, 32))
+    result = prune(model, random_scores(model), example_inputs=x, macs_reduction=0.5,
+                   round_to=round_to)
+    changed = [n for n, w in result.widths_after.items() if w != result.widths_before[n]]
+    assert changed and all(result.widths_after[n] % round_to == 0 for n in changed)
     assert abs(result.macs_reduction - 0.5) <= 0.003
 
 
@@ -180,8 +185,7 @@ def test_scores_must_fit():
 @pytest.mark.parametrize("name", ["resnet20", "resnet20b", "mobilenet_v2", "concat_dw"])
 def test_save_load_round_trip_is_exact(name, tmp_path):
     model, x = build(name)
-    result = prune(model, random_scores(model), example_inputs=x, macs_reduction=0.4,
-                   scope="all")
+    result = prune(model, random_scores(model), example_inputs=x, sparsity=0.4, scope="all")
     save_pruned(tmp_path / "run", result, model_name=name, input_size=tuple(x.shape[1:]))
     assert not list(tmp_path.glob("run/*.pt*"))  # no pickle files
     fresh, _ = build(name)

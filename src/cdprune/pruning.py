@@ -292,48 +292,48 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
 
 
 class _Search:
-    """Turns a number of globally lowest channels into per-group removals and their MACs."""
+    """Turns positions of the global ranking into per-group removals and their MACs.
+
+    The ranking is over *units*: single channels, or with ``round_to`` blocks of
+    ``round_to`` channels of one group (its lowest-scoring first; a first, smaller block
+    takes the remainder so that the kept width stays a multiple). A block's key is the
+    highest score in it: it goes only when all its channels are below the threshold.
+    """
 
     def __init__(self, candidates: list[_Candidate], geometry: dict[nn.Module, _Geometry],
                  round_to: int | None, allocation: str = "global"):
         self.cands = candidates
         self.geometry = geometry
-        self.round_to = round_to
-        keys = [c.importance for c in candidates]
-        if allocation == "uniform":  # position within the group, as a fraction of its width
-            keys = [(torch.argsort(torch.argsort(k, stable=True)) + 1).float() / len(k)
-                    for k in keys]
-        scores = torch.cat(keys) if candidates else torch.empty(0)
-        group_ids = torch.cat([torch.full((c.width,), i) for i, c in enumerate(candidates)]) \
-            if candidates else torch.empty(0, dtype=torch.long)
-        channel_ids = torch.cat([torch.arange(c.width) for c in candidates]) \
-            if candidates else torch.empty(0, dtype=torch.long)
-        # Deterministic: by score, then group order, then channel index (stable sort).
-        allowed = torch.cat([c.allowed for c in candidates]) if candidates \
-            else torch.empty(0, dtype=torch.bool)
-        order = torch.argsort(scores, stable=True)
-        order = order[allowed[order]]
-        self.order = list(zip(group_ids[order].tolist(), channel_ids[order].tolist()))
+        units: list[tuple[float, int, int, list[int]]] = []  # key, group, first, channels
+        for gid, cand in enumerate(candidates):
+            imp = cand.importance
+            allowed = cand.allowed.nonzero().flatten()
+            ranked = allowed[torch.argsort(imp[allowed], stable=True)].tolist()
+            if allocation == "uniform":  # position within the group, as a fraction of it
+                keys = {ch: (i + 1) / len(ranked) for i, ch in enumerate(ranked)}
+            else:
+                keys = {ch: float(imp[ch]) for ch in ranked}
+            size = round_to or 1
+            first = len(ranked) % size if cand.width % size == 0 else cand.width % size
+            blocks = ([ranked[:first]] if first else []) + [
+                ranked[i:i + size] for i in range(first, len(ranked), size)]
+            units += [(max(keys[c] for c in b), gid, b[0], b) for b in blocks if b]
+        # Deterministic: by key, then group order, then channel index.
+        units.sort(key=lambda u: (u[0], u[1], u[2]))
+        self.order = [(gid, block) for _, gid, _, block in units]
         self.base_macs = sum(g.macs() for g in geometry.values())
 
     def removals(self, k: int) -> list[list[int]]:
-        """Root channel indices to remove per candidate when the k lowest are chosen."""
+        """Root channel indices to remove per candidate when the k lowest units are chosen."""
         return self.select(range(k))
 
     def select(self, ranks: Iterable[int]) -> list[list[int]]:
         """Removals per candidate for the given positions of the global ranking."""
         chosen: list[list[int]] = [[] for _ in self.cands]
-        for gid, ch in (self.order[i] for i in sorted(ranks)):
+        for gid, block in (self.order[i] for i in sorted(ranks)):
             cand = self.cands[gid]
-            if cand.width - len(chosen[gid]) > cand.min_keep:
-                chosen[gid].append(ch)
-        if self.round_to:
-            for gid, idxs in enumerate(chosen):
-                keep = self.cands[gid].width - len(idxs)
-                keep_rounded = min(self.cands[gid].width,
-                                   math.ceil(keep / self.round_to) * self.round_to)
-                # keep the best of the chosen ones to reach a multiple of round_to
-                del idxs[len(idxs) - (keep_rounded - keep):]
+            if cand.width - len(chosen[gid]) - len(block) >= cand.min_keep:
+                chosen[gid].extend(block)
         return [sorted(idxs) for idxs in chosen]
 
     def macs(self, removals: list[list[int]]) -> int:
@@ -545,30 +545,59 @@ def _by_macs(search: _Search, target: float, scope: str, max_layer_pruning: floa
             lo = mid + 1
     best = min((k for k in (lo - 1, lo) if 0 <= k <= len(search.order)),
                key=lambda k: abs(reduction(k) - target))
-    if abs(reduction(best) - target) <= _MACS_TOLERANCE or lo == 0:
+    if abs(reduction(best) - target) <= _MACS_TOLERANCE:
         return search.removals(best)
-    # The boundary channel is too coarse: removing it overshoots, keeping it falls short.
-    # Land within tolerance by moving the finest channels near the threshold: first fill
-    # from below with the next-ranked channels that fit, then trim from above by putting
-    # back the highest-ranked removed channels that can be spared.
-    def value(ranks: Sequence[int]) -> float:
-        return 1.0 - search.macs(search.select(ranks)) / search.base_macs
+    return search.select(_refine(search, lo, target))
 
-    below = list(range(lo - 1))
-    for i in range(lo - 1, min(len(search.order), lo + 2047)):
-        if value([*below, i]) <= target + _MACS_TOLERANCE:
-            below.append(i)
-            if value(below) >= target - _MACS_TOLERANCE:
-                return search.select(below)
-    above = list(range(lo))
-    for i in range(lo - 1, max(-1, lo - 2049), -1):
-        trial = [r for r in above if r != i]
-        if value(trial) >= target - _MACS_TOLERANCE:
-            above = trial
-            if value(above) <= target + _MACS_TOLERANCE:
-                return search.select(above)
-    return min((search.select(below), search.select(above), search.removals(best)),
-               key=lambda rm: abs(1.0 - search.macs(rm) / search.base_macs - target))
+
+def _refine(search: _Search, lo: int, target: float, window: int = 48,
+            rounds: int = 64) -> set[int]:
+    """Land within tolerance of the MACs target when the threshold unit is too coarse.
+
+    Removing the first ``lo`` units overshoots the target and ``lo - 1`` falls short.
+    Tried in turn, closest result kept: (1) remove ``lo`` units, then put back the
+    highest-ranked removed units that can be spared; (2) remove ``lo - 1``, then add the
+    next-ranked units that still fit; (3) from the better of the two, a local search of
+    single additions, put-backs and swaps among units within ``window`` ranks of the
+    threshold. Only units near the threshold move, so the result stays true to the
+    ranking.
+    """
+    def value(sel: set[int]) -> float:
+        return 1.0 - search.macs(search.select(sel)) / search.base_macs
+
+    def good(v: float) -> bool:
+        return abs(v - target) <= _MACS_TOLERANCE
+
+    above = set(range(lo))
+    for j in range(lo - 1, max(-1, lo - 1 - 4 * window), -1):
+        if value(above - {j}) >= target - _MACS_TOLERANCE:
+            above.discard(j)
+            if good(value(above)):
+                return above
+    below = set(range(lo - 1))
+    for i in range(lo - 1, min(len(search.order), lo + 4 * window)):
+        if value(below | {i}) <= target + _MACS_TOLERANCE:
+            below.add(i)
+            if good(value(below)):
+                return below
+    ranks = min((above, below), key=lambda sel: abs(value(sel) - target))
+    current = value(ranks)
+    for _ in range(rounds):
+        if good(current):
+            break
+        kept = [i for i in range(len(search.order)) if i not in ranks][:window]
+        removed = sorted(ranks)[-window:]
+        moves = [ranks | {i} for i in kept] + [ranks - {j} for j in removed]
+        moves += [(ranks - {j}) | {i} for j in removed[-window // 2:] for i in kept[:window // 2]]
+        best_sel, best_val = None, current
+        for sel in moves:
+            v = value(sel)
+            if abs(v - target) < abs(best_val - target):
+                best_sel, best_val = sel, v
+        if best_sel is None:
+            break
+        ranks, current = best_sel, best_val
+    return ranks
 
 
 def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],
