@@ -26,6 +26,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "WEIGHT_SUFFIXES",
+    "apply_weights",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -58,11 +59,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A failed write (a full disk) names no file; say which one it was.
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
 
@@ -137,7 +141,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except Exception as exc:  # any parse failure of a foreign file is the file's fault
         raise CheckpointError(
             f"cannot read checkpoint '{path}': the file is truncated or not a PyTorch "
-            f"checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+            f"checkpoint ({type(exc).__name__}: {_first_line(exc)}); re-download or re-save "
+            "it") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -225,7 +230,8 @@ def _mismatch_message(model: nn.Module, state: Mapping[str, torch.Tensor], path:
         return None
     return (f"weights in '{path}' do not fit the model ({type(model).__name__}): "
             + "; ".join(parts)
-            + ". Check --model (and --num-classes) match the checkpoint's architecture")
+            + ". Build the model the checkpoint was saved from: check --model and that "
+            "the dataset has the checkpoint's number of classes")
 
 
 def _fillable(key: str) -> bool:
@@ -252,8 +258,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         CheckpointError: unreadable or unsafe file, or keys/shapes that do not fit the model
             (all mismatches are listed by name in one message).
     """
-    path = Path(path)
-    state = read_state_dict(path)
+    return apply_weights(model, read_state_dict(path), source=path, strict=strict)
+
+
+def apply_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *,
+                  source: str | os.PathLike = "state dict", strict: bool = True) -> nn.Module:
+    """Load a state dict already read (e.g. by :func:`read_state_dict`) into ``model``.
+
+    Checks as :func:`load_weights` does; ``source`` names the file in error messages.
+    """
+    path = Path(source)
     message = _mismatch_message(model, state, path, strict)
     if message:
         raise CheckpointError(message)

@@ -7,6 +7,7 @@ code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -40,6 +41,23 @@ DEFAULTS: dict[str, Any] = {
     "max_iters": None, "sync_bn": False, "train_subset": None, "seed": 0, "device": None, "output_dir": None,
     "resume": False, "overwrite": False, "no_progress": False,
 }
+
+
+class UsageError(ConfigError):
+    """A command line argparse cannot parse; ``prog`` names the (sub)command."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), raised, not exited."""
+
+    def error(self, message: str):  # type: ignore[override]
+        hint = ("give only one of them" if "not allowed with" in message
+                else f"see `{self.prog} --help`")
+        raise UsageError(self.prog, f"{message}; {hint}")
 
 
 def _positive_int(text: str) -> int:
@@ -142,7 +160,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cdprune`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cdprune", description="Prune convolutional networks with CDP "
         "(class-wise discriminative power): statistics, scores, physical pruning, fine-tuning.")
     from . import __version__
@@ -215,7 +233,8 @@ def _load_yaml(path: str) -> dict[str, Any]:
             close = difflib.get_close_matches(name, list(DEFAULTS), n=2)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"config file '{file}': unknown key '{key}'{hint}")
-        if isinstance(value, float) and not math.isfinite(value):
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             raise ConfigError(f"config file '{file}': {key} is {value}; give a finite number")
         out[name] = value
     return out
@@ -255,8 +274,14 @@ def _validate(config: dict[str, Any]) -> None:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{flag} is {value}; it must be {valid}")
-        if not ok(value):
-            raise ConfigError(f"{flag} {value} is invalid; it must be {valid}")
+        try:
+            good = ok(value)
+        except TypeError:  # e.g. a string in a YAML config
+            good = False
+        if not good:
+            raise ConfigError(f"{flag} {value!r} is invalid; it must be {valid}"
+                              if isinstance(value, str) else
+                              f"{flag} {value} is invalid; it must be {valid}")
     if config["command"] in ("prune", "run") and (config.get("sparsity") is None) == (
             config.get("macs_reduction") is None):
         raise ConfigError("give exactly one of --sparsity or --macs-reduction")
@@ -273,12 +298,17 @@ def _run_dir(config: dict[str, Any]):
                   overwrite=bool(config.get("overwrite")))
 
 
+# Each command checks what it can (the output directory, data, model, checkpoint, input
+# files) before it enters the run directory, so bad input leaves no files behind.
 def _cmd_stats(config: dict[str, Any]) -> None:
-    from .pipeline import run_stats
+    from .pipeline import build_data, build_model, run_stats
 
-    with _run_dir(config) as run:
+    run = _run_dir(config)
+    data = build_data(config, need_train=False)
+    model = build_model(config, data.num_classes)
+    with run:
         run.write_config(config)
-        path = run_stats(config, run)
+        path = run_stats(config, run, data=data, model=model)
     _say(f"statistics: {path}\nscores: {run.path / 'scores.safetensors'}")
 
 
@@ -292,22 +322,37 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_prune(config: dict[str, Any]) -> None:
-    from .pipeline import finish_report, run_prune
+    from .pipeline import (
+        build_data,
+        build_model,
+        check_ignore_layers,
+        finish_report,
+        load_stats,
+        run_prune,
+    )
 
-    with _run_dir(config) as run:
+    run = _run_dir(config)
+    data = build_data(config, need_train=False, need_stats=False)
+    model = build_model(config, data.num_classes)
+    check_ignore_layers(config, model)
+    stats = load_stats(config, model)
+    with run:
         run.write_config(config)
-        summary = run_prune(config, run)
+        summary = run_prune(config, run, data=data, model=model, stats=stats)
         finish_report(run, config, summary)
     _print_summary(summary)
     _say(f"pruned model: {run.path / 'pruned'}\nreport: {run.path / 'report.md'}")
 
 
 def _cmd_finetune(config: dict[str, Any]) -> None:
-    from .pipeline import finish_report, run_finetune
+    from .pipeline import build_data, finish_report, load_pruned_dir, run_finetune
 
-    with _run_dir(config) as run:
+    run = _run_dir(config)
+    data = build_data(config, need_stats=False)
+    model, plan = load_pruned_dir(config.get("model_dir") or run.path, config, data.num_classes)
+    with run:
         run.write_config(config)
-        result = run_finetune(config, run)
+        result = run_finetune(config, run, data=data, model=model, plan=plan)
         finish_report(run, config, None, finetuned=result.best_acc)
     _say(f"best top-1 {result.best_acc:.2f}% after {result.epochs_run} epochs; "
           f"checkpoints in {run.path}")
@@ -331,18 +376,32 @@ def _cmd_eval(config: dict[str, Any]) -> None:
 
 
 def _cmd_run(config: dict[str, Any]) -> None:
-    from .pipeline import build_data, build_model, finish_report, run_finetune, run_prune, run_stats
+    from .pipeline import (
+        build_data,
+        build_model,
+        check_ignore_layers,
+        finish_report,
+        gather_stats,
+        run_finetune,
+        run_prune,
+    )
 
-    with _run_dir(config) as run:
+    run = _run_dir(config)
+    data = build_data(config)
+    summary_path = run.path / "prune_summary.json"
+    resumed = bool(config.get("resume")) and summary_path.is_file()  # stages 1-2 done before
+    if not resumed:
+        model = build_model(config, data.num_classes)
+        check_ignore_layers(config, model)
+    with run:
         run.write_config(config)
-        data = build_data(config)
-        summary_path = run.path / "prune_summary.json"
-        if config.get("resume") and summary_path.is_file():
-            summary = json.loads(summary_path.read_text())  # stages 1-2 finished before
+        if resumed:
+            summary = json.loads(summary_path.read_text())
         else:
-            model = build_model(config, data.num_classes)
-            run_stats(config, run, data=data, model=model)
-            summary = run_prune(config, run, data=data, model=model)
+            # Statistics are written together with the pruned model, once pruning succeeded.
+            stats = gather_stats(config, data, model)
+            summary = run_prune(config, run, data=data, model=model, stats=stats,
+                                save_stats=True)
             _print_summary(summary)
         result = run_finetune(config, run, data=data)
         finish_report(run, config, summary, finetuned=result.best_acc)
@@ -364,10 +423,11 @@ def _cmd_compare(config: dict[str, Any]) -> None:
         if not 0 < target < 1:
             raise ConfigError(f"--macs-reduction {target} is invalid; it must be a fraction "
                               "in (0, 1)")
-    with _run_dir(config) as run:
+    run = _run_dir(config)
+    data = build_data(config)
+    model = build_model(config, data.num_classes)
+    with run:
         run.write_config(config)
-        data = build_data(config)
-        model = build_model(config, data.num_classes)
         fields = TrainConfig.__dataclass_fields__
         budget = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
         rows = compare_criteria(
@@ -452,10 +512,19 @@ COMMANDS = {"stats": _cmd_stats, "prune": _cmd_prune, "finetune": _cmd_finetune,
             "compare": _cmd_compare, "demo": _cmd_demo, "models": _cmd_models}
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (some errors quote multi-line library messages)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cdprune`` command; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
     if not args.command:
         parser.print_help()
         return 2
@@ -481,7 +550,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             PermissionError) as exc:
         if debug:
             raise
-        print(f"cdprune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cdprune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or debug:
+            raise
+        where = f" while writing '{exc.filename}'" if exc.filename else ""
+        print(f"cdprune {args.command}: error: no space left on device{where}: the disk is "
+              "full; free some space and run the command again (fine-tuning continues with "
+              "--resume) or choose another --output-dir; files written before are intact",
+              file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # training diverged
         if debug:

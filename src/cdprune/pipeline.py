@@ -13,24 +13,32 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_text, load_weights
+from .checkpoint import apply_weights, atomic_write_text, read_state_dict
 from .distributed import barrier, is_main_process
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 
-__all__ = ["RunDir", "build_data", "build_model", "run_finetune", "run_prune", "run_stats"]
+if TYPE_CHECKING:
+    from .stats import ActivationStats
+
+__all__ = ["RunDir", "build_data", "build_model", "check_ignore_layers", "gather_stats",
+           "load_stats", "run_finetune", "run_prune", "run_stats", "write_stats"]
 
 logger = logging.getLogger(__name__)
+
+# Temporary files of cdprune.checkpoint.atomic_write_bytes: ".NAME.XXXXXXXX.tmp".
+_TEMP_NAME = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 # ---------------------------------------------------------------------- run directory
@@ -45,29 +53,62 @@ class RunDir:
     Raises:
         ConfigError: the directory holds files and neither ``resume`` nor ``overwrite`` is
             set, or another process holds its lock.
+
+    A run that fails before writing anything but ``config.yaml`` leaves nothing behind: if
+    the directory did not exist before, it is removed again. Temporary files that a killed
+    writer left (``.NAME.*.tmp``) are deleted once the lock is held.
     """
 
     LOCK = ".cdprune.lock"
+    CONFIG = "config.yaml"
 
     def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
         self.resume = resume
         self.main = is_main_process()  # under torchrun only rank 0 owns (and writes) the run
         self._fh = None
+        self._created: Path | None = None
         if not self.main:
             return
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--output-dir '{self.path}' is a file, not a directory; choose "
+                              "another --output-dir")
+        if self._locked_elsewhere():
+            raise self._busy()
         existing = [p for p in self.path.iterdir() if p.name != self.LOCK] \
             if self.path.is_dir() else []
         if existing and not (resume or overwrite):
             raise ConfigError(f"output directory '{self.path}' already holds a run "
                               f"({existing[0].name}, ...); pass --resume to continue it, "
                               "--overwrite to replace it, or choose another --output-dir")
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--output-dir '{self.path}' is a file, not a directory")
+
+    def _busy(self) -> ConfigError:
+        return ConfigError(f"another cdprune process is using '{self.path}' (lock file "
+                           f"{self.LOCK}); wait for it to finish or choose another --output-dir")
+
+    def _locked_elsewhere(self) -> bool:
+        """Whether a live process holds the lock (checked before anything is read or written)."""
+        lock = self.path / self.LOCK
+        if not lock.is_file():
+            return False
+        with open(lock) as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    return True
+                raise
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
 
     def __enter__(self) -> RunDir:
         if not self.main:
             return self
+        missing = None  # the topmost folder this run creates, removed again if it fails early
+        for folder in (self.path, *self.path.parents):
+            if folder.exists():
+                break
+            missing = folder
         self.path.mkdir(parents=True, exist_ok=True)
         fh = open(self.path / self.LOCK, "a+")  # noqa: SIM115 - held for the run's life
         try:
@@ -76,30 +117,54 @@ class RunDir:
         except OSError as exc:
             fh.close()
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"another cdprune process is using '{self.path}' (lock file "
-                                  f"{self.LOCK}); wait for it or choose another --output-dir"
-                                  ) from None
+                raise self._busy() from None
             raise
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
         fh.flush()
         self._fh = fh
+        self._created = missing
+        for folder in (self.path, self.path / "pruned"):  # left by a writer that was killed
+            for stale in folder.glob(".*.tmp"):
+                if _TEMP_NAME.match(stale.name) and stale.is_file():
+                    logger.info("removing %s, left by an interrupted write", stale)
+                    stale.unlink(missing_ok=True)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._fh is None:
+            return
+        if exc_type is not None and self._created is not None:
+            self._remove_if_untouched()
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()
+        self._fh = None
+
+    def _remove_if_untouched(self) -> None:
+        """After a failure: remove the new directory if the run wrote no results into it."""
+        own = {self.LOCK, self.CONFIG}
+        if any(p.name not in own for p in self.path.iterdir()):
+            return  # results of finished stages (checkpoints...) are kept for --resume
+        for name in own:
+            (self.path / name).unlink(missing_ok=True)
+        folder = self.path
+        while True:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            if folder == self._created:
+                return
+            folder = folder.parent
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
         import yaml
 
         if not self.main:
-            return self.path / "config.yaml"
+            return self.path / self.CONFIG
         clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
-        return atomic_write_text(self.path / "config.yaml",
+        return atomic_write_text(self.path / self.CONFIG,
                                  yaml.safe_dump(clean, sort_keys=True))
 
 
@@ -121,13 +186,51 @@ def _device(config: Mapping[str, Any]) -> torch.device:
 
 
 def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
-    """The base model named in the config, with its checkpoint loaded when one is given."""
+    """The base model named in the config, with its checkpoint loaded when one is given.
+
+    Raises:
+        DataError: the checkpoint's classifier has another number of outputs than the
+            dataset has classes (``num_classes``).
+    """
     from .models import create_model
 
     model = create_model(config["model"], num_classes=num_classes)
     if config.get("checkpoint"):
-        load_weights(model, config["checkpoint"])
+        state = read_state_dict(config["checkpoint"])
+        if num_classes is not None:
+            _check_classifier(model, state, config, num_classes)
+        apply_weights(model, state, source=config["checkpoint"])
     return model
+
+
+def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
+                      config: Mapping[str, Any], num_classes: int) -> None:
+    """A checkpoint trained for N classes cannot serve a dataset of M != N classes."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears or linears[-1][1].out_features != num_classes:
+        return  # no recognisable classifier: the key/shape check of apply_weights decides
+    key = f"{linears[-1][0]}.weight"
+    rows = state[key].shape[0] if key in state and state[key].dim() == 2 else num_classes
+    if rows != num_classes:
+        dataset = config.get("dataset")
+        raise DataError(f"checkpoint '{config['checkpoint']}' has a {rows}-class classifier "
+                        f"('{key}' has {rows} outputs) but dataset '{dataset}' has "
+                        f"{num_classes} classes; use a checkpoint trained on {dataset}, or the "
+                        "--dataset the checkpoint was trained on")
+
+
+def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
+    """Refuse ``--ignore-layers`` names that are not modules of the model (before any work)."""
+    import difflib
+
+    named = [name for name, _ in model.named_modules() if name]
+    for name in config.get("ignore_layers") or ():
+        if name not in named:
+            close = difflib.get_close_matches(name, named, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else \
+                f"module names look like {', '.join(named[:3])}"
+            raise ConfigError(f"--ignore-layers: '{name}' is not a layer of "
+                              f"{config.get('model')}; {hint}")
 
 
 @dataclass
@@ -144,7 +247,7 @@ class Data:
 def build_data(config: Mapping[str, Any], *, need_train: bool = True,
                need_stats: bool = True) -> Data:
     """Datasets for statistics, fine-tuning and evaluation, as the config describes."""
-    from .data import build_dataset, build_loader, dataset_info, subset
+    from .data import build_dataset, build_loader, check_num_classes, dataset_info, subset
 
     name = config["dataset"]
     num_classes, input_size, mean, std = dataset_info(name)
@@ -157,12 +260,14 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
 
     val_set = build_dataset(name, root, train=False, **common)
+    check_num_classes(val_set, num_classes)
     val = build_loader(val_set, config.get("eval_batch_size") or config["batch_size"],
                        shuffle=False, workers=workers, seed=seed, distributed=distributed)
     train = stats = None
     if need_train:
         train_set = build_dataset(name, root, train=True, cutout=bool(config.get("cutout")),
                                   **common)
+        check_num_classes(train_set, num_classes)
         if config.get("train_subset"):
             train_set = subset(train_set, min(len(train_set), config["train_subset"]), seed)
         train = build_loader(train_set, config["batch_size"], shuffle=True, workers=workers,
@@ -172,8 +277,12 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
         stats_set = build_dataset(name, root, train=True, augment=False, **common)
         batch = config.get("stats_batch_size") or config["batch_size"]
         stop = config.get("stop_batch")
-        if stop:
-            stats_set = subset(stats_set, min(len(stats_set), stop * batch), seed)
+        if stop and stop * batch > len(stats_set):
+            logger.warning("--stop-batch %d asks for %d batches of %d images, but the training "
+                           "set has only %d images (%d batches); using all of them", stop, stop,
+                           batch, len(stats_set), math.ceil(len(stats_set) / batch))
+        elif stop:
+            stats_set = subset(stats_set, stop * batch, seed)
         stats = build_loader(stats_set, batch, shuffle=False, workers=workers, seed=seed,
                              distributed=distributed)
     return Data(num_classes, tuple(input_size), train, val, stats)
@@ -188,14 +297,10 @@ def _metric(result: Any) -> float:
 
 
 # ---------------------------------------------------------------------- stages
-def run_stats(config: Mapping[str, Any], run: RunDir, data: Data | None = None,
-              model: nn.Module | None = None) -> Path:
-    """Collect activation statistics and write ``stats.safetensors`` and ``scores.safetensors``."""
-    from .scoring import tfidf_scores
+def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> ActivationStats:
+    """Collect the activation statistics the config asks for; nothing is written."""
     from .stats import collect_stats
 
-    data = data or build_data(config, need_train=False)
-    model = model or build_model(config, data.num_classes)
     device = _device(config)
     model.to(device)
     started = time.perf_counter()
@@ -208,12 +313,28 @@ def run_stats(config: Mapping[str, Any], run: RunDir, data: Data | None = None,
                           else torch.float32, progress=not config.get("no_progress"))
     stats.meta.update(model=config["model"], dataset=config["dataset"],
                       seconds=round(time.perf_counter() - started, 2))
+    return stats
+
+
+def write_stats(run: RunDir, config: Mapping[str, Any], stats: ActivationStats) -> Path:
+    """Write ``stats.safetensors``, ``scores.safetensors`` and ``scores.png`` (rank 0 only)."""
+    from .scoring import tfidf_scores
+
     path = run.path / "stats.safetensors"
     if run.main:
         stats.save(path)
         scores = tfidf_scores(stats, coe=config.get("coe") or 0.0)
         _save_scores(run.path / "scores.safetensors", scores)
         plot_scores(run.path / "scores.png", scores)
+    return path
+
+
+def run_stats(config: Mapping[str, Any], run: RunDir, data: Data | None = None,
+              model: nn.Module | None = None) -> Path:
+    """Collect activation statistics and write ``stats.safetensors`` and ``scores.safetensors``."""
+    data = data or build_data(config, need_train=False)
+    model = model or build_model(config, data.num_classes)
+    path = write_stats(run, config, gather_stats(config, data, model))
     barrier()  # other ranks read the file next
     return path
 
@@ -224,22 +345,39 @@ def _save_scores(path: Path, scores: Mapping[str, torch.Tensor]) -> None:
     save_weights({k: v.contiguous() for k, v in scores.items()}, path)
 
 
+def load_stats(config: Mapping[str, Any], model: nn.Module,
+               path: str | os.PathLike | None = None) -> ActivationStats:
+    """The statistics file of ``--stats`` (or ``path``), checked against ``model``."""
+    from .stats import ActivationStats
+
+    if not path and not config.get("stats") and not config.get("output_dir"):
+        raise ConfigError("--stats is required: the statistics file `cdprune stats` wrote")
+    path = path or config.get("stats") or Path(config["output_dir"]) / "stats.safetensors"
+    return ActivationStats.load(path, model=model)
+
+
 def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = None,
-              model: nn.Module | None = None, stats_path: str | os.PathLike | None = None
+              model: nn.Module | None = None, stats_path: str | os.PathLike | None = None,
+              stats: ActivationStats | None = None, save_stats: bool = False
               ) -> dict[str, Any]:
-    """Prune the base model with scores from a statistics file; write ``pruned/``.
+    """Prune the base model with CDP scores; write ``pruned/``.
+
+    The statistics come from ``stats`` when given, else from ``stats_path``, ``--stats``
+    or ``<run>/stats.safetensors``. With ``save_stats`` they are written to the run
+    directory too, but only once pruning succeeded: a target that cannot be reached
+    leaves no files behind.
 
     Returns the pruning summary (``PruneResult.summary()``) with accuracies added.
     """
     from .evaluate import evaluate
     from .pruning import prune, save_pruned
     from .scoring import tfidf_scores
-    from .stats import ActivationStats
 
     data = data or build_data(config, need_train=False, need_stats=False)
     model = model or build_model(config, data.num_classes)
-    stats_path = Path(stats_path or config.get("stats") or run.path / "stats.safetensors")
-    stats = ActivationStats.load(stats_path, model=model)
+    if stats is None:
+        stats = load_stats(config, model, stats_path or config.get("stats")
+                           or run.path / "stats.safetensors")
     scores = tfidf_scores(stats, coe=config.get("coe") or 0.0)
     device = _device(config)
     result = prune(model, scores, example_inputs=_example(data.input_size),
@@ -248,6 +386,8 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
                    scope=config.get("scope") or "auto",
                    max_layer_pruning=config.get("max_layer_pruning") or 0.9,
                    round_to=config.get("round_to") or None)
+    if save_stats:
+        write_stats(run, config, stats)
     if run.main:
         save_pruned(run.path / "pruned", result, model_name=config["model"],
                     input_size=data.input_size,
@@ -296,17 +436,39 @@ def pruned_dir(path: str | os.PathLike) -> Path:
 
 def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
                     num_classes: int | None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the pruned model saved under ``path`` (a run or pruned-model directory)."""
+    """Rebuild the pruned model saved under ``path`` (a run or pruned-model directory).
+
+    Raises:
+        ConfigError: ``--model`` names another architecture than the plan was made for.
+        DataError: the pruned model has another number of classes than the dataset.
+        CheckpointError: the plan or the weights do not fit the base model.
+    """
     from .pruning import load_pruned, read_plan
 
     directory = pruned_dir(path)
     plan = read_plan(directory)
-    name = config.get("model") or plan.get("zoo_model")
+    zoo = plan.get("zoo_model")
+    asked = config.get("model")
+    if asked and zoo and str(asked).lower() != str(zoo).lower():
+        raise ConfigError(f"--model {asked} does not match the model '{directory}' was pruned "
+                          f"from ({zoo}); leave out --model or pass --model {zoo}")
+    name = asked or zoo
     if not name:
         raise ConfigError(f"'{directory}' holds a user model; pass --model with a zoo name, "
                           "or load it from Python with cdprune.load_pruned")
+    planned = (plan.get("extra") or {}).get("num_classes")
+    if num_classes is not None and isinstance(planned, int) and planned != num_classes:
+        dataset = (plan.get("extra") or {}).get("dataset") or "its own dataset"
+        raise DataError(f"the pruned model in '{directory}' has {planned} classes but dataset "
+                        f"'{config.get('dataset')}' has {num_classes}; use it with "
+                        f"--dataset {dataset}")
     base = build_model({**config, "model": name, "checkpoint": None}, num_classes)
-    return load_pruned(directory, base), plan
+    try:
+        return load_pruned(directory, base), plan
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (pruned model '{directory}'); prune {name} again with "
+                              "`cdprune prune`, or point --model-dir at a directory pruned "
+                              f"from {name}") from None
 
 
 def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,

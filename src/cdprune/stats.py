@@ -221,7 +221,8 @@ class ActivationStats:
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read statistics file '{path}': truncated or not a "
-                                  f"statistics file ({str(exc)[:160]})") from None
+                                  f"statistics file ({str(exc)[:160]}); collect the "
+                                  "statistics again with `cdprune stats`") from None
         if not isinstance(header, dict) or header.get("format") != "cdprune.stats/1":
             raise CheckpointError(f"'{path}' is not a cdprune statistics file (no "
                                   "'cdprune.stats/1' header); create one with `cdprune stats`")
