@@ -190,3 +190,13 @@ def _create_torchvision(models: Any, name: str, options: dict[str, Any]) -> nn.M
     if hasattr(models, "get_model"):
         return models.get_model(name, weights=None, **options)
     return getattr(models, name)(**options)
+
+
+def init_weights(model: nn.Module) -> None:
+    """The usual initialisation of the zoo: He-normal convs (fan-out), BN weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

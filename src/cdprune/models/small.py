@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_model
+from .registry import init_weights, register_model
 
 __all__ = ["DigitsCNN", "TinyCNN"]
 
@@ -32,7 +32,7 @@ class DigitsCNN(nn.Module):
         self.conv2, self.bn2 = _conv_bn(width, 2 * width, stride=2)
         self.conv3, self.bn3 = _conv_bn(2 * width, 2 * width)
         self.fc = nn.Linear(2 * width, num_classes)
-        _init(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -53,7 +53,7 @@ class TinyCNN(nn.Module):
         self.conv3, self.bn3 = _conv_bn(width, width)
         self.conv4, self.bn4 = _conv_bn(width, 2 * width, stride=2)
         self.fc = nn.Linear(2 * width, num_classes)
-        _init(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -61,15 +61,6 @@ class TinyCNN(nn.Module):
         x = F.relu(self.bn3(self.conv3(y)) + x)
         x = F.relu(self.bn4(self.conv4(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def _init(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 @register_model("digits_cnn", input_size=(1, 8, 8), num_classes=10, family="small")
