@@ -235,6 +235,18 @@ def test_atomic_writes_leave_old_file_on_failure(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["w.safetensors"]
 
 
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    # the temp file behind an atomic write is private (0600); the result must not be
+    old = os.umask(0o022)
+    try:
+        text = atomic_write_text(tmp_path / "report.md", "x")
+        weights = save_weights(create_model("tiny_cnn"), tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    for path in (text, weights):
+        assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_spec_input_runs_after_loading(tmp_path):
     # a loaded model is immediately usable at its declared input size
     source = randomized("digits_cnn", 3).eval()

@@ -174,6 +174,14 @@ def test_bad_arguments(kwargs, match):
         prune(model, random_scores(model), example_inputs=x, **kwargs)
 
 
+@pytest.mark.parametrize("scope", ["internal", "all"])
+def test_unreachable_target_suggests_only_what_would_help(scope):
+    model, x = build("resnet20b")
+    with pytest.raises(ConfigError, match="unreachable") as info:
+        prune(model, random_scores(model), example_inputs=x, macs_reduction=0.999, scope=scope)
+    assert ("scope='all'" in str(info.value)) == (scope != "all")
+
+
 def test_scores_must_fit():
     model, x = build("resnet20")
     with pytest.raises(ConfigError, match="layer1.0.conv1"):

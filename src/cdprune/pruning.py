@@ -534,8 +534,8 @@ def _by_macs(search: _Search, target: float, scope: str, max_layer_pruning: floa
         raise ConfigError(
             f"a MACs reduction of {target} is unreachable: at most {most:.4f} can be removed "
             f"with scope={scope!r} and max_layer_pruning={max_layer_pruning} (the stem, the "
-            "classifier and ignored layers are kept); lower the target, raise "
-            "max_layer_pruning, or use scope='all'")
+            "classifier and ignored layers are kept); lower the target or raise "
+            "max_layer_pruning" + (", or use scope='all'" if scope != "all" else ""))
     lo, hi = 0, len(search.order)
     while lo < hi:  # smallest k reaching the target; reduction is monotone in k
         mid = (lo + hi) // 2

@@ -122,7 +122,7 @@ def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn
 def _split_external(name: str) -> tuple[str | None, str]:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"model name must be a non-empty string, got {name!r}; "
-                          "see cdprune.models.list_models()")
+                          "see cdprune.models.list_models() or `cdprune models`")
     name = name.strip()
     prefix, sep, rest = name.partition(":")
     if not sep:
@@ -142,8 +142,9 @@ def _lookup(name: str) -> tuple[ModelSpec, Builder]:
             return _REGISTRY[candidate]
     close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ConfigError(f"unknown model {name!r}; {hint}see cdprune.models.list_models() for "
-                      "the available names, or use torchvision:NAME / timm:NAME")
+    raise ConfigError(f"unknown model {name!r}; {hint}`cdprune models` (or "
+                      "cdprune.models.list_models()) lists the available names, or use "
+                      "torchvision:NAME / timm:NAME")
 
 
 def _check_kwargs(name: str, builder: Builder, kwargs: dict[str, Any]) -> None:
