@@ -179,7 +179,7 @@ def test_unreachable_target_suggests_only_what_would_help(scope):
     model, x = build("resnet20b")
     with pytest.raises(ConfigError, match="unreachable") as info:
         prune(model, random_scores(model), example_inputs=x, macs_reduction=0.999, scope=scope)
-    assert ("scope='all'" in str(info.value)) == (scope != "all")
+    assert ("or use scope='all'" in str(info.value)) == (scope != "all")
 
 
 def test_scores_must_fit():
