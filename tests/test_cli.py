@@ -65,6 +65,33 @@ def test_two_step_workflow_and_eval_and_export(tmp_path, capsys):
     assert "latency" in capsys.readouterr().out
 
 
+def test_cdp_options_reach_every_stage_and_published_wins(tmp_path):
+    from safetensors.torch import load_file
+
+    from cdprune import ActivationStats, tfidf_scores
+
+    variant_flags = ["--tap", "act", "--normalize", "mean", "--allocation", "uniform"]
+    for name, extra in (("v", variant_flags), ("p", [*variant_flags, "--variant", "published"])):
+        out = tmp_path / name
+        assert run_cli("stats", *FAST, *extra[:4], *extra[6:], "--output-dir", out / "s") == 0
+        assert run_cli("prune", *FAST, *extra, "--stats", out / "s" / "stats.safetensors",
+                       "--sparsity", "0.5", "--output-dir", out / "p") == 0
+    stats = {n: ActivationStats.load(tmp_path / n / "s" / "stats.safetensors") for n in "vp"}
+    assert stats["v"].meta["tap"] == "act" and stats["p"].meta["tap"] == "conv"
+    saved = load_file(tmp_path / "v" / "s" / "scores.safetensors")
+    assert all(abs(float(v.mean()) - 1) < 1e-5 for v in saved.values())  # normalised
+    published = load_file(tmp_path / "p" / "s" / "scores.safetensors")
+    expected = tfidf_scores(stats["p"], variant="published")
+    assert all(torch.equal(published[k], expected[k]) for k in expected)
+    plans = {n: json.loads((tmp_path / n / "p" / "pruned" / "plan.json").read_text())
+             for n in "vp"}
+    assert plans["v"]["allocation"] == "uniform" and plans["p"]["allocation"] == "global"
+    # uniform: every layer keeps about half of its filters
+    widths = {"conv1": 16, "conv2": 32, "conv3": 32}
+    fractions = [len(plans["v"]["kept"][k]) / w for k, w in widths.items()]
+    assert all(0.4 <= f <= 0.6 for f in fractions), fractions
+
+
 def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
     from cdprune.cli import build_parser, resolve_config
 

@@ -66,3 +66,36 @@ def test_compare_rejects_bad_input(small_net, loader, tmp_path):
         compare_criteria(small_net, macs_reductions=[0.5], criteria=["l2"], **kwargs)
     with pytest.raises(ConfigError, match="outside"):
         compare_criteria(small_net, macs_reductions=[1.5], criteria=["l1"], **kwargs)
+
+
+def test_cdp_options_and_allocation_reach_every_criterion(tmp_path, monkeypatch):
+    import cdprune.compare as compare
+
+    seen: dict[str, list] = {"stats": [], "scores": [], "prune": []}
+    real_stats, real_scores, real_prune = (compare.collect_stats, compare.tfidf_scores,
+                                           compare.prune)
+
+    def spy(kind, fn):
+        def wrapped(*args, **kwargs):
+            seen[kind].append(kwargs)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(compare, "collect_stats", spy("stats", real_stats))
+    monkeypatch.setattr(compare, "tfidf_scores", spy("scores", real_scores))
+    monkeypatch.setattr(compare, "prune", spy("prune", real_prune))
+    torch.manual_seed(0)
+    net = SmallNet(width=32).eval()
+    loader = make_loader(n=32, batch_size=16, seed=1)
+    rows = compare_criteria(
+        net, train_loader=loader, val_loader=loader, stats_loader=loader,
+        example_inputs=torch.randn(2, 3, 8, 8), macs_reductions=[0.5],
+        criteria=["cdp", "l1"], finetune=None, output_dir=tmp_path, num_classes=4,
+        cdp_options={"tap": "act", "normalize": "mean"}, allocation="uniform", progress=False)
+    assert [r["criterion"] for r in rows] == ["cdp", "l1"]
+    assert seen["stats"][0]["tap"] == "act" and seen["scores"][0]["normalize"] == "mean"
+    assert [k["allocation"] for k in seen["prune"]] == ["uniform", "uniform"]
+    with pytest.raises(ConfigError, match="documents"):
+        compare_criteria(net, train_loader=loader, val_loader=loader, stats_loader=loader,
+                         example_inputs=torch.randn(2, 3, 8, 8), macs_reductions=[0.5],
+                         output_dir=tmp_path, cdp_options={"documents": "class"})

@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "model": None, "checkpoint": None, "dataset": "cifar10", "data_root": "data",
     "download": False, "batch_size": 128, "eval_batch_size": None, "workers": 2,
     "mean": None, "std": None, "cutout": False, "stop_batch": None, "stats_batch_size": 128,
-    "documents": "sample", "stats_dtype": "float32", "coe": 0.0, "sparsity": None,
+    "documents": "sample", "stats_dtype": "float32", "coe": 0.0, "tap": None,
+    "normalize": None, "allocation": None, "variant": None, "sparsity": None,
     "macs_reduction": None, "scope": "auto", "max_layer_pruning": 0.9, "round_to": None,
     "ignore_layers": None, "epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
     "lr_schedule": "cosine", "lr_warmup_epochs": 0, "label_smoothing": 0.0, "amp": False,
@@ -121,6 +122,12 @@ def _add_stats(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats-dtype", choices=["float32", "float16"],
                    help="storage of per-image values; float16 halves memory")
     g.add_argument("--coe", type=_float, help="balance coefficient (0: none)")
+    g.add_argument("--tap", choices=["conv", "act"], help="where a filter's activation is "
+                   "read: conv output before BatchNorm, or after BatchNorm and ReLU")
+    g.add_argument("--normalize", choices=["none", "max", "mean"],
+                   help="per-layer score scaling before the global ranking")
+    g.add_argument("--variant", choices=["published"], help="force every CDP option "
+                   "(tap, documents, normalize, allocation) to the published code's")
 
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
@@ -134,6 +141,8 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-layer-pruning", type=_float,
                    help="most a layer may lose (default 0.9)")
     g.add_argument("--round-to", type=_positive_int, help="keep widths multiples of this")
+    g.add_argument("--allocation", choices=["global", "uniform"], help="global: one "
+                   "ranking of all filters; uniform: every layer loses the same fraction")
     g.add_argument("--ignore-layers", nargs="+", help="module names never pruned")
     g.add_argument("--stats", help="statistics file (default: <output-dir>/stats.safetensors)")
 
@@ -205,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "cdp cdp_class l1 bn_scale taylor fpgm random")
             g.add_argument("--random-seeds", type=int, nargs="+", help="default 0 1 2")
             g.add_argument("--scope", choices=["auto", "internal", "all"])
+            g.add_argument("--allocation", choices=["global", "uniform"],
+                           help="how every criterion's scores become per-layer removals")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="shorter run (smoke test)")
         if name != "models":
@@ -413,7 +424,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
     from .compare import compare_criteria, write_comparison
     from .criteria import CRITERIA
-    from .pipeline import _device, build_data, build_model
+    from .pipeline import _device, build_data, build_model, cdp_options
     from .train import TrainConfig
 
     targets = config.get("macs_targets")
@@ -437,6 +448,8 @@ def _cmd_compare(config: dict[str, Any]) -> None:
             output_dir=run.path, random_seeds=config.get("random_seeds") or (0, 1, 2),
             stats_max_batches=config.get("stop_batch"), num_classes=data.num_classes,
             coe=config.get("coe") or 0.0, scope=config.get("scope") or "auto",
+            cdp_options={k: config.get(k) for k in ("tap", "normalize", "variant")},
+            allocation=cdp_options(config)["prune"].get("allocation", "global"),
             device=_device(config), progress=not config.get("no_progress"),
             on_row=lambda r: _say(f"{r['criterion']:>9s}{'' if r['seed'] is None else r['seed']}"
                                    f" -{100 * r['macs_target']:.0f}% MACs: "
@@ -444,7 +457,8 @@ def _cmd_compare(config: dict[str, Any]) -> None:
                                    f"{r['acc_finetuned']:.2f}% fine-tuned", flush=True))
         meta = {k: config.get(k) for k in ("model", "checkpoint", "dataset", "epochs",
                                              "max_iters", "lr", "train_subset", "stop_batch",
-                                             "stats_batch_size", "seed", "scope")}
+                                             "stats_batch_size", "seed", "scope", "tap",
+                                             "normalize", "allocation", "variant")}
         _, md = write_comparison(run.path, rows, meta)
     _say(md.read_text())
 

@@ -66,6 +66,8 @@ def compare_criteria(
     num_classes: int | None = None,
     coe: float = 0.0,
     scope: str = "auto",
+    cdp_options: Mapping[str, Any] | None = None,
+    allocation: str = "global",
     device: torch.device | str | None = None,
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
@@ -86,6 +88,12 @@ def compare_criteria(
         random_seeds: seeds of the random criterion.
         stats_max_batches, num_classes, coe: CDP statistics and scoring options.
         scope: pruning scope (see :func:`~cdprune.pruning.prune`).
+        cdp_options: more options of the CDP criteria: ``tap`` and ``variant`` (for
+            :func:`~cdprune.stats.collect_stats`), ``normalize`` (for
+            :func:`~cdprune.scoring.tfidf_scores`). ``documents`` is set by the criterion.
+        allocation: how every criterion's scores become per-layer removals (see
+            :func:`~cdprune.pruning.prune`); one value for all, so that the columns differ
+            by the criterion alone.
         device: where to evaluate and train.
         progress: show progress bars.
         on_row: called with each result row as soon as it exists.
@@ -100,6 +108,13 @@ def compare_criteria(
     for target in macs_reductions:
         if not 0 < target < 1:
             raise ConfigError(f"MACs reduction {target} is outside (0, 1)")
+    opts = dict(cdp_options or {})
+    unknown_opts = set(opts) - {"tap", "normalize", "variant"}
+    if unknown_opts:
+        raise ConfigError(f"cdp_options {sorted(unknown_opts)} are not valid; use tap, "
+                          "normalize or variant")
+    stats_opts = {k: opts[k] for k in ("tap", "variant") if opts.get(k) is not None}
+    score_opts = {k: opts[k] for k in ("normalize", "variant") if opts.get(k) is not None}
     device = torch.device(device) if device else torch.device("cpu")
     model = model.to(device).eval()
     output_dir = Path(output_dir)
@@ -113,8 +128,9 @@ def compare_criteria(
             if criterion in ("cdp", "cdp_class"):
                 stats = collect_stats(model, stats_loader, max_batches=stats_max_batches,
                                       documents="class" if criterion == "cdp_class" else "sample",
-                                      num_classes=num_classes, device=device, progress=progress)
-                scores = tfidf_scores(stats, coe=coe)
+                                      num_classes=num_classes, device=device,
+                                      progress=progress, **stats_opts)
+                scores = tfidf_scores(stats, coe=coe, **score_opts)
             elif criterion == "l1":
                 scores = l1_scores(model)
             elif criterion == "fpgm":
@@ -135,7 +151,7 @@ def compare_criteria(
                 scores, score_time = scores_for(criterion, seed or 0)
                 start = time.perf_counter()
                 result = prune(model, scores, example_inputs=example_inputs.cpu(),
-                               macs_reduction=target, scope=scope)
+                               macs_reduction=target, scope=scope, allocation=allocation)
                 pruned = result.model.to(device)
                 acc_pruned = evaluate(pruned, val_loader, device=device, progress=False).top1
                 acc_tuned = math.nan

@@ -297,6 +297,22 @@ def _metric(result: Any) -> float:
 
 
 # ---------------------------------------------------------------------- stages
+def cdp_options(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The CDP options a config sets, per stage: ``stats``, ``scores`` and ``prune``.
+
+    Options the config leaves unset are omitted, so the library's defaults apply.
+    ``variant: published`` reaches every stage and wins over the individual options.
+    """
+    variant = config.get("variant") or None
+    stats = {"documents": config.get("documents"), "tap": config.get("tap"),
+             "variant": variant}
+    scores = {"coe": config.get("coe") or 0.0, "normalize": config.get("normalize"),
+              "variant": variant}
+    prune = {"allocation": "global" if variant == "published" else config.get("allocation")}
+    return {stage: {k: v for k, v in opts.items() if v is not None}
+            for stage, opts in (("stats", stats), ("scores", scores), ("prune", prune))}
+
+
 def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> ActivationStats:
     """Collect the activation statistics the config asks for; nothing is written."""
     from .stats import collect_stats
@@ -306,8 +322,7 @@ def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> Act
     started = time.perf_counter()
     # build_data already sampled stop_batch batches of images (split across ranks under
     # torchrun), so the loader is used whole.
-    stats = collect_stats(model, data.stats,
-                          documents=config.get("documents", "sample"),
+    stats = collect_stats(model, data.stats, **cdp_options(config)["stats"],
                           num_classes=data.num_classes, device=device,
                           dtype=torch.float16 if config.get("stats_dtype") == "float16"
                           else torch.float32, progress=not config.get("no_progress"))
@@ -323,7 +338,7 @@ def write_stats(run: RunDir, config: Mapping[str, Any], stats: ActivationStats) 
     path = run.path / "stats.safetensors"
     if run.main:
         stats.save(path)
-        scores = tfidf_scores(stats, coe=config.get("coe") or 0.0)
+        scores = tfidf_scores(stats, **cdp_options(config)["scores"])
         _save_scores(run.path / "scores.safetensors", scores)
         plot_scores(run.path / "scores.png", scores)
     return path
@@ -378,14 +393,15 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     if stats is None:
         stats = load_stats(config, model, stats_path or config.get("stats")
                            or run.path / "stats.safetensors")
-    scores = tfidf_scores(stats, coe=config.get("coe") or 0.0)
+    options = cdp_options(config)
+    scores = tfidf_scores(stats, **options["scores"])
     device = _device(config)
     result = prune(model, scores, example_inputs=_example(data.input_size),
                    sparsity=config.get("sparsity"), macs_reduction=config.get("macs_reduction"),
                    ignored_layers=config.get("ignore_layers") or None,
                    scope=config.get("scope") or "auto",
                    max_layer_pruning=config.get("max_layer_pruning") or 0.9,
-                   round_to=config.get("round_to") or None)
+                   round_to=config.get("round_to") or None, **options["prune"])
     if save_stats:
         write_stats(run, config, stats)
     if run.main:

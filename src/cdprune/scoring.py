@@ -121,7 +121,7 @@ def tfidf(features: torch.Tensor, coe: float = 0.0, *, name: str | None = None) 
     return _from_counts(features.shape[1], df, tf_sum, balance_factor(features.shape[0], coe))
 
 
-NORMALIZATIONS = (None, "max", "mean")
+NORMALIZATIONS = (None, "none", "max", "mean")
 
 
 def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
@@ -134,9 +134,9 @@ def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
     Args:
         stats: collected statistics.
         coe: balance coefficient (0: b = 1).
-        normalize: ``None`` (published: raw scores), or divide each layer's scores by
-            their ``"max"`` or ``"mean"`` so that layers compare on one scale in the
-            global ranking whatever their width and activation level.
+        normalize: ``None`` or ``"none"`` (published: raw scores), or divide each
+            layer's scores by their ``"max"`` or ``"mean"`` so that layers compare on one
+            scale in the global ranking whatever their width and activation level.
         variant: ``"published"`` forces ``normalize=None`` (the published arithmetic).
     """
     if variant not in (None, "published"):
@@ -144,13 +144,14 @@ def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
     if variant == "published":
         normalize = None
     if normalize not in NORMALIZATIONS:
-        raise ConfigError(f"normalize={normalize!r} is not valid; use None, 'max' or 'mean'")
+        raise ConfigError(f"normalize={normalize!r} is not valid; use None ('none'), 'max' "
+                          "or 'mean'")
     balance_factor(1, coe)  # validate once
     scores = {}
     for layer in stats.layers:
         num_docs, df, tf_sum = stats.sufficient(layer)
         score = _from_counts(num_docs, df, tf_sum, balance_factor(stats.channels[layer], coe))
-        if normalize is not None:
+        if normalize not in (None, "none"):
             scale = score.max() if normalize == "max" else score.mean()
             score = score / scale if scale > 0 else score
         scores[layer] = score
