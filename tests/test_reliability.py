@@ -209,7 +209,7 @@ CASES: list[Case] = [
          "a MACs target the constraints cannot reach (`--macs-reduction 0.9 "
          "--max-layer-pruning 0.5`)",
          ("MACs reduction of 0.9 is unreachable", "at most"),
-         "lower the target, raise max_layer_pruning",
+         "lower the target or raise max_layer_pruning",
          ("run", *BASE, *FAST_STATS, "--macs-reduction", "0.9", "--max-layer-pruning", "0.5",
           "--epochs", "1", *OUT)),
     Case("stop-batch-zero", "numbers", "`--stop-batch 0`",
