@@ -755,7 +755,24 @@ class ImageFolder(Dataset):
 
 
 # ============================================================================ small sets
-class Digits(Dataset):
+class _InMemoryImages(Dataset):
+    """Images held as one float tensor ``data`` [N, C, H, W] with ``targets`` and ``transform``."""
+
+    data: torch.Tensor
+    targets: list[int]
+    transform: Transform | None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.data[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+class Digits(_InMemoryImages):
     """scikit-learn's bundled 8x8 handwritten digits as 1-channel images in [0, 1].
 
     The 1797 images are split per class (stratified) with a fixed seed, so train and test
@@ -794,17 +811,8 @@ class Digits(Dataset):
         self.transform = transform
         self.train = train
 
-    def __len__(self) -> int:
-        return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = self.data[index]
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
-
-
-class SyntheticImages(Dataset):
+class SyntheticImages(_InMemoryImages):
     """Small class-conditional images for tests: a smooth per-class pattern plus noise.
 
     Each class has its own low-frequency mean image, so a small CNN learns the task in a few
@@ -842,15 +850,6 @@ class SyntheticImages(Dataset):
         self.targets: list[int] = labels.tolist()
         self.classes: list[str] = [f"class_{i}" for i in range(num_classes)]
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = self.data[index]
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
 
 
 # ============================================================================ factory
