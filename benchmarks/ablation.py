@@ -253,13 +253,36 @@ def summarise(out: Path, title: str, command: str) -> str:
     return text
 
 
+def digest(folders: Sequence[Path]) -> str:
+    """One table across studies: BN-recalibrated and fine-tuned top-1 per configuration."""
+    studies = {f: read_rows(f / "rows.jsonl") for f in folders}
+    names = list(dict.fromkeys(r["config"] for rows in studies.values() for r in rows))
+    titles = [json.loads((f / "meta.json").read_text())["title"].split(",")[0]
+              if (f / "meta.json").exists() else f.name for f in folders]
+    lines = ["| config | " + " | ".join(titles) + " |",
+             "| --- |" + " --- |" * len(folders)]
+    for name in names:
+        cells = []
+        for rows in studies.values():
+            members = [r for r in rows if r["config"] == name]
+            if not members:
+                cells.append("-")
+                continue
+            tuned = _stat([m["acc_finetuned"] for m in members])
+            cells.append(_stat([m["acc_recal"] for m in members])
+                         + (f" → {tuned}" if tuned != "-" else "")
+                         + (f" (n={len(members)})" if len(members) > 1 else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--norm", choices=sorted(NORMS), required=True)
-    parser.add_argument("--data-root", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--norm", choices=sorted(NORMS))
+    parser.add_argument("--data-root", type=Path)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--scratch", type=Path, default=Path("runs/ablation_scratch"),
                         help="fine-tuning checkpoints (not results)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -274,7 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--title", default="CDP ablation")
     parser.add_argument("--summary", action="store_true", help="only rewrite ablation.md")
+    parser.add_argument("--digest", type=Path, nargs="+", metavar="DIR",
+                        help="print one table across finished studies and exit")
     args = parser.parse_args(argv)
+    needed = ["out"] if args.summary else ["model", "checkpoint", "norm", "data_root", "out"]
+    missing = [n for n in needed if getattr(args, n) is None] if not args.digest else []
+    if missing:
+        parser.error("missing " + ", ".join("--" + n.replace("_", "-") for n in missing))
+    if args.digest:
+        print(digest(args.digest))
+        return 0
     meta_path = args.out / "meta.json"
     if args.summary and meta_path.exists():  # keep the title and command of the study
         meta = json.loads(meta_path.read_text())
