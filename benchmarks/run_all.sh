@@ -9,7 +9,7 @@ shared=${1:-../shared}
 out=benchmarks/results
 mkdir -p "$out"
 threads=${THREADS:-2}
-{ echo "# $(date -u +%Y-%m-%d) $(uname -m), $(nproc) cores, $(python3 -c 'import torch; print("torch", torch.__version__)')"; } > "$out/machine.txt"
+{ echo "# $(date -u +%Y-%m-%d) $(uname -m), $(nproc) cores, $(python3 -c 'import importlib.metadata as m; print("torch", m.version("torch"), "torch-pruning", m.version("torch-pruning"))')"; } > "$out/machine.txt"
 python3 benchmarks/stats_overhead.py --threads "$threads" | tee "$out/stats_overhead.csv"
 python3 benchmarks/prune_time.py --threads "$threads" | tee "$out/prune_time.csv"
 python3 benchmarks/stats_scaling.py --threads "$threads" | tee "$out/stats_scaling.csv"
