@@ -23,6 +23,7 @@ rewrites ``ablation.md`` from the rows.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shlex
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> None:
                            allocation=s["allocation"])
             pruned = result.model.eval()
             acc_pruned = evaluate(pruned, val, progress=False).top1
-            recal_model = _clone(pruned)
+            recal_model = copy.deepcopy(pruned)
             recalibrate_bn(recal_model, recal, 20)
             acc_recal = evaluate(recal_model, val, progress=False).top1
             acc_ft = None
@@ -193,12 +194,6 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name:24s} seed {seed}: MACs {result.macs_after / 1e6:6.2f}M  pruned "
                   f"{acc_pruned:5.2f}  recal {acc_recal:5.2f}  tuned {acc_ft or math.nan:5.2f}  "
                   f"kept {row['stage_kept']}  ({row['seconds']:.0f} s)", flush=True)
-
-
-def _clone(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -181,5 +181,7 @@ def test_layer_normalisation_and_published_variant(small_net):
         assert torch.equal(torch.argsort(by_max[name]), torch.argsort(raw[name]))
     published = tfidf_scores(stats, normalize="max", variant="published")
     assert all(torch.equal(published[n], raw[n]) for n in raw)
+    spelled = tfidf_scores(stats, normalize="none")  # the CLI's and YAML's spelling
+    assert all(torch.equal(spelled[n], raw[n]) for n in raw)
     with pytest.raises(ConfigError, match="normalize"):
         tfidf_scores(stats, normalize="l2")

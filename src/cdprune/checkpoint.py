@@ -38,6 +38,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Read once: os.umask can only be read by setting it, which is not thread-safe per write.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 WEIGHT_SUFFIXES = (".pth", ".pth.tar", ".th", ".pt", ".safetensors")
 _NEST_KEYS = ("state_dict", "model", "net", "model_state_dict")
 
@@ -59,7 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         # mkstemp creates 0600; give the file the permissions open() would have.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -71,12 +75,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -434,6 +434,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
         if not 0 < target < 1:
             raise ConfigError(f"--macs-reduction {target} is invalid; it must be a fraction "
                               "in (0, 1)")
+    options = cdp_options(config)
     run = _run_dir(config)
     data = build_data(config)
     model = build_model(config, data.num_classes)
@@ -448,8 +449,9 @@ def _cmd_compare(config: dict[str, Any]) -> None:
             output_dir=run.path, random_seeds=config.get("random_seeds") or (0, 1, 2),
             stats_max_batches=config.get("stop_batch"), num_classes=data.num_classes,
             coe=config.get("coe") or 0.0, scope=config.get("scope") or "auto",
-            cdp_options={k: config.get(k) for k in ("tap", "normalize", "variant")},
-            allocation=cdp_options(config)["prune"].get("allocation", "global"),
+            cdp_options={k: v for k, v in {**options["stats"], **options["scores"]}.items()
+                         if k in ("tap", "normalize", "variant")},
+            allocation=options["prune"].get("allocation", "global"),
             device=_device(config), progress=not config.get("no_progress"),
             on_row=lambda r: _say(f"{r['criterion']:>9s}{'' if r['seed'] is None else r['seed']}"
                                    f" -{100 * r['macs_target']:.0f}% MACs: "

@@ -488,7 +488,8 @@ class _CifarUnpickler(pickle.Unpickler):
 def _fix_hint(spec: _CifarSpec, root: Path) -> str:
     files = ", ".join(spec.train_files + spec.test_files + (spec.meta_file,))
     return (f"Download {spec.url} (md5 {spec.md5}) and extract it into {root}, so that "
-            f"{root / spec.folder} holds {files}; or pass download=True (`--download` on the command line) when online.")
+            f"{root / spec.folder} holds {files}; or pass download=True (`--download` on "
+            "the command line) when online.")
 
 
 def _read_batch(path: Path, spec: _CifarSpec, root: Path) -> dict[str, Any]:

@@ -146,12 +146,13 @@ def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"normalize={normalize!r} is not valid; use None ('none'), 'max' "
                           "or 'mean'")
+    normalize = None if normalize == "none" else normalize
     balance_factor(1, coe)  # validate once
     scores = {}
     for layer in stats.layers:
         num_docs, df, tf_sum = stats.sufficient(layer)
         score = _from_counts(num_docs, df, tf_sum, balance_factor(stats.channels[layer], coe))
-        if normalize not in (None, "none"):
+        if normalize is not None:
             scale = score.max() if normalize == "max" else score.mean()
             score = score / scale if scale > 0 else score
         scores[layer] = score
