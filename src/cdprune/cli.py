@@ -105,9 +105,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int,
                    help="training batch size (default 128)")
     g.add_argument("-j", "--workers", type=int, help="data loading workers (default 2)")
-    g.add_argument("--mean", type=_float, nargs=3, help="input normalisation mean; the "
-                   "checkpoint's own (a wrong one silently costs accuracy)")
-    g.add_argument("--std", type=_float, nargs=3, help="input normalisation std")
+    g.add_argument("--mean", type=_float, nargs="+", help="input normalisation mean, one "
+                   "value per channel or one for all; the checkpoint's own (a wrong one "
+                   "silently costs accuracy)")
+    g.add_argument("--std", type=_float, nargs="+", help="input normalisation std")
     g.add_argument("--train-subset", type=_positive_int,
                    help="fine-tune on a seeded random subset of this many training images")
 
@@ -517,7 +518,8 @@ def _describe(exc: BaseException, command: str) -> str:
         hint = _OS_HINTS.get(exc.errno, "check the path and the disk")
         return f"cannot use{where}: {exc.strerror}; {hint}"
     if isinstance(exc, FloatingPointError):  # training diverged
-        return f"{_one_line(exc)}; lower --lr or check the data"
+        # The library's advice names Python options; the command's flags replace it.
+        return f"{_one_line(exc).split('; lower lr')[0]}; lower --lr or check the data"
     if isinstance(exc, RecursionError):
         return "an input file is nested too deeply to be read; check the files given"
     if isinstance(exc, MemoryError):

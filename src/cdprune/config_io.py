@@ -21,7 +21,7 @@ __all__ = ["KEY_TYPES", "check_round_to", "check_types", "load_yaml", "validate"
 # The most bytes and aliases a config file may hold: a flat mapping of flags needs few,
 # and a small file of nested aliases ("billion laughs") would otherwise expand to gigabytes.
 MAX_YAML_BYTES = 1 << 20
-MAX_YAML_ALIASES = 64
+MAX_YAML_ALIASES = 16
 # torch.manual_seed and numpy's seeding of loader workers both take 32-bit seeds.
 MAX_SEED = 2**32 - 1
 MAX_LR = 10.0
@@ -47,7 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "allocation": ("global", "uniform"), "variant": ("published",),
     "scope": ("auto", "internal", "all"), "lr_schedule": ("cosine", "step"),
 }
-_WORDS = {_BOOL: "true or false (unquoted)", _INT: "an integer", _FLOAT: "a number",
+_WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
           _STR: "a string", _FLOATS: "a number or a list of numbers",
           _STRS: "a list of names"}
 
@@ -130,7 +130,8 @@ def check_type(key: str, value: Any, where: str | None = None) -> Any:
     if not ok:
         got = f"the string {value!r}" if isinstance(value, str) else \
             f"a {type(value).__name__}" if isinstance(value, (list, dict)) else repr(value)
-        raise ConfigError(f"{where} must be {_WORDS[kind]}, got {got}")
+        fix = "; write it without quotes" if isinstance(value, str) else ""
+        raise ConfigError(f"{where} must be {_WORDS[kind]}, got {got}{fix}")
     if kind == _FLOAT:
         value = float(value)
     if kind == _FLOATS:
@@ -254,7 +255,8 @@ def _check_normalisation(config: dict[str, Any]) -> None:
         if len(values) != channels:
             raise ConfigError(f"{flag(key)} has {len(values)} values but dataset "
                               f"'{config['dataset']}' has {channels} input channel"
-                              f"{'s' if channels > 1 else ''}; give 1 or {channels} values")
+                              f"{'s' if channels > 1 else ''}; give "
+                              f"{'1 value' if channels == 1 else f'1 or {channels} values'}")
         if key == "std" and any(v <= 0 for v in values):
             raise ConfigError(f"--std {' '.join(f'{v:g}' for v in values)} is invalid; every "
                               "value must be positive")
