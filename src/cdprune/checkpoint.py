@@ -173,7 +173,6 @@ def _unpickling_detail(exc: BaseException) -> str:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         useful = [line for line in lines if not line.startswith(boilerplate)]
         detail = (useful or [type(exc).__name__])[0]
-    detail = detail.replace("GLOBAL ", "")
     if "weights_only" in detail:
         detail = type(exc).__name__
     return detail[:200]
@@ -229,8 +228,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = _unnest(safe_torch_load(path), path)
     odd = next((k for k in state if not isinstance(k, str)), None)
     if odd is not None:
-        raise CheckpointError(f"'{path}' is not a state dict: key {odd!r} is a "
-                              f"{type(odd).__name__}, not a parameter name; re-save the "
+        raise CheckpointError(f"'{path}' is not a state dict: key {odd!r} "
+                              f"({type(odd).__name__}) is not a parameter name; re-save the "
                               "weights with model.state_dict()")
     prefix = "module."
     if all(k.startswith(prefix) for k in state):
