@@ -99,8 +99,8 @@ def load_yaml(path: str | Path, known: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         if not isinstance(key, str):  # never str() it: a nested alias key can be huge
-            raise ConfigError(f"config file '{file}': keys must be flag names, got a "
-                              f"{type(key).__name__}")
+            raise ConfigError(f"config file '{file}': keys must be flag names, got "
+                              f"{repr(key)[:40]} ({type(key).__name__})")
         name = key.replace("-", "_")
         if name not in known:
             import difflib
