@@ -259,8 +259,8 @@ class ActivationStats:
             ok = (ok and self.class_sums is not None and counts is not None
                   and self.class_sums.dim() == 2 and counts.dim() == 1
                   and self.class_sums.shape == (counts.shape[0], total)
-                  and not counts.is_floating_point() and bool((counts >= 0).all())
-                  and bool((counts > 0).any()))
+                  and bool(torch.isfinite(counts).all()) and bool((counts >= 0).all())
+                  and bool((counts == counts.round()).all()) and bool((counts > 0).any()))
         if not ok:
             raise CheckpointError(f"statistics file '{path}' is inconsistent (tensor shapes do "
                                   "not match its header); collect the statistics again")
