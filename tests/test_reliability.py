@@ -405,6 +405,10 @@ CASES: list[Case] = [
     Case("plan-bad-input-size", "files", "`plan.json` with a bad `input_size`",
          ("plan.json' is malformed (input_size must be a list",),
          "the file is corrupt, prune again", BAD_PLAN, setup=_plan_field(input_size=[0, -8])),
+    Case("plan-negative-classes", "files", "`plan.json` with a negative number of classes",
+         ("extra.num_classes must be a positive integer, got -1",),
+         "the file is corrupt, prune again", BAD_PLAN,
+         setup=_plan_field(extra={"dataset": "digits", "num_classes": -1})),
     Case("plan-deep-nesting", "files", "`plan.json` nested 200,000 levels deep",
          ("plan.json' is nested too deeply",), "the file is corrupt, prune again", BAD_PLAN,
          setup=_plan_json('{"format": "cdprune.plan/1", "steps": STEPS, "extra": '
@@ -517,6 +521,10 @@ CASES: list[Case] = [
     Case("no-conv2d", "models", "a model without `nn.Conv2d` (Python API: `collect_stats`)",
          ("has no nn.Conv2d layer",), "CDP scores convolution filters",
          library=_no_conv),
+    Case("model-input-channels", "models", "a model for RGB images on 1-channel data "
+         "(`--model resnet18 --dataset digits`)",
+         ("--model resnet18 reads 3-channel images but dataset 'digits' has 1-channel",),
+         "choose a model built for this dataset", ("stats", "--model", "resnet18", *DATA, *OUT)),
     Case("ignore-layers-unknown", "models", "`--ignore-layers` names a layer the model lacks",
          ("--ignore-layers: 'conv9' is not a layer of digits_cnn",), "did you mean conv3, conv2, conv1?",
          ("run", *BASE, *FAST_STATS, "--macs-reduction", "0.5", "--ignore-layers", "conv9",

@@ -16,7 +16,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["KEY_TYPES", "check_round_to", "check_types", "load_yaml", "validate"]
+__all__ = ["KEY_TYPES", "check_input_channels", "check_round_to", "check_types", "load_yaml",
+           "validate"]
 
 # The most bytes and aliases a config file may hold: a flat mapping of flags needs few,
 # and a small file of nested aliases ("billion laughs") would otherwise expand to gigabytes.
@@ -276,3 +277,22 @@ def check_round_to(config: Mapping[str, Any], model: Any) -> None:
         raise ConfigError(f"--round-to {round_to} removes nothing: the widest layer ({name}) "
                           f"has {width} channels, and widths stay multiples of {round_to}; "
                           f"give a --round-to below {width}")
+
+
+def check_input_channels(config: Mapping[str, Any], model: Any) -> None:
+    """Refuse a model whose first convolution reads another number of channels than the
+    dataset's images have (before a forward pass fails deep inside PyTorch)."""
+    from torch import nn
+
+    from .data import dataset_info
+
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    try:
+        channels = int(dataset_info(config["dataset"])[1][0])
+    except (KeyError, ValueError, TypeError):
+        return
+    if first is not None and first.in_channels != channels:
+        raise ConfigError(f"--model {config.get('model')} reads {first.in_channels}-channel "
+                          f"images but dataset '{config['dataset']}' has {channels}-channel "
+                          "images; choose a model built for this dataset (see `cdprune "
+                          "models`)")

@@ -62,6 +62,10 @@ def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn
     from .models import create_model
 
     model = create_model(config["model"], num_classes=num_classes)
+    if config.get("dataset"):
+        from .config_io import check_input_channels
+
+        check_input_channels(config, model)
     if config.get("checkpoint"):
         state = read_state_dict(config["checkpoint"])
         if num_classes is not None:
