@@ -796,8 +796,10 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_checkpoint_write_then_resume_matches(tmp_path, assets):
-    tune = ("finetune", *DATA, "--model-dir", "{assets}/pruned", *TUNE, "--epochs", "3")
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: the default, loader worker processes
+def test_sigkill_mid_checkpoint_write_then_resume_matches(workers, tmp_path, assets):
+    data = tuple(workers if i and DATA[i - 1] == "-j" else a for i, a in enumerate(DATA))
+    tune = ("finetune", *data, "--model-dir", "{assets}/pruned", *TUNE, "--epochs", "3")
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(_fill((*tune, "--output-dir", str(full)), tmp_path, assets)) == 0
 
