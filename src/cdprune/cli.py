@@ -433,7 +433,8 @@ def _cmd_demo(config: dict[str, Any]) -> None:
     from .demo import run_demo
 
     run_demo(config.get("output_dir") or "runs/demo", quick=bool(config.get("quick")),
-             overwrite=bool(config.get("overwrite")), progress=not config.get("no_progress"), printer=_say)
+             overwrite=bool(config.get("overwrite")), progress=not config.get("no_progress"),
+             printer=_say)
 
 
 def _cmd_export(config: dict[str, Any]) -> None:
