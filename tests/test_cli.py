@@ -126,9 +126,10 @@ def test_existing_output_dir_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "report.md").write_text("previous run")
-    assert run_cli("stats", *FAST, "--output-dir", out) == 2
-    assert "--resume" in capsys.readouterr().err
-    assert (out / "report.md").read_text() == "previous run"
+    for extra in ((), ("--overwrite",)):  # files no cdprune run wrote: never removed
+        assert run_cli("stats", *FAST, "--output-dir", out, *extra) == 2
+        assert "choose another --output-dir" in capsys.readouterr().err
+        assert (out / "report.md").read_text() == "previous run"
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -59,6 +59,7 @@ class Case:
         setup: makes the bad files in the test's tmp folder.
         library: for API-only cases: does the call that must raise.
         exit_code: 2 for errors; 0 for a problem cdprune works around with a warning.
+        never: words the message must not contain (advice that would be unsafe).
     """
 
     id: str
@@ -70,6 +71,7 @@ class Case:
     setup: Callable[[Path, Path], None] | None = None
     library: Callable[[Path, Path], None] | None = None
     exit_code: int = 2
+    never: tuple[str, ...] = ()
 
 
 class _Payload:
@@ -185,6 +187,103 @@ def _no_conv(tmp: Path, assets: Path) -> None:
     collect_stats(mlp, [torch.randn(4, 1, 8, 8)], progress=False)
 
 
+def _yaml(text: str | bytes) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, assets: Path) -> None:
+        path = tmp / "y.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return setup
+
+
+# 324 bytes of nested YAML aliases: expanded, 9**9 strings ("billion laughs").
+ALIAS_BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+    f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+def _numpy_ckpt(tmp: Path, assets: Path) -> None:
+    import numpy as np
+
+    torch.save({"state_dict": _good_state(), "mean": np.zeros(3)}, tmp / "numpy.pth")
+
+
+def _int_keys_ckpt(tmp: Path, assets: Path) -> None:
+    torch.save({i: v for i, v in enumerate(_good_state().values())}, tmp / "intkeys.pth")
+
+
+def _rewrite_stats(tmp: Path, assets: Path, edit: Callable[[dict, dict], None]) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(assets / "stats.safetensors"), framework="pt") as fh:
+        header = json.loads(fh.metadata()["cdprune"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    edit(header, tensors)
+    save_file(tensors, str(tmp / "stats.safetensors"), metadata={"cdprune": json.dumps(header)})
+
+
+def _stats_no_layers(tmp: Path, assets: Path) -> None:
+    _rewrite_stats(tmp, assets, lambda header, tensors: header.pop("layers"))
+
+
+def _stats_bad_class_tensors(tmp: Path, assets: Path) -> None:
+    def edit(header: dict, tensors: dict) -> None:
+        total = sum(header["channels"])
+        header["documents"] = "class"
+        tensors.clear()
+        tensors["class_sums"] = torch.ones(10, total, dtype=torch.float64)
+        tensors["class_counts"] = torch.ones(10, 2)  # must be one integer count per class
+
+    _rewrite_stats(tmp, assets, edit)
+
+
+def _reduced_stats(tmp: Path, assets: Path, tf_value: float | None = None,
+                   num_samples: int | None = None) -> None:
+    """The multi-process (reduced) form of the statistics, with one value spoilt."""
+    from cdprune.stats import ActivationStats
+
+    stats = ActivationStats.load(assets / "stats.safetensors")
+    reduced = {}
+    for layer in stats.layers:
+        _, df, tf_sum = stats.sufficient(layer)
+        reduced[layer] = (df, tf_sum.clone())
+    if tf_value is not None:
+        reduced[stats.layers[-1]][1][0] = tf_value
+    stats.reduced, stats.features = reduced, None
+    if num_samples is not None:
+        stats.num_samples = num_samples
+    stats.save(tmp / "stats.safetensors")
+
+
+def _plan_json(text: str) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, assets: Path) -> None:
+        def edit(path: Path) -> None:
+            plan = json.loads(path.read_text())
+            path.write_text(text.replace("STEPS", json.dumps(plan["steps"])))
+
+        _edit_plan(tmp, assets, "bad", edit)
+    return setup
+
+
+def _plan_field(**fields) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, assets: Path) -> None:
+        def edit(path: Path) -> None:
+            path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+        _edit_plan(tmp, assets, "bad", edit)
+    return setup
+
+
+def _dangling_link(tmp: Path, assets: Path) -> None:
+    (tmp / "out").symlink_to(tmp / "nowhere")
+
+
+def _looping_link(tmp: Path, assets: Path) -> None:
+    (tmp / "out").symlink_to(tmp / "out")
+
+
+BAD_PLAN = ("finetune", *DATA, "--model-dir", "{tmp}/bad", "--epochs", "1", *OUT)
+PRUNE_WITH = ("prune", *BASE, "--stats", "{tmp}/stats.safetensors", "--sparsity", "0.3", *OUT)
+RUN = ("run", *BASE, *FAST_STATS, "--epochs", "1")
+
 CASES: list[Case] = [
     # ------------------------------------------------------------------ numbers
     Case("sparsity-zero", "numbers", "`--sparsity 0` (or below)",
@@ -231,7 +330,102 @@ CASES: list[Case] = [
          ("config.yaml': coe is nan",), "give a finite number",
          ("stats", "-c", "{tmp}/config.yaml", "--checkpoint", "{assets}/good.pth", *DATA, *OUT),
          setup=_nan_config),
+    Case("round-to-too-wide", "numbers", "`--round-to` at least as wide as the widest layer "
+         "(nothing could be removed)", ("--round-to 64 removes nothing", "conv2) has 32 "
+                                        "channels"), "give a --round-to below 32",
+         (*RUN, "--sparsity", "0.3", "--round-to", "64", *OUT)),
+    Case("max-layer-pruning-zero", "numbers", "`--max-layer-pruning 0` (no layer could lose "
+         "a filter)", ("--max-layer-pruning 0.0 is invalid",), "a fraction in (0, 1]",
+         (*RUN, "--sparsity", "0.3", "--max-layer-pruning", "0", *OUT)),
+    Case("seed-negative", "numbers", "`--seed -1`", ("--seed -1 is invalid",),
+         "an integer from 0 to 4294967295", (*RUN, "--sparsity", "0.3", "--seed", "-1", *OUT)),
+    Case("seed-overflow", "numbers", "a seed too large for the random generators",
+         ("--seed 99999999999999999999 is invalid",), "an integer from 0 to 4294967295",
+         (*RUN, "--sparsity", "0.3", "--seed", "99999999999999999999", *OUT)),
+    Case("momentum-zero", "numbers", "`--momentum 0`", ("--momentum 0.0 is invalid",),
+         "fine-tuning uses Nesterov momentum", (*RUN, "--sparsity", "0.3", "--momentum", "0",
+                                                *OUT)),
+    Case("lr-huge", "numbers", "an absurd learning rate (`--lr 1e30`)",
+         ("--lr 1e+30 is invalid",), "a positive number up to 10",
+         (*RUN, "--sparsity", "0.3", "--lr", "1e30", *OUT)),
+    Case("warmup-longer-than-training", "numbers", "`--lr-warmup-epochs` above `--epochs`",
+         ("--lr-warmup-epochs 5 exceeds --epochs 1",), "give a warmup of at most 1 epochs",
+         (*RUN, "--sparsity", "0.3", "--lr-warmup-epochs", "5", *OUT)),
+    Case("device-unknown", "numbers", "`--device mps` (also xpu, meta, hpu...)",
+         ("--device 'mps' is not supported",), "use cpu, cuda or cuda:N",
+         (*RUN, "--sparsity", "0.3", "--device", "mps", *OUT)),
+    Case("mean-channels", "numbers", "`--mean`/`--std` with another number of values than "
+         "the data has channels", ("--mean has 3 values", "dataset 'digits' has 1 input "
+                                   "channel"), "give 1 value",
+         (*RUN, "--sparsity", "0.3", "--mean", "0.1", "0.2", "0.3", *OUT)),
+    Case("yaml-quoted-bool", "numbers", "a quoted boolean in a YAML config "
+         "(`overwrite: \"false\"`)",
+         ("y.yaml': overwrite must be true or false, got the string 'false'",),
+         "write it without quotes", ("stats", "-c", "{tmp}/y.yaml", *BASE, *OUT),
+         setup=_yaml('overwrite: "false"\n')),
+    Case("yaml-wrong-type", "numbers", "a YAML value of the wrong type (`seed: [1, 2]`)",
+         ("y.yaml': seed must be an integer, got a list",), "seed must be an integer",
+         ("stats", "-c", "{tmp}/y.yaml", *BASE, *OUT), setup=_yaml("seed: [1, 2]\n")),
+    Case("yaml-alias-bomb", "numbers", "a YAML file of nested aliases (\"billion laughs\")",
+         ("y.yaml' uses 72 YAML aliases",), "write the values out",
+         ("stats", "-c", "{tmp}/y.yaml", *BASE, *OUT), setup=_yaml(ALIAS_BOMB)),
+    Case("yaml-not-utf8", "numbers", "a YAML config that is not UTF-8",
+         ("y.yaml' is not UTF-8 text",), "save it as UTF-8",
+         ("stats", "-c", "{tmp}/y.yaml", *BASE, *OUT), setup=_yaml(b"model: caf\xe9\n")),
     # ------------------------------------------------------------------ files
+    Case("checkpoint-numpy", "files", "a checkpoint holding numpy arrays (pickled objects)",
+         ("refused to load", "Unsupported global", "numpy"),
+         "re-save the weights as a plain state_dict or .safetensors",
+         ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/numpy.pth", *DATA, *OUT),
+         setup=_numpy_ckpt, never=("weights_only", "False")),
+    Case("checkpoint-int-keys", "files", "a `.pth` whose keys are not parameter names",
+         ("intkeys.pth' is not a state dict: key 0 (int) is not a parameter name",),
+         "re-save the weights with model.state_dict()",
+         ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/intkeys.pth", *DATA, *OUT),
+         setup=_int_keys_ckpt),
+    Case("stats-no-layers", "files", "statistics file without its `layers` field",
+         ("stats.safetensors' is malformed ('layers' must be",),
+         "collect the statistics again with", PRUNE_WITH, setup=_stats_no_layers),
+    Case("stats-bad-class-tensors", "files", "statistics file with malformed class tensors",
+         ("stats.safetensors' is inconsistent",), "collect the statistics again", PRUNE_WITH,
+         setup=_stats_bad_class_tensors),
+    Case("stats-reduced-nan", "files", "multi-process statistics holding NaN",
+         ("stats.safetensors' holds NaN or infinite values",), "collect the statistics again",
+         PRUNE_WITH, setup=lambda tmp, assets: _reduced_stats(tmp, assets, float("nan"))),
+    Case("stats-reduced-no-images", "files", "multi-process statistics of 0 images",
+         ("'num_samples' must be a positive integer, got 0",),
+         "collect the statistics again with", PRUNE_WITH,
+         setup=lambda tmp, assets: _reduced_stats(tmp, assets, num_samples=0)),
+    Case("plan-step-not-mapping", "files", "`plan.json` with malformed steps (`[\"x\"]`)",
+         ("plan.json' is malformed (step 0 is a str",), "the file is corrupt, prune again",
+         BAD_PLAN, setup=_plan_field(steps=["x"])),
+    Case("plan-extra-not-mapping", "files", "`plan.json` whose `extra` is not a mapping",
+         ("plan.json' is malformed (extra must be a mapping",),
+         "the file is corrupt, prune again", BAD_PLAN, setup=_plan_field(extra="str")),
+    Case("plan-bad-input-size", "files", "`plan.json` with a bad `input_size`",
+         ("plan.json' is malformed (input_size must be a list",),
+         "the file is corrupt, prune again", BAD_PLAN, setup=_plan_field(input_size=[0, -8])),
+    Case("plan-negative-classes", "files", "`plan.json` with a negative number of classes",
+         ("extra.num_classes must be a positive integer, got -1",),
+         "the file is corrupt, prune again", BAD_PLAN,
+         setup=_plan_field(extra={"dataset": "digits", "num_classes": -1})),
+    Case("plan-deep-nesting", "files", "`plan.json` nested 200,000 levels deep",
+         ("plan.json' is nested too deeply",), "the file is corrupt, prune again", BAD_PLAN,
+         setup=_plan_json('{"format": "cdprune.plan/1", "steps": STEPS, "extra": '
+                          + "[" * 200_000 + "]" * 200_000 + "}")),
+    Case("output-dir-dangling-link", "files", "`--output-dir` is a broken symbolic link",
+         ("is a broken or looping symbolic link",), "choose another --output-dir",
+         (*RUN, "--sparsity", "0.3", *OUT), setup=_dangling_link),
+    Case("output-dir-looping-link", "files", "`--output-dir` is a symbolic link to itself",
+         ("is a broken or looping symbolic link",), "choose another --output-dir",
+         (*RUN, "--sparsity", "0.3", *OUT), setup=_looping_link),
+    Case("output-dir-not-utf8", "files", "`--output-dir` that is not valid UTF-8",
+         ("--output-dir", "is not valid UTF-8",), "rename it with UTF-8 characters only",
+         (*RUN, "--sparsity", "0.3", "--output-dir", "{tmp}/run\udcff")),
+    Case("export-suffix", "files", "`export --output` naming a file of another format "
+         "(`run/best.pth`)", ("--output", "best.pth' does not end in .onnx",),
+         "name the file *.onnx",
+         ("export", "--model-dir", "{assets}/pruned", "--output", "{tmp}/best.pth")),
     Case("checkpoint-missing", "files", "`--checkpoint` file missing",
          ("missing.pth' does not exist",), "check the path",
          ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/missing.pth", *DATA, *OUT)),
@@ -317,6 +511,9 @@ CASES: list[Case] = [
          "check the checkpoint (diverged weights?) and the input normalisation",
          ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/nan.pth", *DATA, *OUT),
          setup=_nan_ckpt),
+    Case("few-images", "data", "statistics from very few images (a warning; exit code 0)",
+         ("CDP scores from only 4 images",), "a larger --stop-batch",
+         ("stats", *BASE, "--stop-batch", "1", "--stats-batch-size", "4", *OUT), exit_code=0),
     # ------------------------------------------------------------------ models
     Case("unknown-model", "models", "unknown model name (`--model resnet2O`)",
          ("unknown model 'resnet2O'", "resnet20"), "did you mean",
@@ -324,6 +521,10 @@ CASES: list[Case] = [
     Case("no-conv2d", "models", "a model without `nn.Conv2d` (Python API: `collect_stats`)",
          ("has no nn.Conv2d layer",), "CDP scores convolution filters",
          library=_no_conv),
+    Case("model-input-channels", "models", "a model for RGB images on 1-channel data "
+         "(`--model resnet18 --dataset digits`)",
+         ("--model resnet18 reads 3-channel images but dataset 'digits' has 1-channel",),
+         "choose a model built for this dataset", ("stats", "--model", "resnet18", *DATA, *OUT)),
     Case("ignore-layers-unknown", "models", "`--ignore-layers` names a layer the model lacks",
          ("--ignore-layers: 'conv9' is not a layer of digits_cnn",), "did you mean conv3, conv2, conv1?",
          ("run", *BASE, *FAST_STATS, "--macs-reduction", "0.5", "--ignore-layers", "conv9",
@@ -425,6 +626,8 @@ def test_bad_input(case: Case, tmp_path, assets, capsys, caplog):
             assert message.startswith(f"cdprune {case.argv[0]}: error: ")
     for word in (*case.says, case.fix):
         assert word in message, f"{word!r} not in {message!r}"
+    for word in case.never:
+        assert word not in message, f"{word!r} in {message!r}"
 
     assert not (tmp_path / "pwned").exists(), "a code payload ran"
     assert _snapshot(assets) == before_assets
@@ -593,8 +796,10 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_checkpoint_write_then_resume_matches(tmp_path, assets):
-    tune = ("finetune", *DATA, "--model-dir", "{assets}/pruned", *TUNE, "--epochs", "3")
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: the default, loader worker processes
+def test_sigkill_mid_checkpoint_write_then_resume_matches(workers, tmp_path, assets):
+    data = tuple(workers if i and DATA[i - 1] == "-j" else a for i, a in enumerate(DATA))
+    tune = ("finetune", *data, "--model-dir", "{assets}/pruned", *TUNE, "--epochs", "3")
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(_fill((*tune, "--output-dir", str(full)), tmp_path, assets)) == 0
 

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -157,11 +158,24 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _unpickling_detail(exc: BaseException) -> str:
-    """The informative line of torch's weights-only refusal, without its boilerplate."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(boilerplate)]
-    return (useful or lines or [type(exc).__name__])[0][:200]
+    """The informative part of torch's weights-only refusal, without its advice.
+
+    torch suggests reloading with ``weights_only`` turned off, which would run whatever
+    code the file carries: that advice is never passed on.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. Please|\.\s*$|\n|$)", text)
+    if found and found.group(1).strip():
+        detail = found.group(1).strip()
+    else:
+        boilerplate = ("Weights only load failed", "Please file an issue",
+                       "Check the documentation", "(1)", "(2)")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        useful = [line for line in lines if not line.startswith(boilerplate)]
+        detail = (useful or [type(exc).__name__])[0]
+    if "weights_only" in detail:
+        detail = type(exc).__name__
+    return detail[:200]
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -212,6 +226,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = _read_safetensors(path)
     else:
         state = _unnest(safe_torch_load(path), path)
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"'{path}' is not a state dict: key {odd!r} "
+                              f"({type(odd).__name__}) is not a parameter name; re-save the "
+                              "weights with model.state_dict()")
     prefix = "module."
     if all(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items()}

@@ -105,9 +105,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int,
                    help="training batch size (default 128)")
     g.add_argument("-j", "--workers", type=int, help="data loading workers (default 2)")
-    g.add_argument("--mean", type=_float, nargs=3, help="input normalisation mean; the "
-                   "checkpoint's own (a wrong one silently costs accuracy)")
-    g.add_argument("--std", type=_float, nargs=3, help="input normalisation std")
+    g.add_argument("--mean", type=_float, nargs="+", help="input normalisation mean, one "
+                   "value per channel or one for all; the checkpoint's own (a wrong one "
+                   "silently costs accuracy)")
+    g.add_argument("--std", type=_float, nargs="+", help="input normalisation std")
     g.add_argument("--train-subset", type=_positive_int,
                    help="fine-tune on a seeded random subset of this many training images")
 
@@ -223,39 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file '{file}' does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{file}' is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{file}' must hold a mapping of flag: value")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in DEFAULTS:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(DEFAULTS), n=2)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"config file '{file}': unknown key '{key}'{hint}")
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise ConfigError(f"config file '{file}': {key} is {value}; give a finite number")
-        out[name] = value
-    return out
-
-
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the YAML config, then the flags given on the command line."""
+    from .config_io import load_yaml
+
     config = dict(DEFAULTS)
     if getattr(args, "config", None):
-        config.update(_load_yaml(args.config))
+        config.update(load_yaml(args.config, DEFAULTS))
     for key, value in vars(args).items():
         if key in DEFAULTS and value is not None:
             config[key] = value
@@ -264,40 +239,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     config["command"] = args.command
-    _validate(config)
+    from .config_io import validate
+
+    validate(config)
     return config
-
-
-def _validate(config: dict[str, Any]) -> None:
-    checks = [
-        ("stop_batch", lambda v: v is None or v > 0, "a positive number of batches"),
-        ("batch_size", lambda v: v > 0, "a positive integer"),
-        ("epochs", lambda v: v >= 0, "0 or more"),
-        ("coe", lambda v: v >= 0, "0 (no balancing) or a positive number"),
-        ("lr", lambda v: v > 0, "a positive number"),
-        ("sparsity", lambda v: v is None or 0 < v < 1, "a fraction in (0, 1)"),
-        ("macs_reduction", lambda v: v is None or 0 < v < 1, "a fraction in (0, 1)"),
-        ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("workers", lambda v: v >= 0, "0 or more"),
-    ]
-    for key, ok, valid in checks:
-        value = config.get(key)
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{flag} is {value}; it must be {valid}")
-        try:
-            good = ok(value)
-        except TypeError:  # e.g. a string in a YAML config
-            good = False
-        if not good:
-            raise ConfigError(f"{flag} {value!r} is invalid; it must be {valid}"
-                              if isinstance(value, str) else
-                              f"{flag} {value} is invalid; it must be {valid}")
-    if config["command"] in ("prune", "run") and (config.get("sparsity") is None) == (
-            config.get("macs_reduction") is None):
-        raise ConfigError("give exactly one of --sparsity or --macs-reduction")
-    if config["command"] in ("stats", "prune", "run") and not config.get("model"):
-        raise ConfigError("--model is required (see `cdprune models`)")
 
 
 def _run_dir(config: dict[str, Any]):
@@ -305,8 +250,19 @@ def _run_dir(config: dict[str, Any]):
 
     if not config.get("output_dir"):
         raise ConfigError("--output-dir is required: every run writes a directory")
+    from .pipeline import pruned_dir
+
+    # What this run reads from inside its own directory survives --overwrite.
+    keep = [config.get("stats"), config.get("checkpoint")]
+    if config["command"] == "prune" and not config.get("stats"):
+        keep.append(Path(config["output_dir"]) / "stats.safetensors")
+    if config.get("model_dir"):
+        keep.append(pruned_dir(config["model_dir"]))
+    elif config["command"] == "finetune":
+        keep.append(Path(config["output_dir"]) / "pruned")
     return RunDir(config["output_dir"], resume=bool(config.get("resume")),
-                  overwrite=bool(config.get("overwrite")))
+                  overwrite=bool(config.get("overwrite")), stage=config["command"],
+                  config=config, keep=keep)
 
 
 # Each command checks what it can (the output directory, data, model, checkpoint, input
@@ -477,7 +433,8 @@ def _cmd_demo(config: dict[str, Any]) -> None:
     from .demo import run_demo
 
     run_demo(config.get("output_dir") or "runs/demo", quick=bool(config.get("quick")),
-             overwrite=True, progress=not config.get("no_progress"), printer=_say)
+             overwrite=bool(config.get("overwrite")), progress=not config.get("no_progress"),
+             printer=_say)
 
 
 def _cmd_export(config: dict[str, Any]) -> None:
@@ -502,6 +459,9 @@ def _cmd_export(config: dict[str, Any]) -> None:
     fmt = config["format"]
     suffix = ".onnx" if fmt == "onnx" else ".pt"
     out = Path(config.get("output") or directory / f"model{suffix}")
+    if out.suffix.lower() != suffix:  # never put export bytes under a checkpoint's name
+        raise ConfigError(f"--output '{out}' does not end in {suffix}, the suffix of --format "
+                          f"{fmt}; name the file *{suffix}")
     size = tuple(plan["input_size"])
     result = export(model, out, format=fmt, input_size=size, opset=config["opset"],
                     dynamic_batch=bool(config.get("dynamic_batch")))
@@ -533,6 +493,42 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
+_OS_HINTS = {
+    errno.EROFS: "the file system is read-only; choose another --output-dir",
+    errno.EACCES: "permission denied; check the permissions or choose another path",
+    errno.EPERM: "permission denied; check the permissions or choose another path",
+    errno.ELOOP: "a symbolic link on the way loops; fix the link or choose another path",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "it is a folder, not a file; check the path",
+    errno.ENOENT: "it does not exist; check the path",
+}
+
+
+def _describe(exc: BaseException, command: str) -> str:
+    """One line that says what went wrong and how to go on."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing '{exc.filename}'" if exc.filename else ""
+        again = ("run the same command with --resume (fine-tuning continues from the last "
+                 "finished epoch) or --overwrite" if command in ("run", "finetune")
+                 else "run the same command with --overwrite")
+        return (f"no space left on device{where}: the disk is full; free some space and "
+                f"{again}, or choose another --output-dir; files written before are intact")
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        where = f" '{exc.filename}'" if exc.filename else ""
+        hint = _OS_HINTS.get(exc.errno, "check the path and the disk")
+        return f"cannot use{where}: {exc.strerror}; {hint}"
+    if isinstance(exc, FloatingPointError):  # training diverged
+        # The library's advice names Python options; the command's flags replace it.
+        return f"{_one_line(exc).split('; lower lr')[0]}; lower --lr or check the data"
+    if isinstance(exc, RecursionError):
+        return "an input file is nested too deeply to be read; check the files given"
+    if isinstance(exc, MemoryError):
+        return ("out of memory while reading the input; check the files given, or lower "
+                "--batch-size / --stop-batch")
+    return _one_line(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cdprune`` command; returns the exit code."""
     parser = build_parser()
@@ -548,6 +544,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        return _main(args, debug)
+    except KeyboardInterrupt:
+        print("cdprune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace, debug: bool) -> int:
+    try:
         config = resolve_config(args)
         from .distributed import cleanup, init_distributed
 
@@ -562,30 +566,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             COMMANDS[args.command](config)
         finally:
             cleanup()
-    except (CdpruneError, ValueError, FileNotFoundError, NotADirectoryError,
-            PermissionError) as exc:
-        if debug:
-            raise
-        print(f"cdprune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or debug:
-            raise
-        where = f" while writing '{exc.filename}'" if exc.filename else ""
-        print(f"cdprune {args.command}: error: no space left on device{where}: the disk is "
-              "full; free some space and run the command again (fine-tuning continues with "
-              "--resume) or choose another --output-dir; files written before are intact",
-              file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # training diverged
-        if debug:
-            raise
-        print(f"cdprune {args.command}: error: {exc}; lower --lr or check the data",
-              file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("cdprune: interrupted", file=sys.stderr)
-        return 130
+        raise
+    except (CdpruneError, ValueError, OSError, FloatingPointError, RecursionError,
+            MemoryError) as exc:
+        # The one error boundary: whatever bad input, a bad file or the file system did,
+        # the user gets one line and exit code 2; --debug shows the traceback.
+        if debug:
+            raise
+        print(f"cdprune {args.command}: error: {_describe(exc, args.command)}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -25,14 +25,15 @@ logger = logging.getLogger(__name__)
 
 
 def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False,
-             overwrite: bool = True, progress: bool = True, seed: int = 0,
+             overwrite: bool = False, progress: bool = True, seed: int = 0,
              printer: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run the demo and return its numbers.
 
     Args:
         output_dir: run directory for checkpoints, report and plots.
         quick: a shorter version (fewer epochs), used as a smoke test.
-        overwrite: reuse ``output_dir`` if it holds an earlier demo.
+        overwrite: replace ``output_dir`` even if it holds another run than an earlier
+            demo (an earlier demo is always replaced; its files are removed first).
         progress: show progress bars.
         seed: seed for data order, initialisation and sampling.
         printer: receives the lines of the before/after table (the CLI passes ``print``).
@@ -51,7 +52,8 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
     say = printer or (lambda line: logger.info("%s", line))
     torch.manual_seed(seed)
     base_epochs, tune_epochs = (4, 2) if quick else (15, 8)
-    with RunDir(output_dir, overwrite=overwrite, resume=False) as run:
+    with RunDir(output_dir, overwrite=overwrite, stage="demo", replaces="demo",
+                config={"quick": quick, "seed": seed}) as run:
         train_set = build_dataset("digits", train=True)
         val_set = build_dataset("digits", train=False)
         train = build_loader(train_set, 64, shuffle=True, seed=seed)

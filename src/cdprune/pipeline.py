@@ -7,13 +7,10 @@ writes its outputs atomically and records what it did in ``report.json``/``repor
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -25,9 +22,10 @@ import torch
 from torch import nn
 
 from .checkpoint import apply_weights, atomic_write_text, read_state_dict
-from .distributed import barrier, is_main_process
+from .distributed import barrier
 from .errors import CheckpointError, ConfigError, DataError
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
+from .rundir import RunDir
 
 if TYPE_CHECKING:
     from .stats import ActivationStats
@@ -36,137 +34,6 @@ __all__ = ["RunDir", "build_data", "build_model", "check_ignore_layers", "gather
            "load_stats", "run_finetune", "run_prune", "run_stats", "write_stats"]
 
 logger = logging.getLogger(__name__)
-
-# Temporary files of cdprune.checkpoint.atomic_write_bytes: ".NAME.XXXXXXXX.tmp".
-_TEMP_NAME = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{8}\.tmp$")
-
-
-# ---------------------------------------------------------------------- run directory
-class RunDir:
-    """An output directory owned by one run: never silently overwritten, locked while used.
-
-    Args:
-        path: the directory.
-        resume: continue a run that wrote there before.
-        overwrite: reuse a directory that holds another run's files.
-
-    Raises:
-        ConfigError: the directory holds files and neither ``resume`` nor ``overwrite`` is
-            set, or another process holds its lock.
-
-    A run that fails before writing anything but ``config.yaml`` leaves nothing behind: if
-    the directory did not exist before, it is removed again. Temporary files that a killed
-    writer left (``.NAME.*.tmp``) are deleted once the lock is held.
-    """
-
-    LOCK = ".cdprune.lock"
-    CONFIG = "config.yaml"
-
-    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False):
-        self.path = Path(path)
-        self.resume = resume
-        self.main = is_main_process()  # under torchrun only rank 0 owns (and writes) the run
-        self._fh = None
-        self._created: Path | None = None
-        if not self.main:
-            return
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--output-dir '{self.path}' is a file, not a directory; choose "
-                              "another --output-dir")
-        if self._locked_elsewhere():
-            raise self._busy()
-        existing = [p for p in self.path.iterdir() if p.name != self.LOCK] \
-            if self.path.is_dir() else []
-        if existing and not (resume or overwrite):
-            raise ConfigError(f"output directory '{self.path}' already holds a run "
-                              f"({existing[0].name}, ...); pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --output-dir")
-
-    def _busy(self) -> ConfigError:
-        return ConfigError(f"another cdprune process is using '{self.path}' (lock file "
-                           f"{self.LOCK}); wait for it to finish or choose another --output-dir")
-
-    def _locked_elsewhere(self) -> bool:
-        """Whether a live process holds the lock (checked before anything is read or written)."""
-        lock = self.path / self.LOCK
-        if not lock.is_file():
-            return False
-        with open(lock) as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    return True
-                raise
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        return False
-
-    def __enter__(self) -> RunDir:
-        if not self.main:
-            return self
-        missing = None  # the topmost folder this run creates, removed again if it fails early
-        for folder in (self.path, *self.path.parents):
-            if folder.exists():
-                break
-            missing = folder
-        self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / self.LOCK, "a+")  # noqa: SIM115 - held for the run's life
-        try:
-            # flock dies with the process, even under SIGKILL: no stale locks.
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            fh.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise self._busy() from None
-            raise
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-        self._created = missing
-        for folder in (self.path, self.path / "pruned"):  # left by a writer that was killed
-            for stale in folder.glob(".*.tmp"):
-                if _TEMP_NAME.match(stale.name) and stale.is_file():
-                    logger.info("removing %s, left by an interrupted write", stale)
-                    stale.unlink(missing_ok=True)
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if self._fh is None:
-            return
-        if exc_type is not None and self._created is not None:
-            self._remove_if_untouched()
-        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-        self._fh.close()
-        self._fh = None
-
-    def _remove_if_untouched(self) -> None:
-        """After a failure: remove the new directory if the run wrote no results into it."""
-        own = {self.LOCK, self.CONFIG}
-        if any(p.name not in own for p in self.path.iterdir()):
-            return  # results of finished stages (checkpoints...) are kept for --resume
-        for name in own:
-            (self.path / name).unlink(missing_ok=True)
-        folder = self.path
-        while True:
-            try:
-                folder.rmdir()
-            except OSError:
-                return
-            if folder == self._created:
-                return
-            folder = folder.parent
-
-    def write_config(self, config: Mapping[str, Any]) -> Path:
-        import yaml
-
-        if not self.main:
-            return self.path / self.CONFIG
-        clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
-        return atomic_write_text(self.path / self.CONFIG,
-                                 yaml.safe_dump(clean, sort_keys=True))
-
 
 # ---------------------------------------------------------------------- building blocks
 def _device(config: Mapping[str, Any]) -> torch.device:
@@ -195,6 +62,10 @@ def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn
     from .models import create_model
 
     model = create_model(config["model"], num_classes=num_classes)
+    if config.get("dataset"):
+        from .config_io import check_input_channels
+
+        check_input_channels(config, model)
     if config.get("checkpoint"):
         state = read_state_dict(config["checkpoint"])
         if num_classes is not None:
@@ -219,10 +90,23 @@ def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
                         "--dataset the checkpoint was trained on")
 
 
+def _given(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The value the config sets, even a falsy one; ``default`` only when it sets none."""
+    value = config.get(key)
+    return default if value is None else value
+
+
 def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
-    """Refuse ``--ignore-layers`` names that are not modules of the model (before any work)."""
+    """Refuse ``--ignore-layers`` names that are not modules of the model (before any work).
+
+    Also refuses a ``--round-to`` no layer is wide enough for (see
+    :func:`cdprune.config_io.check_round_to`).
+    """
     import difflib
 
+    from .config_io import check_round_to
+
+    check_round_to(config, model)
     named = [name for name, _ in model.named_modules() if name]
     for name in config.get("ignore_layers") or ():
         if name not in named:
@@ -270,8 +154,11 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
         check_num_classes(train_set, num_classes)
         if config.get("train_subset"):
             train_set = subset(train_set, min(len(train_set), config["train_subset"]), seed)
+        # A last batch of one image cannot train BatchNorm on 1x1 feature maps: drop it.
+        single = len(train_set) > config["batch_size"] and \
+            len(train_set) % config["batch_size"] == 1
         train = build_loader(train_set, config["batch_size"], shuffle=True, workers=workers,
-                             seed=seed, drop_last=False, distributed=distributed)
+                             seed=seed, drop_last=single, distributed=distributed)
     if need_stats:
         # Statistics read un-augmented training images, a seeded random sample of them.
         stats_set = build_dataset(name, root, train=True, augment=False, **common)
@@ -400,7 +287,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
                    sparsity=config.get("sparsity"), macs_reduction=config.get("macs_reduction"),
                    ignored_layers=config.get("ignore_layers") or None,
                    scope=config.get("scope") or "auto",
-                   max_layer_pruning=config.get("max_layer_pruning") or 0.9,
+                   max_layer_pruning=_given(config, "max_layer_pruning", 0.9),
                    round_to=config.get("round_to") or None, **options["prune"])
     if save_stats:
         write_stats(run, config, stats)

@@ -489,6 +489,12 @@ def prune(
         removals = _by_sparsity(search, sparsity, candidate_filters)
     else:
         removals = _by_macs(search, macs_reduction, scope, max_layer_pruning)
+    if not any(removals):
+        raise ConfigError(
+            "the pruning target removes no channel" + (
+                f": with round_to={round_to} the smallest block any layer can lose is too "
+                "large; use a smaller round_to" if round_to else
+                "; raise the target or max_layer_pruning"))
 
     plan = _apply(graph, cands, removals, names)
     plan.update(scope=scope, target={"sparsity": sparsity, "macs_reduction": macs_reduction},
@@ -687,14 +693,50 @@ def read_plan(directory: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"'{path}' does not exist; point to a directory written by "
                                 "`cdprune prune` or save_pruned()")
     try:
-        plan = json.loads(path.read_text())
+        plan = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"'{path}' is not valid JSON ({exc}); the file is corrupt, "
                               "prune again") from None
+    except RecursionError:
+        raise CheckpointError(f"'{path}' is nested too deeply to be a plan; the file is "
+                              "corrupt, prune again") from None
     if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT \
             or not isinstance(plan.get("steps"), list):
         raise CheckpointError(f"'{path}' is not a cdprune plan (format {PLAN_FORMAT!r})")
+    problem = _plan_problem(plan)
+    if problem:
+        raise CheckpointError(f"'{path}' is malformed ({problem}); the file is corrupt, "
+                              "prune again")
     return plan
+
+
+def _plan_problem(plan: Mapping[str, Any]) -> str | None:
+    """What is wrong with the fields of a plan, field by field; ``None`` if nothing."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for i, step in enumerate(plan["steps"]):
+        if not isinstance(step, dict):
+            return f"step {i} is a {type(step).__name__}, not a mapping"
+        if not isinstance(step.get("module"), str) or not step["module"]:
+            return f"step {i} names no module"
+        idxs = step.get("idxs")
+        if not isinstance(idxs, list) or not idxs or not all(is_int(x) and x >= 0
+                                                              for x in idxs):
+            return f"step {i} ('{step['module']}') must list channel indices"
+    size = plan.get("input_size")
+    if size is not None and (not isinstance(size, list) or not 1 <= len(size) <= 4
+                             or not all(is_int(x) and 0 < x <= 65536 for x in size)):
+        return f"input_size must be a list of positive sizes such as [3, 32, 32], got {size!r}"
+    if not isinstance(plan.get("extra", {}), dict):
+        return f"extra must be a mapping, got a {type(plan['extra']).__name__}"
+    classes = (plan.get("extra") or {}).get("num_classes")
+    if classes is not None and not (is_int(classes) and classes > 0):
+        return f"extra.num_classes must be a positive integer, got {classes!r}"
+    for key in ("zoo_model", "model"):
+        if plan.get(key) is not None and not isinstance(plan[key], str):
+            return f"{key} must be a name, got a {type(plan[key]).__name__}"
+    return None
 
 
 def load_pruned(directory: str | os.PathLike, base_model: nn.Module, *,

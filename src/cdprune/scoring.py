@@ -20,6 +20,7 @@ channels sum to zero contributes a TF of 0. Everything is computed in float64.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,11 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+# Fewer sampled images than this give scores too noisy to rank filters by (a warning).
+FEW_IMAGES = 32
 
 __all__ = ["CDPImportance", "balance_factor", "document_counts", "term_frequency", "tfidf",
            "tfidf_scores"]
@@ -148,13 +154,23 @@ def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
                           "or 'mean'")
     normalize = None if normalize == "none" else normalize
     balance_factor(1, coe)  # validate once
+    if stats.num_samples < FEW_IMAGES:
+        logger.warning("CDP scores from only %d image%s are noise more than signal: the "
+                       "pruned layers are close to arbitrary; sample more images (a larger "
+                       "--stop-batch)", stats.num_samples, "" if stats.num_samples == 1 else "s")
     scores = {}
     for layer in stats.layers:
         num_docs, df, tf_sum = stats.sufficient(layer)
+        if num_docs < 1:
+            raise DataError(f"statistics of layer '{layer}' cover no documents; collect the "
+                            "statistics again")
         score = _from_counts(num_docs, df, tf_sum, balance_factor(stats.channels[layer], coe))
         if normalize is not None:
             scale = score.max() if normalize == "max" else score.mean()
             score = score / scale if scale > 0 else score
+        if not bool(torch.isfinite(score).all()):
+            raise DataError(f"CDP scores of layer '{layer}' contain NaN or inf (statistics of "
+                            f"{num_docs} documents); collect the statistics again")
         scores[layer] = score
     return scores
 
@@ -183,6 +199,10 @@ class CDPImportance(tp.importance.Importance):
                               f"{', '.join(REDUCTIONS)}")
         self.scores = {k: torch.as_tensor(v, dtype=torch.float32).flatten()
                        for k, v in scores.items()}
+        for name, score in self.scores.items():  # a NaN would rank anywhere, silently
+            if not bool(torch.isfinite(score).all()):
+                raise DataError(f"scores of layer '{name}' contain NaN or inf; compute them "
+                                "again from the statistics")
         self.group_reduction = group_reduction
         self._names = ({m: n for n, m in model.named_modules()} if model is not None else None)
 

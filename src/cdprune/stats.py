@@ -226,6 +226,7 @@ class ActivationStats:
         if not isinstance(header, dict) or header.get("format") != "cdprune.stats/1":
             raise CheckpointError(f"'{path}' is not a cdprune statistics file (no "
                                   "'cdprune.stats/1' header); create one with `cdprune stats`")
+        _check_header(header, tensors, path)
         layers = list(header["layers"])
         reduced = {}
         for name in layers:
@@ -249,11 +250,56 @@ class ActivationStats:
         if self.documents == "sample" and self.reduced is None:
             ok = ok and self.features is not None and tuple(self.features.shape) == (
                 self.num_samples, total)
+        if self.documents == "sample" and self.reduced is not None:
+            ok = ok and set(self.reduced) == set(self.layers) and all(
+                tuple(df.shape) == tuple(tf.shape) == (self.channels[name],)
+                for name, (df, tf) in self.reduced.items())
         if self.documents == "class":
-            ok = ok and self.class_sums is not None and self.class_sums.shape[1] == total
+            counts = self.class_counts
+            ok = (ok and self.class_sums is not None and counts is not None
+                  and self.class_sums.dim() == 2 and counts.dim() == 1
+                  and self.class_sums.shape == (counts.shape[0], total)
+                  and bool(torch.isfinite(counts).all()) and bool((counts >= 0).all())
+                  and bool((counts == counts.round()).all()) and bool((counts > 0).any()))
         if not ok:
             raise CheckpointError(f"statistics file '{path}' is inconsistent (tensor shapes do "
                                   "not match its header); collect the statistics again")
+        values = [self.features, self.class_sums,
+                  *(t for pair in (self.reduced or {}).values() for t in pair)]
+        for tensor in values:
+            if tensor is not None and tensor.is_floating_point() \
+                    and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"statistics file '{path}' holds NaN or infinite "
+                                      "values; collect the statistics again")
+        if self.reduced is not None and any(bool((df < 0).any()) or bool((df > self.num_samples
+                                            ).any()) for df, _ in self.reduced.values()):
+            raise CheckpointError(f"statistics file '{path}' is inconsistent (document counts "
+                                  "outside 0..num_samples); collect the statistics again")
+
+
+def _check_header(header: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every field of a statistics header has its type: refuse the file otherwise."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"statistics file '{path}' is malformed ({what}); collect the "
+                               "statistics again with `cdprune stats`")
+
+    layers, channels = header.get("layers"), header.get("channels")
+    if not isinstance(layers, list) or not layers or \
+            not all(isinstance(n, str) and n for n in layers):
+        raise bad("'layers' must be a non-empty list of layer names")
+    if len(set(layers)) != len(layers):
+        raise bad("'layers' names a layer twice")
+    if not isinstance(channels, list) or len(channels) != len(layers) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+        raise bad("'channels' must list one positive channel count per layer")
+    n = header.get("num_samples")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise bad(f"'num_samples' must be a positive integer, got {n!r}")
+    if header.get("documents") not in DOCUMENTS:
+        raise bad(f"'documents' must be one of {', '.join(DOCUMENTS)}")
+    if not isinstance(header.get("fingerprint", ""), str) or \
+            not isinstance(header.get("meta", {}), dict):
+        raise bad("'fingerprint' must be a string and 'meta' a mapping")
 
 
 # ---------------------------------------------------------------------- collection

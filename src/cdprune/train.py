@@ -389,6 +389,7 @@ def _load_resume(path: Path, model: nn.Module, config: TrainConfig) -> dict[str,
         raise CheckpointError(f"'{path}' is not a cdprune training checkpoint (version "
                               f"{CHECKPOINT_VERSION}); resume from a last.pth that fine_tune "
                               "wrote, or start without resume")
+    _check_resume_state(state, path)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -402,6 +403,54 @@ def _load_resume(path: Path, model: nn.Module, config: TrainConfig) -> dict[str,
         logger.warning("resuming with changed options: %s", ", ".join(
             f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed))
     return state
+
+
+def _check_resume_state(state: Mapping[str, Any], path: Path) -> None:
+    """Every field a resume reads has its type: refuse a damaged ``last.pth`` in one line."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    expected = {
+        "model": lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+        "optimizer": lambda v: isinstance(v, Mapping) and "param_groups" in v,
+        "scheduler": lambda v: isinstance(v, Mapping),
+        "epoch": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "iteration": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "best_acc": number,
+        "history": lambda v: isinstance(v, list) and all(isinstance(r, Mapping) for r in v),
+        "rng": lambda v: isinstance(v, Mapping),
+    }
+    for key, ok in expected.items():
+        if key not in state or not ok(state[key]):
+            what = "lacks" if key not in state else "has a malformed"
+            raise CheckpointError(f"cannot resume from '{path}': it {what} '{key}' entry; "
+                                  "the file is damaged: start again without --resume (or "
+                                  "with --overwrite)")
+    if len(state["history"]) != state["epoch"]:
+        raise CheckpointError(f"cannot resume from '{path}': its history has "
+                              f"{len(state['history'])} epochs but it says epoch "
+                              f"{state['epoch']}; the file is damaged: start again")
+
+
+def _replan(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, saved: Mapping[str, Any],
+            config: TrainConfig, iteration: int, iters_per_epoch: int) -> None:
+    """On a resume whose schedule changed (more epochs...), follow the new schedule at once.
+
+    The scheduler computes every step from the current config, but the optimizer keeps the
+    learning rate of the old schedule's last step (0 at the end of a cosine) until the next
+    step; it is set from the new schedule here, and the change is logged.
+    """
+    keys = ("epochs", "lr_schedule", "lr_warmup_epochs", "milestones", "gamma")
+    changed = [k for k in keys if k in saved and saved[k] != getattr(config, k)]
+    if not changed:
+        return
+    factor = lr_factor(iteration, config, iters_per_epoch)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    logger.warning("resuming with %s changed: the learning-rate schedule is re-planned for %d "
+                   "epochs (%s); training continues at lr %.4g", ", ".join(changed),
+                   config.epochs, config.lr_schedule, optimizer.param_groups[0]["lr"])
 
 
 # --------------------------------------------------------------------------- training
@@ -557,6 +606,8 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         if use_amp and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, iteration = int(state["epoch"]), int(state["iteration"])
+        _replan(optimizer, scheduler, state.get("config") or {}, config, iteration,
+                iters_per_epoch)
         best_acc = float(state["best_acc"])
         history = list(state["history"])
         _set_rng_state(state["rng"])

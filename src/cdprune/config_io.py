@@ -1,0 +1,298 @@
+"""Reading and checking the command-line configuration: typed, strict, before any work.
+
+A YAML config file sets defaults for the command's flags. Every value is checked against
+the type its flag has (a quoted ``"false"`` is a string, not a boolean, and is refused),
+and the merged configuration is checked value by value before any data is read or any
+file written, so a bad value fails in the first second with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["KEY_TYPES", "check_input_channels", "check_round_to", "check_types", "load_yaml",
+           "validate"]
+
+# The most bytes and aliases a config file may hold: a flat mapping of flags needs few,
+# and a small file of nested aliases ("billion laughs") would otherwise expand to gigabytes.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_ALIASES = 16
+# torch.manual_seed and numpy's seeding of loader workers both take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+MAX_LR = 10.0
+
+_BOOL, _INT, _FLOAT, _STR, _FLOATS, _STRS = "bool", "int", "float", "str", "floats", "strs"
+KEY_TYPES: dict[str, str] = {
+    **dict.fromkeys(("download", "cutout", "amp", "sync_bn", "resume", "overwrite",
+                     "no_progress"), _BOOL),
+    **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "stop_batch",
+                     "stats_batch_size", "round_to", "epochs", "max_iters", "train_subset",
+                     "seed"), _INT),
+    **dict.fromkeys(("coe", "sparsity", "macs_reduction", "max_layer_pruning", "lr",
+                     "momentum", "weight_decay", "lr_warmup_epochs", "label_smoothing"),
+                    _FLOAT),
+    **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "documents",
+                     "stats_dtype", "tap", "normalize", "allocation", "variant", "scope",
+                     "lr_schedule", "device", "output_dir"), _STR),
+    "mean": _FLOATS, "std": _FLOATS, "ignore_layers": _STRS,
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "documents": ("sample", "class"), "stats_dtype": ("float32", "float16"),
+    "tap": ("conv", "act"), "normalize": ("none", "max", "mean"),
+    "allocation": ("global", "uniform"), "variant": ("published",),
+    "scope": ("auto", "internal", "all"), "lr_schedule": ("cosine", "step"),
+}
+_WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
+          _STR: "a string", _FLOATS: "a number or a list of numbers",
+          _STRS: "a list of names"}
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a config key (``lr_warmup_epochs`` -> ``--lr-warmup-epochs``)."""
+    return "--" + key.replace("_", "-")
+
+
+# ---------------------------------------------------------------------- YAML
+def load_yaml(path: str | Path, known: Mapping[str, Any]) -> dict[str, Any]:
+    """Read a YAML config file: a flat mapping of ``known`` keys to values of their type.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: not UTF-8, not YAML, too large, too many aliases, not a mapping, an
+            unknown key, or a value of the wrong type (the key is named).
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file '{file}' does not exist; check the -c path")
+    raw = file.read_bytes()
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"config file '{file}' is {len(raw)} bytes; a config of flags "
+                          f"holds far less (limit {MAX_YAML_BYTES}); check the -c path")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{file}' is not UTF-8 text (byte {exc.start}); "
+                          "save it as UTF-8") from None
+    try:
+        aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, yaml.SafeLoader))
+        if aliases > MAX_YAML_ALIASES:
+            raise ConfigError(f"config file '{file}' uses {aliases} YAML aliases (at most "
+                              f"{MAX_YAML_ALIASES}); write the values out")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"config file '{file}' is not valid YAML: {detail}") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{file}' is nested too deeply; it must hold a flat "
+                          "mapping of flag: value") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{file}' must hold a mapping of flag: value")
+    out = {}
+    for key, value in data.items():
+        if not isinstance(key, str):  # never str() it: a nested alias key can be huge
+            raise ConfigError(f"config file '{file}': keys must be flag names, got "
+                              f"{repr(key)[:40]} ({type(key).__name__})")
+        name = key.replace("-", "_")
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(known), n=2)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"config file '{file}': unknown key '{key}'{hint}")
+        out[name] = check_type(name, value, where=f"config file '{file}': {key}")
+    return out
+
+
+def check_type(key: str, value: Any, where: str | None = None) -> Any:
+    """``value`` if it has the type of ``key`` (ints are accepted as floats); else raise."""
+    kind = KEY_TYPES.get(key)
+    where = where or flag(key)
+    if value is None or kind is None:
+        return value
+    ok = {
+        _BOOL: lambda v: isinstance(v, bool),
+        _INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        _FLOAT: _is_number,
+        _STR: lambda v: isinstance(v, str),
+        _FLOATS: lambda v: _is_number(v) or (isinstance(v, list) and bool(v)
+                                             and all(_is_number(x) for x in v)),
+        _STRS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    }[kind](value)
+    if not ok:
+        got = f"the string {value!r}" if isinstance(value, str) else \
+            f"a {type(value).__name__}" if isinstance(value, (list, dict)) else repr(value)
+        fix = "; write it without quotes" if isinstance(value, str) else ""
+        raise ConfigError(f"{where} must be {_WORDS[kind]}, got {got}{fix}")
+    if kind == _FLOAT:
+        value = float(value)
+    if kind == _FLOATS:
+        value = [float(x) for x in (value if isinstance(value, list) else [value])]
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{where} is {v}; give a finite number")
+    return value
+
+
+def check_types(config: Mapping[str, Any]) -> None:
+    """Check every known key of a merged configuration for its type."""
+    for key in KEY_TYPES:
+        check_type(key, config.get(key))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------- values
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def _range(key: str, value: Any, valid: str, ok: bool) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(key)} {value!r} is invalid; it must be {valid}"
+                          if isinstance(value, str) else
+                          f"{flag(key)} {value} is invalid; it must be {valid}")
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Check every value of a merged configuration; raise :class:`ConfigError` naming it.
+
+    Also brings ``mean``/``std`` given as one number to one value per channel of the
+    dataset. Nothing else is changed: a value set by the user is used as given or refused.
+    """
+    check_types(config)
+    for key, value in config.items():  # names from a non-UTF-8 command line or file system
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not _utf8(v):
+                raise ConfigError(f"{flag(key)} {v.encode('utf-8', 'replace').decode()!r} is "
+                                  "not valid UTF-8; rename it with UTF-8 characters only")
+    for key, choices in CHOICES.items():
+        value = config.get(key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{flag(key)} {value!r} is invalid; choose one of "
+                              f"{', '.join(choices)}")
+    get = config.get
+    checks = [
+        ("stop_batch", get("stop_batch") is None or get("stop_batch") > 0,
+         "a positive number of batches"),
+        ("batch_size", get("batch_size") > 0, "a positive integer"),
+        ("eval_batch_size", get("eval_batch_size") is None or get("eval_batch_size") > 0,
+         "a positive integer"),
+        ("stats_batch_size", get("stats_batch_size") is None or get("stats_batch_size") > 0,
+         "a positive integer"),
+        ("epochs", get("epochs") >= 0, "0 or more"),
+        ("coe", get("coe") >= 0, "0 (no balancing) or a positive number"),
+        ("lr", 0 < get("lr") <= MAX_LR, f"a positive number up to {MAX_LR:g}"),
+        ("momentum", 0 < get("momentum") < 1,
+         "in (0, 1): fine-tuning uses Nesterov momentum, which needs one"),
+        ("weight_decay", get("weight_decay") >= 0, "0 or more"),
+        ("lr_warmup_epochs", get("lr_warmup_epochs") >= 0, "0 or more"),
+        ("sparsity", get("sparsity") is None or 0 < get("sparsity") < 1,
+         "a fraction in (0, 1)"),
+        ("macs_reduction", get("macs_reduction") is None or 0 < get("macs_reduction") < 1,
+         "a fraction in (0, 1)"),
+        ("max_layer_pruning", 0 < get("max_layer_pruning") <= 1,
+         "a fraction in (0, 1] (0 would let no layer lose a filter)"),
+        ("round_to", get("round_to") is None or get("round_to") > 0, "a positive integer"),
+        ("label_smoothing", 0 <= get("label_smoothing") < 1, "in [0, 1)"),
+        ("workers", get("workers") >= 0, "0 or more"),
+        ("train_subset", get("train_subset") is None or get("train_subset") > 0,
+         "a positive integer"),
+        ("max_iters", get("max_iters") is None or get("max_iters") > 0, "a positive integer"),
+        ("seed", 0 <= get("seed") <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+    ]
+    for key, ok, valid in checks:
+        _range(key, get(key), valid, ok)
+    if get("epochs") > 0 and get("lr_warmup_epochs") > get("epochs"):
+        raise ConfigError(f"--lr-warmup-epochs {get('lr_warmup_epochs'):g} exceeds --epochs "
+                          f"{get('epochs')}; give a warmup of at most {get('epochs')} epochs")
+    device = get("device")
+    if device is not None and not _DEVICE.match(device):
+        raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+    _check_normalisation(config)
+    command = get("command")
+    if command in ("prune", "run") and (get("sparsity") is None) == (
+            get("macs_reduction") is None):
+        raise ConfigError("give exactly one of --sparsity or --macs-reduction")
+    if command in ("stats", "prune", "run") and not get("model"):
+        raise ConfigError("--model is required (see `cdprune models`)")
+
+
+def _check_normalisation(config: dict[str, Any]) -> None:
+    """``--mean``/``--std``: one value per input channel, or one value for all of them."""
+    if config.get("mean") is None and config.get("std") is None:
+        return
+    from .data import dataset_info
+
+    try:
+        channels = int(dataset_info(config["dataset"])[1][0])
+    except (KeyError, ValueError, TypeError):  # an unknown dataset is refused where it is built
+        return
+    for key in ("mean", "std"):
+        values = config.get(key)
+        if values is None:
+            continue
+        values = [float(v) for v in values]
+        if len(values) == 1:
+            values = values * channels
+        if len(values) != channels:
+            raise ConfigError(f"{flag(key)} has {len(values)} values but dataset "
+                              f"'{config['dataset']}' has {channels} input channel"
+                              f"{'s' if channels > 1 else ''}; give "
+                              f"{'1 value' if channels == 1 else f'1 or {channels} values'}")
+        if key == "std" and any(v <= 0 for v in values):
+            raise ConfigError(f"--std {' '.join(f'{v:g}' for v in values)} is invalid; every "
+                              "value must be positive")
+        config[key] = values
+
+
+def check_round_to(config: Mapping[str, Any], model: Any) -> None:
+    """Refuse a ``--round-to`` at least as wide as the widest convolution: nothing could go."""
+    from torch import nn
+
+    round_to = config.get("round_to")
+    convs = [(n, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not round_to or not convs:
+        return
+    name, width = max(convs, key=lambda c: c[1])
+    if round_to >= width:
+        raise ConfigError(f"--round-to {round_to} removes nothing: the widest layer ({name}) "
+                          f"has {width} channels, and widths stay multiples of {round_to}; "
+                          f"give a --round-to below {width}")
+
+
+def check_input_channels(config: Mapping[str, Any], model: Any) -> None:
+    """Refuse a model whose first convolution reads another number of channels than the
+    dataset's images have (before a forward pass fails deep inside PyTorch)."""
+    from torch import nn
+
+    from .data import dataset_info
+
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    try:
+        channels = int(dataset_info(config["dataset"])[1][0])
+    except (KeyError, ValueError, TypeError):
+        return
+    if first is not None and first.in_channels != channels:
+        raise ConfigError(f"--model {config.get('model')} reads {first.in_channels}-channel "
+                          f"images but dataset '{config['dataset']}' has {channels}-channel "
+                          "images; choose a model built for this dataset (see `cdprune "
+                          "models`)")
