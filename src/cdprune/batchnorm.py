@@ -27,8 +27,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable[Any], num_images: int, *,
     """Re-estimate every BatchNorm layer's running mean and variance, in place.
 
     The statistics are reset and averaged over the first ``num_images`` images of
-    ``loader`` (a plain average, not a moving one); weights and biases are unchanged. The
-    model is left in eval mode.
+    ``loader``: a plain average in which every image counts the same (a short last batch
+    is not over-weighted), not a moving one. Weights and biases are unchanged; the model
+    is left in eval mode.
 
     Args:
         model: the network (pruned or not).
@@ -54,15 +55,17 @@ def recalibrate_bn(model: nn.Module, loader: Iterable[Any], num_images: int, *,
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
     seen = 0
     model.train()
     try:
         with torch.no_grad():
             for images, *_ in loader:
                 images = images[: num_images - seen].to(device)
+                batch = images.shape[0]
+                for m in bns:  # weight each batch by its images: a plain average over images
+                    m.momentum = batch / (seen + batch)
                 model(images)
-                seen += images.shape[0]
+                seen += batch
                 if seen >= num_images:
                     break
     finally:

@@ -105,7 +105,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="cifar10, cifar100, imagenet, digits (default cifar10)")
+    g.add_argument("--dataset", help="cifar10, cifar100, imagenet, folder (any class folders),"
+                   " digits (default cifar10)")
     g.add_argument("--data-root", "--dataroot", dest="data_root", help="dataset folder")
     g.add_argument("--download", action="store_true", default=None,
                    help="download CIFAR if missing (verified by MD5)")

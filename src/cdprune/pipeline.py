@@ -213,10 +213,12 @@ def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
     rows = state[key].shape[0] if key in state and state[key].dim() == 2 else num_classes
     if rows != num_classes:
         dataset = config.get("dataset")
+        hint = (f"; for class folders with {rows} classes use --dataset folder"
+                if str(dataset).lower() == "imagenet" else "")
         raise DataError(f"checkpoint '{config['checkpoint']}' has a {rows}-class classifier "
                         f"('{key}' has {rows} outputs) but dataset '{dataset}' has "
                         f"{num_classes} classes; use a checkpoint trained on {dataset}, or the "
-                        "--dataset the checkpoint was trained on")
+                        f"--dataset the checkpoint was trained on{hint}")
 
 
 def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
