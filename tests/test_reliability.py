@@ -178,6 +178,22 @@ def _empty_class(tmp: Path, assets: Path) -> None:
                 Image.new("RGB", (4, 4)).save(folder / "0.png")
 
 
+def _three_class_folders(tmp: Path, assets: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("ant", "bee", "fly"):
+            folder = tmp / "insects" / split / name
+            folder.mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(folder / "0.png")
+    torch.manual_seed(0)
+    torch.save(create_model("tiny_cnn", num_classes=3).state_dict(), tmp / "three.pth")
+
+
+def _weights_beside(tmp: Path, assets: Path) -> None:
+    shutil.copy(assets / "good.pth", tmp / "best.pth")
+
+
 def _no_conv(tmp: Path, assets: Path) -> None:
     from cdprune.stats import collect_stats
 
@@ -235,6 +251,10 @@ CASES: list[Case] = [
     Case("checkpoint-missing", "files", "`--checkpoint` file missing",
          ("missing.pth' does not exist",), "check the path",
          ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/missing.pth", *DATA, *OUT)),
+    Case("checkpoint-not-given", "files", "no `--checkpoint` for `stats`, `prune`, `run` or "
+         "`compare` (random weights are never pruned silently)",
+         ("--checkpoint is missing",), "pass --checkpoint FILE, or --random-init",
+         ("stats", "--model", "digits_cnn", *DATA, *OUT)),
     Case("checkpoint-empty", "files", "empty checkpoint (0 bytes)",
          ("is empty (0 bytes)",), "re-download or re-save it",
          ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/empty.pth", *DATA, *OUT),
@@ -278,6 +298,23 @@ CASES: list[Case] = [
          "leave out --model or pass --model digits_cnn",
          ("finetune", "--model", "tiny_cnn", *DATA, "--model-dir", "{assets}/pruned",
           "--epochs", "1", *OUT)),
+    Case("model-dir-empty", "files", "`--model-dir` holds no model",
+         ("holds no model",), "point --model-dir at a directory written by cdprune prune, run "
+         "or finetune", ("eval", *DATA, "--model-dir", "{tmp}", )),
+    Case("weights-not-finetuned", "files", "`--weights best` (or `last`) where no fine-tuning "
+         "ran", ("--weights best", "has no best.pth (fine-tuning did not run there)"),
+         "use --weights pruned, or fine-tune first",
+         ("eval", *DATA, "--model-dir", "{assets}/pruned", "--weights", "best")),
+    Case("checkpoint-into-pruned", "files", "`--checkpoint` with `--model-dir` holding weights "
+         "of the unpruned base model", ("do not fit the model",
+                                        "--checkpoint must hold weights of the pruned model"),
+         "leave out --checkpoint to use the run's own weights",
+         ("eval", *DATA, "--model-dir", "{assets}/pruned", "--checkpoint", "{assets}/good.pth")),
+    Case("export-over-checkpoint", "files", "`cdprune export --output` naming a weights file",
+         ("is a weights file name (.pth)", "never replaces checkpoints"),
+         "choose a name ending in .onnx",
+         ("export", "--model-dir", "{assets}/pruned", "--output", "{tmp}/best.pth"),
+         setup=_weights_beside),
     Case("plan-corrupt", "files", "corrupt `plan.json`",
          ("plan.json' is not valid JSON",), "the file is corrupt, prune again",
          ("finetune", *DATA, "--model-dir", "{tmp}/corrupt", "--epochs", "1", *OUT),
@@ -302,6 +339,13 @@ CASES: list[Case] = [
          ("stats", "--model", "digits_cnn", "--random-init", "--dataset", "imagenet", "--data-root",
           "{tmp}/imagenet", "-j", "0", "--no-progress", *OUT),
          setup=_empty_class),
+    Case("imagenet-fewer-classes", "data", "`--dataset imagenet` with class folders and a "
+         "checkpoint of another number of classes than 1000",
+         ("has a 3-class classifier", "dataset 'imagenet' has 1000 classes"),
+         "for class folders with 3 classes use --dataset folder",
+         ("stats", "--model", "tiny_cnn", "--checkpoint", "{tmp}/three.pth", "--dataset",
+          "imagenet", "--data-root", "{tmp}/insects", "-j", "0", "--no-progress", *OUT),
+         setup=_three_class_folders),
     Case("fewer-batches", "data",
          "`--stop-batch` larger than the training set (a warning; exit code 0)",
          ("--stop-batch 1000 asks for 1000 batches", "has only"), "using all of them",
