@@ -93,7 +93,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_MEAN = (0.3053,)
 DIGITS_STD = (0.3760,)
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits", "synthetic")
+DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "synthetic", "folder")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
