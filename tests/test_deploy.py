@@ -175,6 +175,25 @@ def test_export_checks_its_own_outputs_and_writes_nothing_on_failure(tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_failed_export_from_the_cli_leaves_no_file(tuned_run, tmp_path, capsys, monkeypatch):
+    import cdprune.export as ex
+
+    real = ex._runner
+    monkeypatch.setattr(ex, "_runner", lambda data, fmt, threads=None:
+                        (lambda x: real(data, fmt, threads)(x) + 1.0))
+    code, _, err = cli(capsys, "export", "--model-dir", tuned_run, "--output",
+                       tmp_path / "m.onnx")
+    assert code == 2 and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ex, "_runner", real)
+    code, out, err = cli(capsys, "export", "--model-dir", tuned_run, "--output",
+                         tmp_path / "m.onnx", "--static-batch", "--no-latency")
+    assert code == 0 and "latency" not in out, err
+    summary = json.loads((tmp_path / "export_onnx.json").read_text())
+    assert summary["dynamic_batch"] is False and "speedup" not in summary
+
+
 def test_onnx_export_takes_any_batch_by_default(tmp_path):
     import onnxruntime as ort
 

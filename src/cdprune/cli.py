@@ -604,6 +604,8 @@ def _cmd_export(config: dict[str, Any]) -> None:
                     dynamic_batch=dynamic)
     summary = {**result.to_dict(), "weights": found.kind, "weights_file": str(found.weights),
                "dynamic_batch": dynamic or fmt == "torchscript"}
+    record = out.parent / f"export_{fmt}.json"  # written now, completed after the timing
+    atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
     _say(f"exported {out} ({result.size_bytes / 1e6:.2f} MB) from the {found.kind} weights "
          f"({found.weights}); largest difference from its PyTorch outputs "
          f"{result.max_abs_diff:.1e}")
@@ -629,7 +631,7 @@ def _cmd_export(config: dict[str, Any]) -> None:
         _say(f"{fmt} latency ({summary['latency_method']}): unpruned {name} "
              f"{summary['latency_base_ms']:.3f} ms, pruned {summary['latency_pruned_ms']:.3f} "
              f"ms ({summary['speedup']:.2f}x)")
-    atomic_write_text(out.parent / f"export_{fmt}.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
 
 
 COMMANDS = {"stats": _cmd_stats, "prune": _cmd_prune, "finetune": _cmd_finetune,
