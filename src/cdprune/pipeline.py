@@ -450,8 +450,20 @@ def run_stats(config: Mapping[str, Any], run: RunDir, data: Data | None = None,
     data = data or build_data(config, need_train=False)
     model = model or build_model(config, data.num_classes)
     path = write_stats(run, config, gather_stats(config, data, model))
+    write_classes(run, config, data)
     barrier()  # other ranks read the file next
     return path
+
+
+def write_classes(run: RunDir, config: Mapping[str, Any], data: Data) -> Path | None:
+    """Record the class names of a ``--dataset folder`` run in ``classes.json``.
+
+    Output index i of the model is ``classes[i]`` (the sorted folder names).
+    """
+    if not run.main or str(config.get("dataset")).lower() != "folder" or not data.classes:
+        return None
+    return atomic_write_text(run.path / "classes.json",
+                             json.dumps(list(data.classes), indent=1) + "\n")
 
 
 def _save_scores(path: Path, scores: Mapping[str, torch.Tensor]) -> None:
@@ -528,10 +540,9 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
         extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
                  "mean": list(data.mean) if data.mean else config.get("mean"),
                  "std": list(data.std) if data.std else config.get("std")}
-        if data.classes:
+        if str(config["dataset"]).lower() == "folder" and data.classes:
             extra["classes"] = list(data.classes)
-            atomic_write_text(run.path / "classes.json",
-                              json.dumps(list(data.classes), indent=1) + "\n")
+        write_classes(run, config, data)
         save_pruned(run.path / "pruned", result, model_name=config["model"],
                     input_size=data.input_size, extra=extra)
         plot_widths(run.path / "widths.png", result.widths_before, result.widths_after)
@@ -554,6 +565,7 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                                       {**config, "checkpoint": None}, data.num_classes)
     fields = TrainConfig.__dataclass_fields__
     train_cfg = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
+    write_classes(run, config, data)
     result = fine_tune(model, data.train, data.val, train_cfg, output_dir=run.path,
                        device=_device(config), resume=bool(config.get("resume")),
                        extra_state={"plan": dict(plan)} if plan else None,
