@@ -13,7 +13,8 @@ import yaml
 from cdprune.cli import main
 
 DATA = ["--dataset", "digits", "-b", "64", "-j", "0", "--no-progress"]
-FAST = ["--model", "digits_cnn", *DATA, "--stats-batch-size", "64", "--stop-batch", "4"]
+FAST = ["--model", "digits_cnn", "--random-init", *DATA, "--stats-batch-size", "64",
+        "--stop-batch", "4"]
 
 
 def run_cli(*args: str) -> int:
@@ -96,7 +97,7 @@ def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
     from cdprune.cli import build_parser, resolve_config
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: resnet20\nlr: 0.05\nmacs-reduction: 0.4\nepochs: 3\n")
+    cfg.write_text("model: resnet20\nrandom-init: true\nlr: 0.05\nmacs-reduction: 0.4\nepochs: 3\n")
     args = build_parser().parse_args(["run", "-c", str(cfg), "--epochs", "7"])
     config = resolve_config(args)
     assert config["model"] == "resnet20" and config["lr"] == 0.05
@@ -110,8 +111,8 @@ def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
      "--stop-batch"),
     (["run", "--model", "resnet20", "--macs-reduction", "0.5", "--coe", "-1"], "--coe"),
     (["run", "--model", "resnet20", "--macs-reduction", "0.5", "--epochs", "-2"], "--epochs"),
-    (["run", "--model", "resnet2O", "--macs-reduction", "0.5", "--output-dir", "{tmp}/x",
-      "--dataset", "digits"], "resnet20"),
+    (["run", "--model", "resnet2O", "--random-init", "--macs-reduction", "0.5",
+      "--output-dir", "{tmp}/x", "--dataset", "digits"], "resnet20"),
     (["eval", "--model", "digits_cnn", "--dataset", "digits", "--checkpoint", "{tmp}/none.pth"],
      "does not exist"),
 ])

@@ -202,7 +202,7 @@ def test_refusal_names_only_flags_the_command_has(command, tmp_path, base, capsy
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("earlier run\n")
-    argv = [command, "--model", "digits_cnn", *DATA, "--output-dir", str(out)]
+    argv = [command, "--model", "digits_cnn", "--random-init", *DATA, "--output-dir", str(out)]
     if command == "prune":
         argv += ["--sparsity", "0.3", "--stats", str(tmp_path / "s.safetensors")]
     assert main(argv) == 2
@@ -361,7 +361,7 @@ def test_sigkill_with_loader_workers_then_resume_at_once(workers, tmp_path, base
 @pytest.mark.slow
 def test_resnet18_with_a_last_batch_of_one_image(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["run", "--model", "resnet18", "--dataset", "synthetic", "-j", "0",
+    argv = ["run", "--model", "resnet18", "--random-init", "--dataset", "synthetic", "-j", "0",
             "--no-progress", "--stop-batch", "1", "-b", "4", "--train-subset", "5",
             "--sparsity", "0.3", "--epochs", "1", "--output-dir", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
@@ -417,7 +417,8 @@ def test_no_hint_names_an_option_the_command_lacks(tmp_path, capsys, monkeypatch
                                  "(now 0.1) or set clip_grad_norm")
 
     monkeypatch.setattr(pipeline, "run_finetune", diverged)
-    argv = ["run", "--model", "digits_cnn", *DATA, "--stop-batch", "1", "--sparsity", "0.3",
+    argv = ["run", "--model", "digits_cnn", "--random-init", *DATA, "--stop-batch", "1",
+            "--sparsity", "0.3",
             "--epochs", "1", "--output-dir", str(tmp_path / "out")]
     assert main(argv) == 2
     line = _one_line(capsys)

@@ -180,6 +180,22 @@ def _empty_class(tmp: Path, assets: Path) -> None:
                 Image.new("RGB", (4, 4)).save(folder / "0.png")
 
 
+def _three_class_folders(tmp: Path, assets: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("ant", "bee", "fly"):
+            folder = tmp / "insects" / split / name
+            folder.mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(folder / "0.png")
+    torch.manual_seed(0)
+    torch.save(create_model("tiny_cnn", num_classes=3).state_dict(), tmp / "three.pth")
+
+
+def _weights_beside(tmp: Path, assets: Path) -> None:
+    shutil.copy(assets / "good.pth", tmp / "best.pth")
+
+
 def _no_conv(tmp: Path, assets: Path) -> None:
     from cdprune.stats import collect_stats
 
@@ -423,12 +439,16 @@ CASES: list[Case] = [
          ("--output-dir", "is not valid UTF-8",), "rename it with UTF-8 characters only",
          (*RUN, "--sparsity", "0.3", "--output-dir", "{tmp}/run\udcff")),
     Case("export-suffix", "files", "`export --output` naming a file of another format "
-         "(`run/best.pth`)", ("--output", "best.pth' does not end in .onnx",),
-         "name the file *.onnx",
+         "(`run/best.pth`)", ("--output", "best.pth' is a weights file name",),
+         "choose a name ending in .onnx",
          ("export", "--model-dir", "{assets}/pruned", "--output", "{tmp}/best.pth")),
     Case("checkpoint-missing", "files", "`--checkpoint` file missing",
          ("missing.pth' does not exist",), "check the path",
          ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/missing.pth", *DATA, *OUT)),
+    Case("checkpoint-not-given", "files", "no `--checkpoint` for `stats`, `prune`, `run` or "
+         "`compare` (random weights are never pruned silently)",
+         ("--checkpoint is missing",), "pass --checkpoint FILE, or --random-init",
+         ("stats", "--model", "digits_cnn", *DATA, *OUT)),
     Case("checkpoint-empty", "files", "empty checkpoint (0 bytes)",
          ("is empty (0 bytes)",), "re-download or re-save it",
          ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/empty.pth", *DATA, *OUT),
@@ -472,6 +492,23 @@ CASES: list[Case] = [
          "leave out --model or pass --model digits_cnn",
          ("finetune", "--model", "tiny_cnn", *DATA, "--model-dir", "{assets}/pruned",
           "--epochs", "1", *OUT)),
+    Case("model-dir-empty", "files", "`--model-dir` holds no model",
+         ("holds no model",), "point --model-dir at a directory written by cdprune prune, run "
+         "or finetune", ("eval", *DATA, "--model-dir", "{tmp}", )),
+    Case("weights-not-finetuned", "files", "`--weights best` (or `last`) where no fine-tuning "
+         "ran", ("--weights best", "has no best.pth (fine-tuning did not run there)"),
+         "use --weights pruned, or fine-tune first",
+         ("eval", *DATA, "--model-dir", "{assets}/pruned", "--weights", "best")),
+    Case("checkpoint-into-pruned", "files", "`--checkpoint` with `--model-dir` holding weights "
+         "of the unpruned base model", ("do not fit the model",
+                                        "--checkpoint must hold weights of the pruned model"),
+         "leave out --checkpoint to use the run's own weights",
+         ("eval", *DATA, "--model-dir", "{assets}/pruned", "--checkpoint", "{assets}/good.pth")),
+    Case("export-over-checkpoint", "files", "`cdprune export --output` naming a weights file",
+         ("is a weights file name (.pth)", "never replaces checkpoints"),
+         "choose a name ending in .onnx",
+         ("export", "--model-dir", "{assets}/pruned", "--output", "{tmp}/best.pth"),
+         setup=_weights_beside),
     Case("plan-corrupt", "files", "corrupt `plan.json`",
          ("plan.json' is not valid JSON",), "the file is corrupt, prune again",
          ("finetune", *DATA, "--model-dir", "{tmp}/corrupt", "--epochs", "1", *OUT),
@@ -479,23 +516,30 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ data
     Case("data-root-missing", "data", "`--data-root` does not exist",
          ("CIFAR-10 root folder", "does not exist"), CIFAR_FIX,
-         ("stats", "--model", "digits_cnn", "--dataset", "cifar10", "--data-root",
+         ("stats", "--model", "digits_cnn", "--random-init", "--dataset", "cifar10", "--data-root",
           "{tmp}/nowhere", "-j", "0", "--no-progress", *OUT)),
     Case("cifar-file-missing", "data", "CIFAR folder without one of its batch files",
          ("test_batch is missing",), CIFAR_FIX,
-         ("stats", "--model", "digits_cnn", "--dataset", "cifar10", "--data-root",
+         ("stats", "--model", "digits_cnn", "--random-init", "--dataset", "cifar10", "--data-root",
           "{tmp}/cifar", "-j", "0", "--no-progress", *OUT),
          setup=lambda tmp, assets: _cifar(tmp, assets, None)),
     Case("cifar-file-short", "data", "CIFAR batch file cut short",
          ("is 1000 bytes but the official file is 31035526 bytes",), CIFAR_FIX,
-         ("stats", "--model", "digits_cnn", "--dataset", "cifar10", "--data-root",
+         ("stats", "--model", "digits_cnn", "--random-init", "--dataset", "cifar10", "--data-root",
           "{tmp}/cifar", "-j", "0", "--no-progress", *OUT),
          setup=lambda tmp, assets: _cifar(tmp, assets, 1000)),
     Case("imagefolder-empty-class", "data", "ImageFolder class folder without images",
          ("dog holds no images",), "add images or remove the folder",
-         ("stats", "--model", "digits_cnn", "--dataset", "imagenet", "--data-root",
+         ("stats", "--model", "digits_cnn", "--random-init", "--dataset", "imagenet", "--data-root",
           "{tmp}/imagenet", "-j", "0", "--no-progress", *OUT),
          setup=_empty_class),
+    Case("imagenet-fewer-classes", "data", "`--dataset imagenet` with class folders and a "
+         "checkpoint of another number of classes than 1000",
+         ("has a 3-class classifier", "dataset 'imagenet' has 1000 classes"),
+         "for class folders with 3 classes use --dataset folder",
+         ("stats", "--model", "tiny_cnn", "--checkpoint", "{tmp}/three.pth", "--dataset",
+          "imagenet", "--data-root", "{tmp}/insects", "-j", "0", "--no-progress", *OUT),
+         setup=_three_class_folders),
     Case("fewer-batches", "data",
          "`--stop-batch` larger than the training set (a warning; exit code 0)",
          ("--stop-batch 1000 asks for 1000 batches", "has only"), "using all of them",
@@ -517,14 +561,15 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ models
     Case("unknown-model", "models", "unknown model name (`--model resnet2O`)",
          ("unknown model 'resnet2O'", "resnet20"), "did you mean",
-         ("stats", "--model", "resnet2O", *DATA, *OUT)),
+         ("stats", "--model", "resnet2O", "--random-init", *DATA, *OUT)),
     Case("no-conv2d", "models", "a model without `nn.Conv2d` (Python API: `collect_stats`)",
          ("has no nn.Conv2d layer",), "CDP scores convolution filters",
          library=_no_conv),
     Case("model-input-channels", "models", "a model for RGB images on 1-channel data "
          "(`--model resnet18 --dataset digits`)",
          ("--model resnet18 reads 3-channel images but dataset 'digits' has 1-channel",),
-         "choose a model built for this dataset", ("stats", "--model", "resnet18", *DATA, *OUT)),
+         "choose a model built for this dataset",
+         ("stats", "--model", "resnet18", "--random-init", *DATA, *OUT)),
     Case("ignore-layers-unknown", "models", "`--ignore-layers` names a layer the model lacks",
          ("--ignore-layers: 'conv9' is not a layer of digits_cnn",), "did you mean conv3, conv2, conv1?",
          ("run", *BASE, *FAST_STATS, "--macs-reduction", "0.5", "--ignore-layers", "conv9",
@@ -888,7 +933,8 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path, assets, capsys):
 # ============================================================================ determinism
 @pytest.mark.slow
 def test_same_seed_same_everything_on_cpu(tmp_path, assets):
-    import torch_pruning
+    from importlib import metadata
+
     from safetensors.torch import load_file
 
     import cdprune
@@ -910,5 +956,6 @@ def test_same_seed_same_everything_on_cpu(tmp_path, assets):
     report = json.loads((a / "report.json").read_text())
     assert report["seed"] == 3
     assert report["environment"]["torch"] == torch.__version__
-    assert report["environment"]["torch_pruning"] == torch_pruning.__version__
+    # the installed distribution's version (the package's __version__ can lag behind it)
+    assert report["environment"]["torch_pruning"] == metadata.version("torch-pruning")
     assert report["environment"]["cdprune"] == cdprune.__version__

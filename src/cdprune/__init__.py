@@ -12,7 +12,9 @@ import logging
 __version__ = "0.1.0"
 
 from . import models  # noqa: E402
+from .batchnorm import recalibrate_bn  # noqa: E402
 from .checkpoint import load_weights, read_state_dict, save_weights  # noqa: E402
+from .deploy import find_run_model, load_run_model  # noqa: E402
 from .errors import CdpruneError, CheckpointError, ConfigError, DataError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .macs import count_macs, count_params  # noqa: E402
@@ -39,13 +41,16 @@ __all__ = [
     "count_params",
     "create_model",
     "evaluate",
+    "find_run_model",
     "fine_tune",
     "list_models",
     "load_pruned",
+    "load_run_model",
     "load_weights",
     "models",
     "prune",
     "read_state_dict",
+    "recalibrate_bn",
     "save_pruned",
     "save_weights",
     "tfidf",

@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
     "max_iters": None, "sync_bn": False, "train_subset": None, "seed": 0, "device": None, "output_dir": None,
     "resume": False, "overwrite": False, "no_progress": False,
 }
+# Deployment and evaluation options (kept apart so that the table above stays as it was).
+DEFAULTS.update({"random_init": False, "weights": None, "val_subset": None, "no_eval": False,
+                 "bn_recalibrate": None})
 
 
 class UsageError(ConfigError):
@@ -93,12 +96,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="zoo name (see `cdprune models`), torchvision:NAME or "
                                    "timm:NAME")
     g.add_argument("--checkpoint", "--pretrained_dir", "--pretrained-dir", dest="checkpoint",
-                   help="weights of the base model (.pth, .pth.tar, .th, .pt, .safetensors)")
+                   help="weights of the base model (.pth, .pth.tar, .th, .pt, .safetensors); "
+                   "with --model-dir: weights of the pruned model")
+    g.add_argument("--random-init", action="store_true", default=None,
+                   help="use randomly initialised weights when no --checkpoint is given "
+                   "(for tests; pruning random weights is meaningless otherwise)")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="cifar10, cifar100, imagenet, digits (default cifar10)")
+    g.add_argument("--dataset", help="cifar10, cifar100, imagenet, folder (any class folders),"
+                   " digits (default cifar10)")
     g.add_argument("--data-root", "--dataroot", dest="data_root", help="dataset folder")
     g.add_argument("--download", action="store_true", default=None,
                    help="download CIFAR if missing (verified by MD5)")
@@ -111,6 +119,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=_float, nargs="+", help="input normalisation std")
     g.add_argument("--train-subset", type=_positive_int,
                    help="fine-tune on a seeded random subset of this many training images")
+    g.add_argument("--val-subset", type=_positive_int,
+                   help="evaluate on a seeded random subset of this many validation images")
 
 
 def _add_stats(p: argparse.ArgumentParser) -> None:
@@ -146,6 +156,15 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
                    "ranking of all filters; uniform: every layer loses the same fraction")
     g.add_argument("--ignore-layers", nargs="+", help="module names never pruned")
     g.add_argument("--stats", help="statistics file (default: <output-dir>/stats.safetensors)")
+    _add_after_pruning(g)
+
+
+def _add_after_pruning(g: Any) -> None:
+    g.add_argument("--bn-recalibrate", type=_positive_int, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training images after pruning "
+                   "(before fine-tuning); reported as its own accuracy row")
+    g.add_argument("--no-eval", action="store_true", default=None,
+                   help="do not evaluate the base and pruned models after pruning")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -199,14 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
         for add in adders:
             add(p)
         if name in ("finetune", "eval", "export"):
-            p.add_argument("--model-dir", help="pruned model directory (plan.json + weights) "
-                           "or a run directory holding pruned/")
+            p.add_argument("--model-dir", help="run directory (its final model), fine-tune "
+                           "directory, or pruned model directory (plan.json + weights)")
+            final = "pruned" if name == "finetune" else "final"
+            p.add_argument("--weights", choices=["final", "best", "last", "pruned"],
+                           help="which weights of --model-dir: final (best.pth when "
+                           "fine-tuning ran, else the pruned model), best, last or pruned "
+                           f"(default {final})")
         if name == "export":
+            p.add_argument("--checkpoint", help="weights of the pruned model to export "
+                           "instead of the run's own")
             p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
             p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-            p.add_argument("--dynamic-batch", action="store_true",
-                           help="exported model accepts any batch size")
-            p.add_argument("--output", help="output file (default: next to plan.json)")
+            batch = p.add_mutually_exclusive_group()
+            batch.add_argument("--dynamic-batch", action="store_true", default=None,
+                               help="exported model accepts any batch size (the default)")
+            batch.add_argument("--static-batch", action="store_true", default=None,
+                               help="exported ONNX model accepts batch size 1 only")
+            p.add_argument("--output", help="output file (default: model.onnx or model.pt "
+                           "next to the weights exported)")
+            p.add_argument("--no-latency", action="store_true", default=None,
+                           help="skip the latency comparison with the unpruned architecture")
         if name == "compare":
             g = p.add_argument_group("comparison")
             g.add_argument("--macs-reduction", type=_float, nargs="+", dest="macs_targets",
@@ -217,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--scope", choices=["auto", "internal", "all"])
             g.add_argument("--allocation", choices=["global", "uniform"],
                            help="how every criterion's scores become per-layer removals")
+            g.add_argument("--bn-recalibrate", type=_positive_int, metavar="N",
+                           help="also report accuracy after re-estimating BatchNorm "
+                           "statistics on N training images")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="shorter run (smoke test)")
         if name != "models":
@@ -235,7 +270,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         if key in DEFAULTS and value is not None:
             config[key] = value
     for key in ("model_dir", "stats", "quick", "format", "opset", "dynamic_batch", "output",
-                "macs_targets", "criteria", "random_seeds"):
+                "macs_targets", "criteria", "random_seeds", "static_batch", "no_latency"):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     config["command"] = args.command
@@ -280,12 +315,16 @@ def _cmd_stats(config: dict[str, Any]) -> None:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    _say(f"MACs {summary['macs_before'] / 1e6:.2f}M -> {summary['macs_after'] / 1e6:.2f}M "
-          f"(-{100 * summary['macs_reduction']:.1f}%), params "
-          f"{summary['params_before'] / 1e6:.3f}M -> {summary['params_after'] / 1e6:.3f}M")
+    from .report import format_count as n
+
+    _say(f"MACs {n(summary['macs_before'])} -> {n(summary['macs_after'])} "
+         f"(-{100 * summary['macs_reduction']:.1f}%), params "
+         f"{n(summary['params_before'])} -> {n(summary['params_after'])}")
     if "acc_base" in summary:
         _say(f"accuracy: base {summary['acc_base']:.2f}%, right after pruning "
-              f"{summary['acc_pruned']:.2f}%")
+             f"{summary['acc_pruned']:.2f}%" + (
+                 f", after BatchNorm recalibration ({summary['bn_recalibrate_images']} images) "
+                 f"{summary['acc_recalibrated']:.2f}%" if "acc_recalibrated" in summary else ""))
 
 
 def _cmd_prune(config: dict[str, Any]) -> None:
@@ -299,7 +338,7 @@ def _cmd_prune(config: dict[str, Any]) -> None:
     )
 
     run = _run_dir(config)
-    data = build_data(config, need_train=False, need_stats=False)
+    data = build_data(config, need_train=bool(config.get("bn_recalibrate")), need_stats=False)
     model = build_model(config, data.num_classes)
     check_ignore_layers(config, model)
     stats = load_stats(config, model)
@@ -312,9 +351,16 @@ def _cmd_prune(config: dict[str, Any]) -> None:
 
 
 def _cmd_finetune(config: dict[str, Any]) -> None:
-    from .pipeline import build_data, finish_report, load_pruned_dir, run_finetune
+    from .pipeline import (
+        build_data,
+        finish_report,
+        load_pruned_dir,
+        model_dir_defaults,
+        run_finetune,
+    )
 
     run = _run_dir(config)
+    config = model_dir_defaults(config)
     data = build_data(config, need_stats=False)
     model, plan = load_pruned_dir(config.get("model_dir") or run.path, config, data.num_classes)
     with run:
@@ -327,11 +373,21 @@ def _cmd_finetune(config: dict[str, Any]) -> None:
 
 def _cmd_eval(config: dict[str, Any]) -> None:
     from .evaluate import evaluate
-    from .pipeline import _device, build_data, build_model, load_pruned_dir
+    from .pipeline import (
+        _device,
+        build_data,
+        build_model,
+        check_base_accuracy,
+        load_model_dir,
+        model_dir_defaults,
+    )
 
+    config = model_dir_defaults(config)
     data = build_data(config, need_train=False, need_stats=False)
+    found = None
     if config.get("model_dir"):
-        model, _ = load_pruned_dir(config["model_dir"], config, data.num_classes)
+        model, _, found = load_model_dir(config["model_dir"], config, data.num_classes,
+                                         config.get("weights") or "final")
     else:
         if not config.get("model"):
             raise ConfigError("give --model (and --checkpoint) or --model-dir")
@@ -339,7 +395,12 @@ def _cmd_eval(config: dict[str, Any]) -> None:
     device = _device(config)
     result = evaluate(model.to(device), data.val, device=device,
                       progress=not config.get("no_progress"))
-    _say(json.dumps(result.to_dict(), indent=1))
+    doc = result.to_dict()
+    if found is not None:
+        doc.update(weights=found.kind, weights_file=str(found.weights))
+    elif config.get("checkpoint"):
+        check_base_accuracy(config, result.top1, len(data.val.dataset))
+    _say(json.dumps(doc, indent=1))
 
 
 def _cmd_run(config: dict[str, Any]) -> None:
@@ -375,6 +436,19 @@ def _cmd_run(config: dict[str, Any]) -> None:
     _say(f"fine-tuned: best top-1 {result.best_acc:.2f}%\nreport: {run.path / 'report.md'}")
 
 
+def _compare_line(r: dict[str, Any]) -> str:
+    name = f"{r['criterion']:>9s}{'' if r['seed'] is None else r['seed']}"
+    head = f"{name} -{100 * r['macs_target']:.0f}% MACs: "
+    if r.get("status") == "unreachable":
+        return head + f"unreachable ({r['error']})"
+    parts = [f"{r['acc_pruned']:.2f}% pruned"]
+    for key, label in (("acc_recalibrated", "after BN recalibration"),
+                       ("acc_finetuned", "fine-tuned")):
+        if not math.isnan(r.get(key, math.nan)):
+            parts.append(f"{r[key]:.2f}% {label}")
+    return head + ", ".join(parts)
+
+
 def _cmd_compare(config: dict[str, Any]) -> None:
     import torch
 
@@ -394,11 +468,34 @@ def _cmd_compare(config: dict[str, Any]) -> None:
     run = _run_dir(config)
     data = build_data(config)
     model = build_model(config, data.num_classes)
+    done: list[dict[str, Any]] = []
+    previous = run.path / "compare.json"
+    if config.get("resume") and previous.is_file():
+        try:
+            done = list(json.loads(previous.read_text())["rows"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"cannot resume: '{previous}' is not a comparison written by "
+                              f"cdprune ({exc}); remove it or choose another --output-dir"
+                              ) from None
+        _say(f"resuming: {len(done)} finished rows in {previous} are kept", flush=True)
+    meta = {k: config.get(k) for k in ("model", "checkpoint", "dataset", "epochs",
+                                         "max_iters", "lr", "train_subset", "val_subset",
+                                         "stop_batch", "stats_batch_size", "seed", "scope",
+                                         "tap", "normalize", "allocation", "variant",
+                                         "bn_recalibrate")}
+    rows: list[dict[str, Any]] = []
+
+    def on_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if run.main:  # tables after every finished criterion: nothing is lost on a stop
+            write_comparison(run.path, [*rows, *(r for r in done if r not in rows)], meta)
+        _say(_compare_line(row), flush=True)
+
     with run:
         run.write_config(config)
         fields = TrainConfig.__dataclass_fields__
         budget = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
-        rows = compare_criteria(
+        all_rows = compare_criteria(
             model, train_loader=data.train, val_loader=data.val, stats_loader=data.stats,
             example_inputs=torch.randn(2, *data.input_size), macs_reductions=targets,
             criteria=config.get("criteria") or CRITERIA, finetune=budget,
@@ -409,15 +506,9 @@ def _cmd_compare(config: dict[str, Any]) -> None:
                          if k in ("tap", "normalize", "variant")},
             allocation=options["prune"].get("allocation", "global"),
             device=_device(config), progress=not config.get("no_progress"),
-            on_row=lambda r: _say(f"{r['criterion']:>9s}{'' if r['seed'] is None else r['seed']}"
-                                   f" -{100 * r['macs_target']:.0f}% MACs: "
-                                   f"{r['acc_pruned']:.2f}% pruned, "
-                                   f"{r['acc_finetuned']:.2f}% fine-tuned", flush=True))
-        meta = {k: config.get(k) for k in ("model", "checkpoint", "dataset", "epochs",
-                                             "max_iters", "lr", "train_subset", "stop_batch",
-                                             "stats_batch_size", "seed", "scope", "tap",
-                                             "normalize", "allocation", "variant")}
-        _, md = write_comparison(run.path, rows, meta)
+            on_row=on_row, done=done, bn_recalibrate=int(config.get("bn_recalibrate") or 0),
+            recal_loader=data.recal)
+        _, md = write_comparison(run.path, all_rows, meta)
     _say(md.read_text())
 
 
@@ -441,46 +532,58 @@ def _cmd_export(config: dict[str, Any]) -> None:
     import tempfile
 
     from .checkpoint import atomic_write_text
-    from .export import export, export_latency
+    from .export import check_output, compare_latency, export
     from .models import create_model
-    from .pipeline import pruned_dir
-    from .pruning import load_pruned, read_plan
+    from .pipeline import load_model_dir
 
     if not config.get("model_dir"):
-        raise ConfigError("--model-dir is required: a directory written by `cdprune prune`")
-    directory = pruned_dir(config["model_dir"])
-    plan = read_plan(directory)
+        raise ConfigError("--model-dir is required: a run directory, or a pruned model "
+                          "directory written by `cdprune prune`")
+    model, plan, found = load_model_dir(config["model_dir"], {**config, "model": None}, None,
+                                        config.get("weights") or "final")
     name = plan.get("zoo_model")
     if not name or not plan.get("input_size"):
-        raise ConfigError(f"'{directory}' holds a user model; export it from Python with "
-                          "cdprune.export.export(model, path, input_size=...)")
+        raise ConfigError(f"'{found.pruned_dir}' holds a user model; export it from Python "
+                          "with cdprune.export.export(model, path, input_size=...)")
     num_classes = (plan.get("extra") or {}).get("num_classes")
-    model = load_pruned(directory, create_model(name, num_classes=num_classes))
     fmt = config["format"]
     suffix = ".onnx" if fmt == "onnx" else ".pt"
-    out = Path(config.get("output") or directory / f"model{suffix}")
-    if out.suffix.lower() != suffix:  # never put export bytes under a checkpoint's name
-        raise ConfigError(f"--output '{out}' does not end in {suffix}, the suffix of --format "
-                          f"{fmt}; name the file *{suffix}")
+    folder = found.weights.parent if found.kind in ("best", "last") else found.pruned_dir
+    out = check_output(config.get("output") or folder / f"model{suffix}", fmt)
     size = tuple(plan["input_size"])
+    dynamic = not config.get("static_batch")
     result = export(model, out, format=fmt, input_size=size, opset=config["opset"],
-                    dynamic_batch=bool(config.get("dynamic_batch")))
-    with tempfile.TemporaryDirectory() as tmp:
-        base = export(create_model(name, num_classes=num_classes).eval(),
-                      Path(tmp) / f"base{suffix}", format=fmt, input_size=size,
-                      opset=config["opset"])
-        lat_base = export_latency(base.path, fmt, size)
-        lat_pruned = export_latency(result.path, fmt, size)
-        base_size = base.size_bytes
-    summary = {**result.to_dict(), "base_size_bytes": base_size,
-               "latency_base_ms": round(1e3 * lat_base, 3),
-               "latency_pruned_ms": round(1e3 * lat_pruned, 3),
-               "speedup": round(lat_base / lat_pruned, 3)}
-    atomic_write_text(directory / f"export_{fmt}.json", json.dumps(summary, indent=1) + "\n")
-    _say(f"exported {out} ({result.size_bytes / 1e6:.2f} MB, unpruned {base_size / 1e6:.2f} MB)"
-          f"; max difference from PyTorch {result.max_abs_diff:.1e}")
-    _say(f"{fmt} latency, batch 1, CPU: unpruned {summary['latency_base_ms']:.2f} ms, pruned "
-          f"{summary['latency_pruned_ms']:.2f} ms ({summary['speedup']:.2f}x)")
+                    dynamic_batch=dynamic)
+    summary = {**result.to_dict(), "weights": found.kind, "weights_file": str(found.weights),
+               "dynamic_batch": dynamic or fmt == "torchscript"}
+    record = out.parent / f"export_{fmt}.json"  # written now, completed after the timing
+    atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
+    _say(f"exported {out} ({result.size_bytes / 1e6:.2f} MB) from the {found.kind} weights "
+         f"({found.weights}); largest difference from its PyTorch outputs "
+         f"{result.max_abs_diff:.1e}")
+    if not config.get("no_latency"):
+        import torch
+
+        threads = torch.get_num_threads()
+        warmup, repeats = 10, 50
+        with tempfile.TemporaryDirectory() as tmp:
+            # The unpruned architecture, exported the same way; latency does not depend on
+            # the weight values, so its initial weights serve (no verification needed).
+            base = export(create_model(name, num_classes=num_classes).eval(),
+                          Path(tmp) / f"base{suffix}", format=fmt, input_size=size,
+                          opset=config["opset"], dynamic_batch=dynamic, checks=0)
+            lat = compare_latency({"base": base.path, "pruned": result.path}, fmt, size,
+                                  warmup=warmup, repeats=repeats, threads=threads)
+        summary.update(base_size_bytes=base.size_bytes,
+                       latency_base_ms=round(1e3 * lat["base"], 3),
+                       latency_pruned_ms=round(1e3 * lat["pruned"], 3),
+                       speedup=round(lat["base"] / lat["pruned"], 3),
+                       latency_method=f"batch 1, CPU, {threads} threads for both, median of "
+                       f"{repeats} interleaved runs after {warmup} warm-up runs")
+        _say(f"{fmt} latency ({summary['latency_method']}): unpruned {name} "
+             f"{summary['latency_base_ms']:.3f} ms, pruned {summary['latency_pruned_ms']:.3f} "
+             f"ms ({summary['speedup']:.2f}x)")
+        atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
 
 
 COMMANDS = {"stats": _cmd_stats, "prune": _cmd_prune, "finetune": _cmd_finetune,
@@ -553,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace, debug: bool) -> int:
     try:
         config = resolve_config(args)
+        if not sys.stderr.isatty():  # logs and pipes get plain log lines, no \r bars
+            config["no_progress"] = True
         from .distributed import cleanup, init_distributed
 
         info = init_distributed()  # a no-op unless started by torchrun

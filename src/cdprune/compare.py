@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batchnorm import recalibrate_bn
 from .checkpoint import atomic_write_text
 from .criteria import (
     CRITERIA,
@@ -37,6 +38,7 @@ from .criteria import (
 from .errors import ConfigError
 from .evaluate import evaluate
 from .pruning import prune
+from .report import format_count
 from .scoring import tfidf_scores
 from .stats import collect_stats
 from .train import TrainConfig, fine_tune
@@ -71,6 +73,9 @@ def compare_criteria(
     device: torch.device | str | None = None,
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    done: Sequence[Mapping[str, Any]] = (),
+    bn_recalibrate: int = 0,
+    recal_loader: Any = None,
 ) -> list[dict[str, Any]]:
     """Prune ``model`` with each criterion at each MACs target and fine-tune equally.
 
@@ -96,11 +101,20 @@ def compare_criteria(
             by the criterion alone.
         device: where to evaluate and train.
         progress: show progress bars.
-        on_row: called with each result row as soon as it exists.
+        on_row: called with each result row as soon as it exists (to write tables as
+            the comparison goes).
+        done: rows of an earlier, interrupted comparison; their (target, criterion, seed)
+            are not run again and the rows are returned as they are.
+        bn_recalibrate: when positive, also report accuracy after re-estimating BatchNorm
+            statistics on this many images of ``recal_loader`` (fine-tuning starts from
+            the recalibrated model).
+        recal_loader: un-augmented training images for ``bn_recalibrate``.
 
     Returns:
         One row per (target, criterion, seed): MACs, parameters, accuracy right after
-        pruning and after fine-tuning, seconds spent.
+        pruning (and BatchNorm recalibration) and after fine-tuning, seconds spent. A target
+        a criterion cannot reach gives a row with ``status: "unreachable"`` and the
+        ``error`` instead of aborting the comparison.
     """
     unknown = [c for c in criteria if c not in CRITERIA]
     if unknown:
@@ -118,7 +132,11 @@ def compare_criteria(
     device = torch.device(device) if device else torch.device("cpu")
     model = model.to(device).eval()
     output_dir = Path(output_dir)
-    base_acc = evaluate(model, val_loader, device=device, progress=False).top1
+    if bn_recalibrate and recal_loader is None:
+        raise ConfigError("bn_recalibrate needs recal_loader (un-augmented training images)")
+    finished = {_key(r): dict(r) for r in done}
+    base_acc = (next(iter(finished.values()))["acc_base"] if finished else
+                evaluate(model, val_loader, device=device, progress=False).top1)
     cache: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
 
     def scores_for(criterion: str, seed: int) -> tuple[dict[str, torch.Tensor], float]:
@@ -148,12 +166,33 @@ def compare_criteria(
     for target in macs_reductions:
         for criterion in criteria:
             for seed in (random_seeds if criterion == "random" else (None,)):
+                key = _key({"macs_target": target, "criterion": criterion, "seed": seed})
+                if key in finished:
+                    rows.append(finished[key])
+                    logger.info("%s @ -%.0f%% MACs: done before, kept", criterion,
+                                100 * target)
+                    continue
                 scores, score_time = scores_for(criterion, seed or 0)
                 start = time.perf_counter()
-                result = prune(model, scores, example_inputs=example_inputs.cpu(),
-                               macs_reduction=target, scope=scope, allocation=allocation)
+                try:
+                    result = prune(model, scores, example_inputs=example_inputs.cpu(),
+                                   macs_reduction=target, scope=scope, allocation=allocation)
+                except ConfigError as exc:  # this criterion cannot reach this target
+                    row = {"macs_target": target, "criterion": criterion, "seed": seed,
+                           "status": "unreachable", "error": str(exc), "acc_base": base_acc}
+                    rows.append(row)
+                    logger.warning("%s @ -%.0f%% MACs: unreachable: %s", criterion,
+                                   100 * target, exc)
+                    if on_row:
+                        on_row(row)
+                    continue
                 pruned = result.model.to(device)
                 acc_pruned = evaluate(pruned, val_loader, device=device, progress=False).top1
+                acc_recal = math.nan
+                if bn_recalibrate:
+                    recalibrate_bn(pruned, recal_loader, bn_recalibrate, device=device)
+                    acc_recal = evaluate(pruned, val_loader, device=device,
+                                         progress=False).top1
                 acc_tuned = math.nan
                 if finetune is not None and (finetune.epochs > 0 or finetune.max_iters):
                     tag = f"{criterion}{'' if seed is None else f'-seed{seed}'}"
@@ -163,9 +202,11 @@ def compare_criteria(
                                           extra_state={"plan": result.plan},
                                           progress=progress).final_acc
                 row = {"macs_target": target, "criterion": criterion, "seed": seed,
+                       "status": "done",
                        "macs": result.macs_after, "macs_reduction": result.macs_reduction,
                        "params": result.params_after, "acc_base": base_acc,
-                       "acc_pruned": acc_pruned, "acc_finetuned": acc_tuned,
+                       "acc_pruned": acc_pruned, "acc_recalibrated": acc_recal,
+                       "acc_finetuned": acc_tuned,
                        "seconds": round(score_time + time.perf_counter() - start, 2)}
                 rows.append(row)
                 logger.info("%s @ -%.0f%% MACs: %.2f%% right after pruning, %.2f%% after "
@@ -175,25 +216,35 @@ def compare_criteria(
     return rows
 
 
+def _key(row: Mapping[str, Any]) -> tuple[float, str, int | None]:
+    return float(row["macs_target"]), str(row["criterion"]), row.get("seed")
+
+
 def _summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One line per (target, criterion); random seeds become mean and std."""
     groups: dict[tuple[float, str], list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["macs_target"], row["criterion"]), []).append(row)
     out = []
-    for (target, criterion), members in groups.items():
+    for (target, criterion), all_members in groups.items():
+        members = [m for m in all_members if m.get("status", "done") != "unreachable"]
+        if not members:
+            out.append({"macs_target": target, "criterion": criterion, "runs": 0,
+                        "status": "unreachable", "error": all_members[0].get("error")})
+            continue
         line = {"macs_target": target, "criterion": criterion, "runs": len(members),
+                "status": "done",
                 "macs": statistics.fmean(m["macs"] for m in members),
                 "params": statistics.fmean(m["params"] for m in members),
                 "seconds": statistics.fmean(m["seconds"] for m in members)}
-        for key in ("acc_pruned", "acc_finetuned"):
-            line[key], line[key + "_std"] = _mean_std([m[key] for m in members])
+        for key in ("acc_pruned", "acc_recalibrated", "acc_finetuned"):
+            line[key], line[key + "_std"] = _mean_std([m.get(key, math.nan) for m in members])
         out.append(line)
     return out
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    values = [v for v in values if not math.isnan(v)]
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float | None]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return math.nan, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -217,21 +268,35 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
     lines = ["# Pruning criteria at equal MACs", ""]
     for key, value in (meta or {}).items():
         lines.append(f"- {key}: {value}")
+    recal = any(not math.isnan(line.get("acc_recalibrated", math.nan)) for line in summary)
     lines += [f"- base model top-1: {base:.2f}%", "",
               "| MACs target | criterion | MACs | params | top-1 right after pruning | "
-              "top-1 after fine-tuning | seconds |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              + ("top-1 after BN recalibration | " if recal else "")
+              + "top-1 after fine-tuning | seconds |",
+              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if recal else "")]
     for line in summary:
         label = LABELS.get(line["criterion"], line["criterion"])
         if line["runs"] > 1:
             label += f" ({line['runs']} seeds)"
+        if line["status"] == "unreachable":
+            lines.append(f"| -{100 * line['macs_target']:.0f}% | {label} | unreachable | - | "
+                         + "- | " * (3 if recal else 2) + "- |")
+            continue
+        recal_cell = (f"{_fmt(line['acc_recalibrated'], line['acc_recalibrated_std'])} | "
+                      if recal else "")
         lines.append(
-            f"| -{100 * line['macs_target']:.0f}% | {label} | {line['macs'] / 1e6:.2f}M | "
-            f"{line['params'] / 1e6:.3f}M | {_fmt(line['acc_pruned'], line['acc_pruned_std'])} "
-            f"| {_fmt(line['acc_finetuned'], line['acc_finetuned_std'])} | "
+            f"| -{100 * line['macs_target']:.0f}% | {label} | {format_count(line['macs'])} | "
+            f"{format_count(line['params'])} | "
+            f"{_fmt(line['acc_pruned'], line['acc_pruned_std'])} | {recal_cell}"
+            f"{_fmt(line['acc_finetuned'], line['acc_finetuned_std'])} | "
             f"{line['seconds']:.0f} |")
+    errors = [line for line in summary if line["status"] == "unreachable"]
+    if errors:
+        lines += ["", "Unreachable targets:", ""]
+        lines += [f"- {line['criterion']} at -{100 * line['macs_target']:.0f}%: "
+                  f"{line['error']}" for line in errors]
     md = atomic_write_text(directory / "compare.md", "\n".join(lines) + "\n")
-    targets = sorted({line["macs_target"] for line in summary})
+    targets = sorted({line["macs_target"] for line in summary if line["status"] == "done"})
     if len(targets) > 1:
         _plot(directory / "compare.png", summary)
     return js, md
@@ -242,6 +307,7 @@ def _plot(path: Path, summary: Sequence[Mapping[str, Any]]) -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    summary = [line for line in summary if line["status"] == "done"]
     for criterion in dict.fromkeys(line["criterion"] for line in summary):
         pts = sorted((line["macs"] / 1e6, line["acc_finetuned"] if not math.isnan(
             line["acc_finetuned"]) else line["acc_pruned"]) for line in summary

@@ -30,16 +30,16 @@ MAX_LR = 10.0
 _BOOL, _INT, _FLOAT, _STR, _FLOATS, _STRS = "bool", "int", "float", "str", "floats", "strs"
 KEY_TYPES: dict[str, str] = {
     **dict.fromkeys(("download", "cutout", "amp", "sync_bn", "resume", "overwrite",
-                     "no_progress"), _BOOL),
+                     "no_progress", "random_init", "no_eval"), _BOOL),
     **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "stop_batch",
                      "stats_batch_size", "round_to", "epochs", "max_iters", "train_subset",
-                     "seed"), _INT),
+                     "seed", "val_subset", "bn_recalibrate"), _INT),
     **dict.fromkeys(("coe", "sparsity", "macs_reduction", "max_layer_pruning", "lr",
                      "momentum", "weight_decay", "lr_warmup_epochs", "label_smoothing"),
                     _FLOAT),
     **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "documents",
                      "stats_dtype", "tap", "normalize", "allocation", "variant", "scope",
-                     "lr_schedule", "device", "output_dir"), _STR),
+                     "lr_schedule", "device", "output_dir", "weights"), _STR),
     "mean": _FLOATS, "std": _FLOATS, "ignore_layers": _STRS,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -47,6 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tap": ("conv", "act"), "normalize": ("none", "max", "mean"),
     "allocation": ("global", "uniform"), "variant": ("published",),
     "scope": ("auto", "internal", "all"), "lr_schedule": ("cosine", "step"),
+    "weights": ("final", "best", "last", "pruned"),
 }
 _WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
           _STR: "a string", _FLOATS: "a number or a list of numbers",
@@ -217,6 +218,9 @@ def validate(config: dict[str, Any]) -> None:
         ("train_subset", get("train_subset") is None or get("train_subset") > 0,
          "a positive integer"),
         ("max_iters", get("max_iters") is None or get("max_iters") > 0, "a positive integer"),
+        ("val_subset", get("val_subset") is None or get("val_subset") > 0, "a positive integer"),
+        ("bn_recalibrate", get("bn_recalibrate") is None or get("bn_recalibrate") > 0,
+         "a positive number of images"),
         ("seed", 0 <= get("seed") <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     ]
     for key, ok, valid in checks:
@@ -234,6 +238,11 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError("give exactly one of --sparsity or --macs-reduction")
     if command in ("stats", "prune", "run") and not get("model"):
         raise ConfigError("--model is required (see `cdprune models`)")
+    if command in ("stats", "prune", "run", "compare") and not get("checkpoint") and not get(
+            "random_init"):
+        raise ConfigError(f"--checkpoint is missing: {command} needs the trained weights of the "
+                          "base model; pass --checkpoint FILE, or --random-init to use randomly "
+                          "initialised weights on purpose")
 
 
 def _check_normalisation(config: dict[str, Any]) -> None:

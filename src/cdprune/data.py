@@ -93,7 +93,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_MEAN = (0.3053,)
 DIGITS_STD = (0.3760,)
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "synthetic")
+DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "synthetic", "folder")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -867,6 +867,9 @@ _INFO = {
     "cifar10": DatasetInfo(10, (3, 32, 32), CIFAR10_MEAN, CIFAR10_STD),
     "cifar100": DatasetInfo(100, (3, 32, 32), CIFAR100_MEAN, CIFAR100_STD),
     "imagenet": DatasetInfo(1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD),
+    # Any class-folder dataset: classes come from the folders, the image size from the
+    # model (num_classes 0 means "as many as there are folders").
+    "folder": DatasetInfo(0, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD),
     "digits": DatasetInfo(10, (1, 8, 8), DIGITS_MEAN, DIGITS_STD),
     "synthetic": DatasetInfo(10, (3, 16, 16), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
@@ -891,9 +894,11 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
     """Build a named dataset with its standard transforms.
 
     Args:
-        name: one of ``cifar10``, ``cifar100``, ``imagenet``, ``digits``, ``synthetic``.
+        name: one of ``cifar10``, ``cifar100``, ``imagenet``, ``folder``, ``digits``,
+            ``synthetic``.
         root: data folder (CIFAR: the folder holding the batches folder, or that folder;
-            ImageNet: the folder holding ``train/`` and ``val/`` class folders). Unused by
+            ImageNet and folder: the folder holding ``train/`` and ``val/`` class
+            folders). Unused by
             ``digits`` and ``synthetic``.
         train: training split, else the test/validation split.
         mean: normalisation mean; ``None`` uses :func:`dataset_info`'s default.
@@ -904,7 +909,7 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
             off otherwise. Statistics collection passes ``False``.
         **kwargs: passed to the dataset class (e.g. ``verify_sizes`` for CIFAR; ``num_samples``,
             ``num_classes``, ``image_size``, ``seed`` for synthetic; ``seed``,
-            ``test_fraction`` for digits).
+            ``test_fraction`` for digits; ``image_size`` ``(C, H, W)`` for folder).
     """
     key = _canonical(name)
     info = _INFO[key]
@@ -913,7 +918,7 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
         mean, std = (0.0,) * channels, (1.0,) * channels
     mean = tuple(mean) if mean is not None else info.mean
     std = tuple(std) if std is not None else info.std
-    if key in ("cifar10", "cifar100", "imagenet"):
+    if key in ("cifar10", "cifar100", "imagenet", "folder"):
         if root is None:
             raise ConfigError(f"dataset {key!r} needs a data root folder (root=... or "
                               f"--data-root)")
@@ -932,6 +937,9 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
                 f"ImageNet folder {folder} does not exist; expected {root}/train/<class>/ and "
                 f"{root}/val/<class>/ (validation images sorted into class folders)")
         return ImageFolder(folder, imagenet_transforms(do_augment, mean, std), **kwargs)
+    if key == "folder":
+        return _class_folders(Path(root), train, do_augment, mean, std,
+                              kwargs.pop("image_size", info.input_size), **kwargs)
     if key == "digits":
         steps: list[Transform] = [RandomCrop(8, padding=1)] if do_augment else []
         return Digits(train, Compose([*steps, Normalize(mean, std)]), **kwargs)
@@ -944,6 +952,30 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
         if do_augment else []
     return SyntheticImages(train=train, transform=Compose([*steps, Normalize(mean, std)]),
                            **params)
+
+
+def _class_folders(root: Path, train: bool, augment: bool, mean: Sequence[float],
+                   std: Sequence[float], image_size: Sequence[int], **kwargs: Any) -> ImageFolder:
+    """``root/train|val/<class>/<image>`` at the model's input size.
+
+    Small images (side up to 64, CIFAR-like) are resized to the side and augmented with a
+    padded random crop and flip; larger ones get the ImageNet pipeline at that size.
+    """
+    folder = root / ("train" if train else "val")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder {folder} does not exist; expected {root}/train/<class>/ and "
+            f"{root}/val/<class>/ (any number of classes, one folder each)")
+    side = int(image_size[-1])
+    if side <= 64:
+        steps: list[Transform] = [ToFloat(), Resize((side, side))]
+        if augment:
+            steps += [RandomCrop(side, padding=max(side // 8, 1)), RandomHorizontalFlip()]
+        tf = Compose([*steps, Normalize(mean, std)])
+    else:
+        tf = imagenet_transforms(augment, mean, std, crop_size=side,
+                                 resize_size=round(side * 256 / 224))
+    return ImageFolder(folder, tf, **kwargs)
 
 
 # ============================================================================ loaders

@@ -3,8 +3,9 @@
 After writing, the exported file is loaded again (onnxruntime on the CPU for ONNX,
 ``torch.jit.load`` for TorchScript) and its outputs are compared with the PyTorch model's
 on random inputs; an export that differs by more than the tolerance is an error, not a
-warning. Latency of the exported model can be measured in the same run as the unpruned
-model's, which is the speed-up a user will actually see.
+warning. The check runs on the exported bytes before they are written, so a failed export
+leaves no file. Latency of several exported models is measured side by side, with the same
+threads, interleaved, as medians (:func:`compare_latency`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from torch import nn
 from .checkpoint import atomic_write_bytes
 from .errors import CdpruneError, ConfigError
 
-__all__ = ["ExportResult", "export", "export_latency"]
+__all__ = ["ExportError", "ExportResult", "check_output", "compare_latency", "export",
+           "export_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,38 +84,94 @@ def _torchscript_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def _session(path: Path) -> Any:
+def _session(model: bytes | str, threads: int | None = None) -> Any:
     ort = _need_onnx()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def _run_exported(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
-    if fmt == "onnx":
-        sess = _session(path)
-        return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+def _load_torchscript(data: bytes | str) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        return loaded(x)
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        return torch.jit.load(source, map_location="cpu").eval()
+
+
+def _runner(data: bytes | str, fmt: str, threads: int | None = None
+            ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the exported model (file path or bytes) on a CPU batch."""
+    if fmt == "onnx":
+        sess = _session(data, threads)
+        return lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    loaded = _load_torchscript(data)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return loaded(x)
+    return run
+
+
+# Weights files an export must never replace (``--output best.pth`` is a slip, not a wish).
+_CHECKPOINT_SUFFIXES = (".pth", ".th", ".tar", ".safetensors", ".ckpt", ".bin", ".npz")
+
+
+def check_output(path: str | os.PathLike, format: str) -> Path:
+    """Refuse an export path that is a directory, a weights file, or not of ``format``.
+
+    Raises:
+        ConfigError: naming the path and a valid choice.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in _CHECKPOINT_SUFFIXES:
+        raise ConfigError(f"--output '{path}' is a weights file name ({suffix}); an "
+                          "export never replaces checkpoints: choose a name ending in "
+                          f"{SUFFIX[format]}")
+    if format == "onnx" and suffix != ".onnx":
+        raise ConfigError(f"--output '{path}' does not end in .onnx; choose a name "
+                          "ending in .onnx for --format onnx")
+    if path.is_dir():
+        raise ConfigError(f"cannot write export to '{path}': it is a directory; choose a file "
+                          "path")
+    if format == "torchscript" and path.is_file() and not _is_torchscript(path):
+        raise ConfigError(f"--output '{path}' exists and is not a TorchScript model (a "
+                          "checkpoint?); it is not replaced: choose another --output")
+    return path
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any("/code/" in name for name in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def export(model: nn.Module, path: str | os.PathLike, *, format: str = "onnx",
-           input_size: Sequence[int], opset: int = 17, dynamic_batch: bool = False,
+           input_size: Sequence[int], opset: int = 17, dynamic_batch: bool = True,
            atol: float = 1e-4, checks: int = 2) -> ExportResult:
     """Write ``model`` as ONNX or TorchScript and check it reproduces PyTorch.
 
+    The exported bytes are loaded and compared with ``model``'s own outputs on random
+    batches *before* anything is written, so a failed check leaves no file behind.
+
     Args:
         model: any CNN, pruned or not; it is exported in eval mode on the CPU.
-        path: output file; written atomically.
+        path: output file; written atomically. Weights files (``.pth``,
+            ``.safetensors``...) are never replaced.
         format: ``"onnx"`` or ``"torchscript"``.
         input_size: ``(C, H, W)`` of one input.
         opset: ONNX opset.
-        dynamic_batch: let the exported model take any batch size.
+        dynamic_batch: let the exported ONNX model take any batch size (default); a
+            TorchScript trace always does for these models.
         atol: largest allowed absolute difference from PyTorch (float32).
-        checks: random batches compared after export.
+        checks: random batches compared before writing (0: no check).
 
     Raises:
         ConfigError: unknown format, onnx/onnxruntime missing, or an unwritable path.
@@ -124,9 +182,9 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "onnx",
                           f"{', '.join(FORMATS)}")
     if format == "onnx":
         _need_onnx()
-    path = Path(path)
-    parent = path.parent
-    if parent.exists() and not os.access(parent, os.W_OK) or path.is_dir():
+    path = check_output(path, format)
+    parent = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot write export to '{path}': not a writable file path; "
                           "choose another path")
     model = model.eval().cpu()
@@ -138,24 +196,25 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "onnx",
         warnings.filterwarnings("ignore", message=".*Constant folding.*")
         data = (_onnx_bytes(model, example, opset, dynamic_batch) if format == "onnx"
                 else _torchscript_bytes(model, example))
+
+    worst = 0.0
+    g = torch.Generator().manual_seed(0)
+    batch = 2 if dynamic_batch or format == "torchscript" else 1
+    run = _runner(data, format) if checks else None
+    for _ in range(checks):
+        x = torch.randn(batch, *input_size, generator=g)
+        with torch.no_grad():
+            expected = model(x)
+        worst = max(worst, float((run(x) - expected).abs().max()))
+    if worst > atol:
+        raise ExportError(f"the {format} export of the model differs from its PyTorch outputs "
+                          f"by {worst:.2e} (allowed {atol:.0e}); nothing was written to "
+                          f"'{path}'. Try another --opset or --format torchscript")
     try:
         atomic_write_bytes(path, data)
     except OSError as exc:
         raise ConfigError(f"cannot write export to '{path}': {exc.strerror}; choose a "
                           "writable path") from None
-
-    worst = 0.0
-    g = torch.Generator().manual_seed(0)
-    batch = 2 if dynamic_batch or format == "torchscript" else 1
-    for _ in range(checks):
-        x = torch.randn(batch, *input_size, generator=g)
-        with torch.no_grad():
-            expected = model(x)
-        got = _run_exported(path, format, x)
-        worst = max(worst, float((got - expected).abs().max()))
-    if worst > atol:
-        raise ExportError(f"exported {format} model '{path}' differs from PyTorch by {worst:.2e}"
-                          f" (allowed {atol:.0e}); the export is not faithful")
     logger.info("exported %s to %s (%d bytes, max diff %.2e)", format, path, len(data), worst)
     return ExportResult(path, format, worst, len(data))
 
@@ -163,32 +222,36 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "onnx",
 def export_latency(path: str | os.PathLike, format: str, input_size: Sequence[int], *,
                    batch_size: int = 1, warmup: int = 5, iters: int = 30,
                    threads: int | None = None) -> float:
-    """Median seconds per batch of an exported model on the CPU."""
-    path = Path(path)
+    """Median seconds per batch of one exported model on the CPU."""
+    return compare_latency({"model": path}, format, input_size, batch_size=batch_size,
+                           warmup=warmup, repeats=iters, threads=threads)["model"]
+
+
+def compare_latency(paths: Mapping[str, str | os.PathLike], format: str,
+                    input_size: Sequence[int], *, batch_size: int = 1, warmup: int = 10,
+                    repeats: int = 50, threads: int | None = None) -> dict[str, float]:
+    """Median seconds per batch of several exported models, measured side by side.
+
+    Every model runs with the same number of threads (``threads``, default
+    ``torch.get_num_threads()``) on the same input; after ``warmup`` calls each, the
+    ``repeats`` timed calls are interleaved (A, B, A, B, ...) so that a slower or busier
+    moment of the machine affects all models alike. Returns the median per model.
+    """
+    threads = threads or torch.get_num_threads()
     x = torch.randn(batch_size, *input_size)
-    if format == "onnx":
-        ort = _need_onnx()
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        feed = {"input": x.numpy()}
-
-        def call() -> None:
-            sess.run(None, feed)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            loaded = torch.jit.load(str(path), map_location="cpu").eval()
-
-        def call() -> None:
-            with torch.no_grad():
-                loaded(x)
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # TorchScript runs on torch's intra-op pool
+    try:
+        runners = {name: _runner(str(p), format, threads) for name, p in paths.items()}
+        for run in runners.values():
+            for _ in range(warmup):
+                run(x)
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(repeats):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run(x)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(saved)
+    return {name: statistics.median(t) for name, t in times.items()}

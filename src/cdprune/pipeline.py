@@ -84,10 +84,12 @@ def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
     rows = state[key].shape[0] if key in state and state[key].dim() == 2 else num_classes
     if rows != num_classes:
         dataset = config.get("dataset")
+        hint = (f"; for class folders with {rows} classes use --dataset folder"
+                if str(dataset).lower() == "imagenet" else "")
         raise DataError(f"checkpoint '{config['checkpoint']}' has a {rows}-class classifier "
                         f"('{key}' has {rows} outputs) but dataset '{dataset}' has "
                         f"{num_classes} classes; use a checkpoint trained on {dataset}, or the "
-                        "--dataset the checkpoint was trained on")
+                        f"--dataset the checkpoint was trained on{hint}")
 
 
 def _given(config: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -126,6 +128,10 @@ class Data:
     train: Any
     val: Any
     stats: Any
+    recal: Any = None  # un-augmented training images for BatchNorm recalibration
+    classes: list[str] | None = None  # class names, for --dataset folder
+    mean: tuple[float, ...] | None = None  # input normalisation in use
+    std: tuple[float, ...] | None = None
 
 
 def build_data(config: Mapping[str, Any], *, need_train: bool = True,
@@ -135,16 +141,26 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
 
     name = config["dataset"]
     num_classes, input_size, mean, std = dataset_info(name)
-    mean = tuple(config.get("mean") or mean)
-    std = tuple(config.get("std") or std)
-    common = dict(mean=mean, std=std, download=bool(config.get("download")))
+    known = known_normalisation(config)
+    mean = tuple(config.get("mean") or (known or {}).get("mean") or mean)
+    std = tuple(config.get("std") or (known or {}).get("std") or std)
+    common: dict[str, Any] = dict(mean=mean, std=std, download=bool(config.get("download")))
+    folder = str(name).lower() == "folder"
+    if folder:  # any class folders, at the model's input size
+        input_size = tuple(config.get("input_size") or _model_input_size(config))
+        common["image_size"] = input_size
     root = config.get("data_root")
     workers = int(config.get("workers") or 0)
     seed = int(config.get("seed") or 0)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
 
     val_set = build_dataset(name, root, train=False, **common)
+    classes = list(getattr(val_set, "classes", []) or []) or None
+    if folder:
+        num_classes = len(classes or [])
     check_num_classes(val_set, num_classes)
+    if config.get("val_subset") and config["val_subset"] < len(val_set):
+        val_set = subset(val_set, config["val_subset"], seed)
     val = build_loader(val_set, config.get("eval_batch_size") or config["batch_size"],
                        shuffle=False, workers=workers, seed=seed, distributed=distributed)
     train = stats = None
@@ -152,6 +168,10 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
         train_set = build_dataset(name, root, train=True, cutout=bool(config.get("cutout")),
                                   **common)
         check_num_classes(train_set, num_classes)
+        if folder and list(train_set.classes) != classes:
+            raise DataError(f"the train and val folders of '{root}' hold different classes "
+                            f"({len(train_set.classes)} vs {len(classes or [])}); give both "
+                            "the same class folders")
         if config.get("train_subset"):
             train_set = subset(train_set, min(len(train_set), config["train_subset"]), seed)
         # A last batch of one image cannot train BatchNorm on 1x1 feature maps: drop it.
@@ -172,7 +192,87 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
             stats_set = subset(stats_set, stop * batch, seed)
         stats = build_loader(stats_set, batch, shuffle=False, workers=workers, seed=seed,
                              distributed=distributed)
-    return Data(num_classes, tuple(input_size), train, val, stats)
+    recal = None
+    if need_train and config.get("bn_recalibrate"):
+        plain = build_dataset(name, root, train=True, augment=False, **common)
+        count = min(len(plain), int(config["bn_recalibrate"]))
+        recal = build_loader(subset(plain, count, seed + 1),
+                             config.get("stats_batch_size") or config["batch_size"],
+                             shuffle=True, workers=workers, seed=seed + 1)
+    return Data(num_classes, tuple(input_size), train, val, stats, recal, classes, mean, std)
+
+
+def _model_input_size(config: Mapping[str, Any]) -> tuple[int, ...]:
+    from .models import model_spec
+
+    if not config.get("model"):
+        raise ConfigError("--dataset folder needs --model (its input size sets the image "
+                          "size) or --model-dir")
+    return tuple(model_spec(config["model"]).input_size)
+
+
+def known_normalisation(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Mean and std of a recognised public ``--checkpoint`` (see ``cdprune.models.known``).
+
+    Used when the config gives no ``--mean``/``--std`` and the checkpoint was trained on the
+    config's dataset; ``None`` otherwise.
+    """
+    from .models.known import known_checkpoint
+
+    if not config.get("checkpoint") or (config.get("mean") and config.get("std")):
+        return None
+    known = known_checkpoint(config["checkpoint"])
+    if known is None or str(config.get("dataset")).lower() != known.dataset:
+        return None
+    logger.info("checkpoint '%s' is %s: normalising inputs with its mean %s and std %s",
+                config["checkpoint"], known.name, known.mean, known.std)
+    return {"mean": known.mean, "std": known.std}
+
+
+def check_base_accuracy(config: Mapping[str, Any], top1: float, images: int) -> str | None:
+    """Warn when a recognised checkpoint scores far below its known accuracy.
+
+    "Far" is more than 1 point and three standard errors of ``images`` test images; the
+    usual cause is another input normalisation than the checkpoint's. Returns the warning.
+    """
+    from .models.known import known_checkpoint
+
+    known = known_checkpoint(config["checkpoint"]) if config.get("checkpoint") else None
+    if known is None or str(config.get("dataset")).lower() != known.dataset or images <= 0:
+        return None
+    p = known.top1 / 100
+    margin = max(1.0, 300 * math.sqrt(p * (1 - p) / images))
+    if top1 >= known.top1 - margin:
+        return None
+    nums = " ".join(f"{v:g}" for v in known.mean), " ".join(f"{v:g}" for v in known.std)
+    message = (f"base model top-1 {top1:.2f}% is far below the {known.top1:.2f}% known for "
+               f"checkpoint '{config['checkpoint']}' ({known.name}); it expects inputs "
+               f"normalised with --mean {nums[0]} --std {nums[1]}")
+    logger.warning("%s", message)
+    return message
+
+
+def model_dir_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill what the pruned model of ``--model-dir`` recorded: input size, mean and std.
+
+    The values the user gave win; the run's own normalisation is the right default for
+    evaluating, fine-tuning or exporting its model.
+    """
+    from .deploy import find_run_model
+    from .pruning import read_plan
+
+    out = dict(config)
+    if not config.get("model_dir"):
+        return out
+    plan = read_plan(find_run_model(config["model_dir"], "pruned").pruned_dir)
+    extra = plan.get("extra") or {}
+    if plan.get("input_size"):
+        out.setdefault("input_size", list(plan["input_size"]))
+    same_data = str(extra.get("dataset") or "").lower() == str(config.get("dataset")).lower()
+    if same_data and not config.get("mean") and not config.get("std") and extra.get("mean") \
+            and extra.get("std"):
+        out["mean"], out["std"] = list(extra["mean"]), list(extra["std"])
+    return out
 
 
 def _example(input_size: tuple[int, ...]) -> torch.Tensor:
@@ -237,8 +337,20 @@ def run_stats(config: Mapping[str, Any], run: RunDir, data: Data | None = None,
     data = data or build_data(config, need_train=False)
     model = model or build_model(config, data.num_classes)
     path = write_stats(run, config, gather_stats(config, data, model))
+    write_classes(run, config, data)
     barrier()  # other ranks read the file next
     return path
+
+
+def write_classes(run: RunDir, config: Mapping[str, Any], data: Data) -> Path | None:
+    """Record the class names of a ``--dataset folder`` run in ``classes.json``.
+
+    Output index i of the model is ``classes[i]`` (the sorted folder names).
+    """
+    if not run.main or str(config.get("dataset")).lower() != "folder" or not data.classes:
+        return None
+    return atomic_write_text(run.path / "classes.json",
+                             json.dumps(list(data.classes), indent=1) + "\n")
 
 
 def _save_scores(path: Path, scores: Mapping[str, torch.Tensor]) -> None:
@@ -289,21 +401,38 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
                    scope=config.get("scope") or "auto",
                    max_layer_pruning=_given(config, "max_layer_pruning", 0.9),
                    round_to=config.get("round_to") or None, **options["prune"])
+    summary = result.summary()
+    progress = not config.get("no_progress")
+    evaluated = not (config.get("skip_eval") or config.get("no_eval"))
+    if evaluated:
+        base = evaluate(model.to(device), data.val, device=device, progress=progress)
+        summary["acc_base"] = _metric(base)
+        check_base_accuracy(config, base.top1, base.num_samples)
+        summary["acc_pruned"] = _metric(evaluate(result.model.to(device), data.val,
+                                                 device=device, progress=progress))
+    if config.get("bn_recalibrate"):
+        # Before fine-tuning and before saving: pruned/ holds the recalibrated model.
+        from .batchnorm import recalibrate_bn
+
+        recal = data.recal or build_data({**config, "train_subset": None}, need_stats=False
+                                         ).recal
+        summary["bn_recalibrate_images"] = recalibrate_bn(
+            result.model.to(device), recal, int(config["bn_recalibrate"]), device=device)
+        if evaluated:
+            summary["acc_recalibrated"] = _metric(evaluate(result.model, data.val,
+                                                           device=device, progress=progress))
     if save_stats:
         write_stats(run, config, stats)
     if run.main:
+        extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
+                 "mean": list(data.mean) if data.mean else config.get("mean"),
+                 "std": list(data.std) if data.std else config.get("std")}
+        if str(config["dataset"]).lower() == "folder" and data.classes:
+            extra["classes"] = list(data.classes)
+        write_classes(run, config, data)
         save_pruned(run.path / "pruned", result, model_name=config["model"],
-                    input_size=data.input_size,
-                    extra={"dataset": config["dataset"], "num_classes": data.num_classes,
-                           "mean": config.get("mean"), "std": config.get("std")})
+                    input_size=data.input_size, extra=extra)
         plot_widths(run.path / "widths.png", result.widths_before, result.widths_after)
-    summary = result.summary()
-    progress = not config.get("no_progress")
-    if not config.get("skip_eval"):
-        summary["acc_base"] = _metric(evaluate(model.to(device), data.val, device=device,
-                                               progress=progress))
-        summary["acc_pruned"] = _metric(evaluate(result.model.to(device), data.val,
-                                                 device=device, progress=progress))
     if run.main:
         atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
     barrier()
@@ -318,10 +447,12 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
 
     data = data or build_data(config, need_stats=False)
     if model is None:
-        model, plan = load_pruned_dir(config.get("model_dir") or run.path, config,
-                                      data.num_classes)
+        # --checkpoint of `cdprune run` is the unpruned base model: not for these weights.
+        model, plan = load_pruned_dir(config.get("model_dir") or run.path,
+                                      {**config, "checkpoint": None}, data.num_classes)
     fields = TrainConfig.__dataclass_fields__
     train_cfg = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
+    write_classes(run, config, data)
     result = fine_tune(model, data.train, data.val, train_cfg, output_dir=run.path,
                        device=_device(config), resume=bool(config.get("resume")),
                        extra_state={"plan": dict(plan)} if plan else None,
@@ -338,17 +469,32 @@ def pruned_dir(path: str | os.PathLike) -> Path:
 
 
 def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
-                    num_classes: int | None) -> tuple[nn.Module, dict[str, Any]]:
+                    num_classes: int | None, weights: str | None = None
+                    ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the pruned model saved under ``path`` (a run or pruned-model directory).
+
+    ``weights`` (default ``config["weights"]``, else ``"pruned"``) picks the fine-tuned or
+    pruned-only weights (see :func:`cdprune.deploy.find_run_model`); ``--checkpoint`` in
+    the config, when given, is loaded into the pruned architecture instead.
 
     Raises:
         ConfigError: ``--model`` names another architecture than the plan was made for.
         DataError: the pruned model has another number of classes than the dataset.
         CheckpointError: the plan or the weights do not fit the base model.
     """
+    model, plan, _ = load_model_dir(path, config, num_classes, weights)
+    return model, plan
+
+
+def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
+                   num_classes: int | None, weights: str | None = None
+                   ) -> tuple[nn.Module, dict[str, Any], Any]:
+    """:func:`load_pruned_dir`, also returning the :class:`~cdprune.deploy.RunModel` used."""
+    from .deploy import find_run_model, read_finetuned
     from .pruning import load_pruned, read_plan
 
-    directory = pruned_dir(path)
+    found = find_run_model(path, weights or config.get("weights") or "pruned")
+    directory = found.pruned_dir
     plan = read_plan(directory)
     zoo = plan.get("zoo_model")
     asked = config.get("model")
@@ -365,13 +511,31 @@ def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
         raise DataError(f"the pruned model in '{directory}' has {planned} classes but dataset "
                         f"'{config.get('dataset')}' has {num_classes}; use it with "
                         f"--dataset {dataset}")
-    base = build_model({**config, "model": name, "checkpoint": None}, num_classes)
+    if num_classes is None and isinstance(planned, int):
+        num_classes = planned
+    base = build_model({**config, "model": name, "checkpoint": None, "dataset": None}, num_classes)
     try:
-        return load_pruned(directory, base), plan
+        model = load_pruned(directory, base)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (pruned model '{directory}'); prune {name} again with "
                               "`cdprune prune`, or point --model-dir at a directory pruned "
                               f"from {name}") from None
+    if config.get("checkpoint"):  # honoured, never ignored: weights of the pruned model
+        from .deploy import RunModel
+
+        source = config["checkpoint"]
+        try:
+            apply_weights(model, read_state_dict(source), source=source)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}. With --model-dir, --checkpoint must hold weights of "
+                                  f"the pruned model (e.g. a fine-tuned best.pth), not of the "
+                                  "unpruned base model; leave out --checkpoint to use the "
+                                  "run's own weights") from None
+        found = RunModel(directory, Path(source), "checkpoint")
+    elif found.finetuned:
+        apply_weights(model, read_finetuned(found, plan), source=found.weights)
+    logger.info("loaded the %s weights of the pruned model from %s", found.kind, found.weights)
+    return model, plan, found
 
 
 def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,
@@ -382,7 +546,8 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
         return run.path / "report.json", run.path / "report.md"
     accuracy = {}
     if summary:
-        for key, src in (("base", "acc_base"), ("pruned", "acc_pruned")):
+        for key, src in (("base", "acc_base"), ("pruned", "acc_pruned"),
+                         ("recalibrated", "acc_recalibrated")):
             if summary.get(src) is not None:
                 accuracy[key] = summary[src]
     if finetuned is not None and not math.isnan(finetuned):

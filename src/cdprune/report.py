@@ -20,7 +20,8 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 
-__all__ = ["environment", "plot_scores", "plot_training", "plot_widths", "write_report"]
+__all__ = ["environment", "format_count", "plot_scores", "plot_training", "plot_widths",
+           "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,37 @@ def environment() -> dict[str, str]:
 
     return {
         "cdprune": __version__, "torch": torch.__version__,
-        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
+        "torch_pruning": _distribution_version("torch-pruning")
+        or getattr(torch_pruning, "__version__", "unknown"),
         "python": platform.python_version(), "platform": platform.platform(),
         "cpu_threads": str(torch.get_num_threads()),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
 
 
+def _distribution_version(name: str) -> str | None:
+    """The installed distribution's version (a package's ``__version__`` can lag behind)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def format_count(value: Any) -> str:
+    """A count with three significant digits and a unit: 853k, 1.23M, 0.98G, 7.1k, 412."""
+    if value is None:
+        return "-"
+    value = float(value)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
 def _fmt_m(value: Any) -> str:
-    return "-" if value is None else f"{value / 1e6:.2f}M"
+    return format_count(value)
 
 
 def _fmt_acc(value: Any) -> str:
@@ -66,8 +89,10 @@ def _markdown(report: Mapping[str, Any]) -> str:
         ]
     if acc:
         lines += ["| accuracy (top-1) | value |", "| --- | --- |"]
+        recal = prune.get("bn_recalibrate_images")
+        recal_label = ("after BatchNorm recalibration" + (f" ({recal} images)" if recal else ""))
         for key, label in (("base", "base model"), ("pruned", "right after pruning"),
-                           ("finetuned", "after fine-tuning")):
+                           ("recalibrated", recal_label), ("finetuned", "after fine-tuning")):
             if key in acc:
                 lines.append(f"| {label} | {_fmt_acc(acc[key])} |")
         lines.append("")
@@ -165,10 +190,20 @@ def plot_training(path: str | os.PathLike, history: Sequence[Mapping[str, Any]])
     plt = _pyplot()
     epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(epochs, [h.get("train_loss") for h in history], marker="o")
+    losses = [h.get("train_loss") for h in history]
+    accs = [h.get("val_top1") for h in history]
+    if len(history) == 1:  # a lone point is hard to see: bars with their value written on
+        for ax, values, color, fmt in ((ax1, losses, "#1f77b4", "{:.3f}"),
+                                       (ax2, accs, "#2ca02c", "{:.2f}%")):
+            bars = ax.bar(epochs, values, width=0.5, color=color)
+            ax.bar_label(bars, labels=[fmt.format(v) for v in values])
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    else:
+        ax1.plot(epochs, losses, marker="o")
+        ax2.plot(epochs, accs, marker="o", color="#2ca02c")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
-    ax2.plot(epochs, [h.get("val_top1") for h in history], marker="o", color="#2ca02c")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation top-1 (%)")
     fig.suptitle("Fine-tuning")
