@@ -16,7 +16,7 @@ from cdprune.criteria import (
 from cdprune.errors import ConfigError
 from cdprune.train import TrainConfig
 
-from .conftest import SmallNet, make_loader
+from .helpers import SmallNet, make_loader
 
 
 def test_baseline_scores_have_one_value_per_filter(small_net, loader):

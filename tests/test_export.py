@@ -8,7 +8,7 @@ from cdprune.export import export, export_latency
 from cdprune.models import create_model
 from cdprune.pruning import load_pruned, prune, save_pruned
 
-from .test_pruning import random_scores, randomize_bn
+from .helpers import random_scores, randomize_bn
 
 
 def pruned_resnet20(option: str = "") -> torch.nn.Module:

@@ -11,7 +11,7 @@ from cdprune.errors import CheckpointError, ConfigError, DataError
 from cdprune.scoring import tfidf, tfidf_scores
 from cdprune.stats import ActivationStats, collect_stats, conv_layer_names
 
-from .conftest import SmallNet, make_loader
+from .helpers import SmallNet, make_loader
 
 
 def manual_pooled(model, loader):
