@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cdprune", description="Prune convolutional networks with CDP "
         "(class-wise discriminative power): statistics, scores, physical pruning, fine-tuning.")
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"cdprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -531,8 +531,8 @@ def _cmd_demo(config: dict[str, Any]) -> None:
 def _cmd_export(config: dict[str, Any]) -> None:
     import tempfile
 
-    from .checkpoint import atomic_write_text
     from .export import check_output, compare_latency, export
+    from .fileio import atomic_write_text
     from .models import create_model
     from .pipeline import load_model_dir
 

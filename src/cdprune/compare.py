@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from .batchnorm import recalibrate_bn
-from .checkpoint import atomic_write_text
 from .criteria import (
     CRITERIA,
     bn_scale_scores,
@@ -37,6 +36,7 @@ from .criteria import (
 )
 from .errors import ConfigError
 from .evaluate import evaluate
+from .fileio import atomic_write_text
 from .pruning import prune
 from .report import format_count
 from .scoring import tfidf_scores

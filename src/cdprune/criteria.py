@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .evaluate import eval_mode
 
 __all__ = ["CRITERIA", "bn_scale_scores", "fpgm_scores", "l1_scores", "random_scores",
            "taylor_scores"]
@@ -75,13 +76,10 @@ def bn_scale_scores(model: nn.Module, example_inputs: torch.Tensor) -> dict[str,
 
     hooks += [m.register_forward_hook(bn_hook) for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_inputs)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     if not scores:
@@ -100,24 +98,22 @@ def taylor_scores(model: nn.Module, batches: Iterable[Any], *, max_batches: int 
     convs = _convs(model)
     device = torch.device(device) if device else next(model.parameters()).device
     acc = {n: torch.zeros(m.out_channels) for n, m in convs.items()}
-    was_training = model.training
-    model.eval()
     seen = 0
-    try:
-        for images, labels in batches:
-            if seen >= max_batches:
-                break
+    with eval_mode(model):
+        try:
+            for images, labels in batches:
+                if seen >= max_batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
+                loss.backward()
+                for name, conv in convs.items():
+                    if conv.weight.grad is not None:
+                        acc[name] += (conv.weight.detach() * conv.weight.grad).flatten(1).sum(1) \
+                            .abs().float().cpu()
+                seen += 1
+        finally:
             model.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
-            loss.backward()
-            for name, conv in convs.items():
-                if conv.weight.grad is not None:
-                    acc[name] += (conv.weight.detach() * conv.weight.grad).flatten(1).sum(1) \
-                        .abs().float().cpu()
-            seen += 1
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     if seen == 0:
         raise ConfigError("taylor needs at least one labelled training batch")
     return {n: v / seen for n, v in acc.items()}
