@@ -107,3 +107,11 @@ def test_one_registration_adds_a_criterion_everywhere(tmp_path, monkeypatch, cap
     assert rows[0]["acc_pruned"] >= 0 and rows[1]["macs_reduction"] > 0.4
     _, md = write_comparison(tmp_path, rows)
     assert "| negated L1 |" in md.read_text()
+
+
+def test_l2_is_the_euclidean_norm_of_each_filter(small_net):
+    scores = get_criterion("l2").score(small_net, ScoreContext())
+    w = small_net.conv2.weight.detach()
+    expected = torch.tensor([float(w[i].pow(2).sum().sqrt()) for i in range(w.shape[0])])
+    assert torch.allclose(scores["conv2"], expected)
+    assert "l2" in criterion_names() and get_criterion("l2").label == "L2-norm"

@@ -258,6 +258,12 @@ def _score_l1(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor
     return l1_scores(model)
 
 
+@register_criterion("l2", "L2-norm", "L2 norm of each filter's weights")
+def _score_l2(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().flatten(1).norm(dim=1).float().cpu()
+            for n, m in _convs(model).items()}
+
+
 @register_criterion("bn_scale", "BN scale", "|gamma| of the BatchNorm right after each conv")
 def _score_bn_scale(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
     inputs = context.need("example_inputs", "bn_scale")
