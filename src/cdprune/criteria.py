@@ -4,6 +4,7 @@ Every criterion here returns what :func:`~cdprune.scoring.tfidf_scores` returns:
 per output channel of every Conv2d, higher meaning keep. Fed to the same
 :func:`~cdprune.pruning.prune`, all criteria then share the group reduction, the global
 ranking and the constraints, so a comparison measures the criterion and nothing else.
+The published baselines among them (``criterion_names()`` lists all, each with its help):
 
 * ``l1``: L1 norm of each filter's weights (Li et al., 2017).
 * ``bn_scale``: absolute scale of the BatchNorm that follows the conv (Liu et al., 2017).
