@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from cdprune import collect_stats, evaluate, fine_tune, load_weights, prune, tfidf_scores
-from cdprune.checkpoint import atomic_write_text
 from cdprune.criteria import l1_scores, random_scores
 from cdprune.data import build_dataset, build_loader, subset
+from cdprune.fileio import atomic_write_text
 from cdprune.models import create_model
 from cdprune.train import TrainConfig
 

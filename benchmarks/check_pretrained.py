@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cdprune import load_weights
-from cdprune.checkpoint import atomic_write_text
+from cdprune.fileio import atomic_write_text
 from cdprune.macs import count_macs, count_params
 from cdprune.models import create_model
 

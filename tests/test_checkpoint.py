@@ -54,6 +54,7 @@ class Payload:
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 @pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.slow
 def test_round_trip_every_format(name, suffix, tmp_path):
     source = randomized(name, 1)
     path = save_weights(source, tmp_path / f"weights{suffix}")
@@ -63,6 +64,7 @@ def test_round_trip_every_format(name, suffix, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(IMAGENET))
+@pytest.mark.slow
 def test_round_trip_imagenet(name, tmp_path):
     source = randomized(name, 1)
     target = randomized(name, 2)

@@ -16,7 +16,7 @@ from cdprune.criteria import (
 from cdprune.errors import ConfigError
 from cdprune.train import TrainConfig
 
-from .conftest import SmallNet, make_loader
+from .helpers import SmallNet, make_loader
 
 
 def test_baseline_scores_have_one_value_per_filter(small_net, loader):
@@ -63,16 +63,18 @@ def test_compare_rejects_bad_input(small_net, loader, tmp_path):
     kwargs = dict(train_loader=loader, val_loader=loader, stats_loader=loader,
                   example_inputs=torch.randn(1, 3, 8, 8), output_dir=tmp_path)
     with pytest.raises(ConfigError, match="unknown criteria"):
-        compare_criteria(small_net, macs_reductions=[0.5], criteria=["l2"], **kwargs)
+        compare_criteria(small_net, macs_reductions=[0.5], criteria=["no_such_criterion"], **kwargs)
     with pytest.raises(ConfigError, match="outside"):
         compare_criteria(small_net, macs_reductions=[1.5], criteria=["l1"], **kwargs)
 
 
 def test_cdp_options_and_allocation_reach_every_criterion(tmp_path, monkeypatch):
     import cdprune.compare as compare
+    import cdprune.scoring as scoring
+    import cdprune.stats as stats
 
     seen: dict[str, list] = {"stats": [], "scores": [], "prune": []}
-    real_stats, real_scores, real_prune = (compare.collect_stats, compare.tfidf_scores,
+    real_stats, real_scores, real_prune = (stats.collect_stats, scoring.tfidf_scores,
                                            compare.prune)
 
     def spy(kind, fn):
@@ -81,8 +83,8 @@ def test_cdp_options_and_allocation_reach_every_criterion(tmp_path, monkeypatch)
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(compare, "collect_stats", spy("stats", real_stats))
-    monkeypatch.setattr(compare, "tfidf_scores", spy("scores", real_scores))
+    monkeypatch.setattr(stats, "collect_stats", spy("stats", real_stats))
+    monkeypatch.setattr(scoring, "tfidf_scores", spy("scores", real_scores))
     monkeypatch.setattr(compare, "prune", spy("prune", real_prune))
     torch.manual_seed(0)
     net = SmallNet(width=32).eval()

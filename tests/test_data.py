@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cdprune import data as D
+from cdprune.data import cifar as cifar_module
 from cdprune.errors import ConfigError, DataError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -181,8 +182,8 @@ def test_download_md5_mismatch_is_refused(tmp_path, monkeypatch):
 
 
 def _patch_archive(monkeypatch, blob: bytes) -> None:
-    spec = D._CIFAR_SPECS["cifar10"]._replace(md5=hashlib.md5(blob).hexdigest())
-    monkeypatch.setitem(D._CIFAR_SPECS, "cifar10", spec)
+    spec = cifar_module._CIFAR_SPECS["cifar10"]._replace(md5=hashlib.md5(blob).hexdigest())
+    monkeypatch.setitem(cifar_module._CIFAR_SPECS, "cifar10", spec)
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: io.BytesIO(blob))
 
 

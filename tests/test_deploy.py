@@ -26,7 +26,7 @@ from cdprune.errors import CheckpointError, ConfigError
 from cdprune.export import ExportError, check_output, compare_latency, export
 from cdprune.models import create_model
 
-from .conftest import SmallNet, make_loader
+from .helpers import SmallNet, make_loader
 
 DATA = ["--dataset", "digits", "-b", "64", "-j", "0", "--no-progress"]
 RUN = ["--model", "digits_cnn", "--random-init", *DATA, "--stats-batch-size", "64",

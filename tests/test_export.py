@@ -8,7 +8,7 @@ from cdprune.export import export, export_latency
 from cdprune.models import create_model
 from cdprune.pruning import load_pruned, prune, save_pruned
 
-from .test_pruning import random_scores, randomize_bn
+from .helpers import random_scores, randomize_bn
 
 
 def pruned_resnet20(option: str = "") -> torch.nn.Module:
@@ -20,6 +20,7 @@ def pruned_resnet20(option: str = "") -> torch.nn.Module:
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("case", ["tiny_cnn", "resnet20", "resnet20b"])
+@pytest.mark.slow
 def test_export_matches_pytorch(tmp_path, fmt, case):
     if case == "tiny_cnn":
         torch.manual_seed(0)

@@ -74,6 +74,7 @@ def _conv2_width(out: Path) -> int:
     ("overwrite: 'off'\n", "overwrite"),
     ("overwrite: 1\n", "overwrite"),
 ])
+@pytest.mark.slow
 def test_a_quoted_boolean_never_overwrites_a_run(yaml_text, key, tmp_path, base, capsys):
     out = tmp_path / "run"
     assert main(_run(base, out)) == 0
@@ -114,6 +115,7 @@ def test_only_cpu_and_cuda_devices(device, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag_values", [("--mean", "0.5", "--std", "0.25"),
                                          ("--mean", "0.5")])
+@pytest.mark.slow
 def test_mean_and_std_for_one_channel_data(flag_values, tmp_path, base):
     out = tmp_path / "run"
     assert main(_run(base, out, *flag_values, epochs="0")) == 0
@@ -141,6 +143,7 @@ def test_prune_refuses_a_target_that_removes_nothing(small_net):
 
 
 # ============================================================== the run directory
+@pytest.mark.slow
 def test_overwrite_clears_the_old_run_before_the_new_one_writes(tmp_path, base, capsys,
                                                                  monkeypatch):
     """Killed right after --overwrite started, a --resume must not fine-tune the old model."""
@@ -305,6 +308,7 @@ def test_resume_with_more_epochs_replans_the_schedule(tmp_path, caplog):
     (lambda s: s.update(epoch="2"), "malformed 'epoch'"),
     (lambda s: s.update(history=s["history"][:-1]), "history has 1 epochs"),
 ])
+@pytest.mark.slow
 def test_a_damaged_last_pth_is_one_line(damage, needle, tmp_path, base, capsys):
     out = tmp_path / "run"
     assert main(_run(base, out, epochs="2")) == 0

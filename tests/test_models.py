@@ -32,6 +32,7 @@ def test_registry_lists_every_contract_name():
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.slow
 def test_forward_shape_and_num_classes(name):
     torch.manual_seed(0)
     spec = model_spec(name)
@@ -94,6 +95,7 @@ def test_resnet56_matches_public_checkpoint_counts():
     assert sum(p.numel() for p in b.parameters()) == 855_770
 
 
+@pytest.mark.slow
 def test_imagenet_key_layout():
     r18 = create_model("resnet18").state_dict()
     assert len(r18) == 122
@@ -154,6 +156,7 @@ def test_pad_shortcut_pruning_stays_exact():
     assert torch.equal(full[:, keep_out][:, sc.gather < 13], sc(x[:, keep_in])[:, sc.gather < 13])
 
 
+@pytest.mark.slow
 def test_pad_shortcut_pickles_copies_and_traces(tmp_path):
     torch.manual_seed(0)
     model = create_model("resnet20").eval()

@@ -10,7 +10,7 @@ from cdprune.macs import count_macs
 from cdprune.models import create_model
 from cdprune.pruning import load_pruned, prune, read_plan, save_pruned
 
-from .conftest import SmallNet
+from .helpers import SmallNet, random_scores, randomize_bn
 
 
 class ConcatDepthwiseNet(nn.Module):
@@ -29,24 +29,6 @@ class ConcatDepthwiseNet(nn.Module):
         x = torch.cat([self.a(x), self.b(x)], dim=1)
         x = self.pw(self.dw(x))
         return self.fc(x.mean((2, 3)))
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return model.eval()
-
-
-def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(m.out_channels, generator=g) for n, m in model.named_modules()
-            if isinstance(m, nn.Conv2d)}
 
 
 def masked_copy(model: nn.Module, plan: dict) -> nn.Module:
@@ -142,13 +124,18 @@ def test_round_to_gives_multiples(name, round_to):
 
 def test_deterministic_and_low_scores_go_first():
     model, x = build("small_net")
-    scores = {"conv1": torch.ones(8), "conv2": torch.ones(8), "conv3": torch.arange(16.0)}
+    # conv3's scores in a shuffled order, so "lowest" is not simply "first"
+    conv3 = torch.randperm(16, generator=torch.Generator().manual_seed(0)).float()
+    scores = {"conv1": torch.ones(8), "conv2": torch.ones(8), "conv3": conv3}
     a = prune(model, scores, example_inputs=x, sparsity=0.25)
     b = prune(model, scores, example_inputs=x, sparsity=0.25)
     assert a.plan["steps"] == b.plan["steps"]
-    # ties (all ones) broken by group order then channel index; conv3's lowest go first
-    kept3 = a.plan["kept"].get("conv3")
-    assert kept3 is None or kept3 == sorted(kept3)
+    removed = 16 - a.widths_after["conv3"]
+    assert removed > 0
+    lowest = sorted(torch.argsort(conv3)[:removed].tolist())
+    assert a.plan["kept"]["conv3"] == sorted(set(range(16)) - set(lowest))
+    gone = [i for step in a.plan["steps"] if step["module"] == "conv3" for i in step["idxs"]]
+    assert sorted(gone) == lowest
 
 
 def test_sparsity_counts_filters():

@@ -11,7 +11,7 @@ from cdprune.errors import CheckpointError, ConfigError, DataError
 from cdprune.scoring import tfidf, tfidf_scores
 from cdprune.stats import ActivationStats, collect_stats, conv_layer_names
 
-from .conftest import SmallNet, make_loader
+from .helpers import SmallNet, make_loader
 
 
 def manual_pooled(model, loader):
@@ -163,7 +163,7 @@ DIST_SCRIPT = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from conftest import SmallNet, make_loader
+    from helpers import SmallNet, make_loader
     from torch.utils.data import DataLoader, Subset
     from cdprune.stats import collect_stats
     from cdprune.scoring import tfidf_scores

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 
-__version__ = "0.1.0"
-
 from . import models  # noqa: E402
 from .batchnorm import recalibrate_bn  # noqa: E402
 from .checkpoint import load_weights, read_state_dict, save_weights  # noqa: E402
@@ -23,6 +21,7 @@ from .pruning import PruneResult, load_pruned, prune, save_pruned  # noqa: E402
 from .scoring import CDPImportance, tfidf, tfidf_scores  # noqa: E402
 from .stats import ActivationStats, collect_stats  # noqa: E402
 from .train import TrainConfig, fine_tune  # noqa: E402
+from .version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -1,21 +1,18 @@
-"""Safe reading and atomic writing of weights and other run files.
+"""Safe reading and atomic writing of weights.
 
 Everything cdprune reads from disk may come from a stranger, so weights are only ever
 read with ``torch.load(..., weights_only=True)`` or safetensors: a checkpoint that carries
-a pickled code payload is refused without running it. Everything cdprune writes goes to a
-temporary file in the destination folder first and is then moved into place with
-``os.replace``, so a crash or a full disk never leaves a half-written file under the real
-name.
+a pickled code payload is refused without running it. Weights are written atomically
+through :mod:`cdprune.fileio` (whose writers this module still exports under their old
+names).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .fileio import atomic_torch_save, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "WEIGHT_SUFFIXES",
@@ -39,61 +37,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Read once: os.umask can only be read by setting it, which is not thread-safe per write.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 WEIGHT_SUFFIXES = (".pth", ".pth.tar", ".th", ".pt", ".safetensors")
 _NEST_KEYS = ("state_dict", "model", "net", "model_state_dict")
 
 
 # --------------------------------------------------------------------------- writing
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
-
-    The bytes go to a temporary file in the same folder (same file system, so the final
-    rename is atomic), are flushed and fsynced, then moved over ``path``. On any error the
-    temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the file the permissions open() would have.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError) and exc.filename is None:
-            # A failed write (a full disk) names no file; say which one it was.
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """Atomically ``torch.save`` an object made of plain data and tensors.
-
-    The object should be loadable with ``weights_only=True``: dicts, lists, numbers,
-    strings and tensors only.
-    """
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def save_weights(model_or_state: nn.Module | Mapping[str, torch.Tensor],
                  path: str | os.PathLike) -> Path:
     """Save a state dict as ``.safetensors`` or, for any other suffix, with ``torch.save``."""

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cdprune", description="Prune convolutional networks with CDP "
         "(class-wise discriminative power): statistics, scores, physical pruning, fine-tuning.")
-    from . import __version__
+    from .criteria import criterion_names
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"cdprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--macs-reduction", type=_float, nargs="+", dest="macs_targets",
                            help="one or more MACs targets, e.g. 0.3 0.5 0.7")
             g.add_argument("--criteria", nargs="+", help="default: all of "
-                           "cdp cdp_class l1 bn_scale taylor fpgm random")
+                           + " ".join(criterion_names()))
             g.add_argument("--random-seeds", type=int, nargs="+", help="default 0 1 2")
             g.add_argument("--scope", choices=["auto", "internal", "all"])
             g.add_argument("--allocation", choices=["global", "uniform"],
@@ -453,7 +454,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
     import torch
 
     from .compare import compare_criteria, write_comparison
-    from .criteria import CRITERIA
+    from .criteria import criterion_names
     from .pipeline import _device, build_data, build_model, cdp_options
     from .train import TrainConfig
 
@@ -498,7 +499,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
         all_rows = compare_criteria(
             model, train_loader=data.train, val_loader=data.val, stats_loader=data.stats,
             example_inputs=torch.randn(2, *data.input_size), macs_reductions=targets,
-            criteria=config.get("criteria") or CRITERIA, finetune=budget,
+            criteria=config.get("criteria") or criterion_names(), finetune=budget,
             output_dir=run.path, random_seeds=config.get("random_seeds") or (0, 1, 2),
             stats_max_batches=config.get("stop_batch"), num_classes=data.num_classes,
             coe=config.get("coe") or 0.0, scope=config.get("scope") or "auto",
@@ -531,8 +532,8 @@ def _cmd_demo(config: dict[str, Any]) -> None:
 def _cmd_export(config: dict[str, Any]) -> None:
     import tempfile
 
-    from .checkpoint import atomic_write_text
     from .export import check_output, compare_latency, export
+    from .fileio import atomic_write_text
     from .models import create_model
     from .pipeline import load_model_dir
 

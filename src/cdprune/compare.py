@@ -10,7 +10,6 @@ summarised as mean and standard deviation.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -26,30 +25,21 @@ import torch
 from torch import nn
 
 from .batchnorm import recalibrate_bn
-from .checkpoint import atomic_write_text
-from .criteria import (
-    CRITERIA,
-    bn_scale_scores,
-    fpgm_scores,
-    l1_scores,
-    random_scores,
-    taylor_scores,
-)
+from .criteria import ScoreContext, criterion_names, get_criterion
 from .errors import ConfigError
 from .evaluate import evaluate
+from .fileio import atomic_write_text
 from .pruning import prune
 from .report import format_count
-from .scoring import tfidf_scores
-from .stats import collect_stats
 from .train import TrainConfig, fine_tune
 
 __all__ = ["compare_criteria", "write_comparison"]
 
 logger = logging.getLogger(__name__)
 
-LABELS = {"cdp": "CDP (sample documents)", "cdp_class": "CDP (class documents)",
-          "l1": "L1-norm", "bn_scale": "BN scale", "taylor": "Taylor (first order)",
-          "fpgm": "FPGM", "random": "random"}
+def _label(criterion: str) -> str:
+    """The registered label; rows of a criterion no longer registered keep their name."""
+    return get_criterion(criterion).label if criterion in criterion_names() else criterion
 
 
 def compare_criteria(
@@ -60,7 +50,7 @@ def compare_criteria(
     stats_loader: Any,
     example_inputs: torch.Tensor,
     macs_reductions: Sequence[float],
-    criteria: Sequence[str] = CRITERIA,
+    criteria: Sequence[str] | None = None,
     finetune: TrainConfig | None = None,
     output_dir: str | os.PathLike,
     random_seeds: Sequence[int] = (0, 1, 2),
@@ -86,7 +76,8 @@ def compare_criteria(
         stats_loader: images for CDP statistics.
         example_inputs: a batch for tracing.
         macs_reductions: MACs targets, each a fraction in (0, 1).
-        criteria: names from :data:`~cdprune.criteria.CRITERIA`.
+        criteria: registered criterion names (:func:`~cdprune.criteria.criterion_names`,
+            all of them by default).
         finetune: the fine-tuning budget given to every pruned model; ``None`` or
             ``epochs=0`` skips fine-tuning.
         output_dir: where each run's checkpoints go.
@@ -116,9 +107,11 @@ def compare_criteria(
         a criterion cannot reach gives a row with ``status: "unreachable"`` and the
         ``error`` instead of aborting the comparison.
     """
-    unknown = [c for c in criteria if c not in CRITERIA]
+    names = criterion_names()
+    criteria = names if criteria is None else criteria
+    unknown = [c for c in criteria if c not in names]
     if unknown:
-        raise ConfigError(f"unknown criteria {unknown}; choose from {', '.join(CRITERIA)}")
+        raise ConfigError(f"unknown criteria {unknown}; choose from {', '.join(names)}")
     for target in macs_reductions:
         if not 0 < target < 1:
             raise ConfigError(f"MACs reduction {target} is outside (0, 1)")
@@ -127,8 +120,6 @@ def compare_criteria(
     if unknown_opts:
         raise ConfigError(f"cdp_options {sorted(unknown_opts)} are not valid; use tap, "
                           "normalize or variant")
-    stats_opts = {k: opts[k] for k in ("tap", "variant") if opts.get(k) is not None}
-    score_opts = {k: opts[k] for k in ("normalize", "variant") if opts.get(k) is not None}
     device = torch.device(device) if device else torch.device("cpu")
     model = model.to(device).eval()
     output_dir = Path(output_dir)
@@ -138,34 +129,23 @@ def compare_criteria(
     base_acc = (next(iter(finished.values()))["acc_base"] if finished else
                 evaluate(model, val_loader, device=device, progress=False).top1)
     cache: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
+    context = ScoreContext(example_inputs=example_inputs, batches=train_loader,
+                           stats_loader=stats_loader, stats_max_batches=stats_max_batches,
+                           num_classes=num_classes, cdp_options=opts, coe=coe, device=device,
+                           progress=progress)
 
     def scores_for(criterion: str, seed: int) -> tuple[dict[str, torch.Tensor], float]:
-        key = f"{criterion}:{seed}" if criterion == "random" else criterion
+        key = f"{criterion}:{seed}" if get_criterion(criterion).seeded else criterion
         if key not in cache:
             start = time.perf_counter()
-            if criterion in ("cdp", "cdp_class"):
-                stats = collect_stats(model, stats_loader, max_batches=stats_max_batches,
-                                      documents="class" if criterion == "cdp_class" else "sample",
-                                      num_classes=num_classes, device=device,
-                                      progress=progress, **stats_opts)
-                scores = tfidf_scores(stats, coe=coe, **score_opts)
-            elif criterion == "l1":
-                scores = l1_scores(model)
-            elif criterion == "fpgm":
-                scores = fpgm_scores(model)
-            elif criterion == "bn_scale":
-                scores = bn_scale_scores(model, example_inputs.to(device))
-            elif criterion == "taylor":
-                scores = taylor_scores(copy.deepcopy(model), train_loader, device=device)
-            else:
-                scores = random_scores(model, seed)
+            scores = get_criterion(criterion).score(model, replace(context, seed=seed))
             cache[key] = (scores, time.perf_counter() - start)
         return cache[key]
 
     rows = []
     for target in macs_reductions:
         for criterion in criteria:
-            for seed in (random_seeds if criterion == "random" else (None,)):
+            for seed in (random_seeds if get_criterion(criterion).seeded else (None,)):
                 key = _key({"macs_target": target, "criterion": criterion, "seed": seed})
                 if key in finished:
                     rows.append(finished[key])
@@ -275,7 +255,7 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
               + "top-1 after fine-tuning | seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if recal else "")]
     for line in summary:
-        label = LABELS.get(line["criterion"], line["criterion"])
+        label = _label(line["criterion"])
         if line["runs"] > 1:
             label += f" ({line['runs']} seeds)"
         if line["status"] == "unreachable":
@@ -313,7 +293,7 @@ def _plot(path: Path, summary: Sequence[Mapping[str, Any]]) -> None:
             line["acc_finetuned"]) else line["acc_pruned"]) for line in summary
             if line["criterion"] == criterion)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=LABELS.get(criterion, criterion))
+                label=_label(criterion))
     ax.set_xlabel("MACs (M)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Accuracy vs MACs")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .suggest import did_you_mean
 
 __all__ = ["KEY_TYPES", "check_input_channels", "check_round_to", "check_types", "load_yaml",
            "validate"]
@@ -105,10 +106,7 @@ def load_yaml(path: str | Path, known: Mapping[str, Any]) -> dict[str, Any]:
                               f"{repr(key)[:40]} ({type(key).__name__})")
         name = key.replace("-", "_")
         if name not in known:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(known), n=2)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(name, known, n=2, before="; ")
             raise ConfigError(f"config file '{file}': unknown key '{key}'{hint}")
         out[name] = check_type(name, value, where=f"config file '{file}': {key}")
     return out

@@ -4,6 +4,7 @@ Every criterion here returns what :func:`~cdprune.scoring.tfidf_scores` returns:
 per output channel of every Conv2d, higher meaning keep. Fed to the same
 :func:`~cdprune.pruning.prune`, all criteria then share the group reduction, the global
 ranking and the constraints, so a comparison measures the criterion and nothing else.
+The published baselines among them (``criterion_names()`` lists all, each with its help):
 
 * ``l1``: L1 norm of each filter's weights (Li et al., 2017).
 * ``bn_scale``: absolute scale of the BatchNorm that follows the conv (Liu et al., 2017).
@@ -12,22 +13,31 @@ ranking and the constraints, so a comparison measures the criterion and nothing 
 * ``fpgm``: distance of each filter to the others of its layer, the geometric-median
   criterion (He et al., 2019): filters close to the median are redundant.
 * ``random``: uniform random scores, the floor any criterion must beat.
+
+Every criterion, CDP's two included, is registered once (:func:`register_criterion`) with
+its name, the label tables show and its help text, behind one signature,
+``score(model, context) -> {conv name: scores}``, where a :class:`ScoreContext` carries
+whatever data a criterion may read. ``cdprune compare`` and its ``--criteria`` flag list
+the registered names, so a new criterion is one registration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .evaluate import eval_mode
+from .suggest import did_you_mean
 
-__all__ = ["CRITERIA", "bn_scale_scores", "fpgm_scores", "l1_scores", "random_scores",
+__all__ = ["CRITERIA", "Criterion", "ScoreContext", "bn_scale_scores", "criterion_names",
+           "fpgm_scores", "get_criterion", "l1_scores", "random_scores", "register_criterion",
            "taylor_scores"]
-
-CRITERIA = ("cdp", "cdp_class", "l1", "bn_scale", "taylor", "fpgm", "random")
 
 
 def _convs(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -75,13 +85,10 @@ def bn_scale_scores(model: nn.Module, example_inputs: torch.Tensor) -> dict[str,
 
     hooks += [m.register_forward_hook(bn_hook) for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_inputs)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     if not scores:
@@ -100,24 +107,189 @@ def taylor_scores(model: nn.Module, batches: Iterable[Any], *, max_batches: int 
     convs = _convs(model)
     device = torch.device(device) if device else next(model.parameters()).device
     acc = {n: torch.zeros(m.out_channels) for n, m in convs.items()}
-    was_training = model.training
-    model.eval()
     seen = 0
-    try:
-        for images, labels in batches:
-            if seen >= max_batches:
-                break
+    with eval_mode(model):
+        try:
+            for images, labels in batches:
+                if seen >= max_batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
+                loss.backward()
+                for name, conv in convs.items():
+                    if conv.weight.grad is not None:
+                        acc[name] += (conv.weight.detach() * conv.weight.grad).flatten(1).sum(1) \
+                            .abs().float().cpu()
+                seen += 1
+        finally:
             model.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
-            loss.backward()
-            for name, conv in convs.items():
-                if conv.weight.grad is not None:
-                    acc[name] += (conv.weight.detach() * conv.weight.grad).flatten(1).sum(1) \
-                        .abs().float().cpu()
-            seen += 1
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     if seen == 0:
         raise ConfigError("taylor needs at least one labelled training batch")
     return {n: v / seen for n, v in acc.items()}
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass
+class ScoreContext:
+    """What a criterion may read besides the model; each criterion uses only its part.
+
+    Attributes:
+        example_inputs: a batch of inputs to run the model on (``bn_scale``).
+        batches: labelled training batches ``(images, labels)`` (``taylor``).
+        stats_loader: images for the activation statistics (``cdp``, ``cdp_class``).
+        stats_max_batches: at most this many batches of ``stats_loader``.
+        num_classes: number of classes (class documents).
+        cdp_options: ``tap``, ``normalize`` and ``variant`` of the CDP criteria.
+        coe: CDP's word-count coefficient.
+        seed: seed of randomised criteria (``random``).
+        device: where to run the model; by default where its parameters are.
+        progress: show progress bars.
+    """
+
+    example_inputs: torch.Tensor | None = None
+    batches: Iterable[Any] | None = None
+    stats_loader: Iterable[Any] | None = None
+    stats_max_batches: int | None = None
+    num_classes: int | None = None
+    cdp_options: Mapping[str, Any] = field(default_factory=dict)
+    coe: float = 0.0
+    seed: int = 0
+    device: torch.device | str | None = None
+    progress: bool = False
+
+    def need(self, attribute: str, criterion: str) -> Any:
+        """The value of ``attribute``, or a clear error naming the criterion needing it."""
+        value = getattr(self, attribute)
+        if value is None:
+            raise ConfigError(f"criterion {criterion!r} needs {attribute} in its ScoreContext")
+        return value
+
+
+ScoreFn = Callable[[nn.Module, ScoreContext], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registered criterion: its name, table label, help text and scoring function.
+
+    ``seeded`` criteria are random; a comparison runs them once per seed.
+    """
+
+    name: str
+    label: str
+    help: str
+    score: ScoreFn
+    seeded: bool = False
+
+
+_REGISTRY: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str, label: str, help: str, *,
+                       seeded: bool = False) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator registering ``score(model, context) -> {conv name: scores}`` as ``name``.
+
+    Scores are one value per output channel of a Conv2d, higher meaning keep; a conv left
+    out is pruned only through channels it shares with scored convs.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    def add(fn: ScoreFn) -> ScoreFn:
+        if name in _REGISTRY:
+            raise ValueError(f"criterion {name!r} is already registered")
+        _REGISTRY[name] = Criterion(name, label, help, fn, seeded)
+        return fn
+
+    return add
+
+
+def criterion_names() -> tuple[str, ...]:
+    """The registered criteria, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_criterion(name: str) -> Criterion:
+    """The registered criterion ``name``.
+
+    Raises:
+        ConfigError: no criterion has this name (with the closest names).
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown criterion {name!r};{did_you_mean(name, _REGISTRY, before=' ')}"
+                          f" choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _device(model: nn.Module, context: ScoreContext) -> torch.device:
+    if context.device is not None:
+        return torch.device(context.device)
+    return next(model.parameters()).device
+
+
+def _cdp(model: nn.Module, context: ScoreContext, documents: str) -> dict[str, torch.Tensor]:
+    from .scoring import tfidf_scores
+    from .stats import collect_stats
+
+    opts = context.cdp_options
+    stats = collect_stats(model, context.need("stats_loader", f"cdp ({documents})"),
+                          max_batches=context.stats_max_batches, documents=documents,
+                          num_classes=context.num_classes, device=_device(model, context),
+                          progress=context.progress,
+                          **{k: opts[k] for k in ("tap", "variant") if opts.get(k) is not None})
+    return tfidf_scores(stats, coe=context.coe,
+                        **{k: opts[k] for k in ("normalize", "variant")
+                           if opts.get(k) is not None})
+
+
+@register_criterion("cdp", "CDP (sample documents)",
+                    "CDP's TF-IDF scores, every image a document (the published code)")
+def _score_cdp(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    return _cdp(model, context, "sample")
+
+
+@register_criterion("cdp_class", "CDP (class documents)",
+                    "CDP's TF-IDF scores, one document per class (as the paper describes)")
+def _score_cdp_class(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    return _cdp(model, context, "class")
+
+
+@register_criterion("l1", "L1-norm", "L1 norm of each filter's weights")
+def _score_l1(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    return l1_scores(model)
+
+
+@register_criterion("l2", "L2-norm", "L2 norm of each filter's weights")
+def _score_l2(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().flatten(1).norm(dim=1).float().cpu()
+            for n, m in _convs(model).items()}
+
+
+@register_criterion("bn_scale", "BN scale", "|gamma| of the BatchNorm right after each conv")
+def _score_bn_scale(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    inputs = context.need("example_inputs", "bn_scale")
+    return bn_scale_scores(model, inputs.to(_device(model, context)))
+
+
+@register_criterion("taylor", "Taylor (first order)",
+                    "|sum(w * dL/dw)| per filter over a few labelled training batches")
+def _score_taylor(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    # A copy: the backward passes must leave the caller's model and its gradients alone.
+    return taylor_scores(copy.deepcopy(model), context.need("batches", "taylor"),
+                         device=_device(model, context))
+
+
+@register_criterion("fpgm", "FPGM",
+                    "distance of each filter to the others of its layer (geometric median)")
+def _score_fpgm(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    return fpgm_scores(model)
+
+
+@register_criterion("random", "random", "uniform random scores, the floor to beat",
+                    seeded=True)
+def _score_random(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
+    return random_scores(model, context.seed)
+
+
+# The criteria cdprune ships, in the order tables show them.
+CRITERIA = criterion_names()

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_bytes
 from .errors import CdpruneError, ConfigError
+from .fileio import atomic_write_bytes
 
 __all__ = ["ExportError", "ExportResult", "check_output", "compare_latency", "export",
            "export_latency"]

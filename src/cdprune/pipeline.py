@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .checkpoint import apply_weights, atomic_write_text, read_state_dict
+from .checkpoint import apply_weights, read_state_dict
 from .distributed import barrier
 from .errors import CheckpointError, ConfigError, DataError
+from .fileio import atomic_write_text
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
+from .suggest import did_you_mean
 
 if TYPE_CHECKING:
     from .stats import ActivationStats
@@ -104,17 +106,14 @@ def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
     Also refuses a ``--round-to`` no layer is wide enough for (see
     :func:`cdprune.config_io.check_round_to`).
     """
-    import difflib
-
     from .config_io import check_round_to
 
     check_round_to(config, model)
     named = [name for name, _ in model.named_modules() if name]
     for name in config.get("ignore_layers") or ():
         if name not in named:
-            close = difflib.get_close_matches(name, named, n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else \
-                f"module names look like {', '.join(named[:3])}"
+            hint = (did_you_mean(name, named)
+                    or f"module names look like {', '.join(named[:3])}")
             raise ConfigError(f"--ignore-layers: '{name}' is not a layer of "
                               f"{config.get('model')}; {hint}")
 

@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
 from .distributed import is_main_process
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write_text
 
 __all__ = ["RunDir", "config_identity"]
 

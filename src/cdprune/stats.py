@@ -34,8 +34,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_bytes
 from .errors import CheckpointError, ConfigError, DataError
+from .evaluate import eval_mode
+from .fileio import atomic_write_bytes
+from .suggest import did_you_mean
 
 __all__ = ["ActivationStats", "collect_stats", "conv_layer_names", "model_fingerprint"]
 
@@ -177,7 +179,7 @@ class ActivationStats:
         """Write the statistics atomically as safetensors with JSON metadata."""
         from safetensors.torch import save
 
-        from . import __version__
+        from .version import __version__
 
         tensors: dict[str, torch.Tensor] = {}
         if self.features is not None:
@@ -374,14 +376,11 @@ def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]
                           "convolution filters, so there is nothing to score")
     if layers is None:
         return convs
-    import difflib
-
     layers = list(layers)
     named = dict(model.named_modules())
     for name in layers:
         if name not in named:
-            close = difflib.get_close_matches(name, convs, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(name, convs, before="; ")
             raise ConfigError(f"layer '{name}' does not exist in the model{hint} "
                               "(list them with cdprune.stats.conv_layer_names(model))")
         if not isinstance(named[name], nn.Conv2d):
@@ -472,7 +471,6 @@ def collect_stats(
     elif hasattr(loader, "__len__"):
         expected = len(loader)
 
-    was_training = model.training
     collector = _Collector([modules[n] for n in names], model, tap)
     chunks: list[torch.Tensor] = []
     filled = 0
@@ -481,8 +479,7 @@ def collect_stats(
     seen = 0
     batches = 0
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             bar = tqdm(total=expected, desc="statistics", unit="batch", disable=not progress,
                        leave=False)
             for batch in loader:
@@ -527,7 +524,6 @@ def collect_stats(
             bar.close()
     finally:
         collector.remove()
-        model.train(was_training)
 
     if max_batches is not None and batches < max_batches:
         logger.warning("the loader yielded %d batches, fewer than the %d asked for; using the "

@@ -9,7 +9,6 @@ they are installed; they are never imported unless asked for.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import logging
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ..errors import ConfigError
+from ..suggest import did_you_mean
 
 __all__ = ["ModelSpec", "create_model", "list_models", "model_spec", "register_model"]
 
@@ -140,8 +140,7 @@ def _lookup(name: str) -> tuple[ModelSpec, Builder]:
     for candidate in (name, name.lower()):
         if candidate in _REGISTRY:
             return _REGISTRY[candidate]
-    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=4, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
+    hint = did_you_mean(name.lower(), _REGISTRY, n=4, cutoff=0.5, after=" ")
     raise ConfigError(f"unknown model {name!r}; {hint}`cdprune models` (or "
                       "cdprune.models.list_models()) lists the available names, or use "
                       "torchvision:NAME / timm:NAME")
@@ -184,8 +183,7 @@ def _create_torchvision(models: Any, name: str, options: dict[str, Any]) -> nn.M
         n for n, f in vars(models).items() if callable(f) and n.islower()
         and not n.startswith("_")]
     if name not in available:
-        close = difflib.get_close_matches(name, available, n=4, cutoff=0.5)
-        hint = f" did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, available, n=4, cutoff=0.5, before=" ")
         raise ConfigError(f"torchvision has no model {name!r};{hint} list them with "
                           "torchvision.models.list_models()")
     if hasattr(models, "get_model"):
