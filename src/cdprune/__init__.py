@@ -13,7 +13,13 @@ __version__ = "0.1.0"
 
 from . import models  # noqa: E402
 from .checkpoint import load_weights, read_state_dict, save_weights  # noqa: E402
-from .errors import CdpruneError, CheckpointError, ConfigError, DataError  # noqa: E402
+from .errors import (  # noqa: E402
+    CdpruneError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    UnsupportedModelError,
+)
 from .evaluate import evaluate  # noqa: E402
 from .macs import count_macs, count_params  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
@@ -32,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "UnsupportedModelError",
     "PruneResult",
     "TrainConfig",
     "collect_stats",

@@ -34,7 +34,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .checkpoint import atomic_write_text, load_weights, save_weights
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .macs import count_macs, count_params
 from .scoring import CDPImportance
 
@@ -224,21 +224,6 @@ def _first_sample(example_inputs: Any) -> Any:
     return example_inputs
 
 
-@dataclass
-class _Candidate:
-    """A prunable group: its channels' importance and how removal touches each layer."""
-
-    root: nn.Module
-    root_fn: Any
-    importance: torch.Tensor
-    allowed: torch.Tensor  # channels that may be removed without changing the function
-    width: int
-    min_keep: int
-    scored_members: int
-    # (module, kind, root indices of the member's channels); kind: out/in/dw
-    members: list[tuple[nn.Module, str, torch.Tensor]]
-
-
 def _kind(fn: Any) -> str | None:
     if fn == tp.prune_depthwise_conv_out_channels:
         return "dw"
@@ -249,82 +234,257 @@ def _kind(fn: Any) -> str | None:
     return None
 
 
+def _is_grouped(module: nn.Module) -> bool:
+    """A grouped convolution (not depthwise): each group must keep as many channels."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1
+            and module.groups != module.out_channels)
+
+
+def _dimension(module: nn.Module, kind: str | None) -> int | None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    if kind in ("out", "dw"):
+        return getattr(module, "out_channels", getattr(module, "out_features", None))
+    if kind == "in":
+        return getattr(module, "in_channels", getattr(module, "in_features", None))
+    return None
+
+
+def _misread(item: Any) -> bool:
+    """True when Torch-Pruning's indices for one group member cannot be right.
+
+    Its index bookkeeping goes wrong on some graphs (a ``torch.split`` whose pieces are
+    added to other tensors, as in Res2Net): a member then gets more indices than the group
+    has channels, or indices past the layer's width. Such a group is never pruned.
+    """
+    module, kind = item.dep.target.module, _kind(item.dep.pruning_fn)
+    if (isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1
+            and module.in_channels != module.out_channels):
+        return True  # depthwise with a channel multiplier on its input: read as 1:1
+    size = _dimension(module, kind) if isinstance(module, nn.Module) else None
+    if size is None:
+        return False
+    idxs = list(item.idxs)
+    if len(idxs) != len(item.root_idxs) or any(not 0 <= i < size for i in idxs):
+        return True
+    return kind != "in" and len(set(idxs)) != len(idxs)
+
+
+@dataclass
+class _Part:
+    """One Torch-Pruning group inside a candidate: its root and its slice of channels."""
+
+    root: nn.Module
+    root_fn: Any
+    offset: int
+    width: int
+
+
+@dataclass
+class _Candidate:
+    """Channels that are removed together, numbered 0..width-1.
+
+    Usually one Torch-Pruning group. Groups whose channels feed the same grouped
+    convolution are merged into one candidate (several parts), because the convolution's
+    groups must lose equally many channels whichever part the channels come from.
+    """
+
+    parts: list[_Part]
+    importance: torch.Tensor
+    allowed: torch.Tensor  # channels that may be removed without changing the function
+    scored: torch.Tensor  # per channel: how many scored conv outputs its removal shrinks
+    # (module, kind, channels of this candidate the member holds; None: all); kind out/in/dw
+    members: list[tuple[nn.Module, str, torch.Tensor | None]]
+    # per grouped-conv member (module, kind): that member's channel index of each channel
+    # of the candidate, -1 where the channel does not reach it
+    grouped: dict[tuple[nn.Module, str], torch.Tensor]
+    min_keep: int = 1
+    cells: list[torch.Tensor] | None = None  # equal-removal cells of a grouped candidate
+
+    @property
+    def width(self) -> int:
+        return int(self.importance.numel())
+
+
+def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
+                ) -> tuple[_Candidate, int]:
+    """A one-part candidate from a Torch-Pruning group; also its count of output members."""
+    width = len(group[0].root_idxs)
+    allowed = torch.ones(width, dtype=torch.bool)
+    members: list[tuple[nn.Module, str, torch.Tensor | None]] = []
+    grouped: dict[tuple[nn.Module, str], torch.Tensor] = {}
+    scored = torch.zeros(width)
+    outs = 0
+    for item in group:
+        fn = item.dep.pruning_fn
+        module = item.dep.target.module
+        kind = _kind(fn)
+        if kind is None and isinstance(getattr(fn, "__self__", None), _PadShortcutPruner):
+            if fn == fn.__self__.prune_out_channels:
+                outs += 1
+                # A stream position fed by the shortcut is not zero when its conv branch
+                # is: removing it would change the function. Only the zero-padded
+                # positions can go.
+                live = module.gather[list(item.idxs)] < module.in_channels
+                allowed[torch.tensor(list(item.root_idxs))[live]] = False
+            continue
+        if kind is None:
+            continue
+        outs += kind == "out"
+        roots = torch.tensor(list(item.root_idxs), dtype=torch.long)
+        if kind in ("out", "dw") and module in scored_modules:
+            scored[roots] += 1
+        full = len(set(roots.tolist())) == width
+        members.append((module, kind, None if full else roots))
+        if _is_grouped(module) and kind in ("in", "out"):
+            index = torch.full((width,), -1, dtype=torch.long)
+            index[roots] = torch.tensor(list(item.idxs), dtype=torch.long)
+            grouped[(module, kind)] = index
+    root = group[0].dep.target.module
+    part = _Part(root, group[0].dep.pruning_fn, 0, width)
+    return _Candidate([part], imp.float().cpu(), allowed, scored, members, grouped), outs
+
+
+def _merge(cands: list[_Candidate]) -> _Candidate:
+    """One candidate from several, channels numbered part after part."""
+    if len(cands) == 1:
+        return cands[0]
+    parts, members, offset = [], [], 0
+    keys = list(dict.fromkeys(k for c in cands for k in c.grouped))
+    grouped: dict[tuple[nn.Module, str], list[torch.Tensor]] = {k: [] for k in keys}
+    for cand in cands:
+        for part in cand.parts:
+            parts.append(_Part(part.root, part.root_fn, part.offset + offset, part.width))
+        for module, kind, roots in cand.members:
+            roots = torch.arange(cand.width) if roots is None else roots
+            members.append((module, kind, roots + offset))
+        for key in keys:
+            grouped[key].append(cand.grouped.get(
+                key, torch.full((cand.width,), -1, dtype=torch.long)))
+        offset += cand.width
+    return _Candidate(parts, torch.cat([c.importance for c in cands]),
+                      torch.cat([c.allowed for c in cands]),
+                      torch.cat([c.scored for c in cands]), members,
+                      {k: torch.cat(v) for k, v in grouped.items()})
+
+
+def _cells(cand: _Candidate) -> list[torch.Tensor] | None:
+    """Split a grouped candidate into cells that lose channels one each, in step.
+
+    A cell is the set of channels that land in the same group of every grouped
+    convolution they reach. Removing one channel from every cell keeps every group of
+    every such convolution equally wide when each group holds as many cells, which is
+    checked; None when it does not hold (the candidate then cannot be pruned exactly).
+    """
+    columns = []
+    for (module, kind), index in cand.grouped.items():
+        size = (module.in_channels if kind == "in" else module.out_channels) // module.groups
+        columns.append(torch.where(index >= 0, index // size, -1))
+    segments = torch.stack(columns, dim=1)
+    unique, inverse = torch.unique(segments, dim=0, return_inverse=True)
+    for col, (module, _) in enumerate(cand.grouped):
+        seg = unique[:, col]
+        counts = torch.bincount(seg[seg >= 0], minlength=module.groups)
+        if counts.numel() != module.groups or counts.min() == 0 or counts.min() != counts.max():
+            return None
+    return [(inverse == c).nonzero().flatten() for c in range(len(unique))]
+
+
 def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: list[nn.Module],
-                scope: str, max_layer_pruning: float, scored: set[nn.Module]
-                ) -> list[_Candidate]:
-    out = []
-    pad_pruner = _PadShortcutPruner
+                scope: str, max_layer_pruning: float, scored: set[nn.Module],
+                names: dict[nn.Module, str]) -> list[_Candidate]:
+    singles: list[_Candidate] = []
+    misread: list[str] = []
     for group in graph.get_all_groups(ignored_layers=ignored,
                                       root_module_types=(nn.Conv2d, nn.Linear)):
+        bad = [item for item in group if _misread(item)]
+        if bad:
+            misread += [names.get(item.dep.target.module, "?") for item in bad
+                        if isinstance(item.dep.target.module, (nn.Conv2d, nn.Linear))]
+            continue
         imp = importance(group)
         if imp is None:
             continue
-        width = len(group[0].root_idxs)
-        allowed = torch.ones(width, dtype=torch.bool)
-        members, outs, scored_members = [], 0, 0
-        for item in group:
-            fn = item.dep.pruning_fn
-            module = item.dep.target.module
-            kind = _kind(fn)
-            if kind is None and isinstance(getattr(fn, "__self__", None), pad_pruner):
-                if fn == fn.__self__.prune_out_channels:
-                    outs += 1
-                    # A stream position fed by the shortcut is not zero when its conv
-                    # branch is: removing it would change the function. Only the
-                    # zero-padded positions can go.
-                    live = module.gather[list(item.idxs)] < module.in_channels
-                    allowed[torch.tensor(list(item.root_idxs))[live]] = False
-                continue
-            if kind is None:
-                continue
-            outs += kind == "out"
-            scored_members += kind in ("out", "dw") and module in scored
-            members.append((module, kind, torch.tensor(list(item.root_idxs))))
+        cand, outs = _from_group(group, imp, scored)
         if scope == "internal" and outs != 1:
             continue  # the channels feed more than one layer's output: a residual stream
-        min_keep = max(1, math.ceil((1.0 - max_layer_pruning) * width - 1e-9))
-        if width <= min_keep or not allowed.any():
+        singles.append(cand)
+    if misread:
+        logger.warning("Torch-Pruning's dependency graph misreads the channels around %s "
+                       "(e.g. a torch.split whose pieces are added elsewhere); those channels "
+                       "are left unpruned", ", ".join(sorted(set(misread))[:8]))
+
+    # Candidates reaching the same grouped convolution are pruned as one.
+    owner: dict[tuple[nn.Module, str], int] = {}
+    parent = list(range(len(singles)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, cand in enumerate(singles):
+        for key in cand.grouped:
+            if key in owner:
+                parent[find(i)] = find(owner[key])
+            else:
+                owner[key] = i
+    components: dict[int, list[_Candidate]] = {}
+    for i, cand in enumerate(singles):
+        components.setdefault(find(i), []).append(cand)
+
+    out = []
+    for members in components.values():
+        cand = _merge(members)
+        if cand.grouped:
+            cand.cells = _cells(cand)
+            if cand.cells is None:
+                logger.warning(
+                    "grouped convolution(s) %s cannot keep equally wide groups when the "
+                    "channels feeding them are pruned; those channels are left unpruned",
+                    ", ".join(sorted(names.get(m, "?") for m, _ in cand.grouped)))
+                continue
+            rounds = min(
+                min(int(cand.allowed[cell].sum()),
+                    len(cell) - max(1, math.ceil((1.0 - max_layer_pruning) * len(cell) - 1e-9)))
+                for cell in cand.cells)
+            cand.min_keep = cand.width - max(0, rounds) * len(cand.cells)
+        else:
+            cand.min_keep = max(1, math.ceil((1.0 - max_layer_pruning) * cand.width - 1e-9))
+        if cand.width <= cand.min_keep or not cand.allowed.any():
             continue
-        out.append(_Candidate(group[0].dep.target.module, group[0].dep.pruning_fn,
-                              imp.float().cpu(), allowed, width, min_keep, scored_members,
-                              members))
+        out.append(cand)
     return out
 
 
 class _Search:
-    """Turns positions of the global ranking into per-group removals and their MACs.
+    """Turns positions of the global ranking into per-candidate removals and their MACs.
 
     The ranking is over *units*: single channels, or with ``round_to`` blocks of
-    ``round_to`` channels of one group (its lowest-scoring first; a first, smaller block
-    takes the remainder so that the kept width stays a multiple). A block's key is the
-    highest score in it: it goes only when all its channels are below the threshold.
+    ``round_to`` channels of one candidate (its lowest-scoring first; a first, smaller
+    block takes the remainder so that the kept width stays a multiple). A grouped
+    candidate's unit is one channel of every cell, each cell's lowest-scoring left, so
+    that every group of its grouped convolutions loses as many channels. A unit's key is
+    the highest score in it: it goes only when all its channels are below the threshold.
     """
 
     def __init__(self, candidates: list[_Candidate], geometry: dict[nn.Module, _Geometry],
                  round_to: int | None, allocation: str = "global"):
         self.cands = candidates
         self.geometry = geometry
-        units: list[tuple[float, int, int, list[int]]] = []  # key, group, first, channels
+        units: list[tuple[float, int, int, list[int]]] = []  # key, candidate, seq, channels
         for gid, cand in enumerate(candidates):
-            imp = cand.importance
-            allowed = cand.allowed.nonzero().flatten()
-            ranked = allowed[torch.argsort(imp[allowed], stable=True)].tolist()
-            if allocation == "uniform":  # position within the group, as a fraction of it
-                keys = {ch: (i + 1) / len(ranked) for i, ch in enumerate(ranked)}
-            else:
-                keys = {ch: float(imp[ch]) for ch in ranked}
-            size = round_to or 1
-            first = len(ranked) % size if cand.width % size == 0 else cand.width % size
-            blocks = ([ranked[:first]] if first else []) + [
-                ranked[i:i + size] for i in range(first, len(ranked), size)]
-            units += [(max(keys[c] for c in b), gid, b[0], b) for b in blocks if b]
-        # Deterministic: by key, then group order, then channel index.
+            blocks, keys = (_cell_units(cand, round_to, allocation) if cand.cells is not None
+                            else _channel_units(cand, round_to, allocation))
+            units += [(k, gid, seq, b) for seq, (k, b) in enumerate(zip(keys, blocks))]
+        # Deterministic: by key, then candidate order, then position within the candidate.
         units.sort(key=lambda u: (u[0], u[1], u[2]))
         self.order = [(gid, block) for _, gid, _, block in units]
         self.base_macs = sum(g.macs() for g in geometry.values())
 
     def removals(self, k: int) -> list[list[int]]:
-        """Root channel indices to remove per candidate when the k lowest units are chosen."""
+        """Channel indices to remove per candidate when the k lowest units are chosen."""
         return self.select(range(k))
 
     def select(self, ranks: Iterable[int]) -> list[list[int]]:
@@ -336,23 +496,80 @@ class _Search:
                 chosen[gid].extend(block)
         return [sorted(idxs) for idxs in chosen]
 
-    def macs(self, removals: list[list[int]]) -> int:
+    def removed_per_layer(self, removals: list[list[int]]
+                          ) -> tuple[dict[nn.Module, int], dict[nn.Module, int],
+                                     dict[nn.Module, int]]:
         out_rm: dict[nn.Module, int] = {}
         in_rm: dict[nn.Module, int] = {}
         dw_rm: dict[nn.Module, int] = {}
         for cand, idxs in zip(self.cands, removals):
             if not idxs:
                 continue
-            removed = torch.tensor(idxs)
+            removed = None
             for module, kind, roots in cand.members:
-                n = int(torch.isin(roots, removed).sum())
+                if roots is None:
+                    n = len(idxs)
+                else:
+                    removed = torch.tensor(idxs) if removed is None else removed
+                    n = int(torch.isin(roots, removed).sum())
                 target = {"out": out_rm, "in": in_rm, "dw": dw_rm}[kind]
                 target[module] = target.get(module, 0) + n
+        return out_rm, in_rm, dw_rm
+
+    def macs(self, removals: list[list[int]]) -> int:
+        out_rm, in_rm, dw_rm = self.removed_per_layer(removals)
         return sum(g.macs(out_rm.get(m, 0), in_rm.get(m, 0), dw_rm.get(m, 0))
                    for m, g in self.geometry.items())
 
+    def widths(self, removals: list[list[int]]) -> dict[nn.Module, tuple[int, int]]:
+        """Predicted (in, out) channels of every layer after the removals."""
+        out_rm, in_rm, dw_rm = self.removed_per_layer(removals)
+        widths = {}
+        for m, g in self.geometry.items():
+            dw = dw_rm.get(m, 0)
+            widths[m] = (g.in_ch - in_rm.get(m, 0) - dw, g.out_ch - out_rm.get(m, 0) - dw)
+        return widths
+
     def filters(self, removals: list[list[int]]) -> int:
-        return sum(len(r) * c.scored_members for c, r in zip(self.cands, removals))
+        return sum(int(c.scored[r].sum()) for c, r in zip(self.cands, removals) if r)
+
+
+def _channel_units(cand: _Candidate, round_to: int | None, allocation: str
+                   ) -> tuple[list[list[int]], list[float]]:
+    imp = cand.importance
+    allowed = cand.allowed.nonzero().flatten()
+    ranked = allowed[torch.argsort(imp[allowed], stable=True)].tolist()
+    if allocation == "uniform":  # position within the group, as a fraction of it
+        keys = {ch: (i + 1) / len(ranked) for i, ch in enumerate(ranked)}
+    else:
+        keys = {ch: float(imp[ch]) for ch in ranked}
+    size = round_to or 1
+    first = len(ranked) % size if cand.width % size == 0 else cand.width % size
+    blocks = ([ranked[:first]] if first else []) + [
+        ranked[i:i + size] for i in range(first, len(ranked), size)]
+    blocks = [b for b in blocks if b]
+    return blocks, [max(keys[c] for c in b) for b in blocks]
+
+
+def _cell_units(cand: _Candidate, round_to: int | None, allocation: str
+                ) -> tuple[list[list[int]], list[float]]:
+    imp = cand.importance
+    ranked = []
+    for cell in cand.cells or []:
+        ok = cell[cand.allowed[cell]]
+        ranked.append(ok[torch.argsort(imp[ok], stable=True)].tolist())
+    rounds = (cand.width - cand.min_keep) // len(ranked)
+    # With round_to, enough rounds per unit that each unit removes a multiple of it.
+    step = round_to // math.gcd(round_to, len(ranked)) if round_to else 1
+    blocks, keys = [], []
+    for r in range(0, rounds - rounds % step, step):
+        block = [ch for cell in ranked for ch in cell[r:r + step]]
+        blocks.append(block)
+        if allocation == "uniform":
+            keys.append(max((r + step) / len(cell) for cell in ranked))
+        else:
+            keys.append(max(float(imp[ch]) for ch in block))
+    return blocks, keys
 
 
 # ---------------------------------------------------------------------- public API
@@ -461,15 +678,66 @@ def prune(
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation={allocation!r} is not valid; use one of "
                           f"{', '.join(ALLOCATIONS)}")
-    scored = _check_scores(model, scores)
+    _check_scores(model, scores)
     ignored_named = list(ignored_layers or ())
     _resolve_modules(model, ignored_named, "ignored layer")
     if scope == "auto":
         scope = "internal" if _has_pad_shortcut(model) else "all"
 
-    work = model if inplace else copy.deepcopy(model)
+    ignored_extra: list[str] = []
+    for attempt in range(3):
+        work = model if inplace else copy.deepcopy(model)
+        try:
+            result = _prune_once(work, scores, example_inputs, sparsity, macs_reduction,
+                                 ignored_named + ignored_extra, scope, max_layer_pruning,
+                                 round_to, group_reduction, allocation)
+            break
+        except _Misread as exc:
+            if inplace or attempt == 2:
+                raise UnsupportedModelError(
+                    f"Torch-Pruning's dependency graph misreads layers {', '.join(exc.names)}:"
+                    " pruning would not give the shapes it predicts; pass them as "
+                    "ignored_layers" + (" (or prune a copy: inplace=False does this "
+                                        "itself)" if inplace else "")) from None
+            logger.warning("Torch-Pruning's dependency graph misreads layers %s; pruning "
+                           "again with them ignored", ", ".join(exc.names))
+            ignored_extra += exc.names
+    if ignored_extra:
+        result.extra["auto_ignored"] = ignored_extra
+    result.plan["scope"] = scope
+    if macs_reduction is not None and abs(result.macs_reduction - macs_reduction) > _MACS_TOLERANCE:
+        if result.macs_reduction > macs_reduction:
+            raise ConfigError(
+                f"pruned MACs reduction {result.macs_reduction:.4f} overshoots the target "
+                f"{macs_reduction} by more than 0.3 points; try another target")
+        # Coarse units (grouped convolutions, round_to): the nearest reduction below.
+        logger.warning("a MACs reduction of %s cannot be reached within 0.3 points: the "
+                       "removable units are too coarse; landed on %.4f, the nearest "
+                       "reachable reduction below the target", macs_reduction,
+                       result.macs_reduction)
+        result.extra["macs_target_missed"] = {"target": macs_reduction,
+                                              "reached": round(result.macs_reduction, 6)}
+    logger.info("pruned %d of %d candidate filters: MACs %.2fM -> %.2fM (-%.1f%%)",
+                result.removed_filters, result.candidate_filters, result.macs_before / 1e6,
+                result.macs_after / 1e6, 100 * result.macs_reduction)
+    return result
+
+
+class _Misread(Exception):
+    """Pruning gave other shapes than predicted: the dependency graph was misread."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inputs: Any,
+                sparsity: float | None, macs_reduction: float | None,
+                ignored_named: list[str], scope: str, max_layer_pruning: float,
+                round_to: int | None, group_reduction: str, allocation: str) -> PruneResult:
     names = {m: n for n, m in work.named_modules()}
-    scored = {dict(work.named_modules())[names_] for names_ in scores}
+    named = dict(work.named_modules())
+    scored = {named[n] for n in scores}
     ignored = _resolve_modules(work, ignored_named, "ignored layer")
     ignored += [m for m in _output_layers(work, example_inputs) if m not in ignored]
 
@@ -478,9 +746,9 @@ def prune(
     widths_before = conv_widths(work)
     graph = _build_graph(work, example_inputs)
     importance = CDPImportance(scores, group_reduction=group_reduction, model=work)
-    cands = _candidates(graph, importance, ignored, scope, max_layer_pruning, scored)
+    cands = _candidates(graph, importance, ignored, scope, max_layer_pruning, scored, names)
     search = _Search(cands, _geometry(work, example_inputs), round_to, allocation)
-    candidate_filters = sum(int(c.allowed.sum()) * c.scored_members for c in cands)
+    candidate_filters = sum(int(c.scored[c.allowed].sum()) for c in cands)
     if not cands:
         raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
                           "free of ignored layers; try scope='all' or fewer ignored layers")
@@ -493,23 +761,24 @@ def prune(
     plan = _apply(graph, cands, removals, names)
     plan.update(scope=scope, target={"sparsity": sparsity, "macs_reduction": macs_reduction},
                 round_to=round_to, max_layer_pruning=max_layer_pruning, allocation=allocation)
+    wrong = [names[m] for m, (c_in, c_out) in search.widths(removals).items()
+             if _width_of(m) != (c_in, c_out)]
+    if wrong:
+        raise _Misread(wrong)
     macs_after = count_macs(work, example_inputs=_first_sample(example_inputs))
     predicted = search.macs(removals)
     if predicted != macs_after:
         logger.warning("analytic MACs %d differ from measured %d; the MACs target search may "
                        "be off for this architecture", predicted, macs_after)
-    result = PruneResult(work, plan, macs_before, macs_after, params_before, count_params(work),
-                         widths_before, conv_widths(work), search.filters(removals),
-                         candidate_filters)
-    if macs_reduction is not None and abs(result.macs_reduction - macs_reduction) > _MACS_TOLERANCE:
-        raise ConfigError(
-            f"pruned MACs reduction {result.macs_reduction:.4f} misses the target "
-            f"{macs_reduction} by more than 0.3 points: the channels left to remove are too "
-            "coarse" + ("; try a smaller round_to" if round_to else "") + " or another target")
-    logger.info("pruned %d of %d candidate filters: MACs %.2fM -> %.2fM (-%.1f%%)",
-                result.removed_filters, candidate_filters, macs_before / 1e6, macs_after / 1e6,
-                100 * result.macs_reduction)
-    return result
+    return PruneResult(work, plan, macs_before, macs_after, params_before, count_params(work),
+                       widths_before, conv_widths(work), search.filters(removals),
+                       candidate_filters)
+
+
+def _width_of(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features
 
 
 def _by_sparsity(search: _Search, sparsity: float, candidate_filters: int) -> list[list[int]]:
@@ -562,8 +831,15 @@ def _refine(search: _Search, lo: int, target: float, window: int = 48,
     threshold. Only units near the threshold move, so the result stays true to the
     ranking.
     """
+    # Closest selection not above the target seen so far: the answer when none lands
+    # within tolerance (a user asking for -30% must never get -47%).
+    fallback: list[Any] = [-1.0, set(range(lo - 1))]
+
     def value(sel: set[int]) -> float:
-        return 1.0 - search.macs(search.select(sel)) / search.base_macs
+        v = 1.0 - search.macs(search.select(sel)) / search.base_macs
+        if fallback[0] < v <= target + _MACS_TOLERANCE:
+            fallback[:] = [v, set(sel)]
+        return v
 
     def good(v: float) -> bool:
         return abs(v - target) <= _MACS_TOLERANCE
@@ -597,7 +873,7 @@ def _refine(search: _Search, lo: int, target: float, window: int = 48,
         if best_sel is None:
             break
         ranks, current = best_sel, best_val
-    return ranks
+    return ranks if good(current) else fallback[1]
 
 
 def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],
@@ -606,20 +882,67 @@ def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[li
     for cand, idxs in zip(cands, removals):
         if not idxs:
             continue
-        group = graph.get_pruning_group(cand.root, cand.root_fn, idxs)
-        for item in group:
-            kind = _kind(item.dep.pruning_fn)
-            module = item.dep.target.module
-            if kind in ("out", "dw") or isinstance(module, nn.modules.batchnorm._BatchNorm):
-                width = (module.num_features if isinstance(module, nn.modules.batchnorm._BatchNorm)
-                         else getattr(module, "out_channels", getattr(module, "out_features", 0)))
-                gone = set(item.idxs)
-                kept[names[module]] = [i for i in range(width) if i not in gone]
-        steps.append({"module": names[cand.root],
-                      "kind": "linear" if isinstance(cand.root, nn.Linear) else "conv",
-                      "idxs": [int(i) for i in idxs]})
-        group.prune()
+        parts = []
+        for part in cand.parts:
+            local = [i - part.offset for i in idxs if part.offset <= i < part.offset + part.width]
+            if local:
+                parts.append((part.root, part.root_fn, local))
+        kept.update({names[m]: k for m, k in _prune_together(graph, parts).items()})
+        records = [{"module": names[root],
+                    "kind": "linear" if isinstance(root, nn.Linear) else "conv",
+                    "idxs": [int(i) for i in local]} for root, _, local in parts]
+        steps.append(records[0] if len(records) == 1 else {"parts": records})
     return {"format": PLAN_FORMAT, "steps": steps, "kept": kept}
+
+
+def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any, list[int]]]
+                    ) -> dict[nn.Module, list[int]]:
+    """Remove channels of several roots in one go; return kept output channels per layer.
+
+    All groups are read before anything is pruned, so their indices share one numbering,
+    and each layer is cut once with the union of its indices. Grouped convolutions' input
+    channels are cut here, group by group: Torch-Pruning assumes the same positions go in
+    every group, which holds for its own pruner but not for scores ranked within groups.
+    """
+    merged: dict[tuple[Any, Any], tuple[Any, set[int]]] = {}
+    for root, fn, idxs in parts:
+        for item in graph.get_pruning_group(root, fn, idxs):
+            key = (item.dep.target, item.dep.handler)
+            merged.setdefault(key, (item.dep, set()))[1].update(int(i) for i in item.idxs)
+    kept: dict[nn.Module, list[int]] = {}
+    grouped_inputs = []
+    group = tp.dependency.group.Group()
+    group._DG = graph
+    for dep, idxs in merged.values():
+        module, kind = dep.target.module, _kind(dep.pruning_fn)
+        if kind in ("out", "dw") or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            width = _dimension(module, kind or "out")
+            kept[module] = [i for i in range(width) if i not in idxs]
+        if kind == "in" and _is_grouped(module):
+            grouped_inputs.append((module, idxs))
+        else:
+            group.add_dep(dep, sorted(idxs))
+    group.prune(record_history=False)
+    for module, idxs in grouped_inputs:
+        _prune_grouped_inputs(module, idxs)
+    return kept
+
+
+@torch.no_grad()
+def _prune_grouped_inputs(conv: nn.Conv2d, idxs: set[int]) -> None:
+    """Drop input channels of a grouped conv; every group must lose as many."""
+    groups = conv.groups
+    per_in, per_out = conv.in_channels // groups, conv.out_channels // groups
+    blocks = []
+    for g in range(groups):
+        keep = [c for c in range(per_in) if g * per_in + c not in idxs]
+        blocks.append(conv.weight[g * per_out:(g + 1) * per_out][:, keep])
+    if len({b.shape[1] for b in blocks}) != 1 or conv.out_channels % groups:
+        raise UnsupportedModelError(
+            f"grouped convolution {conv} would get groups of unequal width; pass it (or the "
+            "layers feeding it) as ignored_layers")
+    conv.weight = nn.Parameter(torch.cat(blocks).contiguous())
+    conv.in_channels -= len(idxs)
 
 
 # ---------------------------------------------------------------------- save / load
@@ -629,19 +952,26 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
     graph = _build_graph(model, example_inputs)
     named = dict(model.named_modules())
     for step in plan["steps"]:
-        module = named.get(step.get("module"))
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            raise CheckpointError(f"plan step names module {step.get('module')!r}, which the "
-                                  "base model lacks: the plan belongs to another architecture")
-        fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) \
-            else tp.prune_conv_out_channels
-        width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        idxs = step.get("idxs", [])
-        if not idxs or any(not isinstance(i, int) or not 0 <= i < width for i in idxs) \
-                or len(set(idxs)) >= width:
-            raise CheckpointError(f"plan step for '{step['module']}' removes channels "
-                                  f"{idxs[:8]}... that do not fit its {width} channels")
-        graph.get_pruning_group(module, fn, idxs).prune()
+        records = step.get("parts", [step]) if isinstance(step, Mapping) else [{}]
+        parts = []
+        for record in records:
+            module = named.get(record.get("module"))
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                raise CheckpointError(f"plan step names module {record.get('module')!r}, which "
+                                      "the base model lacks: the plan belongs to another "
+                                      "architecture")
+            fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) \
+                else tp.prune_conv_out_channels
+            if isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1:
+                fn = tp.prune_depthwise_conv_out_channels
+            width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            idxs = record.get("idxs", [])
+            if not idxs or any(not isinstance(i, int) or not 0 <= i < width for i in idxs) \
+                    or len(set(idxs)) >= width:
+                raise CheckpointError(f"plan step for '{record['module']}' removes channels "
+                                      f"{idxs[:8]}... that do not fit its {width} channels")
+            parts.append((module, fn, idxs))
+        _prune_together(graph, parts)
     return model
 
 
