@@ -141,11 +141,51 @@ def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     model.eval()  # tracing runs a forward pass: never let it update BN running stats
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
+            graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, customized_pruners=_custom_pruners(),
                 verbose=False)
     finally:
         model.train(was_training)
+    _fix_splits(graph)
+    return graph
+
+
+def _fix_splits(graph: tp.DependencyGraph) -> None:
+    """Give Torch-Pruning the real sizes and order of the pieces of every channel split.
+
+    It guesses a ``chunk``'s piece sizes from the layers around it, and takes the split's
+    consumers in the order it met them while tracing as the order of the pieces; both go
+    wrong on cross-stage (CSP) and Res2Net blocks. The autograd graph knows both: the
+    split's saved sizes, and which output each consumer reads.
+    """
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT:
+            continue
+        fn = node.grad_fn
+        shape, dim = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_dim", None)
+        if shape is None or dim is None or dim - len(shape) * (dim >= len(shape)) not in (1, -3):
+            continue
+        total = int(shape[1])
+        if hasattr(fn, "_saved_split_sizes"):
+            pieces = [int(p) for p in fn._saved_split_sizes]
+        elif hasattr(fn, "_saved_split_size"):
+            step = int(fn._saved_split_size)
+            pieces = [step] * (total // step) + ([total % step] if total % step else [])
+        else:
+            continue
+        order = {}
+        for out in node.outputs:
+            nrs = {nr for f, nr in getattr(out.grad_fn, "next_functions", ()) if f is fn}
+            if len(nrs) == 1:
+                order[out] = nrs.pop()
+        if len(order) != len(node.outputs) or sorted(order.values()) != list(range(len(pieces))):
+            continue  # a consumer reads several pieces, or a piece is unused: leave it
+        node.outputs.sort(key=order.__getitem__)
+        node.module.split_sizes = pieces
+        node.module.offsets = [sum(pieces[:i]) for i in range(len(pieces) + 1)]
+    for node in graph.module2node.values():
+        if node.type == tp.ops.OPTYPE.CONCAT:
+            node.module.concat_sizes = None  # inferred again, from the corrected splits
 
 
 def _output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
@@ -270,6 +310,25 @@ def _misread(item: Any) -> bool:
     return kind != "in" and len(set(idxs)) != len(idxs)
 
 
+def _fixed_layout(item: Any) -> str | None:
+    """Why channels through this group member cannot be removed, or None if they can.
+
+    The model's own code fixes some channel layouts with plain numbers that pruning
+    cannot change: ``torch.split(x, width)`` (Res2Net, CSP), ``x[:, :n]`` (Ghost modules
+    whose slice drops channels) and the ``view(b, groups, c // groups, h, w)`` of a
+    channel shuffle. Pruning channels that pass through them would change the function.
+    """
+    node = item.dep.target
+    fn = node.grad_fn
+    if node.type == tp.ops.OPTYPE.SPLIT and getattr(fn, "_saved_dim", 1) in (1, -3):
+        return "a torch.split/chunk"
+    if node.type == tp.ops.OPTYPE.SLICE and getattr(fn, "_saved_dim", 1) in (1, -3):
+        return "a channel slice"
+    if node.type == tp.ops.OPTYPE.RESHAPE and len(getattr(fn, "_saved_self_sym_sizes", ())) >= 5:
+        return "a channel shuffle"
+    return None
+
+
 @dataclass
 class _Part:
     """One Torch-Pruning group inside a candidate: its root and its slice of channels."""
@@ -334,7 +393,7 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
         roots = torch.tensor(list(item.root_idxs), dtype=torch.long)
         if kind in ("out", "dw") and module in scored_modules:
             scored[roots] += 1
-        full = len(set(roots.tolist())) == width
+        full = len(roots) == width and len(set(roots.tolist())) == width
         members.append((module, kind, None if full else roots))
         if _is_grouped(module) and kind in ("in", "out"):
             index = torch.full((width,), -1, dtype=torch.long)
@@ -395,12 +454,17 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
                 names: dict[nn.Module, str]) -> list[_Candidate]:
     singles: list[_Candidate] = []
     misread: list[str] = []
+    fixed: dict[str, list[str]] = {}
     for group in graph.get_all_groups(ignored_layers=ignored,
                                       root_module_types=(nn.Conv2d, nn.Linear)):
         bad = [item for item in group if _misread(item)]
         if bad:
             misread += [names.get(item.dep.target.module, "?") for item in bad
                         if isinstance(item.dep.target.module, (nn.Conv2d, nn.Linear))]
+            continue
+        reason = next(filter(None, map(_fixed_layout, group)), None)
+        if reason is not None:
+            fixed.setdefault(reason, []).append(names.get(group[0].dep.target.module, "?"))
             continue
         imp = importance(group)
         if imp is None:
@@ -409,6 +473,10 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
         if scope == "internal" and outs != 1:
             continue  # the channels feed more than one layer's output: a residual stream
         singles.append(cand)
+    for reason, roots in fixed.items():
+        logger.warning("the output channels of %s pass through %s whose sizes the model's "
+                       "code fixes; they are left unpruned", ", ".join(roots[:8])
+                       + (f" and {len(roots) - 8} more" if len(roots) > 8 else ""), reason)
     if misread:
         logger.warning("Torch-Pruning's dependency graph misreads the channels around %s "
                        "(e.g. a torch.split whose pieces are added elsewhere); those channels "
