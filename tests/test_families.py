@@ -112,6 +112,41 @@ class GhostBlock(nn.Module):
         return self.head(self.tail(ghost))
 
 
+class GhostResidual(GhostBlock):
+    """Ghost module added back to its input: each input channel is tied to a ghost copy."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        p = self.primary(x)
+        return self.head(self.tail(torch.cat([p, self.cheap(p)], 1)[:, :self.out] + x))
+
+
+class GhostOddSlice(GhostBlock):
+    """Ghost module whose slice drops the last channel of the concatenation."""
+
+    def __init__(self):
+        super().__init__(out=15)
+
+
+class DenseBlock(nn.Module):
+    """DenseNet: every layer reads BN -> ReLU -> conv of all earlier features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(8 + 4 * i), nn.ReLU(), nn.Conv2d(8 + 4 * i, 4, 3, padding=1))
+            for i in range(3))
+        self.norm = nn.BatchNorm2d(20)
+        self.head = Head(20)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.head(torch.relu(self.norm(torch.cat(features, 1))))
+
+
 class SEBlock(nn.Module):
     """Squeeze-and-excitation gate on a conv's output."""
 
@@ -148,7 +183,9 @@ class ShuffleBlock(nn.Module):
 
 
 NETS = {"grouped_after_concat": GroupedAfterConcat, "resnext": ResNeXtBlock,
-        "res2net": Res2NetBlock, "csp": CSPBlock, "ghost": GhostBlock, "se": SEBlock,
+        "res2net": Res2NetBlock, "csp": CSPBlock, "ghost": GhostBlock,
+        "ghost_residual": GhostResidual, "ghost_odd_slice": GhostOddSlice, "dense": DenseBlock,
+        "se": SEBlock,
         "shuffle": ShuffleBlock}
 
 

@@ -359,6 +359,7 @@ class _Candidate:
     grouped: dict[tuple[nn.Module, str], torch.Tensor]
     min_keep: int = 1
     cells: list[torch.Tensor] | None = None  # equal-removal cells of a grouped candidate
+    bundles: list[list[int]] | None = None  # channels that can only go together
 
     @property
     def width(self) -> int:
@@ -401,7 +402,62 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
             grouped[(module, kind)] = index
     root = group[0].dep.target.module
     part = _Part(root, group[0].dep.pruning_fn, 0, width)
-    return _Candidate([part], imp.float().cpu(), allowed, scored, members, grouped), outs
+    cand = _Candidate([part], imp.float().cpu(), allowed, scored, members, grouped)
+    cand.bundles = _bundles(getattr(group, "_cdprune_ties", ()), width)
+    return cand, outs
+
+
+def _bundles(ties: Iterable[tuple[int, int]], width: int) -> list[list[int]] | None:
+    """Classes of channels tied together, or None when every channel stands alone."""
+    parent = list(range(width))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    tied = False
+    for a, b in ties:
+        if 0 <= a < width and 0 <= b < width and find(a) != find(b):
+            parent[find(a)] = find(b)
+            tied = True
+    if not tied:
+        return None
+    classes: dict[int, list[int]] = {}
+    for i in range(width):
+        classes.setdefault(find(i), []).append(i)
+    return list(classes.values())
+
+
+class _TieRecorder:
+    """Notes, while Torch-Pruning builds a group, channels of two roots that are one.
+
+    Tracing a group from its root, Torch-Pruning can reach one layer channel from two
+    root channels (a Ghost module's depthwise copy joined back by a residual addition).
+    It then keeps one of the two roots for that channel and forgets the other, though
+    pruning either removes both. Recorded here, such roots are pruned together.
+    """
+
+    def __enter__(self) -> _TieRecorder:
+        group_cls = tp.dependency.group.Group
+        self.original = original = group_cls.add_and_merge
+
+        def add_and_merge(group: Any, dep: Any, idxs: Any) -> None:
+            for old_dep, old_idxs in group._group:
+                if old_dep.target == dep.target and old_dep.handler == dep.handler:
+                    roots = {i.idx: i.root_idx for i in old_idxs}
+                    ties = group.__dict__.setdefault("_cdprune_ties", [])
+                    ties += [(roots[i.idx], i.root_idx) for i in idxs
+                             if roots.get(i.idx, i.root_idx) != i.root_idx]
+                    break
+            original(group, dep, idxs)
+
+        group_cls.add_and_merge = add_and_merge
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        tp.dependency.group.Group.add_and_merge = self.original
 
 
 def _merge(cands: list[_Candidate]) -> _Candidate:
@@ -455,8 +511,10 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
     singles: list[_Candidate] = []
     misread: list[str] = []
     fixed: dict[str, list[str]] = {}
-    for group in graph.get_all_groups(ignored_layers=ignored,
-                                      root_module_types=(nn.Conv2d, nn.Linear)):
+    with _TieRecorder():
+        groups = list(graph.get_all_groups(ignored_layers=ignored,
+                                           root_module_types=(nn.Conv2d, nn.Linear)))
+    for group in groups:
         bad = [item for item in group if _misread(item)]
         if bad:
             misread += [names.get(item.dep.target.module, "?") for item in bad
@@ -505,6 +563,11 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
     out = []
     for members in components.values():
         cand = _merge(members)
+        if cand.grouped and any(c.bundles for c in members):
+            logger.warning("channels feeding grouped convolution(s) %s are tied to others; "
+                           "they are left unpruned",
+                           ", ".join(sorted(names.get(m, "?") for m, _ in cand.grouped)))
+            continue
         if cand.grouped:
             cand.cells = _cells(cand)
             if cand.cells is None:
@@ -611,6 +674,10 @@ def _channel_units(cand: _Candidate, round_to: int | None, allocation: str
         keys = {ch: (i + 1) / len(ranked) for i, ch in enumerate(ranked)}
     else:
         keys = {ch: float(imp[ch]) for ch in ranked}
+    if cand.bundles is not None:  # tied channels: a bundle is one unit (round_to ignored)
+        ok = [b for b in cand.bundles if bool(cand.allowed[b].all())]
+        blocks = sorted(ok, key=lambda b: (max(keys[c] for c in b), b[0]))
+        return blocks, [max(keys[c] for c in b) for b in blocks]
     size = round_to or 1
     first = len(ranked) % size if cand.width % size == 0 else cand.width % size
     blocks = ([ranked[:first]] if first else []) + [
@@ -955,7 +1022,11 @@ def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[li
             local = [i - part.offset for i in idxs if part.offset <= i < part.offset + part.width]
             if local:
                 parts.append((part.root, part.root_fn, local))
-        kept.update({names[m]: k for m, k in _prune_together(graph, parts).items()})
+        for module, (width, gone) in _prune_together(graph, parts).items():
+            # A layer can shrink in several steps (a BN after a concatenation):
+            # track which of its original channels are still there.
+            alive = kept.setdefault(names[module], list(range(width)))
+            kept[names[module]] = [c for i, c in enumerate(alive) if i not in gone]
         records = [{"module": names[root],
                     "kind": "linear" if isinstance(root, nn.Linear) else "conv",
                     "idxs": [int(i) for i in local]} for root, _, local in parts]
@@ -964,8 +1035,10 @@ def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[li
 
 
 def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any, list[int]]]
-                    ) -> dict[nn.Module, list[int]]:
-    """Remove channels of several roots in one go; return kept output channels per layer.
+                    ) -> dict[nn.Module, tuple[int, set[int]]]:
+    """Remove channels of several roots in one go.
+
+    Returns, per layer whose outputs shrank, its width before and the positions removed.
 
     All groups are read before anything is pruned, so their indices share one numbering,
     and each layer is cut once with the union of its indices. Grouped convolutions' input
@@ -977,15 +1050,14 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
         for item in graph.get_pruning_group(root, fn, idxs):
             key = (item.dep.target, item.dep.handler)
             merged.setdefault(key, (item.dep, set()))[1].update(int(i) for i in item.idxs)
-    kept: dict[nn.Module, list[int]] = {}
+    removed: dict[nn.Module, tuple[int, set[int]]] = {}
     grouped_inputs = []
     group = tp.dependency.group.Group()
     group._DG = graph
     for dep, idxs in merged.values():
         module, kind = dep.target.module, _kind(dep.pruning_fn)
         if kind in ("out", "dw") or isinstance(module, nn.modules.batchnorm._BatchNorm):
-            width = _dimension(module, kind or "out")
-            kept[module] = [i for i in range(width) if i not in idxs]
+            removed[module] = (_dimension(module, kind or "out"), idxs)
         if kind == "in" and _is_grouped(module):
             grouped_inputs.append((module, idxs))
         else:
@@ -993,7 +1065,7 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
     group.prune(record_history=False)
     for module, idxs in grouped_inputs:
         _prune_grouped_inputs(module, idxs)
-    return kept
+    return removed
 
 
 @torch.no_grad()
