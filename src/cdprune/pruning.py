@@ -188,23 +188,6 @@ def _fix_splits(graph: tp.DependencyGraph) -> None:
             node.module.concat_sizes = None  # inferred again, from the corrected splits
 
 
-def _output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
-    """The layer that produced the model's output (the classifier), found by running it."""
-    order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: order.append(m))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            _forward(model, example_inputs)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return order[-1:]
-
-
 def _forward(model: nn.Module, example_inputs: Any) -> Any:
     if isinstance(example_inputs, (list, tuple)):
         return model(*example_inputs)
@@ -231,10 +214,15 @@ class _Geometry:
         return self.positions * out * ((self.in_ch - in_rm) // self.groups) * self.kernel
 
 
-def _geometry(model: nn.Module, example_inputs: Any) -> dict[nn.Module, _Geometry]:
+def _geometry(model: nn.Module, example_inputs: Any
+              ) -> tuple[dict[nn.Module, _Geometry], list[nn.Module]]:
+    """Shapes of every Conv2d/Linear, and the layer that produced the output (the
+    classifier, never pruned), from one forward pass of one sample."""
     geo: dict[nn.Module, _Geometry] = {}
+    last: list[nn.Module] = []
 
     def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        last[:] = [m]
         if isinstance(m, nn.Conv2d):
             geo[m] = _Geometry(m.in_channels, m.out_channels, m.groups,
                                m.kernel_size[0] * m.kernel_size[1],
@@ -255,7 +243,7 @@ def _geometry(model: nn.Module, example_inputs: Any) -> dict[nn.Module, _Geometr
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return geo
+    return geo, last
 
 
 def _first_sample(example_inputs: Any) -> Any:
@@ -874,15 +862,16 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     named = dict(work.named_modules())
     scored = {named[n] for n in scores}
     ignored = _resolve_modules(work, ignored_named, "ignored layer")
-    ignored += [m for m in _output_layers(work, example_inputs) if m not in ignored]
+    geometry, output_layers = _geometry(work, example_inputs)
+    ignored += [m for m in output_layers if m not in ignored]
 
     macs_before = count_macs(work, example_inputs=_first_sample(example_inputs))
     params_before = count_params(work)
     widths_before = conv_widths(work)
-    graph = _build_graph(work, example_inputs)
+    graph = _build_graph(work, _first_sample(example_inputs))
     importance = CDPImportance(scores, group_reduction=group_reduction, model=work)
     cands = _candidates(graph, importance, ignored, scope, max_layer_pruning, scored, names)
-    search = _Search(cands, _geometry(work, example_inputs), round_to, allocation)
+    search = _Search(cands, geometry, round_to, allocation)
     candidate_filters = sum(int(c.scored[c.allowed].sum()) for c in cands)
     if not cands:
         raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
