@@ -263,3 +263,31 @@ def test_coarse_macs_target_lands_below_with_warning(caplog):
 
 def test_unsupported_error_is_a_value_error():
     assert issubclass(UnsupportedModelError, ValueError)
+
+
+def _import_timm():
+    try:
+        import timm
+    except Exception as exc:  # timm imports torchvision, which may be missing or broken
+        pytest.skip(f"timm cannot be imported here ({type(exc).__name__}: {exc})")
+    return timm
+
+
+@pytest.mark.slow
+def test_cli_timm_model_end_to_end(tmp_path, capsys):
+    """A grouped-conv timm model through run (stats, prune, save, load, fine-tune), eval
+    and export."""
+    _import_timm()
+    from cdprune.cli import main
+
+    data = ["--dataset", "synthetic", "-j", "0", "--no-progress"]
+    out = tmp_path / "run"
+    code = main(["run", "--model", "timm:regnetx_002", *data, "-b", "32", "--stop-batch", "2",
+                 "--train-subset", "64", "--macs-reduction", "0.3", "--epochs", "1",
+                 "--output-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    plan = (out / "pruned" / "plan.json").read_text()
+    assert '"zoo_model": "timm:regnetx_002"' in plan
+    assert main(["eval", *data, "--model-dir", str(out)]) == 0
+    assert main(["export", "--model-dir", str(out), "--format", "torchscript"]) == 0
+    assert (out / "pruned" / "model.pt").is_file()
