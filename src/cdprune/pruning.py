@@ -774,7 +774,9 @@ def prune(
         example_inputs: a batch the model accepts, used to trace dependencies and shapes.
         sparsity: fraction of candidate filters to remove, by one global ranking.
         macs_reduction: fraction of the model's MACs to remove; the result lands within
-            0.3 percentage points of it or a ``ConfigError`` says why it cannot.
+            0.3 percentage points of it, or, when the removable units are too coarse, on
+            the nearest reachable reduction below it (logged, and recorded in
+            ``result.extra["macs_target_missed"]``).
         ignored_layers: module names whose output channels must not be pruned.
         scope: ``"internal"`` prunes only channels that belong to one layer's output
             (block-internal channels of residual networks); ``"all"`` also prunes coupled
@@ -796,6 +798,8 @@ def prune(
     Raises:
         ConfigError: bad target or arguments, unknown layer names, scores that do not fit
             the model, or a MACs target that cannot be reached under the constraints.
+        UnsupportedModelError: Torch-Pruning misreads the graph around the named layers
+            even once they are ignored (or ``inplace=True``, which forbids the retry).
     """
     _validate(sparsity, macs_reduction, scope, max_layer_pruning, round_to)
     if allocation not in ALLOCATIONS:
