@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cdprune.errors import UnsupportedModelError
+from cdprune.macs import count_macs
 from cdprune.pruning import load_pruned, prune, save_pruned
 
 from .test_pruning import masked_copy, random_scores, randomize_bn
@@ -213,6 +214,8 @@ def assert_grouped_convs_valid(model: nn.Module) -> None:
 def test_pattern_prunes_exactly(name, seed):
     model, x = build(name)
     result = prune(model, random_scores(model, seed), example_inputs=x, sparsity=0.4)
+    assert result.macs_before == count_macs(model, example_inputs=x)
+    assert result.macs_after == count_macs(result.model, example_inputs=x)
     assert result.macs_after < result.macs_before
     assert_grouped_convs_valid(result.model)
     assert_exact(model, result, x)

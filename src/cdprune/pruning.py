@@ -188,14 +188,6 @@ def _fix_splits(graph: tp.DependencyGraph) -> None:
             node.module.concat_sizes = None  # inferred again, from the corrected splits
 
 
-def _forward(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, (list, tuple)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    return model(example_inputs)
-
-
 # ---------------------------------------------------------------------- analytic MACs
 @dataclass
 class _Geometry:
@@ -214,36 +206,41 @@ class _Geometry:
         return self.positions * out * ((self.in_ch - in_rm) // self.groups) * self.kernel
 
 
-def _geometry(model: nn.Module, example_inputs: Any
-              ) -> tuple[dict[nn.Module, _Geometry], list[nn.Module]]:
-    """Shapes of every Conv2d/Linear, and the layer that produced the output (the
-    classifier, never pruned), from one forward pass of one sample."""
+@dataclass
+class _Trace:
+    """What Torch-Pruning's traced forward pass of one sample tells: the dependency
+    graph, every Conv2d/Linear's shapes and the layer that produced the output (the
+    classifier, never pruned)."""
+
+    graph: tp.DependencyGraph
+    geometry: dict[nn.Module, _Geometry]
+    output_layers: list[nn.Module]
+
+
+def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
     geo: dict[nn.Module, _Geometry] = {}
     last: list[nn.Module] = []
 
     def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
-        last[:] = [m]
         if isinstance(m, nn.Conv2d):
             geo[m] = _Geometry(m.in_channels, m.out_channels, m.groups,
                                m.kernel_size[0] * m.kernel_size[1],
                                out.shape[-1] * out.shape[-2])
-        else:
+        elif isinstance(m, nn.Linear):
             geo[m] = _Geometry(m.in_features, m.out_features, 1, 1,
                                out.numel() // out.shape[0] // m.out_features)
+        last[:] = [m]
 
+    # Torch-Pruning traces with a forward pass (and runs the first layer once more on
+    # its own, hence no MACs counting here); the hooks read it too.
     hooks = [m.register_forward_hook(hook) for m in model.modules()
              if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            example = _first_sample(example_inputs)
-            _forward(model, example)
+        graph = _build_graph(model, _first_sample(example_inputs))
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
-    return geo, last
+    return _Trace(graph, geo, last)
 
 
 def _first_sample(example_inputs: Any) -> Any:
@@ -448,6 +445,28 @@ class _TieRecorder:
         tp.dependency.group.Group.add_and_merge = self.original
 
 
+class _FrozenIndexMapping:
+    """Lets Torch-Pruning map indices once for many groups while nothing is pruned.
+
+    It refreshes every concatenation's and split's index mapping each time it builds a
+    group, which costs minutes on large graphs (DenseNet, ReXNet). The mapping only
+    changes when something is pruned, so one refresh serves all groups read before.
+    """
+
+    def __init__(self, graph: tp.DependencyGraph):
+        self.graph = graph
+
+    def __enter__(self) -> _FrozenIndexMapping:
+        module = tp.dependency.index_mapping
+        self.original = module.update_index_mapping
+        self.original(self.graph)
+        module.update_index_mapping = lambda graph: None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        tp.dependency.index_mapping.update_index_mapping = self.original
+
+
 def _merge(cands: list[_Candidate]) -> _Candidate:
     """One candidate from several, channels numbered part after part."""
     if len(cands) == 1:
@@ -499,7 +518,7 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
     singles: list[_Candidate] = []
     misread: list[str] = []
     fixed: dict[str, list[str]] = {}
-    with _TieRecorder():
+    with _TieRecorder(), _FrozenIndexMapping(graph):
         groups = list(graph.get_all_groups(ignored_layers=ignored,
                                            root_module_types=(nn.Conv2d, nn.Linear)))
     for group in groups:
@@ -866,16 +885,16 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     named = dict(work.named_modules())
     scored = {named[n] for n in scores}
     ignored = _resolve_modules(work, ignored_named, "ignored layer")
-    geometry, output_layers = _geometry(work, example_inputs)
-    ignored += [m for m in output_layers if m not in ignored]
+    trace = _trace(work, example_inputs)
+    ignored += [m for m in trace.output_layers if m not in ignored]
 
     macs_before = count_macs(work, example_inputs=_first_sample(example_inputs))
     params_before = count_params(work)
     widths_before = conv_widths(work)
-    graph = _build_graph(work, _first_sample(example_inputs))
+    graph = trace.graph
     importance = CDPImportance(scores, group_reduction=group_reduction, model=work)
     cands = _candidates(graph, importance, ignored, scope, max_layer_pruning, scored, names)
-    search = _Search(cands, geometry, round_to, allocation)
+    search = _Search(cands, trace.geometry, round_to, allocation)
     candidate_filters = sum(int(c.scored[c.allowed].sum()) for c in cands)
     if not cands:
         raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
@@ -1006,24 +1025,22 @@ def _refine(search: _Search, lo: int, target: float, window: int = 48,
 
 def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],
            names: dict[nn.Module, str]) -> dict[str, Any]:
-    steps, kept = [], {}
+    steps, parts = [], []
     for cand, idxs in zip(cands, removals):
         if not idxs:
             continue
-        parts = []
+        step = []
         for part in cand.parts:
             local = [i - part.offset for i in idxs if part.offset <= i < part.offset + part.width]
             if local:
-                parts.append((part.root, part.root_fn, local))
-        for module, (width, gone) in _prune_together(graph, parts).items():
-            # A layer can shrink in several steps (a BN after a concatenation):
-            # track which of its original channels are still there.
-            alive = kept.setdefault(names[module], list(range(width)))
-            kept[names[module]] = [c for i, c in enumerate(alive) if i not in gone]
+                step.append((part.root, part.root_fn, local))
+        parts += step
         records = [{"module": names[root],
                     "kind": "linear" if isinstance(root, nn.Linear) else "conv",
-                    "idxs": [int(i) for i in local]} for root, _, local in parts]
+                    "idxs": [int(i) for i in local]} for root, _, local in step]
         steps.append(records[0] if len(records) == 1 else {"parts": records})
+    kept = {names[module]: [i for i in range(width) if i not in gone]
+            for module, (width, gone) in _prune_together(graph, parts).items()}
     return {"format": PLAN_FORMAT, "steps": steps, "kept": kept}
 
 
@@ -1033,16 +1050,17 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
 
     Returns, per layer whose outputs shrank, its width before and the positions removed.
 
-    All groups are read before anything is pruned, so their indices share one numbering,
-    and each layer is cut once with the union of its indices. Grouped convolutions' input
+    All groups are read before anything is pruned, so their indices share one numbering
+    (the original model's), and each layer is cut once with the union of its indices. Grouped convolutions' input
     channels are cut here, group by group: Torch-Pruning assumes the same positions go in
     every group, which holds for its own pruner but not for scores ranked within groups.
     """
     merged: dict[tuple[Any, Any], tuple[Any, set[int]]] = {}
-    for root, fn, idxs in parts:
-        for item in graph.get_pruning_group(root, fn, idxs):
-            key = (item.dep.target, item.dep.handler)
-            merged.setdefault(key, (item.dep, set()))[1].update(int(i) for i in item.idxs)
+    with _FrozenIndexMapping(graph):
+        for root, fn, idxs in parts:
+            for item in graph.get_pruning_group(root, fn, idxs):
+                key = (item.dep.target, item.dep.handler)
+                merged.setdefault(key, (item.dep, set()))[1].update(int(i) for i in item.idxs)
     removed: dict[nn.Module, tuple[int, set[int]]] = {}
     grouped_inputs = []
     group = tp.dependency.group.Group()
@@ -1084,9 +1102,9 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
         raise CheckpointError(f"not a cdprune plan (expected format {PLAN_FORMAT!r})")
     graph = _build_graph(model, example_inputs)
     named = dict(model.named_modules())
+    parts = []
     for step in plan["steps"]:
         records = step.get("parts", [step]) if isinstance(step, Mapping) else [{}]
-        parts = []
         for record in records:
             module = named.get(record.get("module"))
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -1104,7 +1122,7 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
                 raise CheckpointError(f"plan step for '{record['module']}' removes channels "
                                       f"{idxs[:8]}... that do not fit its {width} channels")
             parts.append((module, fn, idxs))
-        _prune_together(graph, parts)
+    _prune_together(graph, parts)  # every step's indices are in the base model's numbering
     return model
 
 
