@@ -859,8 +859,8 @@ def prune(
         # Coarse units (grouped convolutions, round_to): the nearest reduction below.
         logger.warning("a MACs reduction of %s cannot be reached within 0.3 points: the "
                        "removable units are too coarse; landed on %.4f, the nearest "
-                       "reachable reduction below the target", macs_reduction,
-                       result.macs_reduction)
+                       "reachable reduction below the target that the search found",
+                       macs_reduction, result.macs_reduction)
         result.extra["macs_target_missed"] = {"target": macs_reduction,
                                               "reached": round(result.macs_reduction, 6)}
     logger.info("pruned %d of %d candidate filters: MACs %.2fM -> %.2fM (-%.1f%%)",
