@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import os
 import platform
@@ -268,6 +269,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="model names to (re)run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per model")
+    parser.add_argument("--table-only", action="store_true",
+                        help="only rewrite the tables from rows.jsonl")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -281,7 +284,7 @@ def main() -> None:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             done[(row["source"], row["model"])] = row
-    for source, family, name in cases():
+    for source, family, name in ([] if args.table_only else cases()):
         if args.only and name not in args.only:
             continue
         if not args.only and (source, name) in done:
@@ -312,10 +315,10 @@ def main() -> None:
     keys = ["source", "family", "model", "status", "macs_reduction", "exact", "masked_err",
             "roundtrip", "prune_s", "tp_status", "tp_macs_reduction", "tp_s", "error",
             "tp_error"]
-    csv = [",".join(keys)] + [",".join(json.dumps(r.get(k, "")) if isinstance(r.get(k), str)
-                                       else str(r.get(k, "")) for k in keys) for r in ordered]
-    (out / "zoo_coverage.csv").write_text("\n".join(csv) + "\n")
-
+    with open(out / "zoo_coverage.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys)
+        writer.writerows([r.get(k, "") for k in keys] for r in ordered)
 
 if __name__ == "__main__":
     main()
