@@ -129,9 +129,11 @@ def _cdprune_row(source: str, name: str, threads: int) -> dict:
     stats = cdprune.collect_stats(model, [images[i:i + 8] for i in range(0, IMAGES, 8)],
                                   progress=False)
     scores = cdprune.tfidf_scores(stats)
-    # Masking is exact only where no normalisation mixes channels (LayerNorm, GroupNorm).
+    # Masking is exact only where no normalisation mixes channels: LayerNorm, GroupNorm,
+    # and weight-standardised convolutions (each filter renormalised over its inputs).
     mixing = sorted({type(m).__name__ for m in model.modules()
-                     if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))})
+                     if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+                     or "StdConv" in type(m).__name__})
     row: dict = {"channel_mixing_norms": mixing}
     start = time.perf_counter()
     try:
@@ -218,8 +220,8 @@ def _table(rows: list[dict], machine: str) -> str:
         f"Machine: {machine}", "",
         f"timm CNN families (one model each): **{sum(map(exact, fams))} of {len(fams)} pruned "
         f"exactly** (pruned == masked original, save/load round trip), "
-        f"{sum(map(unverifiable, fams))} more pruned and round-tripped where LayerNorm/"
-        f"GroupNorm makes masking inexact by construction, "
+        f"{sum(map(unverifiable, fams))} more pruned and round-tripped where LayerNorm, "
+        f"GroupNorm or weight standardisation makes masking inexact by construction, "
         f"{sum(r.get('status') != 'ok' for r in fams)} errors. Torch-Pruning's MetaPruner "
         f"runs on {len(tp_ok)} of them; cdprune prunes exactly "
         f"{sum(map(exact, tp_ok))} of those. All rows: {sum(map(exact, rows))} exact of "

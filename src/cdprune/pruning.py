@@ -147,7 +147,37 @@ def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     finally:
         model.train(was_training)
     _fix_splits(graph)
+    _mark_regroupings(graph)
     return graph
+
+
+def _mark_regroupings(graph: tp.DependencyGraph) -> None:
+    """Mark the reshapes of a channel shuffle or split attention, and switch off their
+    index mapping.
+
+    ``view(b, groups, c // groups, h, w)`` regroups channels; Torch-Pruning reads it as a
+    flatten and maps each index to a run of indices, which on ResNeSt builds groups of
+    millions of indices (tens of seconds). Such channels are left unpruned anyway
+    (:func:`_fixed_layout`), so the reshapes behind a 5-D view pass indices through.
+    """
+    reshape, ops_module = tp.ops.OPTYPE.RESHAPE, tp.ops.__name__
+    for start in list(graph.module2node.values()):
+        if start.type != reshape or len(getattr(start.grad_fn, "_saved_self_sym_sizes", ())) < 5:
+            continue
+        stack, seen = [start], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.type == reshape:
+                node.cdprune_fixed = "a channel regrouping (view to groups, e.g. a shuffle)"
+                node.type = tp.ops.OPTYPE.ELEMENTWISE
+                deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
+                                                  for d in n.dependencies if d.target is node]
+                for dep in deps:
+                    dep.index_mapping = [None] * len(dep.index_mapping)
+            stack += [n for n in node.inputs if type(n.module).__module__ == ops_module]
 
 
 def _fix_splits(graph: tp.DependencyGraph) -> None:
@@ -304,13 +334,18 @@ def _fixed_layout(item: Any) -> str | None:
     channel shuffle. Pruning channels that pass through them would change the function.
     """
     node = item.dep.target
+    if getattr(node, "cdprune_fixed", None):
+        return node.cdprune_fixed
+    if node.type not in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.RESHAPE):
+        return None
     fn = node.grad_fn
-    if node.type == tp.ops.OPTYPE.SPLIT and getattr(fn, "_saved_dim", 1) in (1, -3):
-        return "a torch.split/chunk"
-    if node.type == tp.ops.OPTYPE.SLICE and getattr(fn, "_saved_dim", 1) in (1, -3):
-        return "a channel slice"
-    if node.type == tp.ops.OPTYPE.RESHAPE and len(getattr(fn, "_saved_self_sym_sizes", ())) >= 5:
-        return "a channel shuffle"
+    dim = getattr(fn, "_saved_dim", 1)
+    ndim = len(getattr(fn, "_saved_self_sym_sizes", ())) or 4
+    if node.type == tp.ops.OPTYPE.RESHAPE:
+        return "a channel regrouping (view to groups, e.g. a shuffle)" if ndim >= 5 else None
+    if not isinstance(dim, int) or dim % ndim not in (1, ndim - 1):
+        return None  # not the channel dim of NCHW, nor of NHWC (channels-last blocks)
+    return "a torch.split/chunk" if node.type == tp.ops.OPTYPE.SPLIT else "a channel slice"
     return None
 
 
@@ -403,7 +438,7 @@ def _bundles(ties: Iterable[tuple[int, int]], width: int) -> list[list[int]] | N
         return i
 
     tied = False
-    for a, b in ties:
+    for a, b in set(ties):
         if 0 <= a < width and 0 <= b < width and find(a) != find(b):
             parent[find(a)] = find(b)
             tied = True
@@ -1065,10 +1100,13 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
     grouped_inputs = []
     group = tp.dependency.group.Group()
     group._DG = graph
+    extras = []
     for dep, idxs in merged.values():
         module, kind = dep.target.module, _kind(dep.pruning_fn)
         if kind in ("out", "dw") or isinstance(module, nn.modules.batchnorm._BatchNorm):
             removed[module] = (_dimension(module, kind or "out"), idxs)
+        if kind in ("out", "dw") and isinstance(module, (nn.Conv2d, nn.Linear)):
+            extras.append((module, removed[module][0], idxs))
         if kind == "in" and _is_grouped(module):
             grouped_inputs.append((module, idxs))
         else:
@@ -1076,7 +1114,26 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
     group.prune(record_history=False)
     for module, idxs in grouped_inputs:
         _prune_grouped_inputs(module, idxs)
+    for module, width, idxs in extras:
+        _prune_extra_tensors(module, width, idxs)
     return removed
+
+
+@torch.no_grad()
+def _prune_extra_tensors(module: nn.Module, width: int, idxs: set[int]) -> None:
+    """Cut a layer's other per-output-channel tensors along with its weight.
+
+    Subclasses of Conv2d add some (timm's ScaledStdConv2d has a ``gain`` per filter) that
+    Torch-Pruning leaves whole, which breaks the pruned layer's forward pass.
+    """
+    keep = torch.tensor([i for i in range(width) if i not in idxs], dtype=torch.long)
+    for name, param in list(module.named_parameters(recurse=False)):
+        if name not in ("weight", "bias") and param.dim() >= 1 and param.shape[0] == width:
+            setattr(module, name, nn.Parameter(param.data[keep].clone(),
+                                               requires_grad=param.requires_grad))
+    for name, buf in list(module.named_buffers(recurse=False)):
+        if buf is not None and buf.dim() >= 1 and buf.shape[0] == width:
+            module._buffers[name] = buf[keep].clone()
 
 
 @torch.no_grad()
