@@ -152,32 +152,41 @@ def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
 
 
 def _mark_regroupings(graph: tp.DependencyGraph) -> None:
-    """Mark the reshapes of a channel shuffle or split attention, and switch off their
-    index mapping.
+    """Mark the reshapes that regroup channels, and switch off their index mapping.
 
-    ``view(b, groups, c // groups, h, w)`` regroups channels; Torch-Pruning reads it as a
-    flatten and maps each index to a run of indices, which on ResNeSt builds groups of
-    millions of indices (tens of seconds). Such channels are left unpruned anyway
-    (:func:`_fixed_layout`), so the reshapes behind a 5-D view pass indices through.
+    Apart from flattening features into a Linear classifier, a reshape in a CNN regroups
+    channels: ``view(b, groups, c // groups, h, w)`` of a channel shuffle or of split
+    attention (ResNeSt), or the radix softmax behind it. Torch-Pruning reads them as
+    flattens and maps each index to a run of indices, which on ResNeSt builds groups of
+    millions of indices (tens of seconds). The channels through them are left unpruned
+    (:func:`_fixed_layout`), so these reshapes just pass indices through.
     """
-    reshape, ops_module = tp.ops.OPTYPE.RESHAPE, tp.ops.__name__
-    for start in list(graph.module2node.values()):
-        if start.type != reshape or len(getattr(start.grad_fn, "_saved_self_sym_sizes", ())) < 5:
-            continue
-        stack, seen = [start], set()
+    ops_module = tp.ops.__name__
+
+    def feeds_only_linear(node: Any) -> bool:
+        stack, seen, linear = list(node.outputs), set(), False
         while stack:
-            node = stack.pop()
-            if node in seen:
+            n = stack.pop()
+            if n in seen:
                 continue
-            seen.add(node)
-            if node.type == reshape:
-                node.cdprune_fixed = "a channel regrouping (view to groups, e.g. a shuffle)"
-                node.type = tp.ops.OPTYPE.ELEMENTWISE
-                deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
-                                                  for d in n.dependencies if d.target is node]
-                for dep in deps:
-                    dep.index_mapping = [None] * len(dep.index_mapping)
-            stack += [n for n in node.inputs if type(n.module).__module__ == ops_module]
+            seen.add(n)
+            if isinstance(n.module, nn.Linear):
+                linear = True
+            elif type(n.module).__module__ != ops_module or n.type == tp.ops.OPTYPE.RESHAPE:
+                return False
+            else:
+                stack += n.outputs
+        return linear
+
+    for node in list(graph.module2node.values()):
+        if node.type != tp.ops.OPTYPE.RESHAPE or feeds_only_linear(node):
+            continue
+        node.cdprune_fixed = "a channel regrouping (view to groups, e.g. a shuffle)"
+        node.type = tp.ops.OPTYPE.ELEMENTWISE
+        deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
+                                          for d in n.dependencies if d.target is node]
+        for dep in deps:
+            dep.index_mapping = [None] * len(dep.index_mapping)
 
 
 def _fix_splits(graph: tp.DependencyGraph) -> None:
