@@ -158,7 +158,30 @@ def _cdprune_row(source: str, name: str, threads: int) -> dict:
     return row
 
 
-def _torch_pruning_row(source: str, name: str, threads: int) -> dict:
+class _TimeUp(BaseException):  # not caught by the "except Exception" of a run
+    pass
+
+
+def _torch_pruning_row(source: str, name: str, threads: int, limit: int = 180) -> dict:
+    """Torch-Pruning's MetaPruner, stopped after ``limit`` seconds (its group listing runs
+    for many minutes on some graphs, e.g. ReXNet)."""
+    import signal
+
+    def time_up(*_: object) -> None:
+        raise _TimeUp()
+
+    signal.signal(signal.SIGALRM, time_up)
+    signal.alarm(limit)
+    try:
+        return _torch_pruning_run(source, name, threads)
+    except _TimeUp:
+        return {"tp_status": "error", "tp_error": f"still running after {limit} s",
+                "tp_s": limit}
+    finally:
+        signal.alarm(0)
+
+
+def _torch_pruning_run(source: str, name: str, threads: int) -> dict:
     import torch
     import torch_pruning as tp
     from torch import nn

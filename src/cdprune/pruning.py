@@ -48,6 +48,9 @@ PLAN_FORMAT = "cdprune.plan/1"
 _OUT_FNS = ("prune_conv_out_channels", "prune_depthwise_conv_out_channels",
             "prune_linear_out_channels")
 _MACS_TOLERANCE = 0.003  # the paper's own: within 0.3 percentage points
+# Why channels are left unpruned (see _fixed_layout).
+SPLIT = "they pass through a torch.split/chunk whose piece sizes the model's code fixes"
+REGROUPING = "they pass through a channel regrouping (a view to groups, e.g. a shuffle)"
 
 
 @dataclass
@@ -179,9 +182,14 @@ def _mark_regroupings(graph: tp.DependencyGraph) -> None:
         return linear
 
     for node in list(graph.module2node.values()):
+        if node.grad_fn is not None and node.grad_fn.name() == "CopySlices":
+            # x[:, :c] += y (ReXNet's partial residual): read as a plain addition, which
+            # sends Torch-Pruning's group tracing round in circles for minutes.
+            node.cdprune_fixed = "they pass through an in-place write into a channel slice"
+            continue
         if node.type != tp.ops.OPTYPE.RESHAPE or feeds_only_linear(node):
             continue
-        node.cdprune_fixed = "a channel regrouping (view to groups, e.g. a shuffle)"
+        node.cdprune_fixed = REGROUPING
         node.type = tp.ops.OPTYPE.ELEMENTWISE
         deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
                                           for d in n.dependencies if d.target is node]
@@ -351,10 +359,11 @@ def _fixed_layout(item: Any) -> str | None:
     dim = getattr(fn, "_saved_dim", 1)
     ndim = len(getattr(fn, "_saved_self_sym_sizes", ())) or 4
     if node.type == tp.ops.OPTYPE.RESHAPE:
-        return "a channel regrouping (view to groups, e.g. a shuffle)" if ndim >= 5 else None
+        return REGROUPING if ndim >= 5 else None
     if not isinstance(dim, int) or dim % ndim not in (1, ndim - 1):
         return None  # not the channel dim of NCHW, nor of NHWC (channels-last blocks)
-    return "a torch.split/chunk" if node.type == tp.ops.OPTYPE.SPLIT else "a channel slice"
+    return (SPLIT if node.type == tp.ops.OPTYPE.SPLIT else
+            "they pass through a channel slice whose bounds the model's code fixes")
     return None
 
 
@@ -489,6 +498,63 @@ class _TieRecorder:
         tp.dependency.group.Group.add_and_merge = self.original
 
 
+class _Stop(Exception):
+    """Group tracing reached a layout that cannot be pruned, or ran away."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]
+                ) -> tuple[list[Any], list[tuple[nn.Module, str]]]:
+    """Every group rooted at a Conv2d/Linear output, as Torch-Pruning's ``get_all_groups``
+    lists them, but tracing stops as soon as it reaches a node marked as a fixed layout
+    (the group would be left unpruned anyway) or grows past any sensible size (a graph
+    Torch-Pruning misreads). Returns the groups and the (root, reason) of stopped ones.
+    """
+    ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
+    limit = 4 * len(graph.module2node) + 100
+    group_cls = tp.dependency.group.Group
+    original = group_cls.add_dep
+
+    def add_dep(group: Any, dep: Any, idxs: Any) -> None:
+        reason = getattr(dep.target, "cdprune_fixed", None)
+        if reason:
+            raise _Stop(reason)
+        if len(group._group) > limit:
+            raise _Stop(f"Torch-Pruning's tracing of their group runs away (past {limit} "
+                        "members)")
+        original(group, dep, idxs)
+
+    groups, stopped, visited = [], [], set()
+    group_cls.add_dep = add_dep
+    try:
+        for module in list(graph.module2node):
+            if (module in ignored or module in visited
+                    or not isinstance(module, (nn.Conv2d, nn.Linear))):
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            width = pruner.get_out_channels(module) if pruner is not None else None
+            if width is None:
+                continue
+            try:
+                group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                list(range(width)))
+            except _Stop as exc:
+                visited.add(module)
+                stopped.append((module, exc.reason))
+                continue
+            outs = [dep.target.module for dep, _ in group
+                    if graph.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(outs)
+            if not any(m in ignored for m in outs):
+                groups.append(group)
+    finally:
+        group_cls.add_dep = original
+    return groups, stopped
+
+
 class _FrozenIndexMapping:
     """Lets Torch-Pruning map indices once for many groups while nothing is pruned.
 
@@ -563,8 +629,9 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
     misread: list[str] = []
     fixed: dict[str, list[str]] = {}
     with _TieRecorder(), _FrozenIndexMapping(graph):
-        groups = list(graph.get_all_groups(ignored_layers=ignored,
-                                           root_module_types=(nn.Conv2d, nn.Linear)))
+        groups, stopped = _all_groups(graph, ignored)
+    for module, reason in stopped:
+        fixed.setdefault(reason, []).append(names.get(module, "?"))
     for group in groups:
         bad = [item for item in group if _misread(item)]
         if bad:
@@ -583,8 +650,7 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
             continue  # the channels feed more than one layer's output: a residual stream
         singles.append(cand)
     for reason, roots in fixed.items():
-        logger.warning("the output channels of %s pass through %s whose sizes the model's "
-                       "code fixes; they are left unpruned", ", ".join(roots[:8])
+        logger.warning("the output channels of %s are left unpruned: %s", ", ".join(roots[:8])
                        + (f" and {len(roots) - 8} more" if len(roots) > 8 else ""), reason)
     if misread:
         logger.warning("Torch-Pruning's dependency graph misreads the channels around %s "
