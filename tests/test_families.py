@@ -268,29 +268,29 @@ def test_coarse_macs_target_lands_below_with_warning(round_to, caplog):
     assert_exact(model, result, x)
 
 
-def _import_timm():
+def _importable(package: str) -> None:
     try:
-        import timm
+        __import__(package)
     except Exception as exc:  # timm imports torchvision, which may be missing or broken
-        pytest.skip(f"timm cannot be imported here ({type(exc).__name__}: {exc})")
-    return timm
+        pytest.skip(f"{package} cannot be imported here ({type(exc).__name__}: {exc})")
 
 
 @pytest.mark.slow
-def test_cli_timm_model_end_to_end(tmp_path, capsys):
-    """A grouped-conv timm model through run (stats, prune, save, load, fine-tune), eval
-    and export."""
-    _import_timm()
+@pytest.mark.parametrize("name", ["timm:regnetx_002", "torchvision:resnet18"])
+def test_cli_external_model_end_to_end(name, tmp_path, capsys):
+    """A timm (grouped convs) or torchvision model through run (statistics, prune, save,
+    load, fine-tune), eval and export."""
+    _importable(name.split(":")[0] + (".models" if name.startswith("torchvision") else ""))
     from cdprune.cli import main
 
     data = ["--dataset", "synthetic", "-j", "0", "--no-progress"]
     out = tmp_path / "run"
-    code = main(["run", "--model", "timm:regnetx_002", *data, "-b", "32", "--stop-batch", "2",
+    code = main(["run", "--model", name, *data, "-b", "32", "--stop-batch", "2",
                  "--train-subset", "64", "--macs-reduction", "0.3", "--epochs", "1",
                  "--output-dir", str(out)])
     assert code == 0, capsys.readouterr().err
     plan = (out / "pruned" / "plan.json").read_text()
-    assert '"zoo_model": "timm:regnetx_002"' in plan
+    assert f'"zoo_model": "{name}"' in plan
     assert main(["eval", *data, "--model-dir", str(out)]) == 0
     assert main(["export", "--model-dir", str(out), "--format", "torchscript"]) == 0
     assert (out / "pruned" / "model.pt").is_file()
