@@ -187,8 +187,18 @@ def _mark_regroupings(graph: tp.DependencyGraph) -> None:
             # sends Torch-Pruning's group tracing round in circles for minutes.
             node.cdprune_fixed = "they pass through an in-place write into a channel slice"
             continue
-        if node.type != tp.ops.OPTYPE.RESHAPE or feeds_only_linear(node):
+        if (node.type == tp.ops.OPTYPE.ELEMENTWISE and node.grad_fn is not None
+                and "Convolution" in node.grad_fn.name()):
+            # F.conv2d with a fixed filter inside a module (TResNet's anti-aliasing blur):
+            # its channel count is baked into the filter.
+            node.cdprune_fixed = ("they pass through a functional convolution with a fixed "
+                                  "filter (F.conv2d)")
             continue
+        ndim = len(getattr(node.grad_fn, "_saved_self_sym_sizes", ()) or ())
+        # Feature maps only: reshaping a per-channel parameter to (1, C, 1, 1) is harmless.
+        if (node.type != tp.ops.OPTYPE.RESHAPE or ndim < 4 or feeds_only_linear(node)
+                or not any(n.type != tp.ops.OPTYPE.PARAMETER for n in node.inputs)):
+            continue  # a weight reshaped (weight standardisation) is no regrouping
         node.cdprune_fixed = REGROUPING
         node.type = tp.ops.OPTYPE.ELEMENTWISE
         deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
@@ -1022,7 +1032,13 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
              if _width_of(m) != (c_in, c_out)]
     if wrong:
         raise _Misread(wrong)
-    macs_after = count_macs(work, example_inputs=_first_sample(example_inputs))
+    try:
+        macs_after = count_macs(work, example_inputs=_first_sample(example_inputs))
+    except RuntimeError as exc:  # an op Torch-Pruning did not see, with a fixed width
+        raise UnsupportedModelError(
+            f"the pruned model no longer runs ({_first_line(exc)}): an operation inside one "
+            "of its modules has a channel count Torch-Pruning cannot see; pass the layers "
+            "feeding it as ignored_layers") from None
     predicted = search.macs(removals)
     if predicted != macs_after:
         logger.warning("analytic MACs %d differ from measured %d; the MACs target search may "
@@ -1030,6 +1046,10 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     return PruneResult(work, plan, macs_before, macs_after, params_before, count_params(work),
                        widths_before, conv_widths(work), search.filters(removals),
                        candidate_filters)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _width_of(module: nn.Module) -> tuple[int, int]:
