@@ -13,7 +13,13 @@ from . import models  # noqa: E402
 from .batchnorm import recalibrate_bn  # noqa: E402
 from .checkpoint import load_weights, read_state_dict, save_weights  # noqa: E402
 from .deploy import find_run_model, load_run_model  # noqa: E402
-from .errors import CdpruneError, CheckpointError, ConfigError, DataError  # noqa: E402
+from .errors import (  # noqa: E402
+    CdpruneError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    UnsupportedModelError,
+)
 from .evaluate import evaluate  # noqa: E402
 from .macs import count_macs, count_params  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
@@ -33,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "UnsupportedModelError",
     "PruneResult",
     "TrainConfig",
     "collect_stats",

@@ -7,7 +7,7 @@ the CLI can turn any of them into one line on stderr.
 
 from __future__ import annotations
 
-__all__ = ["CdpruneError", "ConfigError", "CheckpointError", "DataError"]
+__all__ = ["CdpruneError", "ConfigError", "CheckpointError", "DataError", "UnsupportedModelError"]
 
 
 class CdpruneError(Exception):
@@ -24,3 +24,10 @@ class CheckpointError(CdpruneError, ValueError):
 
 class DataError(CdpruneError, ValueError):
     """A dataset is missing, incomplete or does not fit the model."""
+
+
+class UnsupportedModelError(CdpruneError, ValueError):
+    """A layer pattern of the model cannot be pruned exactly; the message names the layers.
+
+    Passing those layers as ``ignored_layers`` leaves them whole and prunes the rest.
+    """

@@ -1,0 +1,296 @@
+"""Each CNN building block that couples channels, pruned: exact, on target, reloadable."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from cdprune.macs import count_macs
+from cdprune.pruning import load_pruned, prune, save_pruned
+
+from .test_pruning import masked_copy, random_scores, randomize_bn
+
+
+def cbr(cin: int, cout: int, k: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Head(nn.Module):
+    def __init__(self, cin: int):
+        super().__init__()
+        self.fc = nn.Linear(cin, 5)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class GroupedAfterConcat(nn.Module):
+    """Stem -> two branches concatenated -> depthwise -> residual add -> groups=2 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.a, self.b = cbr(16, 8, 3), cbr(16, 8, 1)
+        self.dw = cbr(16, 16, 3, groups=16)
+        self.g = cbr(16, 24, 3, groups=2)
+        self.head = Head(24)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(torch.cat([self.a(x), self.b(x)], 1)) + x
+        return self.head(self.g(y))
+
+
+class ResNeXtBlock(nn.Module):
+    """1x1 -> grouped 3x3 (4 groups) -> 1x1, with an identity shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.conv1, self.conv2 = cbr(16, 16), cbr(16, 16, 3, groups=4)
+        self.conv3 = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = Head(16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(self.conv3(self.conv2(self.conv1(x))) + x))
+
+
+class Res2NetBlock(nn.Module):
+    """1x1 split in 4; each piece, added to the last piece's output, gets a 3x3; concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.conv1 = cbr(16, 16)
+        self.convs = nn.ModuleList(cbr(4, 4, 3) for _ in range(3))
+        self.conv3 = cbr(16, 16)
+        self.head = Head(16)
+
+    def forward(self, x):
+        pieces = torch.split(self.conv1(self.stem(x)), 4, 1)
+        outs, sp = [], pieces[0]
+        for i, conv in enumerate(self.convs):
+            sp = conv(sp if i == 0 else sp + pieces[i])
+            outs.append(sp)
+        return self.head(self.conv3(torch.cat(outs + [pieces[-1]], 1)))
+
+
+class CSPBlock(nn.Module):
+    """Cross-stage partial: split in halves, one half through a block, concatenate."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.expand = cbr(16, 16)
+        self.block = nn.Sequential(cbr(8, 8, 3), cbr(8, 8))
+        self.transition = cbr(16, 16)
+        self.head = Head(16)
+
+    def forward(self, x):
+        short, main = self.expand(self.stem(x)).chunk(2, dim=1)
+        return self.head(self.transition(torch.cat([short, self.block(main)], 1)))
+
+
+class GhostBlock(nn.Module):
+    """Ghost module: a primary conv and a cheap depthwise copy, concatenated then sliced."""
+
+    def __init__(self, out: int = 16):
+        super().__init__()
+        self.out = out
+        self.stem = cbr(3, 16, 3)
+        self.primary = cbr(16, 8)
+        self.cheap = cbr(8, 8, 3, groups=8)
+        self.tail = cbr(out, 16)
+        self.head = Head(16)
+
+    def forward(self, x):
+        p = self.primary(self.stem(x))
+        ghost = torch.cat([p, self.cheap(p)], 1)[:, :self.out]
+        return self.head(self.tail(ghost))
+
+
+class GhostResidual(GhostBlock):
+    """Ghost module added back to its input: each input channel is tied to a ghost copy."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        p = self.primary(x)
+        return self.head(self.tail(torch.cat([p, self.cheap(p)], 1)[:, :self.out] + x))
+
+
+class GhostOddSlice(GhostBlock):
+    """Ghost module whose slice drops the last channel of the concatenation."""
+
+    def __init__(self):
+        super().__init__(out=15)
+
+
+class DenseBlock(nn.Module):
+    """DenseNet: every layer reads BN -> ReLU -> conv of all earlier features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(8 + 4 * i), nn.ReLU(), nn.Conv2d(8 + 4 * i, 4, 3, padding=1))
+            for i in range(3))
+        self.norm = nn.BatchNorm2d(20)
+        self.head = Head(20)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.head(torch.relu(self.norm(torch.cat(features, 1))))
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation gate on a conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.conv = cbr(16, 16, 3)
+        self.reduce, self.expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.out = cbr(16, 16)
+        self.head = Head(16)
+
+    def forward(self, x):
+        y = self.conv(self.stem(x))
+        gate = torch.sigmoid(self.expand(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        return self.head(self.out(y * gate))
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet unit: grouped 1x1, channel shuffle, depthwise 3x3, grouped 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.g1 = cbr(16, 16, 1, groups=2)
+        self.dw = cbr(16, 16, 3, groups=16)
+        self.g2 = cbr(16, 16, 1, groups=2)
+        self.head = Head(16)
+
+    def forward(self, x):
+        y = self.g1(self.stem(x))
+        b, c, h, w = y.shape
+        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+        return self.head(self.g2(self.dw(y)))
+
+
+NETS = {"grouped_after_concat": GroupedAfterConcat, "resnext": ResNeXtBlock,
+        "res2net": Res2NetBlock, "csp": CSPBlock, "ghost": GhostBlock,
+        "ghost_residual": GhostResidual, "ghost_odd_slice": GhostOddSlice, "dense": DenseBlock,
+        "se": SEBlock,
+        "shuffle": ShuffleBlock}
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return randomize_bn(NETS[name]()), torch.randn(2, 3, 12, 12)
+
+
+def assert_exact(model: nn.Module, result, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        got = result.model.eval()(x)
+        expected = masked_copy(model, result.plan)(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def assert_grouped_convs_valid(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0
+            assert m.weight.shape[1] == m.in_channels // m.groups
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pattern_prunes_exactly(name, seed):
+    model, x = build(name)
+    result = prune(model, random_scores(model, seed), example_inputs=x, sparsity=0.4)
+    assert result.macs_before == count_macs(model, example_inputs=x)
+    assert result.macs_after == count_macs(result.model, example_inputs=x)
+    assert result.macs_after < result.macs_before
+    assert_grouped_convs_valid(result.model)
+    assert_exact(model, result, x)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_pattern_macs_target_and_round_trip(name, tmp_path, caplog):
+    model, x = build(name)
+    with caplog.at_level(logging.WARNING, logger="cdprune.pruning"):
+        result = prune(model, random_scores(model, 2), example_inputs=x, macs_reduction=0.25)
+    missed = result.extra.get("macs_target_missed")
+    if missed is None:
+        assert abs(result.macs_reduction - 0.25) <= 0.003
+    else:  # coarse units: the nearest reduction below the target, and a warning saying so
+        assert result.macs_reduction < 0.25 - 0.003
+        assert "0.25" in caplog.text and f"{result.macs_reduction:.4f}" in caplog.text
+    assert_exact(model, result, x)
+    save_pruned(tmp_path, result, input_size=(3, 12, 12))
+    loaded = load_pruned(tmp_path, build(name)[0]).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
+
+
+def test_grouped_conv_keeps_equal_groups_ranked_within_each_group():
+    model, x = build("resnext")
+    scores = {name: torch.full_like(s, 10.0) for name, s in random_scores(model).items()}
+    # conv1 feeds the 4-group conv: its lowest channel sits at another place in each group.
+    low = [0, 5, 10, 15]
+    scores["conv1.0"] = torch.tensor([0.1 if i in low else 1.0 + i for i in range(16)])
+    result = prune(model, scores, example_inputs=x, sparsity=0.04)
+    conv2 = result.model.conv2[0]
+    assert conv2.in_channels == 12 and conv2.weight.shape[1] == 3
+    # One channel per group went, the lowest of each group: not the same position in all.
+    assert result.plan["kept"]["conv1.0"] == [i for i in range(16) if i not in low]
+    assert_exact(model, result, x)
+
+
+@pytest.mark.parametrize("round_to", [None, 8])
+def test_coarse_macs_target_lands_below_with_warning(round_to, caplog):
+    # The tiny ResNeXt's units (one channel of each of 4 groups, or 8 channels) are too
+    # coarse for -30% within 0.3 points: it must land below, never above, and say so.
+    model, x = build("resnext")
+    with caplog.at_level(logging.WARNING, logger="cdprune.pruning"):
+        result = prune(model, random_scores(model), example_inputs=x, macs_reduction=0.3,
+                       round_to=round_to)
+    assert 0 < result.macs_reduction < 0.3 - 0.003
+    missed = result.extra["macs_target_missed"]
+    assert missed == {"target": 0.3, "reached": round(result.macs_reduction, 6)}
+    assert "nearest reachable reduction below" in caplog.text
+    assert f"{result.macs_reduction:.4f}" in caplog.text
+    assert_exact(model, result, x)
+
+
+def _importable(package: str) -> None:
+    try:
+        __import__(package)
+    except Exception as exc:  # timm imports torchvision, which may be missing or broken
+        pytest.skip(f"{package} cannot be imported here ({type(exc).__name__}: {exc})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["timm:regnetx_002", "torchvision:resnet18"])
+def test_cli_external_model_end_to_end(name, tmp_path, capsys):
+    """A timm (grouped convs) or torchvision model through run (statistics, prune, save,
+    load, fine-tune), eval and export."""
+    _importable(name.split(":")[0] + (".models" if name.startswith("torchvision") else ""))
+    from cdprune.cli import main
+
+    data = ["--dataset", "synthetic", "-j", "0", "--no-progress"]
+    out = tmp_path / "run"
+    code = main(["run", "--model", name, *data, "-b", "32", "--stop-batch", "2",
+                 "--train-subset", "64", "--macs-reduction", "0.3", "--epochs", "1",
+                 "--output-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    plan = (out / "pruned" / "plan.json").read_text()
+    assert f'"zoo_model": "{name}"' in plan
+    assert main(["eval", *data, "--model-dir", str(out)]) == 0
+    assert main(["export", "--model-dir", str(out), "--format", "torchscript"]) == 0
+    assert (out / "pruned" / "model.pt").is_file()
