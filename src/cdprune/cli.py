@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CdpruneError, ConfigError
+from .options import (
+    OptionError,
+    PruneConfig,
+    StatsConfig,
+    add_options,
+    defaults,
+    finite_float,
+    positive_int,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -29,22 +38,19 @@ def _say(*args: Any, **kwargs: Any) -> None:
     if _OUTPUT["rank"] == 0:
         print(*args, **kwargs)
 
-# Training defaults of the paper's CIFAR recipe.
+# Every option's default: the stages' from their typed configs, the rest (training
+# defaults of the paper's CIFAR recipe, data, the run) listed here.
 DEFAULTS: dict[str, Any] = {
     "model": None, "checkpoint": None, "dataset": "cifar10", "data_root": "data",
     "download": False, "batch_size": 128, "eval_batch_size": None, "workers": 2,
-    "mean": None, "std": None, "cutout": False, "stop_batch": None, "stats_batch_size": 128,
-    "documents": "sample", "stats_dtype": "float32", "coe": 0.0, "tap": None,
-    "normalize": None, "allocation": None, "variant": None, "sparsity": None,
-    "macs_reduction": None, "scope": "auto", "max_layer_pruning": 0.9, "round_to": None,
-    "ignore_layers": None, "epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "mean": None, "std": None, "cutout": False,
+    **defaults(StatsConfig, PruneConfig),
+    "epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
     "lr_schedule": "cosine", "lr_warmup_epochs": 0, "label_smoothing": 0.0, "amp": False,
-    "max_iters": None, "sync_bn": False, "train_subset": None, "seed": 0, "device": None, "output_dir": None,
-    "resume": False, "overwrite": False, "no_progress": False,
+    "max_iters": None, "sync_bn": False, "train_subset": None, "seed": 0, "device": None,
+    "output_dir": None, "resume": False, "overwrite": False, "no_progress": False,
+    "random_init": False, "weights": None, "val_subset": None,
 }
-# Deployment and evaluation options (kept apart so that the table above stays as it was).
-DEFAULTS.update({"random_init": False, "weights": None, "val_subset": None, "no_eval": False,
-                 "bn_recalibrate": None})
 
 
 class UsageError(ConfigError):
@@ -64,28 +70,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, f"{message}; {hint}")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _shown(used: bool, text: str) -> str:
+    """Help for a flag the command reads; a flag it does not read is accepted (one set of
+    flags serves every step of a script) but left out of its ``--help``."""
+    return text if used else argparse.SUPPRESS
 
 
-def _float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, uses: Sequence[str]) -> None:
+    """The flags of the run; ``uses`` picks among "output" (the run directory), "seed"
+    and "device"."""
     g = p.add_argument_group("run")
-    g.add_argument("-c", "--config", help="YAML file whose keys set defaults for these flags")
-    g.add_argument("--output-dir", help="run directory (refused if it holds another run)")
+    g.add_argument("-c", "--config", help="YAML file whose keys set defaults for these flags "
+                   "(keys: flag names, with dashes or underscores)")
+    output = "output" in uses
+    g.add_argument("--output-dir", help=_shown(output, "run directory (refused if it holds "
+                                                       "another run)"))
     g.add_argument("--overwrite", action="store_true", default=None,
-                   help="reuse an output directory that holds another run")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+                   help=_shown(output, "reuse an output directory that holds another run"))
+    g.add_argument("--seed", type=int,
+                   help=_shown("seed" in uses, f"random seed (default: {DEFAULTS['seed']})"))
+    device = "device" in uses
+    g.add_argument("--device", help=_shown(device, "cpu, cuda or cuda:N (default: cuda if "
+                                                   "available)"))
+    g.add_argument("--gpus", metavar="N[,N...]", help=_shown(
+        device, "the CDP scripts' GPU list: one index is --device cuda:N; several GPUs run "
+        "under torchrun"))
     g.add_argument("--no-progress", action="store_true", default=None,
                    help="hide progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -103,88 +112,65 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    "(for tests; pruning random weights is meaningless otherwise)")
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
+def _add_data(p: argparse.ArgumentParser, uses: Sequence[str] = ("train", "val")) -> None:
+    """The data flags; ``uses`` says which splits the command reads beyond the sampled
+    statistics images: "train" (fine-tuning) and "val" (evaluation)."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="cifar10, cifar100, imagenet, folder (any class folders),"
-                   " digits (default cifar10)")
-    g.add_argument("--data-root", "--dataroot", dest="data_root", help="dataset folder")
+                   f" digits (default: {DEFAULTS['dataset']})")
+    g.add_argument("--data-root", "--dataroot", dest="data_root",
+                   help=f"dataset folder (default: {DEFAULTS['data_root']})")
     g.add_argument("--download", action="store_true", default=None,
                    help="download CIFAR if missing (verified by MD5)")
-    g.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int,
-                   help="training batch size (default 128)")
-    g.add_argument("-j", "--workers", type=int, help="data loading workers (default 2)")
-    g.add_argument("--mean", type=_float, nargs="+", help="input normalisation mean, one "
+    what = "training" if "train" in uses else "evaluation"
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=positive_int, help=_shown(
+        bool(uses), f"{what} batch size (default: {DEFAULTS['batch_size']})"))
+    g.add_argument("-j", "--workers", type=int,
+                   help=f"data loading workers (default: {DEFAULTS['workers']})")
+    g.add_argument("--mean", type=finite_float, nargs="+", help="input normalisation mean, one "
                    "value per channel or one for all; the checkpoint's own (a wrong one "
                    "silently costs accuracy)")
-    g.add_argument("--std", type=_float, nargs="+", help="input normalisation std")
-    g.add_argument("--train-subset", type=_positive_int,
-                   help="fine-tune on a seeded random subset of this many training images")
-    g.add_argument("--val-subset", type=_positive_int,
-                   help="evaluate on a seeded random subset of this many validation images")
+    g.add_argument("--std", type=finite_float, nargs="+", help="input normalisation std")
+    g.add_argument("--train-subset", type=positive_int, help=_shown(
+        "train" in uses, "fine-tune on a seeded random subset of this many training images"))
+    g.add_argument("--val-subset", type=positive_int, help=_shown(
+        "val" in uses, "evaluate on a seeded random subset of this many validation images"))
 
 
 def _add_stats(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("statistics")
-    g.add_argument("--stop-batch", "--stop_batch", dest="stop_batch", type=int,
-                   help="batches of training images to sample for statistics")
-    g.add_argument("--stats-batch-size", type=_positive_int, help="default 128")
-    g.add_argument("--documents", choices=["sample", "class"],
-                   help="TF-IDF documents: every image (published code) or every class")
-    g.add_argument("--stats-dtype", choices=["float32", "float16"],
-                   help="storage of per-image values; float16 halves memory")
-    g.add_argument("--coe", type=_float, help="balance coefficient (0: none)")
-    g.add_argument("--tap", choices=["conv", "act"], help="where a filter's activation is "
-                   "read: conv output before BatchNorm, or after BatchNorm and ReLU")
-    g.add_argument("--normalize", choices=["none", "max", "mean"],
-                   help="per-layer score scaling before the global ranking")
-    g.add_argument("--variant", choices=["published"], help="force every CDP option "
-                   "(tap, documents, normalize, allocation) to the published code's")
+    add_options(p.add_argument_group("statistics"), StatsConfig)
 
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning")
-    target = g.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=_float, help="fraction of filters to remove")
-    target.add_argument("--macs-reduction", type=_float,
-                        help="fraction of MACs to remove (hit within 0.3 points)")
-    g.add_argument("--scope", choices=["auto", "internal", "all"],
-                   help="channels that may be pruned (default auto)")
-    g.add_argument("--max-layer-pruning", type=_float,
-                   help="most a layer may lose (default 0.9)")
-    g.add_argument("--round-to", type=_positive_int, help="keep widths multiples of this")
-    g.add_argument("--allocation", choices=["global", "uniform"], help="global: one "
-                   "ranking of all filters; uniform: every layer loses the same fraction")
-    g.add_argument("--ignore-layers", nargs="+", help="module names never pruned")
+    add_options(g, PruneConfig, skip=_AFTER_PRUNING)
     g.add_argument("--stats", help="statistics file (default: <output-dir>/stats.safetensors)")
-    _add_after_pruning(g)
+    add_options(g, PruneConfig, only=_AFTER_PRUNING)
 
 
-def _add_after_pruning(g: Any) -> None:
-    g.add_argument("--bn-recalibrate", type=_positive_int, metavar="N",
-                   help="re-estimate BatchNorm statistics on N training images after pruning "
-                   "(before fine-tuning); reported as its own accuracy row")
-    g.add_argument("--no-eval", action="store_true", default=None,
-                   help="do not evaluate the base and pruned models after pruning")
+_AFTER_PRUNING = ("bn_recalibrate", "no_eval")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--epochs", type=int, help="default 300")
-    g.add_argument("--max-iters", type=_positive_int, help="stop after this many iterations")
-    g.add_argument("--lr", type=_float, help="initial learning rate (default 0.1)")
-    g.add_argument("--momentum", type=_float, help="default 0.9 (Nesterov)")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_float,
+    g.add_argument("--max-iters", type=positive_int, help="stop after this many iterations")
+    g.add_argument("--lr", type=finite_float, help="initial learning rate (default 0.1)")
+    g.add_argument("--momentum", type=finite_float, help="default 0.9 (Nesterov)")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=finite_float,
                    help="default 5e-4")
     g.add_argument("--lr-scheduler", dest="lr_schedule", choices=["cosine", "step"],
                    help="default cosine")
-    g.add_argument("--lr-warmup-epochs", "--warmup", dest="lr_warmup_epochs", type=_float,
+    g.add_argument("--lr-warmup-epochs", "--warmup", dest="lr_warmup_epochs", type=finite_float,
                    help="linear warmup, per iteration (default 0)")
-    g.add_argument("--label-smoothing", type=_float, help="default 0")
+    g.add_argument("--label-smoothing", type=finite_float, help="default 0")
     g.add_argument("--cutout", action="store_true", default=None, help="Cutout 16x16")
     g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
     g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm (DDP)")
-    g.add_argument("--resume", action="store_true", default=None,
-                   help="continue from <output-dir>/last.pth")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue from <output-dir>/last.pth; with a PATH (the CDP scripts' "
+                   "meaning, finetune only): the pruned model's weights to fine-tune, as "
+                   "--checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,26 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"cdprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train, val, everything = ("train", "val"), ("val",), ("output", "seed", "device")
+    # command: (help, flag groups, data splits it reads, run flags it uses)
     specs = {
         "stats": ("collect activation statistics and CDP scores (step 1)",
-                  (_add_model, _add_data, _add_stats)),
+                  (_add_model, _add_stats), (), everything),
         "prune": ("prune a checkpoint with a statistics file (step 2)",
-                  (_add_model, _add_data, _add_stats, _add_prune)),
-        "finetune": ("fine-tune a pruned model directory (step 3)", (_add_model, _add_data,
-                                                                     _add_train)),
-        "eval": ("evaluate a checkpoint or a pruned model directory", (_add_model, _add_data)),
+                  (_add_model, _add_stats, _add_prune), train, everything),
+        "finetune": ("fine-tune a pruned model directory (step 3)", (_add_model, _add_train),
+                     train, everything),
+        "eval": ("evaluate a checkpoint or a pruned model directory", (_add_model,), val,
+                 ("device",)),
         "run": ("statistics, pruning and fine-tuning in one go",
-                (_add_model, _add_data, _add_stats, _add_prune, _add_train)),
-        "export": ("export a pruned model to ONNX or TorchScript, verified", ()),
+                (_add_model, _add_stats, _add_prune, _add_train), train, everything),
+        "export": ("export a pruned model to ONNX or TorchScript, verified", (), None, ()),
         "compare": ("prune with several criteria at equal MACs and compare accuracy",
-                    (_add_model, _add_data, _add_stats, _add_train)),
-        "demo": ("the offline demo on scikit-learn's digits", ()),
-        "models": ("list the model zoo", ()),
+                    (_add_model, _add_stats, _add_train), train, everything),
+        "demo": ("the offline demo on scikit-learn's digits", (), None, ("output", "seed")),
+        "models": ("list the model zoo", (), None, None),
     }
-    for name, (help_text, adders) in specs.items():
+    for name, (help_text, adders, splits, uses) in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            argument_default=None)
-        for add in adders:
+        for add in adders[:1]:
+            add(p)
+        if splits is not None:
+            _add_data(p, splits)
+        for add in adders[1:]:
             add(p)
         if name in ("finetune", "eval", "export"):
             p.add_argument("--model-dir", help="run directory (its final model), fine-tune "
@@ -242,31 +235,69 @@ def build_parser() -> argparse.ArgumentParser:
                            help="skip the latency comparison with the unpruned architecture")
         if name == "compare":
             g = p.add_argument_group("comparison")
-            g.add_argument("--macs-reduction", type=_float, nargs="+", dest="macs_targets",
+            g.add_argument("--macs-reduction", type=finite_float, nargs="+", dest="macs_targets",
                            help="one or more MACs targets, e.g. 0.3 0.5 0.7")
             g.add_argument("--criteria", nargs="+", help="default: all of "
                            + " ".join(criterion_names()))
             g.add_argument("--random-seeds", type=int, nargs="+", help="default 0 1 2")
-            g.add_argument("--scope", choices=["auto", "internal", "all"])
-            g.add_argument("--allocation", choices=["global", "uniform"],
-                           help="how every criterion's scores become per-layer removals")
-            g.add_argument("--bn-recalibrate", type=_positive_int, metavar="N",
-                           help="also report accuracy after re-estimating BatchNorm "
-                           "statistics on N training images")
+            add_options(g, PruneConfig, only=("scope", "allocation", "bn_recalibrate"))
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="shorter run (smoke test)")
-        if name != "models":
-            _add_common(p)
+        if uses is not None:
+            _add_common(p, uses)
     return parser
+
+
+def yaml_names(command: str) -> dict[str, str]:
+    """The names a YAML config may give an option of ``command``: every long flag of it,
+    without its dashes (``lr-scheduler``, ``lr_scheduler``), mapped to the option."""
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction)).choices[command]
+    names = {}
+    for action in sub._actions:
+        if action.dest in DEFAULTS:
+            for text in action.option_strings:
+                if text.startswith("--"):
+                    names.setdefault(text[2:].replace("-", "_"), action.dest)
+    return names
+
+
+def _official_flags(args: argparse.Namespace) -> None:
+    """The CDP scripts' ``--gpus`` and ``--resume PATH``, as the flags they mean here."""
+    gpus = getattr(args, "gpus", None)
+    if gpus is not None:
+        ids = [s.strip() for s in gpus.split(",")]
+        if not all(i.isdigit() for i in ids):
+            raise ConfigError(f"--gpus {gpus!r} is invalid; give GPU indices such as 0 or 0,1")
+        if len(ids) > 1:
+            raise ConfigError(
+                f"--gpus {gpus} names {len(ids)} GPUs, but cdprune runs one process per GPU; "
+                f"start it with CUDA_VISIBLE_DEVICES={gpus} torchrun --nproc_per_node "
+                f"{len(ids)} -m cdprune.cli {args.command} ...")
+        device = f"cuda:{ids[0]}"
+        if args.device not in (None, device):
+            raise ConfigError(f"--gpus {gpus} and --device {args.device} disagree; give one")
+        args.device = device
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str):
+        if args.command != "finetune":
+            raise ConfigError(f"--resume {resume}: a path names the pruned model's weights to "
+                              "fine-tune, which `cdprune finetune --model-dir DIR` does; here "
+                              "--resume takes no value (it continues the output directory)")
+        if args.checkpoint not in (None, resume):
+            raise ConfigError(f"--resume {resume} and --checkpoint {args.checkpoint} name "
+                              "different weights; give one")
+        args.checkpoint, args.resume = resume, None
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the YAML config, then the flags given on the command line."""
     from .config_io import load_yaml
 
+    _official_flags(args)
     config = dict(DEFAULTS)
     if getattr(args, "config", None):
-        config.update(load_yaml(args.config, DEFAULTS))
+        config.update(load_yaml(args.config, DEFAULTS, names=yaml_names(args.command)))
     for key, value in vars(args).items():
         if key in DEFAULTS and value is not None:
             config[key] = value
@@ -611,6 +642,8 @@ _OS_HINTS = {
 
 def _describe(exc: BaseException, command: str) -> str:
     """One line that says what went wrong and how to go on."""
+    if isinstance(exc, OptionError):  # the library names the option, the user typed a flag
+        return exc.as_flag()
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" while writing '{exc.filename}'" if exc.filename else ""
         again = ("run the same command with --resume (fine-tuning continues from the last "
