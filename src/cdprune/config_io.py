@@ -20,6 +20,7 @@ from .options import (
     FLOAT,
     FLOATS,
     INT,
+    INTS,
     STR,
     STRS,
     PruneConfig,
@@ -41,7 +42,7 @@ MAX_YAML_ALIASES = 16
 MAX_SEED = 2**32 - 1
 MAX_LR = 10.0
 
-_BOOL, _INT, _FLOAT, _STR, _FLOATS, _STRS = BOOL, INT, FLOAT, STR, FLOATS, STRS
+_BOOL, _INT, _FLOAT, _STR, _INTS, _FLOATS, _STRS = BOOL, INT, FLOAT, STR, INTS, FLOATS, STRS
 # The stages' options bring their own types and choices; the rest are listed here.
 KEY_TYPES: dict[str, str] = {
     **key_types(StatsConfig, PruneConfig),
@@ -60,6 +61,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("cosine", "step"), "weights": ("final", "best", "last", "pruned"),
 }
 _WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
+          _INTS: "a list of integers",
           _STR: "a string", _FLOATS: "a number or a list of numbers",
           _STRS: "a list of names"}
 
@@ -140,6 +142,8 @@ def check_type(key: str, value: Any, where: str | None = None) -> Any:
         _FLOATS: lambda v: _is_number(v) or (isinstance(v, list) and bool(v)
                                              and all(_is_number(x) for x in v)),
         _STRS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        _INTS: lambda v: isinstance(v, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v),
     }[kind](value)
     if not ok:
         got = f"the string {value!r}" if isinstance(value, str) else \

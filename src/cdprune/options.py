@@ -25,7 +25,8 @@ __all__ = ["OptionError", "OptionSpec", "PruneConfig", "StatsConfig", "add_optio
            "flag", "option", "option_specs"]
 
 # The kinds of value an option holds, as the YAML config checks them.
-BOOL, INT, FLOAT, STR, FLOATS, STRS = "bool", "int", "float", "str", "floats", "strs"
+BOOL, INT, FLOAT, STR, INTS, FLOATS, STRS = ("bool", "int", "float", "str", "ints", "floats",
+                                            "strs")
 
 
 class OptionError(ConfigError):
@@ -48,13 +49,24 @@ class OptionError(ConfigError):
 
 
 def flag(key: str) -> str:
-    """The command-line flag of a config key (``lr_warmup_epochs`` -> ``--lr-warmup-epochs``)."""
+    """The command-line flag of a config key: a stage option's main flag (``milestones`` ->
+    ``--lr-steps``), else the key with dashes (``eval_batch_size`` -> ``--eval-batch-size``)."""
+    for cls in _stage_classes():
+        for spec in option_specs(cls):
+            if spec.name == key:
+                return spec.flags[0]
     return "--" + key.replace("_", "-")
+
+
+def _stage_classes() -> list[type]:
+    from .train import TrainConfig
+
+    return [StatsConfig, PruneConfig, TrainConfig]
 
 
 def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Sequence[str] = (),
            positive: bool = False, metavar: str | None = None, exclusive: str | None = None,
-           show_default: bool = True) -> Any:
+           show_default: bool = True, negate: bool = False) -> Any:
     """A dataclass field that is also a command-line option.
 
     Args:
@@ -66,10 +78,11 @@ def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Seque
         metavar: the value's name in ``--help``.
         exclusive: options sharing this name are mutually exclusive on the command line.
         show_default: append ``(default: ...)`` to the help.
+        negate: a boolean whose flag turns it off (``--no-fast-data`` sets ``False``).
     """
     meta = {"help": help, "flags": tuple(flags), "choices": tuple(choices),
             "positive": positive, "metavar": metavar, "exclusive": exclusive,
-            "show_default": show_default}
+            "show_default": show_default, "negate": negate}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -88,13 +101,14 @@ class OptionSpec:
     positive: bool
     metavar: str | None
     exclusive: str | None
+    negate: bool = False
 
 
 def _kind(hint: Any) -> str:
     """The option kind of a field's type (``int | None`` -> int, ``list[str]`` -> strs)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (list, Sequence):
-        return FLOATS if args and args[0] is float else STRS
+        return {float: FLOATS, int: INTS}.get(args[0] if args else str, STRS)
     if args and typing.get_origin(hint) is not list:  # a union: X | None
         return _kind(args[0]) if len(args) == 1 else STR
     return {bool: BOOL, int: INT, float: FLOAT, str: STR}.get(hint, STR)
@@ -119,8 +133,9 @@ def option_specs(cls: type) -> list[OptionSpec]:
         if meta["show_default"] and default is not None and default is not False:
             text = f"{text} (default: {_shown(default)})"
         out.append(OptionSpec(f.name, _kind(hints[f.name]), default, text,
-                              meta["flags"] or (flag(f.name),), meta["choices"],
-                              meta["positive"], meta["metavar"], meta["exclusive"]))
+                              meta["flags"] or ("--" + f.name.replace("_", "-"),),
+                              meta["choices"], meta["positive"], meta["metavar"],
+                              meta["exclusive"], meta["negate"]))
     return out
 
 
@@ -155,7 +170,7 @@ def finite_float(text: str) -> float:
 
 
 def _arg_type(spec: OptionSpec) -> Callable[[str], Any] | None:
-    if spec.kind in (INT,):
+    if spec.kind in (INT, INTS):
         return positive_int if spec.positive else int
     if spec.kind in (FLOAT, FLOATS):
         return finite_float
@@ -186,12 +201,12 @@ def add_options(group: Any, cls: type, *, only: Sequence[str] | None = None,
             target = exclusive[spec.exclusive]
         kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help, "default": None}
         if spec.kind == BOOL:
-            kwargs["action"] = "store_true"
+            kwargs["action"] = "store_false" if spec.negate else "store_true"
         else:
             kwargs["type"] = _arg_type(spec)
             if spec.choices:
                 kwargs["choices"] = list(spec.choices)
-            if spec.kind in (FLOATS, STRS):
+            if spec.kind in (INTS, FLOATS, STRS):
                 kwargs["nargs"] = "+"
             if spec.metavar:
                 kwargs["metavar"] = spec.metavar
