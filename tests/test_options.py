@@ -60,6 +60,18 @@ def test_every_field_is_a_flag_a_yaml_key_and_a_default(cls, commands, tmp_path)
             assert load_yaml(path, DEFAULTS, yaml_names(commands[0])) == {spec.name: value}
 
 
+def test_export_options_are_the_export_flags():
+    from cdprune.export import ExportConfig
+
+    dests = {a.dest: a for a in _subparser("export")._actions}
+    for spec in option_specs(ExportConfig):
+        assert spec.flags[0] in dests[spec.name].option_strings
+        assert dests[spec.name].default is None  # unset on the command line: the default
+    args = build_parser().parse_args(["export", "--model-dir", "d", "--format", "torchscript"])
+    config = resolve_config(args)
+    assert config["format"] == "torchscript" and "opset" not in config  # its default applies
+
+
 def test_an_option_is_one_field():
     @dataclass
     class Wider(PruneConfig):

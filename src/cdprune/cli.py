@@ -7,6 +7,7 @@ code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cdprune", description="Prune convolutional networks with CDP "
         "(class-wise discriminative power): statistics, scores, physical pruning, fine-tuning.")
     from .criteria import criterion_names
+    from .export import ExportConfig
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"cdprune {__version__}")
@@ -222,17 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--checkpoint", help="weights of the pruned model to export "
                            "instead of the run's own")
-            p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-            p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-            batch = p.add_mutually_exclusive_group()
-            batch.add_argument("--dynamic-batch", action="store_true", default=None,
-                               help="exported model accepts any batch size (the default)")
-            batch.add_argument("--static-batch", action="store_true", default=None,
-                               help="exported ONNX model accepts batch size 1 only")
-            p.add_argument("--output", help="output file (default: model.onnx or model.pt "
-                           "next to the weights exported)")
-            p.add_argument("--no-latency", action="store_true", default=None,
-                           help="skip the latency comparison with the unpruned architecture")
+            add_options(p, ExportConfig)
         if name == "compare":
             g = p.add_argument_group("comparison")
             g.add_argument("--macs-reduction", type=finite_float, nargs="+", dest="macs_targets",
@@ -301,8 +293,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if key in DEFAULTS and value is not None:
             config[key] = value
-    for key in ("model_dir", "stats", "quick", "format", "opset", "dynamic_batch", "output",
-                "macs_targets", "criteria", "random_seeds", "static_batch", "no_latency"):
+    from .export import ExportConfig
+
+    # Options of one command only, kept out of the defaults (and of every run's identity).
+    for key in ("model_dir", "stats", "quick", "macs_targets", "criteria", "random_seeds",
+                *(f.name for f in dataclasses.fields(ExportConfig))):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     config["command"] = args.command
@@ -561,61 +556,27 @@ def _cmd_demo(config: dict[str, Any]) -> None:
 
 
 def _cmd_export(config: dict[str, Any]) -> None:
-    import tempfile
-
-    from .export import check_output, compare_latency, export
-    from .fileio import atomic_write_text
-    from .models import create_model
-    from .pipeline import load_model_dir
+    from .export import ExportConfig, export_model_dir
 
     if not config.get("model_dir"):
         raise ConfigError("--model-dir is required: a run directory, or a pruned model "
                           "directory written by `cdprune prune`")
-    model, plan, found = load_model_dir(config["model_dir"], {**config, "model": None}, None,
-                                        config.get("weights") or "final")
-    name = plan.get("zoo_model")
-    if not name or not plan.get("input_size"):
-        raise ConfigError(f"'{found.pruned_dir}' holds a user model; export it from Python "
-                          "with cdprune.export.export(model, path, input_size=...)")
-    num_classes = (plan.get("extra") or {}).get("num_classes")
-    fmt = config["format"]
-    suffix = ".onnx" if fmt == "onnx" else ".pt"
-    folder = found.weights.parent if found.kind in ("best", "last") else found.pruned_dir
-    out = check_output(config.get("output") or folder / f"model{suffix}", fmt)
-    size = tuple(plan["input_size"])
-    dynamic = not config.get("static_batch")
-    result = export(model, out, format=fmt, input_size=size, opset=config["opset"],
-                    dynamic_batch=dynamic)
-    summary = {**result.to_dict(), "weights": found.kind, "weights_file": str(found.weights),
-               "dynamic_batch": dynamic or fmt == "torchscript"}
-    record = out.parent / f"export_{fmt}.json"  # written now, completed after the timing
-    atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
-    _say(f"exported {out} ({result.size_bytes / 1e6:.2f} MB) from the {found.kind} weights "
-         f"({found.weights}); largest difference from its PyTorch outputs "
-         f"{result.max_abs_diff:.1e}")
-    if not config.get("no_latency"):
-        import torch
+    options = _stage(ExportConfig, config)
+    s = export_model_dir(config["model_dir"], options, weights=config.get("weights") or "final",
+                         checkpoint=config.get("checkpoint"))
+    _say(f"exported {s['path']} ({s['size_bytes'] / 1e6:.2f} MB) from the {s['weights']} "
+         f"weights ({s['weights_file']}); largest difference from its PyTorch outputs "
+         f"{s['max_abs_diff']:.1e}")
+    if "speedup" in s:
+        _say(f"{options.format} latency ({s['latency_method']}): unpruned {s['base_model']} "
+             f"{s['latency_base_ms']:.3f} ms, pruned {s['latency_pruned_ms']:.3f} ms "
+             f"({s['speedup']:.2f}x)")
 
-        threads = torch.get_num_threads()
-        warmup, repeats = 10, 50
-        with tempfile.TemporaryDirectory() as tmp:
-            # The unpruned architecture, exported the same way; latency does not depend on
-            # the weight values, so its initial weights serve (no verification needed).
-            base = export(create_model(name, num_classes=num_classes).eval(),
-                          Path(tmp) / f"base{suffix}", format=fmt, input_size=size,
-                          opset=config["opset"], dynamic_batch=dynamic, checks=0)
-            lat = compare_latency({"base": base.path, "pruned": result.path}, fmt, size,
-                                  warmup=warmup, repeats=repeats, threads=threads)
-        summary.update(base_size_bytes=base.size_bytes,
-                       latency_base_ms=round(1e3 * lat["base"], 3),
-                       latency_pruned_ms=round(1e3 * lat["pruned"], 3),
-                       speedup=round(lat["base"] / lat["pruned"], 3),
-                       latency_method=f"batch 1, CPU, {threads} threads for both, median of "
-                       f"{repeats} interleaved runs after {warmup} warm-up runs")
-        _say(f"{fmt} latency ({summary['latency_method']}): unpruned {name} "
-             f"{summary['latency_base_ms']:.3f} ms, pruned {summary['latency_pruned_ms']:.3f} "
-             f"ms ({summary['speedup']:.2f}x)")
-        atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
+
+def _stage(cls: type, config: dict[str, Any]) -> Any:
+    """The typed options of one stage from the merged configuration."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in names and v is not None})
 
 
 COMMANDS = {"stats": _cmd_stats, "prune": _cmd_prune, "finetune": _cmd_finetune,
