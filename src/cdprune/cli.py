@@ -36,7 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "mean": None, "std": None, "cutout": False, "stop_batch": None, "stats_batch_size": 128,
     "documents": "sample", "stats_dtype": "float32", "coe": 0.0, "tap": None,
     "normalize": None, "allocation": None, "variant": None, "sparsity": None,
-    "macs_reduction": None, "scope": "auto", "max_layer_pruning": 0.9, "round_to": None,
+    "macs_reduction": None, "macs_target": None, "macs_convention": "physical",
+    "val_split": None, "compile": False, "eval_every": None, "fast_data": None,
+    "scope": "auto", "max_layer_pruning": 0.9, "round_to": None,
     "ignore_layers": None, "epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
     "lr_schedule": "cosine", "lr_warmup_epochs": 0, "label_smoothing": 0.0, "amp": False,
     "max_iters": None, "sync_bn": False, "train_subset": None, "seed": 0, "device": None, "output_dir": None,
@@ -110,6 +112,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=_float, nargs=3, help="input normalisation std")
     g.add_argument("--train-subset", type=_positive_int,
                    help="fine-tune on a seeded random subset of this many training images")
+    g.add_argument("--val-split", type=_positive_int, help="hold this many training images "
+                   "out to choose the best epoch on, so the test set is never used for it")
 
 
 def _add_stats(p: argparse.ArgumentParser) -> None:
@@ -136,6 +140,11 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     target.add_argument("--sparsity", type=_float, help="fraction of filters to remove")
     target.add_argument("--macs-reduction", type=_float,
                         help="fraction of MACs to remove (hit within 0.3 points)")
+    target.add_argument("--macs-target", help="MACs to keep, absolute with K/M/G, e.g. "
+                        "60.02M (in --macs-convention)")
+    g.add_argument("--macs-convention", choices=["physical", "paper"],
+                   help="what --macs-target counts: the network that runs (default) or "
+                   "the CDP paper's counter on masks")
     g.add_argument("--scope", choices=["auto", "internal", "all"],
                    help="channels that may be pruned (default auto)")
     g.add_argument("--max-layer-pruning", type=_float,
@@ -163,6 +172,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cutout", action="store_true", default=None, help="Cutout 16x16")
     g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
     g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm (DDP)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the "
+                   "model for training")
+    g.add_argument("--eval-every", type=_positive_int, help="evaluate every N epochs (and "
+                   "after the last; default 1)")
+    g.add_argument("--no-fast-data", dest="fast_data", action="store_false", default=None,
+                   help="keep the DataLoader for in-memory datasets instead of holding them "
+                   "on the device and augmenting whole batches there")
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue from <output-dir>/last.pth")
 
@@ -293,9 +309,17 @@ def _validate(config: dict[str, Any]) -> None:
             raise ConfigError(f"{flag} {value!r} is invalid; it must be {valid}"
                               if isinstance(value, str) else
                               f"{flag} {value} is invalid; it must be {valid}")
-    if config["command"] in ("prune", "run") and (config.get("sparsity") is None) == (
-            config.get("macs_reduction") is None):
-        raise ConfigError("give exactly one of --sparsity or --macs-reduction")
+    targets = [k for k in ("sparsity", "macs_reduction", "macs_target")
+               if config.get(k) is not None]
+    if config["command"] in ("prune", "run") and len(targets) != 1:
+        raise ConfigError("give exactly one of --sparsity, --macs-reduction or --macs-target")
+    if config.get("macs_target") is not None:
+        from .targets import parse_macs
+
+        parse_macs(config["macs_target"])
+    if config.get("macs_convention") not in ("physical", "paper"):
+        raise ConfigError(f"--macs-convention {config.get('macs_convention')!r} is invalid; "
+                          "it must be physical or paper")
     if config["command"] in ("stats", "prune", "run") and not config.get("model"):
         raise ConfigError("--model is required (see `cdprune models`)")
 
@@ -356,7 +380,13 @@ def _cmd_prune(config: dict[str, Any]) -> None:
 
 
 def _cmd_finetune(config: dict[str, Any]) -> None:
-    from .pipeline import build_data, finish_report, load_pruned_dir, run_finetune
+    from .pipeline import (
+        build_data,
+        finetune_accuracy,
+        finish_report,
+        load_pruned_dir,
+        run_finetune,
+    )
 
     run = _run_dir(config)
     data = build_data(config, need_stats=False)
@@ -364,9 +394,24 @@ def _cmd_finetune(config: dict[str, Any]) -> None:
     with run:
         run.write_config(config)
         result = run_finetune(config, run, data=data, model=model, plan=plan)
-        finish_report(run, config, None, finetuned=result.best_acc)
-    _say(f"best top-1 {result.best_acc:.2f}% after {result.epochs_run} epochs; "
+        accuracy = finetune_accuracy(config, data, model, result)
+        finish_report(run, config, None, finetuned=accuracy)
+    _say(f"{_accuracy_line(accuracy)} after {result.epochs_run} epochs; "
           f"checkpoints in {run.path}")
+
+
+def _accuracy_line(accuracy: dict[str, float]) -> str:
+    """The headline (last epoch on the test set) and the best epoch, labelled."""
+    if "finetuned" not in accuracy:
+        return "no epoch ran"
+    line = f"final-epoch top-1 {accuracy['finetuned']:.2f}%"
+    if "finetuned_best_on_test" in accuracy:
+        line += (f" (best epoch {accuracy['finetuned_best_on_test']:.2f}%, chosen on the "
+                 "test set)")
+    if "finetuned_selected_on_val" in accuracy:
+        line += (f" (epoch chosen on held-out training images: "
+                 f"{accuracy['finetuned_selected_on_val']:.2f}%)")
+    return line
 
 
 def _cmd_eval(config: dict[str, Any]) -> None:
@@ -391,6 +436,7 @@ def _cmd_run(config: dict[str, Any]) -> None:
         build_data,
         build_model,
         check_ignore_layers,
+        finetune_accuracy,
         finish_report,
         gather_stats,
         run_finetune,
@@ -415,8 +461,9 @@ def _cmd_run(config: dict[str, Any]) -> None:
                                 save_stats=True)
             _print_summary(summary)
         result = run_finetune(config, run, data=data)
-        finish_report(run, config, summary, finetuned=result.best_acc)
-    _say(f"fine-tuned: best top-1 {result.best_acc:.2f}%\nreport: {run.path / 'report.md'}")
+        accuracy = finetune_accuracy(config, data, None, result, run_path=run.path)
+        finish_report(run, config, summary, finetuned=accuracy)
+    _say(f"fine-tuned: {_accuracy_line(accuracy)}\nreport: {run.path / 'report.md'}")
 
 
 def _cmd_compare(config: dict[str, Any]) -> None:
