@@ -39,7 +39,7 @@ def test_run_end_to_end_writes_the_run_directory(tmp_path, capsys):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     assert abs(report["pruning"]["macs_reduction"] - 0.5) <= 0.003
-    assert set(report["accuracy"]) == {"base", "pruned", "finetuned"}
+    assert set(report["accuracy"]) == {"base", "pruned", "finetuned", "finetuned_best_on_test"}
     assert report["environment"]["torch"] == torch.__version__
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["macs_reduction"] == 0.5 and config["model"] == "digits_cnn"
