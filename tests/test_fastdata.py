@@ -11,6 +11,7 @@ from cdprune import TrainConfig, fine_tune
 from cdprune.data import Compose, Normalize, RandomCrop, build_dataset, build_loader, subset
 from cdprune.errors import ConfigError
 from cdprune.fastdata import DeviceBatches, augment_batch, device_batches_from, draw_params
+from cdprune.report import plot_training
 from cdprune.train import seed_epoch
 
 from .test_data import make_cifar10
@@ -193,3 +194,4 @@ def test_fine_tune_uses_the_fast_path_when_it_can_and_learns(tmp_path, monkeypat
     assert [h["val_top1"] is None for h in res.history] == [True, False, False]
     assert res.final_acc == res.history[-1]["val_top1"] > 30
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    assert plot_training(tmp_path / "training.png", res.history).is_file()

@@ -181,7 +181,10 @@ def plot_training(path: str | os.PathLike, history: Sequence[Mapping[str, Any]])
     ax1.plot(epochs, [h.get("train_loss") for h in history], marker="o")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
-    ax2.plot(epochs, [h.get("val_top1") for h in history], marker="o", color="#2ca02c")
+    evaluated = [(e, h["val_top1"]) for e, h in zip(epochs, history)
+                 if h.get("val_top1") is not None]  # --eval-every skips epochs
+    ax2.plot([e for e, _ in evaluated], [v for _, v in evaluated], marker="o",
+             color="#2ca02c")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation top-1 (%)")
     fig.suptitle("Fine-tuning")
