@@ -517,7 +517,8 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
 
     Writes (rank 0 only) ``last.pth`` each epoch, ``best.pth`` when validation top-1
     improves, and ``metrics.jsonl`` with one JSON record per epoch (epoch, lr, iterations,
-    train_loss, train_acc, val_loss, val_top1, val_top5, time). ``last.pth`` holds the
+    train_loss, train_acc, val_loss, val_top1, val_top5, time, and train_time: the
+    training pass alone, without validation and checkpoint). ``last.pth`` holds the
     model, optimizer, scheduler and gradient-scaler states, the epoch, best accuracy,
     history, generator states, the config and ``extra_state``; ``best.pth`` holds the model
     (under ``"model"``, so :func:`cdprune.checkpoint.load_weights` reads it), epoch,
@@ -628,6 +629,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
             sums, iteration = _train_epoch(net, train_loader, optimizer, scheduler, scaler,
                                            criterion, device, config, epoch, iteration,
                                            config.max_iters, progress)
+            train_time = time.perf_counter() - started
             broadcast_buffers(model)  # identical BatchNorm statistics on every rank
             loss_sum, correct, count = all_reduce_sum(sums).tolist()
             if not math.isfinite(loss_sum):
@@ -643,7 +645,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
                 "train_loss": loss_sum / count, "train_acc": 100.0 * correct / count,
                 "val_loss": val.loss if val else None, "val_top1": val.top1 if val else None,
                 "val_top5": val.top5 if val else None,
-                "time": time.perf_counter() - started,
+                "time": time.perf_counter() - started, "train_time": train_time,
             }
             history.append(record)
             improved = val is not None and val.top1 > best_acc
