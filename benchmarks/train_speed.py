@@ -12,6 +12,8 @@ interleaved rounds (A B C A B C ...) so that drift on a shared machine hits all 
   steps, is reported on its own line.
 * ``dataloader``: :func:`cdprune.fine_tune` with ``fast_data=False``: the per-image
   transforms of a DataLoader (``--workers``).
+* ``data only``: producing the same batches (crop, flip, normalise, Cutout) with
+  DeviceBatches and with the DataLoader, without a model.
 
 Images per second are medians over the rounds; ratios are to ``bare``. With ``--epochs``,
 the projected time of a full fine-tune (``epochs`` x 50,000 images) is printed.
@@ -140,6 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in runs.items():
             times[name].append(run())
     times["fine_tune (with validation + checkpoint)"] = whole["fine_tune"]
+    # The data paths alone (no model): what each costs to produce the same number of batches.
+    for name, source in (("data only: DeviceBatches", fast), ("data only: DataLoader", loader)):
+        spent = []
+        for _ in range(args.rounds):
+            seed_epoch(source, 0, 0)
+            start = time.perf_counter()
+            for step, _batch in enumerate(source):
+                if step + 1 == args.steps:
+                    break
+            _sync(device)
+            spent.append(time.perf_counter() - start)
+        times[name] = spent
     images = args.steps * args.batch_size
     rows = []
     ref = images / statistics.median(times["bare"])
