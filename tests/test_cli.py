@@ -183,4 +183,4 @@ def test_two_process_gloo_run(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "report.json").is_file() and (out / "last.pth").is_file()
-    assert proc.stdout.count("fine-tuned: best top-1") == 1  # only rank 0 prints
+    assert proc.stdout.count("fine-tuned: final-epoch top-1") == 1  # only rank 0 prints
