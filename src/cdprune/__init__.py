@@ -15,7 +15,7 @@ from . import models  # noqa: E402
 from .checkpoint import load_weights, read_state_dict, save_weights  # noqa: E402
 from .errors import CdpruneError, CheckpointError, ConfigError, DataError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
-from .macs import count_macs, count_params  # noqa: E402
+from .macs import count_macs, count_params, paper_macs  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .pruning import PruneResult, load_pruned, prune, save_pruned  # noqa: E402
 from .scoring import CDPImportance, tfidf, tfidf_scores  # noqa: E402
@@ -44,6 +44,7 @@ __all__ = [
     "load_pruned",
     "load_weights",
     "models",
+    "paper_macs",
     "prune",
     "read_state_dict",
     "save_pruned",
