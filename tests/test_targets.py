@@ -81,6 +81,7 @@ def test_run_reports_final_and_selected_accuracy_with_a_paper_target(tmp_path, c
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "final-epoch top-1" in printed and "held-out training images" in printed
+    assert "MACs in the paper's mask convention: 0.10M" in printed
     report = json.loads((out / "report.json").read_text())
     assert abs(report["pruning"]["macs_paper_after"] - 100_000) \
         <= 0.003 * report["pruning"]["macs_before"]

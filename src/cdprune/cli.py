@@ -351,6 +351,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     _say(f"MACs {summary['macs_before'] / 1e6:.2f}M -> {summary['macs_after'] / 1e6:.2f}M "
           f"(-{100 * summary['macs_reduction']:.1f}%), params "
           f"{summary['params_before'] / 1e6:.3f}M -> {summary['params_after'] / 1e6:.3f}M")
+    if summary.get("macs_paper_after"):
+        _say(f"MACs in the paper's mask convention: {summary['macs_paper_after'] / 1e6:.2f}M")
     if "acc_base" in summary:
         _say(f"accuracy: base {summary['acc_base']:.2f}%, right after pruning "
               f"{summary['acc_pruned']:.2f}%")
