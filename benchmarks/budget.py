@@ -173,6 +173,7 @@ def plot(out: Path, rows: list[dict[str, Any]], configs: list[str], budgets: lis
         pts = sorted((r["epochs"], r["acc_final"]) for r in rows if r["config"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the budgets themselves as ticks
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("fine-tuning budget (epochs over 50,000 images)")
     ax.set_ylabel("final-epoch test top-1 (%)")
