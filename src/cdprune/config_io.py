@@ -29,18 +29,20 @@ MAX_SEED = 2**32 - 1
 MAX_LR = 10.0
 
 _BOOL, _INT, _FLOAT, _STR, _FLOATS, _STRS = "bool", "int", "float", "str", "floats", "strs"
+_SIZE = "size"  # a count with an optional K/M/G suffix: 60.02M, or a plain number
 KEY_TYPES: dict[str, str] = {
     **dict.fromkeys(("download", "cutout", "amp", "sync_bn", "resume", "overwrite",
-                     "no_progress", "random_init", "no_eval"), _BOOL),
+                     "no_progress", "random_init", "no_eval", "compile", "fast_data"), _BOOL),
     **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "stop_batch",
                      "stats_batch_size", "round_to", "epochs", "max_iters", "train_subset",
-                     "seed", "val_subset", "bn_recalibrate"), _INT),
+                     "seed", "val_subset", "bn_recalibrate", "val_split", "eval_every"), _INT),
     **dict.fromkeys(("coe", "sparsity", "macs_reduction", "max_layer_pruning", "lr",
                      "momentum", "weight_decay", "lr_warmup_epochs", "label_smoothing"),
                     _FLOAT),
     **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "documents",
                      "stats_dtype", "tap", "normalize", "allocation", "variant", "scope",
-                     "lr_schedule", "device", "output_dir", "weights"), _STR),
+                     "lr_schedule", "device", "output_dir", "weights", "macs_convention"), _STR),
+    "macs_target": _SIZE,
     "mean": _FLOATS, "std": _FLOATS, "ignore_layers": _STRS,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -48,11 +50,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tap": ("conv", "act"), "normalize": ("none", "max", "mean"),
     "allocation": ("global", "uniform"), "variant": ("published",),
     "scope": ("auto", "internal", "all"), "lr_schedule": ("cosine", "step"),
-    "weights": ("final", "best", "last", "pruned"),
+    "weights": ("final", "best", "last", "pruned"), "macs_convention": ("physical", "paper"),
 }
 _WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
           _STR: "a string", _FLOATS: "a number or a list of numbers",
-          _STRS: "a list of names"}
+          _STRS: "a list of names", _SIZE: "a number with an optional K/M/G suffix"}
 
 
 def flag(key: str) -> str:
@@ -61,6 +63,24 @@ def flag(key: str) -> str:
 
 
 # ---------------------------------------------------------------------- YAML
+def _safe_loader() -> type:
+    """PyYAML's SafeLoader, plus YAML 1.2's floats without a dot (``1e-5``, ``5E-4``).
+
+    YAML 1.1 reads ``weight_decay: 1e-5`` as the string "1e-5"; a user who wrote a number
+    must get a number, not a refusal to write it without the quotes it never had.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return Loader
+
+
 def load_yaml(path: str | Path, known: Mapping[str, Any]) -> dict[str, Any]:
     """Read a YAML config file: a flat mapping of ``known`` keys to values of their type.
 
@@ -84,11 +104,12 @@ def load_yaml(path: str | Path, known: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config file '{file}' is not UTF-8 text (byte {exc.start}); "
                           "save it as UTF-8") from None
     try:
-        aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, yaml.SafeLoader))
+        loader = _safe_loader()
+        aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, loader))
         if aliases > MAX_YAML_ALIASES:
             raise ConfigError(f"config file '{file}' uses {aliases} YAML aliases (at most "
                               f"{MAX_YAML_ALIASES}); write the values out")
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"config file '{file}' is not valid YAML: {detail}") from None
@@ -126,6 +147,7 @@ def check_type(key: str, value: Any, where: str | None = None) -> Any:
         _FLOATS: lambda v: _is_number(v) or (isinstance(v, list) and bool(v)
                                              and all(_is_number(x) for x in v)),
         _STRS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        _SIZE: lambda v: isinstance(v, str) or _is_number(v),
     }[kind](value)
     if not ok:
         got = f"the string {value!r}" if isinstance(value, str) else \
@@ -217,6 +239,9 @@ def validate(config: dict[str, Any]) -> None:
          "a positive integer"),
         ("max_iters", get("max_iters") is None or get("max_iters") > 0, "a positive integer"),
         ("val_subset", get("val_subset") is None or get("val_subset") > 0, "a positive integer"),
+        ("val_split", get("val_split") is None or get("val_split") > 0, "a positive integer"),
+        ("eval_every", get("eval_every") is None or get("eval_every") > 0,
+         "a positive number of epochs"),
         ("bn_recalibrate", get("bn_recalibrate") is None or get("bn_recalibrate") > 0,
          "a positive number of images"),
         ("seed", 0 <= get("seed") <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
@@ -231,9 +256,13 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
     _check_normalisation(config)
     command = get("command")
-    if command in ("prune", "run") and (get("sparsity") is None) == (
-            get("macs_reduction") is None):
-        raise ConfigError("give exactly one of --sparsity or --macs-reduction")
+    targets = [k for k in ("sparsity", "macs_reduction", "macs_target") if get(k) is not None]
+    if command in ("prune", "run") and len(targets) != 1:
+        raise ConfigError("give exactly one of --sparsity, --macs-reduction or --macs-target")
+    if get("macs_target") is not None:
+        from .targets import parse_macs
+
+        parse_macs(get("macs_target"))
     if command in ("stats", "prune", "run") and not get("model"):
         raise ConfigError("--model is required (see `cdprune models`)")
     if command in ("stats", "prune", "run", "compare") and not get("checkpoint") and not get(
