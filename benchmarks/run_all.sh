@@ -18,6 +18,8 @@ if [ -d "$shared/weights/cifar10" ] && [ -d "$shared/data/cifar-10-batches-py" ]
       --data-root "$shared/data" --csv "$out/speedup.csv"
   python3 benchmarks/check_pretrained.py --weights-dir "$shared/weights/cifar10" \
       --data-root "$shared/data"
+  python3 benchmarks/train_speed.py --threads "$threads" --data-root "$shared/data" \
+      --csv "$out/train_speed.csv"
 else
   echo "skipping speedup.py and check_pretrained.py: no $shared/weights or $shared/data"
 fi

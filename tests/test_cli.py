@@ -40,7 +40,7 @@ def test_run_end_to_end_writes_the_run_directory(tmp_path, capsys):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     assert abs(report["pruning"]["macs_reduction"] - 0.5) <= 0.003
-    assert set(report["accuracy"]) == {"base", "pruned", "finetuned"}
+    assert set(report["accuracy"]) == {"base", "pruned", "finetuned", "finetuned_best_on_test"}
     assert report["environment"]["torch"] == torch.__version__
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["macs_reduction"] == 0.5 and config["model"] == "digits_cnn"
@@ -185,4 +185,4 @@ def test_two_process_gloo_run(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "report.json").is_file() and (out / "last.pth").is_file()
-    assert proc.stdout.count("fine-tuned: best top-1") == 1  # only rank 0 prints
+    assert proc.stdout.count("fine-tuned: final-epoch top-1") == 1  # only rank 0 prints

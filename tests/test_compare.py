@@ -48,6 +48,8 @@ def test_compare_all_criteria_end_to_end(tmp_path):
     for row in rows:
         assert abs(row["macs_reduction"] - row["macs_target"]) <= 0.003
         assert 0 <= row["acc_pruned"] <= 100 and not math.isnan(row["acc_finetuned"])
+        # SmallNet's residual stream: the paper's counter credits less than is removed.
+        assert row["macs_paper"] >= row["macs"]
     assert len({r["macs_target"] for r in rows}) == 2
     js, md = write_comparison(tmp_path, rows, {"model": "small_net"})
     doc = json.loads(js.read_text())
@@ -56,6 +58,7 @@ def test_compare_all_criteria_end_to_end(tmp_path):
     assert random_line["runs"] == 2
     text = md.read_text()
     assert "CDP (class documents)" in text and "(2 seeds)" in text
+    assert "MACs (paper convention)" in text
     assert (tmp_path / "compare.png").is_file()
 
 

@@ -345,7 +345,8 @@ def test_recalibrate_bn_averages_exactly_the_asked_images():
 @pytest.mark.slow
 def test_bn_recalibration_is_its_own_report_row(tuned_run, capsys):
     report = json.loads((tuned_run / "report.json").read_text())
-    assert set(report["accuracy"]) == {"base", "pruned", "recalibrated", "finetuned"}
+    assert set(report["accuracy"]) == {"base", "pruned", "recalibrated", "finetuned",
+                                      "finetuned_best_on_test"}
     assert report["pruning"]["bn_recalibrate_images"] == 128
     assert "after BatchNorm recalibration (128 images)" in (tuned_run / "report.md").read_text()
 

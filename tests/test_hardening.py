@@ -105,6 +105,20 @@ def test_yaml_values_are_checked_per_key(yaml_text, needle, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("text,value", [("1e-5", 1e-5), ("5E-4", 5e-4), ("-2.5e-3", -2.5e-3),
+                                        ("0.0005", 5e-4), ("3", 3.0)])
+def test_yaml_numbers_in_exponent_form_are_numbers(text, value, tmp_path):
+    """YAML 1.1 reads 1e-5 as a string; a number written without quotes is a number."""
+    from cdprune.cli import DEFAULTS
+    from cdprune.config_io import load_yaml
+
+    (tmp_path / "y.yaml").write_text(f"weight_decay: {text}\nlr: '1e-5'\n")
+    with pytest.raises(ConfigError, match="lr must be a number, got the string '1e-5'"):
+        load_yaml(tmp_path / "y.yaml", DEFAULTS)
+    (tmp_path / "y.yaml").write_text(f"weight_decay: {text}\n")
+    assert load_yaml(tmp_path / "y.yaml", DEFAULTS) == {"weight_decay": value}
+
+
 @pytest.mark.parametrize("device", ["mps", "xpu", "meta", "hpu", "cuda:x", "CPU"])
 def test_only_cpu_and_cuda_devices(device, tmp_path, capsys):
     argv = ["stats", "--model", "digits_cnn", *DATA, "--device", device,

@@ -54,7 +54,8 @@ def test_every_field_is_a_flag_a_yaml_key_and_a_default(cls, commands, tmp_path)
         # The YAML key: the option's name, or its flag with dashes.
         for key in (spec.name, spec.flags[0][2:]):
             value = {"bool": True, "int": 3, "float": 0.5, "str": spec.choices[0]
-                     if spec.choices else "x", "strs": ["conv1"]}[spec.kind]
+                     if spec.choices else "x", "strs": ["conv1"], "size": "60M",
+                     "ints": [3, 5]}[spec.kind]
             path = tmp_path / "c.yaml"
             path.write_text(f"{key}: {value}\n")
             assert load_yaml(path, DEFAULTS, yaml_names(commands[0])) == {spec.name: value}
@@ -105,9 +106,14 @@ def test_validate_names_the_option_and_the_cli_names_the_flag(config, key, text)
 
 def test_prune_target_is_required_only_when_asked():
     PruneConfig().validate()
-    with pytest.raises(ConfigError, match="exactly one of --sparsity or --macs-reduction"):
+    with pytest.raises(ConfigError, match="exactly one of --sparsity, --macs-reduction or"):
         PruneConfig().validate(need_target=True)
+    with pytest.raises(ConfigError, match="exactly one"):
+        PruneConfig(sparsity=0.3, macs_target="60M").validate(need_target=True)
     PruneConfig(macs_reduction=0.5).validate(need_target=True)
+    PruneConfig(macs_target="60.02M").validate(need_target=True)
+    with pytest.raises(ConfigError, match="MACs target"):
+        PruneConfig(macs_target="lots").validate()
 
 
 def test_cli_shows_a_stage_error_under_its_flag(capsys):

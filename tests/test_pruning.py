@@ -222,3 +222,23 @@ def test_uniform_allocation_prunes_every_layer_alike():
     assert glob.widths_after["features.0"] == 64
     with pytest.raises(ConfigError, match="allocation"):
         prune(model, scores, example_inputs=x, sparsity=0.5, allocation="layer")
+
+
+def test_option_a_scope_all_prunes_the_residual_stream():
+    """The option-A shortcut subsamples with x[:, :, ::2, ::2]: a spatial slice, which must
+    not be read as a channel layout that forbids pruning the residual stream."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10)
+    randomize_bn(model)
+    stream = {"conv1"} | {f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)}
+    scores = {name: (torch.zeros if name in stream else torch.ones)(m.out_channels)
+              + 1e-3 * torch.rand(m.out_channels)
+              for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    result = prune(model, scores, example_inputs=torch.randn(2, 3, 32, 32),
+                   macs_reduction=0.3, scope="all")
+    assert result.widths_after["conv1"] < 16
+    assert result.widths_after["layer3.2.conv2"] < 64
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    result.model.eval()
+    assert result.model(x).shape == model(x).shape == (4, 10)

@@ -317,8 +317,8 @@ CASES: list[Case] = [
     Case("both-targets", "numbers", "both `--sparsity` and `--macs-reduction`",
          ("--macs-reduction: not allowed with argument --sparsity",), "give only one of them",
          ("prune", *BASE, *STATS, "--sparsity", "0.3", "--macs-reduction", "0.5", *OUT)),
-    Case("no-target", "numbers", "neither `--sparsity` nor `--macs-reduction`",
-         ("--sparsity or --macs-reduction",), "give exactly one of",
+    Case("no-target", "numbers", "none of `--sparsity`, `--macs-reduction`, `--macs-target`",
+         ("--sparsity, --macs-reduction or --macs-target",), "give exactly one of",
          ("prune", *BASE, *STATS, *OUT)),
     Case("unreachable-macs", "numbers",
          "a MACs target the constraints cannot reach (`--macs-reduction 0.9 "

@@ -21,7 +21,7 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from .evaluate import evaluate  # noqa: E402
-from .macs import count_macs, count_params  # noqa: E402
+from .macs import count_macs, count_params, paper_macs  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .pruning import PruneResult, load_pruned, prune, save_pruned  # noqa: E402
 from .scoring import CDPImportance, tfidf, tfidf_scores  # noqa: E402
@@ -54,6 +54,7 @@ __all__ = [
     "load_run_model",
     "load_weights",
     "models",
+    "paper_macs",
     "prune",
     "read_state_dict",
     "recalibrate_bn",

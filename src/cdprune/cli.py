@@ -44,9 +44,9 @@ def _say(*args: Any, **kwargs: Any) -> None:
 DEFAULTS: dict[str, Any] = {
     "model": None, "checkpoint": None, "dataset": "cifar10", "data_root": "data",
     "download": False, "batch_size": 128, "eval_batch_size": None, "workers": 2,
-    "mean": None, "std": None, "cutout": False,
+    "mean": None, "std": None, "cutout": False, "val_split": None,
     **defaults(StatsConfig, PruneConfig),
-    "epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "compile": False, "eval_every": None, "fast_data": None, "epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
     "lr_schedule": "cosine", "lr_warmup_epochs": 0, "label_smoothing": 0.0, "amp": False,
     "max_iters": None, "sync_bn": False, "train_subset": None, "seed": 0, "device": None,
     "output_dir": None, "resume": False, "overwrite": False, "no_progress": False,
@@ -136,6 +136,9 @@ def _add_data(p: argparse.ArgumentParser, uses: Sequence[str] = ("train", "val")
         "train" in uses, "fine-tune on a seeded random subset of this many training images"))
     g.add_argument("--val-subset", type=positive_int, help=_shown(
         "val" in uses, "evaluate on a seeded random subset of this many validation images"))
+    g.add_argument("--val-split", type=positive_int, help=_shown(
+        "train" in uses, "hold this many training images out to choose the best epoch on, "
+        "so the test set is never used for it"))
 
 
 def _add_stats(p: argparse.ArgumentParser) -> None:
@@ -168,6 +171,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cutout", action="store_true", default=None, help="Cutout 16x16")
     g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
     g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm (DDP)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the "
+                   "model for training")
+    g.add_argument("--eval-every", type=positive_int, help="evaluate every N epochs (and "
+                   "after the last; default 1)")
+    g.add_argument("--no-fast-data", dest="fast_data", action="store_false", default=None,
+                   help="keep the DataLoader for in-memory datasets instead of holding them "
+                   "on the device and augmenting whole batches there")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from <output-dir>/last.pth; with a PATH (the CDP scripts' "
                    "meaning, finetune only): the pruned model's weights to fine-tune, as "
@@ -347,6 +357,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     _say(f"MACs {n(summary['macs_before'])} -> {n(summary['macs_after'])} "
          f"(-{100 * summary['macs_reduction']:.1f}%), params "
          f"{n(summary['params_before'])} -> {n(summary['params_after'])}")
+    if summary.get("macs_paper_after"):
+        _say(f"MACs in the paper's mask convention: {n(summary['macs_paper_after'])}")
     if "acc_base" in summary:
         _say(f"accuracy: base {summary['acc_base']:.2f}%, right after pruning "
              f"{summary['acc_pruned']:.2f}%" + (
@@ -380,6 +392,7 @@ def _cmd_prune(config: dict[str, Any]) -> None:
 def _cmd_finetune(config: dict[str, Any]) -> None:
     from .pipeline import (
         build_data,
+        finetune_accuracy,
         finish_report,
         load_pruned_dir,
         model_dir_defaults,
@@ -393,9 +406,24 @@ def _cmd_finetune(config: dict[str, Any]) -> None:
     with run:
         run.write_config(config)
         result = run_finetune(config, run, data=data, model=model, plan=plan)
-        finish_report(run, config, None, finetuned=result.best_acc)
-    _say(f"best top-1 {result.best_acc:.2f}% after {result.epochs_run} epochs; "
+        accuracy = finetune_accuracy(config, data, model, result)
+        finish_report(run, config, None, finetuned=accuracy)
+    _say(f"{_accuracy_line(accuracy)} after {result.epochs_run} epochs; "
           f"checkpoints in {run.path}")
+
+
+def _accuracy_line(accuracy: dict[str, float]) -> str:
+    """The headline (last epoch on the test set) and the best epoch, labelled."""
+    if "finetuned" not in accuracy:
+        return "no epoch ran"
+    line = f"final-epoch top-1 {accuracy['finetuned']:.2f}%"
+    if "finetuned_best_on_test" in accuracy:
+        line += (f" (best epoch {accuracy['finetuned_best_on_test']:.2f}%, chosen on the "
+                 "test set)")
+    if "finetuned_selected_on_val" in accuracy:
+        line += (f" (epoch chosen on held-out training images: "
+                 f"{accuracy['finetuned_selected_on_val']:.2f}%)")
+    return line
 
 
 def _cmd_eval(config: dict[str, Any]) -> None:
@@ -435,6 +463,7 @@ def _cmd_run(config: dict[str, Any]) -> None:
         build_data,
         build_model,
         check_ignore_layers,
+        finetune_accuracy,
         finish_report,
         gather_stats,
         run_finetune,
@@ -459,8 +488,9 @@ def _cmd_run(config: dict[str, Any]) -> None:
                                 save_stats=True)
             _print_summary(summary)
         result = run_finetune(config, run, data=data)
-        finish_report(run, config, summary, finetuned=result.best_acc)
-    _say(f"fine-tuned: best top-1 {result.best_acc:.2f}%\nreport: {run.path / 'report.md'}")
+        accuracy = finetune_accuracy(config, data, None, result, run_path=run.path)
+        finish_report(run, config, summary, finetuned=accuracy)
+    _say(f"fine-tuned: {_accuracy_line(accuracy)}\nreport: {run.path / 'report.md'}")
 
 
 def _compare_line(r: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from .criteria import ScoreContext, criterion_names, get_criterion
 from .errors import ConfigError
 from .evaluate import evaluate
 from .fileio import atomic_write_text
+from .macs import paper_macs
 from .pruning import prune
 from .report import format_count
 from .train import TrainConfig, fine_tune
@@ -184,6 +185,8 @@ def compare_criteria(
                 row = {"macs_target": target, "criterion": criterion, "seed": seed,
                        "status": "done",
                        "macs": result.macs_after, "macs_reduction": result.macs_reduction,
+                       "macs_paper": paper_macs(model, result.plan["kept"],
+                                                example_inputs=example_inputs.cpu()),
                        "params": result.params_after, "acc_base": base_acc,
                        "acc_pruned": acc_pruned, "acc_recalibrated": acc_recal,
                        "acc_finetuned": acc_tuned,
@@ -215,6 +218,7 @@ def _summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         line = {"macs_target": target, "criterion": criterion, "runs": len(members),
                 "status": "done",
                 "macs": statistics.fmean(m["macs"] for m in members),
+                "macs_paper": statistics.fmean(m.get("macs_paper", m["macs"]) for m in members),
                 "params": statistics.fmean(m["params"] for m in members),
                 "seconds": statistics.fmean(m["seconds"] for m in members)}
         for key in ("acc_pruned", "acc_recalibrated", "acc_finetuned"):
@@ -250,23 +254,24 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
         lines.append(f"- {key}: {value}")
     recal = any(not math.isnan(line.get("acc_recalibrated", math.nan)) for line in summary)
     lines += [f"- base model top-1: {base:.2f}%", "",
-              "| MACs target | criterion | MACs | params | top-1 right after pruning | "
+              "| MACs target | criterion | MACs | MACs (paper convention) | params | "
+              "top-1 right after pruning | "
               + ("top-1 after BN recalibration | " if recal else "")
               + "top-1 after fine-tuning | seconds |",
-              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if recal else "")]
+              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if recal else "")]
     for line in summary:
         label = _label(line["criterion"])
         if line["runs"] > 1:
             label += f" ({line['runs']} seeds)"
         if line["status"] == "unreachable":
-            lines.append(f"| -{100 * line['macs_target']:.0f}% | {label} | unreachable | - | "
+            lines.append(f"| -{100 * line['macs_target']:.0f}% | {label} | unreachable | - | - | "
                          + "- | " * (3 if recal else 2) + "- |")
             continue
         recal_cell = (f"{_fmt(line['acc_recalibrated'], line['acc_recalibrated_std'])} | "
                       if recal else "")
         lines.append(
             f"| -{100 * line['macs_target']:.0f}% | {label} | {format_count(line['macs'])} | "
-            f"{format_count(line['params'])} | "
+            f"{format_count(line['macs_paper'])} | {format_count(line['params'])} | "
             f"{_fmt(line['acc_pruned'], line['acc_pruned_std'])} | {recal_cell}"
             f"{_fmt(line['acc_finetuned'], line['acc_finetuned_std'])} | "
             f"{line['seconds']:.0f} |")

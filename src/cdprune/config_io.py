@@ -43,13 +43,14 @@ MAX_SEED = 2**32 - 1
 MAX_LR = 10.0
 
 _BOOL, _INT, _FLOAT, _STR, _INTS, _FLOATS, _STRS = BOOL, INT, FLOAT, STR, INTS, FLOATS, STRS
+_SIZE = "size"  # a count with an optional K/M/G suffix: 60.02M, or a plain number
 # The stages' options bring their own types and choices; the rest are listed here.
 KEY_TYPES: dict[str, str] = {
     **key_types(StatsConfig, PruneConfig),
     **dict.fromkeys(("download", "cutout", "amp", "sync_bn", "resume", "overwrite",
-                     "no_progress", "random_init"), _BOOL),
+                     "no_progress", "random_init", "compile", "fast_data"), _BOOL),
     **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "epochs", "max_iters",
-                     "train_subset", "seed", "val_subset"), _INT),
+                     "train_subset", "seed", "val_subset", "val_split", "eval_every"), _INT),
     **dict.fromkeys(("lr", "momentum", "weight_decay", "lr_warmup_epochs", "label_smoothing"),
                     _FLOAT),
     **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "lr_schedule", "device",
@@ -63,10 +64,28 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
           _INTS: "a list of integers",
           _STR: "a string", _FLOATS: "a number or a list of numbers",
-          _STRS: "a list of names"}
+          _STRS: "a list of names", _SIZE: "a number with an optional K/M/G suffix"}
 
 
 # ---------------------------------------------------------------------- YAML
+def _safe_loader() -> type:
+    """PyYAML's SafeLoader, plus YAML 1.2's floats without a dot (``1e-5``, ``5E-4``).
+
+    YAML 1.1 reads ``weight_decay: 1e-5`` as the string "1e-5"; a user who wrote a number
+    must get a number, not a refusal to write it without the quotes it never had.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return Loader
+
+
 def load_yaml(path: str | Path, known: Mapping[str, Any],
               names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Read a YAML config file: a flat mapping of ``known`` keys to values of their type.
@@ -94,11 +113,12 @@ def load_yaml(path: str | Path, known: Mapping[str, Any],
         raise ConfigError(f"config file '{file}' is not UTF-8 text (byte {exc.start}); "
                           "save it as UTF-8") from None
     try:
-        aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, yaml.SafeLoader))
+        loader = _safe_loader()
+        aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, loader))
         if aliases > MAX_YAML_ALIASES:
             raise ConfigError(f"config file '{file}' uses {aliases} YAML aliases (at most "
                               f"{MAX_YAML_ALIASES}); write the values out")
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"config file '{file}' is not valid YAML: {detail}") from None
@@ -144,6 +164,7 @@ def check_type(key: str, value: Any, where: str | None = None) -> Any:
         _STRS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
         _INTS: lambda v: isinstance(v, list) and all(
             isinstance(x, int) and not isinstance(x, bool) for x in v),
+        _SIZE: lambda v: isinstance(v, str) or _is_number(v),
     }[kind](value)
     if not ok:
         got = f"the string {value!r}" if isinstance(value, str) else \
@@ -223,6 +244,9 @@ def validate(config: dict[str, Any]) -> None:
          "a positive integer"),
         ("max_iters", get("max_iters") is None or get("max_iters") > 0, "a positive integer"),
         ("val_subset", get("val_subset") is None or get("val_subset") > 0, "a positive integer"),
+        ("val_split", get("val_split") is None or get("val_split") > 0, "a positive integer"),
+        ("eval_every", get("eval_every") is None or get("eval_every") > 0,
+         "a positive number of epochs"),
         ("seed", 0 <= get("seed") <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     ]
     for key, ok, valid in checks:

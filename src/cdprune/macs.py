@@ -20,7 +20,7 @@ from torch import nn
 from .errors import ConfigError
 from .evaluate import eval_mode
 
-__all__ = ["count_macs", "count_params", "profile"]
+__all__ = ["count_macs", "count_params", "paper_macs", "profile"]
 
 _COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -119,3 +119,126 @@ def _first_sample(inputs: Any) -> Any:
     if isinstance(inputs, (list, tuple)):
         return type(inputs)(_first_sample(v) for v in inputs)
     return inputs
+
+
+# ------------------------------------------------------------------ paper convention
+def paper_macs(model: nn.Module, kept: Mapping[str, Sequence[int]],
+               input_size: Sequence[int] | None = None, example_inputs: Any = None) -> int:
+    """MACs of a pruning as the CDP paper's own counter reports them, on masks.
+
+    The published code never removes channels: it masks filters and counts MACs on the
+    masked network. Its counter (conv and linear only, no biases) charges a convolution
+    ``kept outputs x input channels x kernel area x output positions / groups``, where
+    the input channels are reduced by the filters masked in the convolution that fed it,
+    except where a convolution reads a residual stream (the first convolution of a
+    residual block and shortcut convolutions, where it starts again from the full width).
+    Linear layers count in full. Masked outputs of a convolution whose output joins a
+    residual sum are credited even though a physical network must keep those channels,
+    which is why this count differs from :func:`count_macs` of the physically pruned model.
+
+    "Fed it" is read off the forward pass of the unpruned ``model``: a convolution is fed
+    by another when its input comes from that convolution's output through single-input
+    per-channel operations (BatchNorm, ReLU, pooling) and no other operation reads any
+    tensor on the way (so the stem's output, which a residual shortcut also reads, does
+    not reduce the next convolution's inputs, as in the published counter).
+
+    Args:
+        model: the *unpruned* network.
+        kept: for each pruned convolution (module name), the output channels kept; other
+            convolutions keep all of theirs. ``PruneResult.plan["kept"]`` has this form
+            (its entries for other layers, e.g. BatchNorm, are not read).
+        input_size: one sample's shape ``(C, H, W)``.
+        example_inputs: instead of ``input_size``, what the model takes.
+
+    Returns:
+        MACs per sample under the paper's convention.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    inputs = _example(model, input_size, example_inputs)
+    by_weight = {id(m.weight): (name, m) for name, m in model.named_modules()
+                 if isinstance(m, _COUNTED)}
+    source: dict[int, Any] = {}  # id(tensor) -> ("conv", call) | ("via", id) | ("mix",)
+    uses: dict[int, int] = {}
+    alive: list[torch.Tensor] = []  # keep tensors alive so ids are not reused
+    calls: list[dict[str, Any]] = []
+
+    class Flow(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            flat = list(args) + list(kwargs.values())
+            flat = [t for a in flat for t in (a if isinstance(a, (list, tuple)) else [a])]
+            acts = [t for t in flat if isinstance(t, torch.Tensor) and id(t) in source]
+            if not isinstance(out, torch.Tensor):
+                return out
+            alive.append(out)
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            module = by_weight.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+            inplace = any(out is t for t in acts)
+            for t in acts:
+                if t is not out:
+                    uses[id(t)] = uses.get(id(t), 0) + 1
+            if module is not None:
+                calls.append({"name": module[0], "module": module[1],
+                              "input": id(acts[0]) if acts else None, "out": out})
+                source[id(out)] = ("conv", len(calls) - 1)
+            elif inplace:
+                if len(acts) > 1:
+                    source[id(out)] = ("mix",)
+            elif (len(acts) == 1 and out.dim() == acts[0].dim() and out.dim() > 1
+                  and out.shape[1] == acts[0].shape[1]):
+                source[id(out)] = ("via", id(acts[0]))
+            else:
+                source[id(out)] = ("mix",)
+            return out
+
+    first = inputs if isinstance(inputs, torch.Tensor) else None
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), Flow():
+            if first is not None:
+                source[id(first)] = ("mix",)
+                model(first)
+            elif isinstance(inputs, Mapping):
+                model(**inputs)
+            else:
+                model(*inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+    def feeder(tensor_id: int | None) -> int | None:
+        """The conv call feeding this tensor through a private chain, else None."""
+        while tensor_id is not None:
+            kind = source.get(tensor_id, ("mix",))
+            if kind[0] == "mix":
+                return None
+            if kind[0] == "conv":
+                return kind[1] if uses.get(tensor_id, 0) <= 1 else None
+            if uses.get(tensor_id, 0) > 1:
+                return None
+            tensor_id = kind[1]
+        return None
+
+    total = 0
+    for call in calls:
+        m, out = call["module"], call["out"]
+        if isinstance(m, nn.Linear):
+            rows = out.numel() // out.shape[-1]
+            total += rows * m.in_features * m.out_features
+            continue
+        cout = len(kept[call["name"]]) if call["name"] in kept else m.out_channels
+        cin = m.in_channels
+        fed_by = feeder(call["input"])
+        if fed_by is not None:
+            prev = calls[fed_by]
+            if isinstance(prev["module"], nn.Conv2d | nn.Conv1d | nn.Conv3d):
+                removed = prev["module"].out_channels - len(
+                    kept.get(prev["name"], range(prev["module"].out_channels)))
+                if removed <= cin:
+                    cin -= removed
+        positions = out[0].numel() // out.shape[1]
+        total += cout * cin * math.prod(m.kernel_size) * positions // m.groups
+    return total

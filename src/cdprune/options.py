@@ -66,7 +66,7 @@ def _stage_classes() -> list[type]:
 
 def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Sequence[str] = (),
            positive: bool = False, metavar: str | None = None, exclusive: str | None = None,
-           show_default: bool = True, negate: bool = False) -> Any:
+           show_default: bool = True, negate: bool = False, kind: str | None = None) -> Any:
     """A dataclass field that is also a command-line option.
 
     Args:
@@ -79,10 +79,11 @@ def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Seque
         exclusive: options sharing this name are mutually exclusive on the command line.
         show_default: append ``(default: ...)`` to the help.
         negate: a boolean whose flag turns it off (``--no-fast-data`` sets ``False``).
+        kind: the value's kind when the type does not say it (``"size"``: 60.02M).
     """
     meta = {"help": help, "flags": tuple(flags), "choices": tuple(choices),
             "positive": positive, "metavar": metavar, "exclusive": exclusive,
-            "show_default": show_default, "negate": negate}
+            "show_default": show_default, "negate": negate, "kind": kind}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -132,7 +133,7 @@ def option_specs(cls: type) -> list[OptionSpec]:
         text = meta["help"]
         if meta["show_default"] and default is not None and default is not False:
             text = f"{text} (default: {_shown(default)})"
-        out.append(OptionSpec(f.name, _kind(hints[f.name]), default, text,
+        out.append(OptionSpec(f.name, meta["kind"] or _kind(hints[f.name]), default, text,
                               meta["flags"] or ("--" + f.name.replace("_", "-"),),
                               meta["choices"], meta["positive"], meta["metavar"],
                               meta["exclusive"], meta["negate"]))
@@ -275,6 +276,11 @@ class PruneConfig:
                                     exclusive="target")
     macs_reduction: float | None = option(None, "fraction of MACs to remove (hit within 0.3 "
                                           "points)", exclusive="target")
+    macs_target: str | None = option(None, "MACs to keep, absolute with K/M/G, e.g. 60.02M "
+                                     "(in --macs-convention)", exclusive="target", kind="size")
+    macs_convention: str = option("physical", "what --macs-target counts: the network that "
+                                  "runs, or the CDP paper's counter on masks",
+                                  choices=("physical", "paper"))
     scope: str = option("auto", "channels that may be pruned", choices=SCOPES)
     max_layer_pruning: float = option(0.9, "most a layer may lose")
     round_to: int | None = option(None, "keep widths multiples of this", positive=True)
@@ -291,7 +297,8 @@ class PruneConfig:
         """Check every value; raise :class:`OptionError` naming the first bad one.
 
         Args:
-            need_target: exactly one of ``sparsity`` and ``macs_reduction`` must be set.
+            need_target: exactly one of ``sparsity``, ``macs_reduction`` and
+                ``macs_target`` must be set.
         """
         for key in ("sparsity", "macs_reduction"):
             value = getattr(self, key)
@@ -303,8 +310,15 @@ class PruneConfig:
         _check("bn_recalibrate", self.bn_recalibrate,
                self.bn_recalibrate is None or self.bn_recalibrate > 0,
                "a positive number of images")
-        if need_target and (self.sparsity is None) == (self.macs_reduction is None):
-            raise ConfigError("give exactly one of --sparsity or --macs-reduction")
+        if self.macs_target is not None:
+            from .targets import parse_macs
+
+            parse_macs(self.macs_target)
+        targets = [t for t in (self.sparsity, self.macs_reduction, self.macs_target)
+                   if t is not None]
+        if need_target and len(targets) != 1:
+            raise ConfigError("give exactly one of --sparsity, --macs-reduction or "
+                              "--macs-target")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PruneConfig:

@@ -131,6 +131,7 @@ class Data:
     classes: list[str] | None = None  # class names, for --dataset folder
     mean: tuple[float, ...] | None = None  # input normalisation in use
     std: tuple[float, ...] | None = None
+    select: Any = None  # held-out training images for model selection (--val-split)
 
 
 def build_data(config: Mapping[str, Any], *, need_train: bool = True,
@@ -162,7 +163,7 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
         val_set = subset(val_set, config["val_subset"], seed)
     val = build_loader(val_set, config.get("eval_batch_size") or config["batch_size"],
                        shuffle=False, workers=workers, seed=seed, distributed=distributed)
-    train = stats = None
+    train = stats = select = None
     if need_train:
         train_set = build_dataset(name, root, train=True, cutout=bool(config.get("cutout")),
                                   **common)
@@ -171,7 +172,10 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
             raise DataError(f"the train and val folders of '{root}' hold different classes "
                             f"({len(train_set.classes)} vs {len(classes or [])}); give both "
                             "the same class folders")
-        if config.get("train_subset"):
+        if config.get("val_split"):
+            train_set, select = _hold_out(config, train_set, name, root, common, workers,
+                                          seed, distributed)
+        elif config.get("train_subset"):
             train_set = subset(train_set, min(len(train_set), config["train_subset"]), seed)
         # A last batch of one image cannot train BatchNorm on 1x1 feature maps: drop it.
         single = len(train_set) > config["batch_size"] and \
@@ -198,7 +202,8 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
         recal = build_loader(subset(plain, count, seed + 1),
                              config.get("stats_batch_size") or config["batch_size"],
                              shuffle=True, workers=workers, seed=seed + 1)
-    return Data(num_classes, tuple(input_size), train, val, stats, recal, classes, mean, std)
+    return Data(num_classes, tuple(input_size), train, val, stats, recal, classes, mean, std,
+                select)
 
 
 def _model_input_size(config: Mapping[str, Any]) -> tuple[int, ...]:
@@ -272,6 +277,31 @@ def model_dir_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
             and extra.get("std"):
         out["mean"], out["std"] = list(extra["mean"]), list(extra["std"])
     return out
+
+
+def _hold_out(config: Mapping[str, Any], train_set: Any, name: str, root: Any,
+              common: Mapping[str, Any], workers: int, seed: int, distributed: bool
+              ) -> tuple[Any, Any]:
+    """Split ``--val-split`` training images off for model selection (never the test set).
+
+    The held-out images are read without augmentation; ``--train-subset`` then samples
+    from the rest. The split depends on the seed only.
+    """
+    from .data import Subset, build_dataset, build_loader
+
+    total, held = len(train_set), int(config["val_split"])
+    if not 0 < held < total:
+        raise ConfigError(f"--val-split {held} must hold out between 1 and {total - 1} of "
+                          f"the {total} training images")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    held_idx, rest = order[:held].sort().values, order[held:]
+    if config.get("train_subset"):
+        rest = rest[:min(len(rest), int(config["train_subset"]))]
+    plain = build_dataset(name, root, train=True, augment=False, **common)
+    select = build_loader(Subset(plain, held_idx.tolist()),
+                          config.get("eval_batch_size") or config["batch_size"],
+                          shuffle=False, workers=workers, seed=seed, distributed=distributed)
+    return Subset(train_set, rest.sort().values.tolist()), select
 
 
 def _example(input_size: tuple[int, ...]) -> torch.Tensor:
@@ -394,13 +424,18 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     options = cdp_options(config)
     scores = tfidf_scores(stats, **options["scores"])
     device = _device(config)
-    result = prune(model, scores, example_inputs=_example(data.input_size),
-                   sparsity=config.get("sparsity"), macs_reduction=config.get("macs_reduction"),
-                   ignored_layers=config.get("ignore_layers") or None,
-                   scope=config.get("scope") or "auto",
-                   max_layer_pruning=_given(config, "max_layer_pruning", 0.9),
-                   round_to=config.get("round_to") or None, **options["prune"])
+    example = _example(data.input_size)
+    kwargs = dict(ignored_layers=config.get("ignore_layers") or None,
+                  scope=config.get("scope") or "auto",
+                  max_layer_pruning=_given(config, "max_layer_pruning", 0.9),
+                  round_to=config.get("round_to") or None, **options["prune"])
+    reduction = config.get("macs_reduction")
+    if config.get("macs_target") is not None:
+        reduction = _reduction_for_target(config, model, scores, example, kwargs)
+    result = prune(model, scores, example_inputs=example, sparsity=config.get("sparsity"),
+                   macs_reduction=reduction, **kwargs)
     summary = result.summary()
+    summary.update(macs_conventions(model, result, example))
     progress = not config.get("no_progress")
     evaluated = not (config.get("skip_eval") or config.get("no_eval"))
     if evaluated:
@@ -438,6 +473,29 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     return summary
 
 
+def _reduction_for_target(config: Mapping[str, Any], model: nn.Module, scores: Any,
+                          example: torch.Tensor, kwargs: Mapping[str, Any]) -> float:
+    """``--macs-target`` (absolute, in ``--macs-convention``) as a MACs-reduction fraction."""
+    from .macs import count_macs
+    from .pruning import prune
+    from .targets import parse_macs, reduction_for_target
+
+    return reduction_for_target(
+        parse_macs(config["macs_target"]), count_macs(model, example_inputs=example),
+        config.get("macs_convention") or "physical",
+        prune_at=lambda r: prune(model, scores, example_inputs=example, macs_reduction=r,
+                                 **kwargs),
+        model=model, example_inputs=example)
+
+
+def macs_conventions(model: nn.Module, result: Any, example: torch.Tensor) -> dict[str, Any]:
+    """The pruning's MACs in the paper's mask convention, beside the physical count."""
+    from .macs import paper_macs
+
+    return {"macs_paper_before": result.macs_before,
+            "macs_paper_after": paper_macs(model, result.plan["kept"], example_inputs=example)}
+
+
 def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = None,
                  model: nn.Module | None = None, plan: Mapping[str, Any] | None = None
                  ) -> Any:
@@ -452,13 +510,55 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
     fields = TrainConfig.__dataclass_fields__
     train_cfg = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
     write_classes(run, config, data)
-    result = fine_tune(model, data.train, data.val, train_cfg, output_dir=run.path,
+    # With --val-split the epochs are judged on held-out training images, not the test set.
+    result = fine_tune(model, data.train, data.select or data.val, train_cfg,
+                       output_dir=run.path,
                        device=_device(config), resume=bool(config.get("resume")),
                        extra_state={"plan": dict(plan)} if plan else None,
                        progress=not config.get("no_progress"))
     if result.history and run.main:
         plot_training(run.path / "training.png", result.history)
     return result
+
+
+def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | None,
+                      result: Any, *, run_path: str | os.PathLike | None = None
+                      ) -> dict[str, float]:
+    """Test accuracy after fine-tuning, labelled by how the weights were chosen.
+
+    ``finetuned``: the last epoch's weights on the test set (the headline). Without
+    ``--val-split``, ``finetuned_best_on_test``: the best epoch's test accuracy, chosen on
+    the test set itself (what the CDP paper reports; optimistic). With ``--val-split``,
+    ``finetuned_selected_on_val``: the test accuracy of the epoch that scored best on the
+    held-out training images, and ``val_best``: that held-out score. ``model`` is the
+    fine-tuned model; None rebuilds it from the pruned model under ``run_path`` (or
+    ``--model-dir``) and ``last.pth``.
+    """
+    import copy
+
+    from .checkpoint import safe_torch_load
+    from .evaluate import evaluate
+
+    if not result.history:
+        return {}
+    if data.select is None:
+        return {"finetuned": result.final_acc, "finetuned_best_on_test": result.best_acc}
+    if model is None:
+        model, _ = load_pruned_dir(config.get("model_dir") or run_path, config,
+                                   data.num_classes)
+        model.load_state_dict(safe_torch_load(result.last_checkpoint)["model"])
+    device = _device(config)
+    progress = not config.get("no_progress")
+    out = {"finetuned": float(evaluate(model.to(device), data.val, device=device,
+                                       progress=progress).top1),
+           "val_best": result.best_acc}
+    if result.best_checkpoint is not None and result.best_checkpoint.is_file():
+        best = copy.deepcopy(model)
+        best.load_state_dict(safe_torch_load(result.best_checkpoint)["model"])
+        out["finetuned_selected_on_val"] = float(evaluate(best.to(device), data.val,
+                                                          device=device,
+                                                          progress=progress).top1)
+    return out
 
 
 def pruned_dir(path: str | os.PathLike) -> Path:
@@ -538,9 +638,12 @@ def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
 
 
 def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,
-                  finetuned: float | None = None, latency: Mapping[str, Any] | None = None
-                  ) -> tuple[Path, Path]:
-    """Write ``report.json``/``report.md`` for what the run did (rank 0 only)."""
+                  finetuned: float | Mapping[str, float] | None = None,
+                  latency: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write ``report.json``/``report.md`` for what the run did (rank 0 only).
+
+    ``finetuned`` is a top-1 or the mapping of :func:`finetune_accuracy`.
+    """
     if not run.main:
         return run.path / "report.json", run.path / "report.md"
     accuracy = {}
@@ -549,7 +652,9 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
                          ("recalibrated", "acc_recalibrated")):
             if summary.get(src) is not None:
                 accuracy[key] = summary[src]
-    if finetuned is not None and not math.isnan(finetuned):
+    if isinstance(finetuned, Mapping):
+        accuracy.update({k: v for k, v in finetuned.items() if not math.isnan(v)})
+    elif finetuned is not None and not math.isnan(finetuned):
         accuracy["finetuned"] = finetuned
     plots = [p.name for p in sorted(run.path.glob("*.png"))]
     return write_report(run.path, {

@@ -83,6 +83,10 @@ def _markdown(report: Mapping[str, Any]) -> str:
             f"| MACs | {_fmt_m(prune['macs_before'])} | {_fmt_m(prune['macs_after'])} | "
             f"-{100 * (1 - prune['macs_after'] / prune['macs_before']):.1f}% "
             f"({ratio:.2f}x fewer) |",
+            *([f"| MACs, paper's mask convention | {_fmt_m(prune['macs_paper_before'])} | "
+               f"{_fmt_m(prune['macs_paper_after'])} | -"
+               f"{100 * (1 - prune['macs_paper_after'] / prune['macs_paper_before']):.1f}% |"]
+              if prune.get("macs_paper_after") else []),
             f"| parameters | {_fmt_m(prune['params_before'])} | {_fmt_m(prune['params_after'])}"
             f" | -{100 * (1 - prune['params_after'] / prune['params_before']):.1f}% |",
             "",
@@ -92,10 +96,20 @@ def _markdown(report: Mapping[str, Any]) -> str:
         recal = prune.get("bn_recalibrate_images")
         recal_label = ("after BatchNorm recalibration" + (f" ({recal} images)" if recal else ""))
         for key, label in (("base", "base model"), ("pruned", "right after pruning"),
-                           ("recalibrated", recal_label), ("finetuned", "after fine-tuning")):
+                           ("recalibrated", recal_label),
+                           ("finetuned", "after fine-tuning (final epoch)"),
+                           ("finetuned_best_on_test",
+                            "best epoch after fine-tuning (chosen on the test set)"),
+                           ("val_best", "best epoch on the held-out training images"),
+                           ("finetuned_selected_on_val",
+                            "best epoch chosen on held-out training images, on the test set")):
             if key in acc:
                 lines.append(f"| {label} | {_fmt_acc(acc[key])} |")
         lines.append("")
+    if prune.get("macs_paper_after"):
+        lines += ["Physical MACs count the network that runs; the paper's mask convention "
+                  "(the CDP code's own counter) credits masked outputs of convolutions "
+                  "that feed residual sums, which a physical network must keep.", ""]
     for key, value in (report.get("latency") or {}).items():
         lines.append(f"- latency {key}: {value}")
     if prune.get("widths_before"):
@@ -201,7 +215,9 @@ def plot_training(path: str | os.PathLike, history: Sequence[Mapping[str, Any]])
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
     else:
         ax1.plot(epochs, losses, marker="o")
-        ax2.plot(epochs, accs, marker="o", color="#2ca02c")
+        evaluated = [(e, a) for e, a in zip(epochs, accs) if a is not None]  # --eval-every
+        ax2.plot([e for e, _ in evaluated], [a for _, a in evaluated], marker="o",
+                 color="#2ca02c")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
     ax2.set_xlabel("epoch")

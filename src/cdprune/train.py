@@ -91,8 +91,18 @@ class TrainConfig:
         lr_warmup_epochs: epochs (may be fractional) of linear warmup from ``lr / n`` to
             ``lr``, counted in iterations; the main schedule starts after it.
         label_smoothing: cross-entropy label smoothing, in [0, 1).
-        amp: float16 autocast with gradient scaling; CUDA only (ignored on CPU).
+        amp: mixed precision on CUDA (ignored on CPU): bfloat16 autocast where the GPU
+            supports it, else float16 autocast with gradient scaling.
         channels_last: channels-last memory format; CUDA only.
+        compile: train through ``torch.compile(model)`` (evaluation uses the plain model).
+        fast_data: when the training and validation loaders read an in-memory dataset
+            (CIFAR, digits, synthetic) with the standard transforms, replace them by
+            :class:`cdprune.fastdata.DeviceBatches`: the whole dataset on the training
+            device, augmented a batch at a time there, no loader workers. Same order and
+            augmentation for the same seed and epoch on every device; not the same draws
+            as the DataLoader path. Other loaders are used as given.
+        eval_every: evaluate every this many epochs (the last epoch always); epochs in
+            between record no validation numbers.
         max_iters: stop after this many iterations in total (a quick look). The schedule
             is still the one planned for ``epochs``; it is merely cut short.
         seed: root of all per-epoch randomness (see the module docstring).
@@ -115,6 +125,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     amp: bool = False
     channels_last: bool = False
+    compile: bool = False
+    fast_data: bool = True
+    eval_every: int = 1
     max_iters: int | None = None
     seed: int = 0
     sync_bn: bool = False
@@ -153,8 +166,9 @@ class TrainConfig:
             raise ConfigError(f"lr_warmup_epochs={self.lr_warmup_epochs} exceeds "
                               f"epochs={self.epochs}; use a warmup of at most {self.epochs}")
         _check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
-        for name in ("amp", "channels_last", "sync_bn"):
+        for name in ("amp", "channels_last", "compile", "fast_data", "sync_bn"):
             _check_bool(name, getattr(self, name))
+        _check_int("eval_every", self.eval_every, 1)
         if self.max_iters is not None:
             _check_int("max_iters", self.max_iters, 1)
         _check_int("seed", self.seed, 0)
@@ -454,14 +468,44 @@ def _replan(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, saved: Mappin
 
 
 # --------------------------------------------------------------------------- training
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bfloat16 where the GPU has it (no gradient scaling needed), else float16; None off."""
+    if not config.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _fast_loader(loader: Any, device: torch.device, config: TrainConfig) -> Any:
+    """``loader`` as :class:`~cdprune.fastdata.DeviceBatches` when it can be, else itself."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    from .fastdata import device_batches_from
+
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return loader
+    if isinstance(loader.sampler, RandomSampler) and not loader.sampler.replacement:
+        shuffle = True
+    elif isinstance(loader.sampler, SequentialSampler):
+        shuffle = False
+    else:  # distributed or custom sampling: keep the caller's loader
+        return loader
+    fast = device_batches_from(loader.dataset, loader.batch_size, shuffle=shuffle,
+                               drop_last=loader.drop_last, seed=config.seed, device=device,
+                               channels_last=config.channels_last and device.type == "cuda")
+    if fast is not None:
+        logger.info("data held on %s, augmented per batch: %r", device, fast)
+    return loader if fast is None else fast
+
+
 def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                  scheduler: LambdaLR, scaler: torch.amp.GradScaler,
                  criterion: nn.Module, device: torch.device, config: TrainConfig,
                  epoch: int, iteration: int, limit: int | None, progress: bool
                  ) -> tuple[torch.Tensor, int]:
     """One pass over ``loader``; returns ``[loss_sum, correct, count]`` and the new iteration."""
-    use_amp = scaler.is_enabled()
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext())
+    amp_dtype = _amp_dtype(config, device)
+    autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None
+                else nullcontext())
     memory_format = (torch.channels_last if config.channels_last and device.type == "cuda"
                      else torch.preserve_format)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -522,7 +566,8 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
 
     Writes (rank 0 only) ``last.pth`` each epoch, ``best.pth`` when validation top-1
     improves, and ``metrics.jsonl`` with one JSON record per epoch (epoch, lr, iterations,
-    train_loss, train_acc, val_loss, val_top1, val_top5, time). ``last.pth`` holds the
+    train_loss, train_acc, val_loss, val_top1, val_top5, time, and train_time: the
+    training pass alone, without validation and checkpoint). ``last.pth`` holds the
     model, optimizer, scheduler and gradient-scaler states, the epoch, best accuracy,
     history, generator states, the config and ``extra_state``; ``best.pth`` holds the model
     (under ``"model"``, so :func:`cdprune.checkpoint.load_weights` reads it), epoch,
@@ -594,10 +639,14 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         logger.warning("sync_bn needs torch.distributed on CUDA; keeping plain BatchNorm")
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, iters_per_epoch)
-    use_amp = config.amp and device.type == "cuda"
-    if config.amp and not use_amp:
+    if config.amp and device.type != "cuda":
         logger.warning("amp needs CUDA; training in float32 on %s", device)
+    # Gradient scaling only for float16: bfloat16 has float32's exponent range.
+    use_amp = _amp_dtype(config, device) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if config.fast_data and not is_distributed():
+        train_loader = _fast_loader(train_loader, device, config)
+        val_loader = _fast_loader(val_loader, device, config)
     start_epoch, iteration, best_acc = 0, 0, -math.inf
     history: list[dict[str, Any]] = []
     if state is not None:
@@ -616,6 +665,8 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
     if is_distributed():
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     stopped_early = False
     try:
@@ -629,22 +680,28 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
             sums, iteration = _train_epoch(net, train_loader, optimizer, scheduler, scaler,
                                            criterion, device, config, epoch, iteration,
                                            config.max_iters, progress)
+            train_time = time.perf_counter() - started
             broadcast_buffers(model)  # identical BatchNorm statistics on every rank
             loss_sum, correct, count = all_reduce_sum(sums).tolist()
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(
                     f"training loss became {loss_sum} in epoch {epoch + 1}; lower lr (now "
                     f"{config.lr}) or set clip_grad_norm")
-            val = evaluate(model, val_loader, device=device, progress=progress)
+            last = (epoch + 1 == config.epochs or (config.max_iters is not None
+                                                   and iteration >= config.max_iters))
+            val = (evaluate(model, val_loader, device=device, progress=progress)
+                   if last or (epoch + 1) % config.eval_every == 0 else None)
             record = {
                 "epoch": epoch + 1, "lr": lr, "iterations": iteration,
                 "train_loss": loss_sum / count, "train_acc": 100.0 * correct / count,
-                "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5,
-                "time": time.perf_counter() - started,
+                "val_loss": val.loss if val else None, "val_top1": val.top1 if val else None,
+                "val_top5": val.top5 if val else None,
+                "time": time.perf_counter() - started, "train_time": train_time,
             }
             history.append(record)
-            improved = val.top1 > best_acc
-            best_acc = max(best_acc, val.top1)
+            improved = val is not None and val.top1 > best_acc
+            if val is not None:
+                best_acc = max(best_acc, val.top1)
             if main:
                 weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                 if improved:  # best first: a crash before last.pth just redoes this epoch
@@ -662,9 +719,10 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
                 }, last_path)
                 _write_metrics(metrics_path, history)
             barrier()
-            logger.info("epoch %d/%d: loss %.4f, train %.2f%%, val %.2f%% (best %.2f%%), "
+            logger.info("epoch %d/%d: loss %.4f, train %.2f%%, val %s (best %.2f%%), "
                         "lr %.4g, %.1f s", epoch + 1, config.epochs, record["train_loss"],
-                        record["train_acc"], val.top1, best_acc, lr, record["time"])
+                        record["train_acc"], f"{val.top1:.2f}%" if val else "-", best_acc,
+                        lr, record["time"])
             if callback is not None and callback(record):
                 stopped_early = epoch + 1 < config.epochs
                 break
@@ -675,8 +733,9 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         if originals:
             _restore_modules(model, originals)
     return TrainResult(
-        best_acc=best_acc if history else math.nan,
-        final_acc=history[-1]["val_top1"] if history else math.nan,
+        best_acc=best_acc if math.isfinite(best_acc) else math.nan,
+        final_acc=next((h["val_top1"] for h in reversed(history) if h["val_top1"] is not None),
+                       math.nan),
         epochs_run=history[-1]["epoch"] if history else 0,
         history=history,
         last_checkpoint=last_path,

@@ -308,5 +308,9 @@ def _fixed_layout(item: Any) -> str | None:
         return REGROUPING if ndim >= 5 else None
     if not isinstance(dim, int) or dim % ndim not in (1, ndim - 1):
         return None  # not the channel dim of NCHW, nor of NHWC (channels-last blocks)
+    if dim % ndim == ndim - 1 != 1 and getattr(fn, "_saved_step", 1) != 1:
+        # A strided slice of the last dim is a spatial subsampling of NCHW (the option-A
+        # shortcut's x[:, :, ::2, ::2]), never a channels-last block's channel slice.
+        return None
     return (SPLIT if node.type == tp.ops.OPTYPE.SPLIT else
             "they pass through a channel slice whose bounds the model's code fixes")
