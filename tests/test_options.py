@@ -20,9 +20,11 @@ from cdprune.options import (
     option,
     option_specs,
 )
+from cdprune.train import TrainConfig
 
 # The commands whose flags include every option of a stage.
-STAGES = [(StatsConfig, ("stats", "prune", "run")), (PruneConfig, ("prune", "run"))]
+STAGES = [(StatsConfig, ("stats", "prune", "run")), (PruneConfig, ("prune", "run")),
+          (TrainConfig, ("finetune", "run", "compare"))]
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -38,14 +40,17 @@ def _help(command: str) -> str:
 @pytest.mark.parametrize("cls,commands", STAGES)
 def test_every_field_is_a_flag_a_yaml_key_and_a_default(cls, commands, tmp_path):
     specs = option_specs(cls)
-    assert [s.name for s in specs] == [f.name for f in fields(cls)]
+    flagged = [f.name for f in fields(cls) if "help" in f.metadata]
+    assert [s.name for s in specs] == flagged and flagged
     for spec in specs:
         assert DEFAULTS[spec.name] == spec.default
         assert KEY_TYPES[spec.name] == spec.kind
         if spec.choices:
             assert CHOICES[spec.name] == spec.choices
-        if spec.default not in (None, False):
-            assert f"(default: {spec.default})" in spec.help
+        if spec.default not in (None, False) and not spec.negate:
+            shown = " ".join(map(str, spec.default)) if isinstance(spec.default, list) \
+                else spec.default
+            assert f"(default: {shown})" in spec.help
         for command in commands:
             dests = {a.dest: a for a in _subparser(command)._actions}
             assert spec.name in dests, (command, spec.name)
@@ -200,3 +205,22 @@ def test_resume_path_is_the_pruned_checkpoint_to_finetune():
                  "--resume", "x.pth")
     with pytest.raises(ConfigError, match="different weights"):
         _resolve("finetune", "--model-dir", "p", "--resume", "a.pth", "--checkpoint", "b.pth")
+
+
+def test_lr_steps_set_the_step_milestones(tmp_path):
+    config = _resolve("finetune", "--model-dir", "p", "--lr-scheduler", "step",
+                      "--lr-steps", "30", "60", "90")
+    train = TrainConfig(**{k: config[k] for k in TrainConfig.__dataclass_fields__
+                           if config.get(k) is not None})
+    assert train.milestones == [30, 60, 90] and train.lr_schedule == "step"
+    assert _resolve("finetune", "--model-dir", "p")["milestones"] == [150, 225]
+    path = tmp_path / "c.yaml"
+    path.write_text("lr-steps: [10, 20]\n")
+    assert _resolve("finetune", "--model-dir", "p", "-c", str(path))["milestones"] == [10, 20]
+    with pytest.raises(ConfigError, match="--lr-steps .* is invalid; it must be increasing"):
+        _resolve("finetune", "--model-dir", "p", "--lr-steps", "90", "30")
+
+
+def test_no_fast_data_turns_the_option_off():
+    assert _resolve("finetune", "--model-dir", "p")["fast_data"] is True
+    assert _resolve("finetune", "--model-dir", "p", "--no-fast-data")["fast_data"] is False

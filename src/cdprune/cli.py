@@ -27,6 +27,7 @@ from .options import (
     finite_float,
     positive_int,
 )
+from .train import TrainConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -39,16 +40,14 @@ def _say(*args: Any, **kwargs: Any) -> None:
     if _OUTPUT["rank"] == 0:
         print(*args, **kwargs)
 
-# Every option's default: the stages' from their typed configs, the rest (training
-# defaults of the paper's CIFAR recipe, data, the run) listed here.
+# Every option's default: the stages' from their typed configs (training: the paper's
+# CIFAR recipe), the rest (model, data, the run) listed here.
 DEFAULTS: dict[str, Any] = {
     "model": None, "checkpoint": None, "dataset": "cifar10", "data_root": "data",
     "download": False, "batch_size": 128, "eval_batch_size": None, "workers": 2,
     "mean": None, "std": None, "cutout": False, "val_split": None,
-    **defaults(StatsConfig, PruneConfig),
-    "compile": False, "eval_every": None, "fast_data": None, "epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-    "lr_schedule": "cosine", "lr_warmup_epochs": 0, "label_smoothing": 0.0, "amp": False,
-    "max_iters": None, "sync_bn": False, "train_subset": None, "seed": 0, "device": None,
+    **defaults(StatsConfig, PruneConfig, TrainConfig),
+    "train_subset": None, "seed": 0, "device": None,
     "output_dir": None, "resume": False, "overwrite": False, "no_progress": False,
     "random_init": False, "weights": None, "val_subset": None,
 }
@@ -157,27 +156,8 @@ _AFTER_PRUNING = ("bn_recalibrate", "no_eval")
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--epochs", type=int, help="default 300")
-    g.add_argument("--max-iters", type=positive_int, help="stop after this many iterations")
-    g.add_argument("--lr", type=finite_float, help="initial learning rate (default 0.1)")
-    g.add_argument("--momentum", type=finite_float, help="default 0.9 (Nesterov)")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=finite_float,
-                   help="default 5e-4")
-    g.add_argument("--lr-scheduler", dest="lr_schedule", choices=["cosine", "step"],
-                   help="default cosine")
-    g.add_argument("--lr-warmup-epochs", "--warmup", dest="lr_warmup_epochs", type=finite_float,
-                   help="linear warmup, per iteration (default 0)")
-    g.add_argument("--label-smoothing", type=finite_float, help="default 0")
+    add_options(g, TrainConfig)
     g.add_argument("--cutout", action="store_true", default=None, help="Cutout 16x16")
-    g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
-    g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm (DDP)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the "
-                   "model for training")
-    g.add_argument("--eval-every", type=positive_int, help="evaluate every N epochs (and "
-                   "after the last; default 1)")
-    g.add_argument("--no-fast-data", dest="fast_data", action="store_false", default=None,
-                   help="keep the DataLoader for in-memory datasets instead of holding them "
-                   "on the device and augmenting whole batches there")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from <output-dir>/last.pth; with a PATH (the CDP scripts' "
                    "meaning, finetune only): the pruned model's weights to fine-tune, as "
@@ -512,7 +492,6 @@ def _cmd_compare(config: dict[str, Any]) -> None:
     from .compare import compare_criteria, write_comparison
     from .criteria import criterion_names
     from .pipeline import _device, build_data, build_model, cdp_options
-    from .train import TrainConfig
 
     targets = config.get("macs_targets")
     if not targets:
@@ -550,8 +529,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
     with run:
         run.write_config(config)
-        fields = TrainConfig.__dataclass_fields__
-        budget = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
+        budget = _stage(TrainConfig, config)
         all_rows = compare_criteria(
             model, train_loader=data.train, val_loader=data.val, stats_loader=data.stats,
             example_inputs=torch.randn(2, *data.input_size), macs_reductions=targets,

@@ -30,6 +30,7 @@ from .options import (
     key_types,
 )
 from .suggest import did_you_mean
+from .train import TrainConfig
 
 __all__ = ["KEY_TYPES", "flag", "check_input_channels", "check_round_to", "check_types", "load_yaml",
            "validate"]
@@ -46,20 +47,18 @@ _BOOL, _INT, _FLOAT, _STR, _INTS, _FLOATS, _STRS = BOOL, INT, FLOAT, STR, INTS, 
 _SIZE = "size"  # a count with an optional K/M/G suffix: 60.02M, or a plain number
 # The stages' options bring their own types and choices; the rest are listed here.
 KEY_TYPES: dict[str, str] = {
-    **key_types(StatsConfig, PruneConfig),
-    **dict.fromkeys(("download", "cutout", "amp", "sync_bn", "resume", "overwrite",
-                     "no_progress", "random_init", "compile", "fast_data"), _BOOL),
-    **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "epochs", "max_iters",
-                     "train_subset", "seed", "val_subset", "val_split", "eval_every"), _INT),
-    **dict.fromkeys(("lr", "momentum", "weight_decay", "lr_warmup_epochs", "label_smoothing"),
-                    _FLOAT),
-    **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "lr_schedule", "device",
-                     "output_dir", "weights"), _STR),
+    **key_types(StatsConfig, PruneConfig, TrainConfig),
+    **dict.fromkeys(("download", "cutout", "resume", "overwrite", "no_progress",
+                     "random_init"), _BOOL),
+    **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "train_subset", "seed",
+                     "val_subset", "val_split"), _INT),
+    **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "device", "output_dir",
+                     "weights"), _STR),
     "mean": _FLOATS, "std": _FLOATS,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    **key_choices(StatsConfig, PruneConfig),
-    "lr_schedule": ("cosine", "step"), "weights": ("final", "best", "last", "pruned"),
+    **key_choices(StatsConfig, PruneConfig, TrainConfig),
+    "weights": ("final", "best", "last", "pruned"),
 }
 _WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
           _INTS: "a list of integers",
@@ -245,8 +244,10 @@ def validate(config: dict[str, Any]) -> None:
         ("max_iters", get("max_iters") is None or get("max_iters") > 0, "a positive integer"),
         ("val_subset", get("val_subset") is None or get("val_subset") > 0, "a positive integer"),
         ("val_split", get("val_split") is None or get("val_split") > 0, "a positive integer"),
-        ("eval_every", get("eval_every") is None or get("eval_every") > 0,
-         "a positive number of epochs"),
+        ("eval_every", get("eval_every") > 0, "a positive number of epochs"),
+        ("milestones", all(m >= 1 for m in get("milestones")) and all(
+            b > a for a, b in zip(get("milestones"), get("milestones")[1:])),
+         "increasing epoch numbers from 1, e.g. --lr-steps 150 225"),
         ("seed", 0 <= get("seed") <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     ]
     for key, ok, valid in checks:
