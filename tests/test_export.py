@@ -65,3 +65,24 @@ def test_export_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     with pytest.raises(ConfigError, match=r"cdprune\[dev\]"):
         export(model, tmp_path / "m.onnx", format="onnx", input_size=(3, 16, 16))
+
+
+def test_export_model_dir_writes_the_file_and_its_record(tmp_path):
+    import json
+
+    from cdprune.export import ExportConfig, export_model_dir
+
+    torch.manual_seed(0)
+    model = randomize_bn(create_model("tiny_cnn"))
+    result = prune(model, random_scores(model), example_inputs=torch.randn(2, 3, 16, 16),
+                   sparsity=0.3)
+    save_pruned(tmp_path / "pruned", result, model_name="tiny_cnn", input_size=(3, 16, 16))
+    summary = export_model_dir(tmp_path / "pruned",
+                               ExportConfig(format="torchscript", no_latency=True),
+                               weights="pruned")
+    assert (tmp_path / "pruned" / "model.pt").is_file() and summary["weights"] == "pruned"
+    assert summary["base_model"] == "tiny_cnn" and "speedup" not in summary
+    record = json.loads((tmp_path / "pruned" / "export_torchscript.json").read_text())
+    assert record["max_abs_diff"] < 1e-4 and "base_model" not in record
+    with pytest.raises(ConfigError, match="format='tflite'"):
+        export_model_dir(tmp_path / "pruned", ExportConfig(format="tflite"))

@@ -7,6 +7,7 @@ code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -17,6 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CdpruneError, ConfigError
+from .options import (
+    OptionError,
+    PruneConfig,
+    StatsConfig,
+    add_options,
+    defaults,
+    finite_float,
+    positive_int,
+)
+from .train import TrainConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -29,24 +40,17 @@ def _say(*args: Any, **kwargs: Any) -> None:
     if _OUTPUT["rank"] == 0:
         print(*args, **kwargs)
 
-# Training defaults of the paper's CIFAR recipe.
+# Every option's default: the stages' from their typed configs (training: the paper's
+# CIFAR recipe), the rest (model, data, the run) listed here.
 DEFAULTS: dict[str, Any] = {
     "model": None, "checkpoint": None, "dataset": "cifar10", "data_root": "data",
     "download": False, "batch_size": 128, "eval_batch_size": None, "workers": 2,
-    "mean": None, "std": None, "cutout": False, "stop_batch": None, "stats_batch_size": 128,
-    "documents": "sample", "stats_dtype": "float32", "coe": 0.0, "tap": None,
-    "normalize": None, "allocation": None, "variant": None, "sparsity": None,
-    "macs_reduction": None, "macs_target": None, "macs_convention": "physical",
-    "val_split": None, "compile": False, "eval_every": None, "fast_data": None,
-    "scope": "auto", "max_layer_pruning": 0.9, "round_to": None,
-    "ignore_layers": None, "epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-    "lr_schedule": "cosine", "lr_warmup_epochs": 0, "label_smoothing": 0.0, "amp": False,
-    "max_iters": None, "sync_bn": False, "train_subset": None, "seed": 0, "device": None, "output_dir": None,
-    "resume": False, "overwrite": False, "no_progress": False,
+    "mean": None, "std": None, "cutout": False, "val_split": None,
+    **defaults(StatsConfig, PruneConfig, TrainConfig),
+    "train_subset": None, "seed": 0, "device": None,
+    "output_dir": None, "resume": False, "overwrite": False, "no_progress": False,
+    "random_init": False, "weights": None, "val_subset": None,
 }
-# Deployment and evaluation options (kept apart so that the table above stays as it was).
-DEFAULTS.update({"random_init": False, "weights": None, "val_subset": None, "no_eval": False,
-                 "bn_recalibrate": None})
 
 
 class UsageError(ConfigError):
@@ -66,28 +70,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, f"{message}; {hint}")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _shown(used: bool, text: str) -> str:
+    """Help for a flag the command reads; a flag it does not read is accepted (one set of
+    flags serves every step of a script) but left out of its ``--help``."""
+    return text if used else argparse.SUPPRESS
 
 
-def _float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, uses: Sequence[str]) -> None:
+    """The flags of the run; ``uses`` picks among "output" (the run directory), "seed"
+    and "device"."""
     g = p.add_argument_group("run")
-    g.add_argument("-c", "--config", help="YAML file whose keys set defaults for these flags")
-    g.add_argument("--output-dir", help="run directory (refused if it holds another run)")
+    g.add_argument("-c", "--config", help="YAML file whose keys set defaults for these flags "
+                   "(keys: flag names, with dashes or underscores)")
+    output = "output" in uses
+    g.add_argument("--output-dir", help=_shown(output, "run directory (refused if it holds "
+                                                       "another run)"))
     g.add_argument("--overwrite", action="store_true", default=None,
-                   help="reuse an output directory that holds another run")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+                   help=_shown(output, "reuse an output directory that holds another run"))
+    g.add_argument("--seed", type=int,
+                   help=_shown("seed" in uses, f"random seed (default: {DEFAULTS['seed']})"))
+    device = "device" in uses
+    g.add_argument("--device", help=_shown(device, "cpu, cuda or cuda:N (default: cuda if "
+                                                   "available)"))
+    g.add_argument("--gpus", metavar="N[,N...]", help=_shown(
+        device, "the CDP scripts' GPU list: one index is --device cuda:N; several GPUs run "
+        "under torchrun"))
     g.add_argument("--no-progress", action="store_true", default=None,
                    help="hide progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -105,102 +112,56 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    "(for tests; pruning random weights is meaningless otherwise)")
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
+def _add_data(p: argparse.ArgumentParser, uses: Sequence[str] = ("train", "val")) -> None:
+    """The data flags; ``uses`` says which splits the command reads beyond the sampled
+    statistics images: "train" (fine-tuning) and "val" (evaluation)."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="cifar10, cifar100, imagenet, folder (any class folders),"
-                   " digits (default cifar10)")
-    g.add_argument("--data-root", "--dataroot", dest="data_root", help="dataset folder")
+                   f" digits (default: {DEFAULTS['dataset']})")
+    g.add_argument("--data-root", "--dataroot", dest="data_root",
+                   help=f"dataset folder (default: {DEFAULTS['data_root']})")
     g.add_argument("--download", action="store_true", default=None,
                    help="download CIFAR if missing (verified by MD5)")
-    g.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int,
-                   help="training batch size (default 128)")
-    g.add_argument("-j", "--workers", type=int, help="data loading workers (default 2)")
-    g.add_argument("--mean", type=_float, nargs="+", help="input normalisation mean, one "
+    what = "training" if "train" in uses else "evaluation"
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=positive_int, help=_shown(
+        bool(uses), f"{what} batch size (default: {DEFAULTS['batch_size']})"))
+    g.add_argument("-j", "--workers", type=int,
+                   help=f"data loading workers (default: {DEFAULTS['workers']})")
+    g.add_argument("--mean", type=finite_float, nargs="+", help="input normalisation mean, one "
                    "value per channel or one for all; the checkpoint's own (a wrong one "
                    "silently costs accuracy)")
-    g.add_argument("--std", type=_float, nargs="+", help="input normalisation std")
-    g.add_argument("--train-subset", type=_positive_int,
-                   help="fine-tune on a seeded random subset of this many training images")
-    g.add_argument("--val-subset", type=_positive_int,
-                   help="evaluate on a seeded random subset of this many validation images")
-    g.add_argument("--val-split", type=_positive_int, help="hold this many training images "
-                   "out to choose the best epoch on, so the test set is never used for it")
+    g.add_argument("--std", type=finite_float, nargs="+", help="input normalisation std")
+    g.add_argument("--train-subset", type=positive_int, help=_shown(
+        "train" in uses, "fine-tune on a seeded random subset of this many training images"))
+    g.add_argument("--val-subset", type=positive_int, help=_shown(
+        "val" in uses, "evaluate on a seeded random subset of this many validation images"))
+    g.add_argument("--val-split", type=positive_int, help=_shown(
+        "train" in uses, "hold this many training images out to choose the best epoch on, "
+        "so the test set is never used for it"))
 
 
 def _add_stats(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("statistics")
-    g.add_argument("--stop-batch", "--stop_batch", dest="stop_batch", type=int,
-                   help="batches of training images to sample for statistics")
-    g.add_argument("--stats-batch-size", type=_positive_int, help="default 128")
-    g.add_argument("--documents", choices=["sample", "class"],
-                   help="TF-IDF documents: every image (published code) or every class")
-    g.add_argument("--stats-dtype", choices=["float32", "float16"],
-                   help="storage of per-image values; float16 halves memory")
-    g.add_argument("--coe", type=_float, help="balance coefficient (0: none)")
-    g.add_argument("--tap", choices=["conv", "act"], help="where a filter's activation is "
-                   "read: conv output before BatchNorm, or after BatchNorm and ReLU")
-    g.add_argument("--normalize", choices=["none", "max", "mean"],
-                   help="per-layer score scaling before the global ranking")
-    g.add_argument("--variant", choices=["published"], help="force every CDP option "
-                   "(tap, documents, normalize, allocation) to the published code's")
+    add_options(p.add_argument_group("statistics"), StatsConfig)
 
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning")
-    target = g.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=_float, help="fraction of filters to remove")
-    target.add_argument("--macs-reduction", type=_float,
-                        help="fraction of MACs to remove (hit within 0.3 points)")
-    target.add_argument("--macs-target", help="MACs to keep, absolute with K/M/G, e.g. "
-                        "60.02M (in --macs-convention)")
-    g.add_argument("--macs-convention", choices=["physical", "paper"],
-                   help="what --macs-target counts: the network that runs (default) or "
-                   "the CDP paper's counter on masks")
-    g.add_argument("--scope", choices=["auto", "internal", "all"],
-                   help="channels that may be pruned (default auto)")
-    g.add_argument("--max-layer-pruning", type=_float,
-                   help="most a layer may lose (default 0.9)")
-    g.add_argument("--round-to", type=_positive_int, help="keep widths multiples of this")
-    g.add_argument("--allocation", choices=["global", "uniform"], help="global: one "
-                   "ranking of all filters; uniform: every layer loses the same fraction")
-    g.add_argument("--ignore-layers", nargs="+", help="module names never pruned")
+    add_options(g, PruneConfig, skip=_AFTER_PRUNING)
     g.add_argument("--stats", help="statistics file (default: <output-dir>/stats.safetensors)")
-    _add_after_pruning(g)
+    add_options(g, PruneConfig, only=_AFTER_PRUNING)
 
 
-def _add_after_pruning(g: Any) -> None:
-    g.add_argument("--bn-recalibrate", type=_positive_int, metavar="N",
-                   help="re-estimate BatchNorm statistics on N training images after pruning "
-                   "(before fine-tuning); reported as its own accuracy row")
-    g.add_argument("--no-eval", action="store_true", default=None,
-                   help="do not evaluate the base and pruned models after pruning")
+_AFTER_PRUNING = ("bn_recalibrate", "no_eval")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--epochs", type=int, help="default 300")
-    g.add_argument("--max-iters", type=_positive_int, help="stop after this many iterations")
-    g.add_argument("--lr", type=_float, help="initial learning rate (default 0.1)")
-    g.add_argument("--momentum", type=_float, help="default 0.9 (Nesterov)")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_float,
-                   help="default 5e-4")
-    g.add_argument("--lr-scheduler", dest="lr_schedule", choices=["cosine", "step"],
-                   help="default cosine")
-    g.add_argument("--lr-warmup-epochs", "--warmup", dest="lr_warmup_epochs", type=_float,
-                   help="linear warmup, per iteration (default 0)")
-    g.add_argument("--label-smoothing", type=_float, help="default 0")
+    add_options(g, TrainConfig)
     g.add_argument("--cutout", action="store_true", default=None, help="Cutout 16x16")
-    g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
-    g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm (DDP)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the "
-                   "model for training")
-    g.add_argument("--eval-every", type=_positive_int, help="evaluate every N epochs (and "
-                   "after the last; default 1)")
-    g.add_argument("--no-fast-data", dest="fast_data", action="store_false", default=None,
-                   help="keep the DataLoader for in-memory datasets instead of holding them "
-                   "on the device and augmenting whole batches there")
-    g.add_argument("--resume", action="store_true", default=None,
-                   help="continue from <output-dir>/last.pth")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue from <output-dir>/last.pth; with a PATH (the CDP scripts' "
+                   "meaning, finetune only): the pruned model's weights to fine-tune, as "
+                   "--checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,30 +170,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cdprune", description="Prune convolutional networks with CDP "
         "(class-wise discriminative power): statistics, scores, physical pruning, fine-tuning.")
     from .criteria import criterion_names
+    from .export import ExportConfig
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"cdprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train, val, everything = ("train", "val"), ("val",), ("output", "seed", "device")
+    # command: (help, flag groups, data splits it reads, run flags it uses)
     specs = {
         "stats": ("collect activation statistics and CDP scores (step 1)",
-                  (_add_model, _add_data, _add_stats)),
+                  (_add_model, _add_stats), (), everything),
         "prune": ("prune a checkpoint with a statistics file (step 2)",
-                  (_add_model, _add_data, _add_stats, _add_prune)),
-        "finetune": ("fine-tune a pruned model directory (step 3)", (_add_model, _add_data,
-                                                                     _add_train)),
-        "eval": ("evaluate a checkpoint or a pruned model directory", (_add_model, _add_data)),
+                  (_add_model, _add_stats, _add_prune), train, everything),
+        "finetune": ("fine-tune a pruned model directory (step 3)", (_add_model, _add_train),
+                     train, everything),
+        "eval": ("evaluate a checkpoint or a pruned model directory", (_add_model,), val,
+                 ("device",)),
         "run": ("statistics, pruning and fine-tuning in one go",
-                (_add_model, _add_data, _add_stats, _add_prune, _add_train)),
-        "export": ("export a pruned model to ONNX or TorchScript, verified", ()),
+                (_add_model, _add_stats, _add_prune, _add_train), train, everything),
+        "export": ("export a pruned model to ONNX or TorchScript, verified", (), None, ()),
         "compare": ("prune with several criteria at equal MACs and compare accuracy",
-                    (_add_model, _add_data, _add_stats, _add_train)),
-        "demo": ("the offline demo on scikit-learn's digits", ()),
-        "models": ("list the model zoo", ()),
+                    (_add_model, _add_stats, _add_train), train, everything),
+        "demo": ("the offline demo on scikit-learn's digits", (), None, ("output", "seed")),
+        "models": ("list the model zoo", (), None, None),
     }
-    for name, (help_text, adders) in specs.items():
+    for name, (help_text, adders, splits, uses) in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            argument_default=None)
-        for add in adders:
+        for add in adders[:1]:
+            add(p)
+        if splits is not None:
+            _add_data(p, splits)
+        for add in adders[1:]:
             add(p)
         if name in ("finetune", "eval", "export"):
             p.add_argument("--model-dir", help="run directory (its final model), fine-tune "
@@ -245,49 +214,80 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--checkpoint", help="weights of the pruned model to export "
                            "instead of the run's own")
-            p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-            p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-            batch = p.add_mutually_exclusive_group()
-            batch.add_argument("--dynamic-batch", action="store_true", default=None,
-                               help="exported model accepts any batch size (the default)")
-            batch.add_argument("--static-batch", action="store_true", default=None,
-                               help="exported ONNX model accepts batch size 1 only")
-            p.add_argument("--output", help="output file (default: model.onnx or model.pt "
-                           "next to the weights exported)")
-            p.add_argument("--no-latency", action="store_true", default=None,
-                           help="skip the latency comparison with the unpruned architecture")
+            add_options(p, ExportConfig)
         if name == "compare":
             g = p.add_argument_group("comparison")
-            g.add_argument("--macs-reduction", type=_float, nargs="+", dest="macs_targets",
+            g.add_argument("--macs-reduction", type=finite_float, nargs="+", dest="macs_targets",
                            help="one or more MACs targets, e.g. 0.3 0.5 0.7")
             g.add_argument("--criteria", nargs="+", help="default: all of "
                            + " ".join(criterion_names()))
             g.add_argument("--random-seeds", type=int, nargs="+", help="default 0 1 2")
-            g.add_argument("--scope", choices=["auto", "internal", "all"])
-            g.add_argument("--allocation", choices=["global", "uniform"],
-                           help="how every criterion's scores become per-layer removals")
-            g.add_argument("--bn-recalibrate", type=_positive_int, metavar="N",
-                           help="also report accuracy after re-estimating BatchNorm "
-                           "statistics on N training images")
+            add_options(g, PruneConfig, only=("scope", "allocation", "bn_recalibrate"))
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="shorter run (smoke test)")
-        if name != "models":
-            _add_common(p)
+        if uses is not None:
+            _add_common(p, uses)
     return parser
+
+
+def yaml_names(command: str) -> dict[str, str]:
+    """The names a YAML config may give an option of ``command``: every long flag of it,
+    without its dashes (``lr-scheduler``, ``lr_scheduler``), mapped to the option."""
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction)).choices[command]
+    names = {}
+    for action in sub._actions:
+        if action.dest in DEFAULTS:
+            for text in action.option_strings:
+                if text.startswith("--"):
+                    names.setdefault(text[2:].replace("-", "_"), action.dest)
+    return names
+
+
+def _official_flags(args: argparse.Namespace) -> None:
+    """The CDP scripts' ``--gpus`` and ``--resume PATH``, as the flags they mean here."""
+    gpus = getattr(args, "gpus", None)
+    if gpus is not None:
+        ids = [s.strip() for s in gpus.split(",")]
+        if not all(i.isdigit() for i in ids):
+            raise ConfigError(f"--gpus {gpus!r} is invalid; give GPU indices such as 0 or 0,1")
+        if len(ids) > 1:
+            raise ConfigError(
+                f"--gpus {gpus} names {len(ids)} GPUs, but cdprune runs one process per GPU; "
+                f"start it with CUDA_VISIBLE_DEVICES={gpus} torchrun --nproc_per_node "
+                f"{len(ids)} -m cdprune.cli {args.command} ...")
+        device = f"cuda:{ids[0]}"
+        if args.device not in (None, device):
+            raise ConfigError(f"--gpus {gpus} and --device {args.device} disagree; give one")
+        args.device = device
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str):
+        if args.command != "finetune":
+            raise ConfigError(f"--resume {resume}: a path names the pruned model's weights to "
+                              "fine-tune, which `cdprune finetune --model-dir DIR` does; here "
+                              "--resume takes no value (it continues the output directory)")
+        if args.checkpoint not in (None, resume):
+            raise ConfigError(f"--resume {resume} and --checkpoint {args.checkpoint} name "
+                              "different weights; give one")
+        args.checkpoint, args.resume = resume, None
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the YAML config, then the flags given on the command line."""
     from .config_io import load_yaml
 
+    _official_flags(args)
     config = dict(DEFAULTS)
     if getattr(args, "config", None):
-        config.update(load_yaml(args.config, DEFAULTS))
+        config.update(load_yaml(args.config, DEFAULTS, names=yaml_names(args.command)))
     for key, value in vars(args).items():
         if key in DEFAULTS and value is not None:
             config[key] = value
-    for key in ("model_dir", "stats", "quick", "format", "opset", "dynamic_batch", "output",
-                "macs_targets", "criteria", "random_seeds", "static_batch", "no_latency"):
+    from .export import ExportConfig
+
+    # Options of one command only, kept out of the defaults (and of every run's identity).
+    for key in ("model_dir", "stats", "quick", "macs_targets", "criteria", "random_seeds",
+                *(f.name for f in dataclasses.fields(ExportConfig))):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     config["command"] = args.command
@@ -492,7 +492,6 @@ def _cmd_compare(config: dict[str, Any]) -> None:
     from .compare import compare_criteria, write_comparison
     from .criteria import criterion_names
     from .pipeline import _device, build_data, build_model, cdp_options
-    from .train import TrainConfig
 
     targets = config.get("macs_targets")
     if not targets:
@@ -530,8 +529,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
     with run:
         run.write_config(config)
-        fields = TrainConfig.__dataclass_fields__
-        budget = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
+        budget = _stage(TrainConfig, config)
         all_rows = compare_criteria(
             model, train_loader=data.train, val_loader=data.val, stats_loader=data.stats,
             example_inputs=torch.randn(2, *data.input_size), macs_reductions=targets,
@@ -566,61 +564,27 @@ def _cmd_demo(config: dict[str, Any]) -> None:
 
 
 def _cmd_export(config: dict[str, Any]) -> None:
-    import tempfile
-
-    from .export import check_output, compare_latency, export
-    from .fileio import atomic_write_text
-    from .models import create_model
-    from .pipeline import load_model_dir
+    from .export import ExportConfig, export_model_dir
 
     if not config.get("model_dir"):
         raise ConfigError("--model-dir is required: a run directory, or a pruned model "
                           "directory written by `cdprune prune`")
-    model, plan, found = load_model_dir(config["model_dir"], {**config, "model": None}, None,
-                                        config.get("weights") or "final")
-    name = plan.get("zoo_model")
-    if not name or not plan.get("input_size"):
-        raise ConfigError(f"'{found.pruned_dir}' holds a user model; export it from Python "
-                          "with cdprune.export.export(model, path, input_size=...)")
-    num_classes = (plan.get("extra") or {}).get("num_classes")
-    fmt = config["format"]
-    suffix = ".onnx" if fmt == "onnx" else ".pt"
-    folder = found.weights.parent if found.kind in ("best", "last") else found.pruned_dir
-    out = check_output(config.get("output") or folder / f"model{suffix}", fmt)
-    size = tuple(plan["input_size"])
-    dynamic = not config.get("static_batch")
-    result = export(model, out, format=fmt, input_size=size, opset=config["opset"],
-                    dynamic_batch=dynamic)
-    summary = {**result.to_dict(), "weights": found.kind, "weights_file": str(found.weights),
-               "dynamic_batch": dynamic or fmt == "torchscript"}
-    record = out.parent / f"export_{fmt}.json"  # written now, completed after the timing
-    atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
-    _say(f"exported {out} ({result.size_bytes / 1e6:.2f} MB) from the {found.kind} weights "
-         f"({found.weights}); largest difference from its PyTorch outputs "
-         f"{result.max_abs_diff:.1e}")
-    if not config.get("no_latency"):
-        import torch
+    options = _stage(ExportConfig, config)
+    s = export_model_dir(config["model_dir"], options, weights=config.get("weights") or "final",
+                         checkpoint=config.get("checkpoint"))
+    _say(f"exported {s['path']} ({s['size_bytes'] / 1e6:.2f} MB) from the {s['weights']} "
+         f"weights ({s['weights_file']}); largest difference from its PyTorch outputs "
+         f"{s['max_abs_diff']:.1e}")
+    if "speedup" in s:
+        _say(f"{options.format} latency ({s['latency_method']}): unpruned {s['base_model']} "
+             f"{s['latency_base_ms']:.3f} ms, pruned {s['latency_pruned_ms']:.3f} ms "
+             f"({s['speedup']:.2f}x)")
 
-        threads = torch.get_num_threads()
-        warmup, repeats = 10, 50
-        with tempfile.TemporaryDirectory() as tmp:
-            # The unpruned architecture, exported the same way; latency does not depend on
-            # the weight values, so its initial weights serve (no verification needed).
-            base = export(create_model(name, num_classes=num_classes).eval(),
-                          Path(tmp) / f"base{suffix}", format=fmt, input_size=size,
-                          opset=config["opset"], dynamic_batch=dynamic, checks=0)
-            lat = compare_latency({"base": base.path, "pruned": result.path}, fmt, size,
-                                  warmup=warmup, repeats=repeats, threads=threads)
-        summary.update(base_size_bytes=base.size_bytes,
-                       latency_base_ms=round(1e3 * lat["base"], 3),
-                       latency_pruned_ms=round(1e3 * lat["pruned"], 3),
-                       speedup=round(lat["base"] / lat["pruned"], 3),
-                       latency_method=f"batch 1, CPU, {threads} threads for both, median of "
-                       f"{repeats} interleaved runs after {warmup} warm-up runs")
-        _say(f"{fmt} latency ({summary['latency_method']}): unpruned {name} "
-             f"{summary['latency_base_ms']:.3f} ms, pruned {summary['latency_pruned_ms']:.3f} "
-             f"ms ({summary['speedup']:.2f}x)")
-        atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
+
+def _stage(cls: type, config: dict[str, Any]) -> Any:
+    """The typed options of one stage from the merged configuration."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in names and v is not None})
 
 
 COMMANDS = {"stats": _cmd_stats, "prune": _cmd_prune, "finetune": _cmd_finetune,
@@ -647,6 +611,8 @@ _OS_HINTS = {
 
 def _describe(exc: BaseException, command: str) -> str:
     """One line that says what went wrong and how to go on."""
+    if isinstance(exc, OptionError):  # the library names the option, the user typed a flag
+        return exc.as_flag()
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" while writing '{exc.filename}'" if exc.filename else ""
         again = ("run the same command with --resume (fine-tuning continues from the last "

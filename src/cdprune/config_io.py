@@ -15,9 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .options import (
+    BOOL,
+    FLOAT,
+    FLOATS,
+    INT,
+    INTS,
+    STR,
+    STRS,
+    PruneConfig,
+    StatsConfig,
+    flag,
+    key_choices,
+    key_types,
+)
 from .suggest import did_you_mean
+from .train import TrainConfig
 
-__all__ = ["KEY_TYPES", "check_input_channels", "check_round_to", "check_types", "load_yaml",
+__all__ = ["KEY_TYPES", "flag", "check_input_channels", "check_round_to", "check_types", "load_yaml",
            "validate"]
 
 # The most bytes and aliases a config file may hold: a flat mapping of flags needs few,
@@ -28,38 +43,27 @@ MAX_YAML_ALIASES = 16
 MAX_SEED = 2**32 - 1
 MAX_LR = 10.0
 
-_BOOL, _INT, _FLOAT, _STR, _FLOATS, _STRS = "bool", "int", "float", "str", "floats", "strs"
+_BOOL, _INT, _FLOAT, _STR, _INTS, _FLOATS, _STRS = BOOL, INT, FLOAT, STR, INTS, FLOATS, STRS
 _SIZE = "size"  # a count with an optional K/M/G suffix: 60.02M, or a plain number
+# The stages' options bring their own types and choices; the rest are listed here.
 KEY_TYPES: dict[str, str] = {
-    **dict.fromkeys(("download", "cutout", "amp", "sync_bn", "resume", "overwrite",
-                     "no_progress", "random_init", "no_eval", "compile", "fast_data"), _BOOL),
-    **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "stop_batch",
-                     "stats_batch_size", "round_to", "epochs", "max_iters", "train_subset",
-                     "seed", "val_subset", "bn_recalibrate", "val_split", "eval_every"), _INT),
-    **dict.fromkeys(("coe", "sparsity", "macs_reduction", "max_layer_pruning", "lr",
-                     "momentum", "weight_decay", "lr_warmup_epochs", "label_smoothing"),
-                    _FLOAT),
-    **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "documents",
-                     "stats_dtype", "tap", "normalize", "allocation", "variant", "scope",
-                     "lr_schedule", "device", "output_dir", "weights", "macs_convention"), _STR),
-    "macs_target": _SIZE,
-    "mean": _FLOATS, "std": _FLOATS, "ignore_layers": _STRS,
+    **key_types(StatsConfig, PruneConfig, TrainConfig),
+    **dict.fromkeys(("download", "cutout", "resume", "overwrite", "no_progress",
+                     "random_init"), _BOOL),
+    **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "train_subset", "seed",
+                     "val_subset", "val_split"), _INT),
+    **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "device", "output_dir",
+                     "weights"), _STR),
+    "mean": _FLOATS, "std": _FLOATS,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    "documents": ("sample", "class"), "stats_dtype": ("float32", "float16"),
-    "tap": ("conv", "act"), "normalize": ("none", "max", "mean"),
-    "allocation": ("global", "uniform"), "variant": ("published",),
-    "scope": ("auto", "internal", "all"), "lr_schedule": ("cosine", "step"),
-    "weights": ("final", "best", "last", "pruned"), "macs_convention": ("physical", "paper"),
+    **key_choices(StatsConfig, PruneConfig, TrainConfig),
+    "weights": ("final", "best", "last", "pruned"),
 }
 _WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
+          _INTS: "a list of integers",
           _STR: "a string", _FLOATS: "a number or a list of numbers",
           _STRS: "a list of names", _SIZE: "a number with an optional K/M/G suffix"}
-
-
-def flag(key: str) -> str:
-    """The command-line flag of a config key (``lr_warmup_epochs`` -> ``--lr-warmup-epochs``)."""
-    return "--" + key.replace("_", "-")
 
 
 # ---------------------------------------------------------------------- YAML
@@ -81,8 +85,12 @@ def _safe_loader() -> type:
     return Loader
 
 
-def load_yaml(path: str | Path, known: Mapping[str, Any]) -> dict[str, Any]:
+def load_yaml(path: str | Path, known: Mapping[str, Any],
+              names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Read a YAML config file: a flat mapping of ``known`` keys to values of their type.
+
+    A key may be written with dashes or underscores, and as any name in ``names``
+    (a flag's other names, e.g. ``lr_scheduler`` for ``lr_schedule``).
 
     Raises:
         FileNotFoundError: no such file.
@@ -127,8 +135,14 @@ def load_yaml(path: str | Path, known: Mapping[str, Any]) -> dict[str, Any]:
                               f"{repr(key)[:40]} ({type(key).__name__})")
         name = key.replace("-", "_")
         if name not in known:
-            hint = did_you_mean(name, known, n=2, before="; ")
+            name = (names or {}).get(name, name)
+        if name not in known:
+            hint = did_you_mean(key.replace("-", "_"), [*known, *(names or {})], n=2,
+                                before="; ")
             raise ConfigError(f"config file '{file}': unknown key '{key}'{hint}")
+        if name in out:
+            raise ConfigError(f"config file '{file}' sets {name} twice (as '{key}' and under "
+                              "another name); keep one")
         out[name] = check_type(name, value, where=f"config file '{file}': {key}")
     return out
 
@@ -147,6 +161,8 @@ def check_type(key: str, value: Any, where: str | None = None) -> Any:
         _FLOATS: lambda v: _is_number(v) or (isinstance(v, list) and bool(v)
                                              and all(_is_number(x) for x in v)),
         _STRS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        _INTS: lambda v: isinstance(v, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v),
         _SIZE: lambda v: isinstance(v, str) or _is_number(v),
     }[kind](value)
     if not ok:
@@ -212,27 +228,15 @@ def validate(config: dict[str, Any]) -> None:
                               f"{', '.join(choices)}")
     get = config.get
     checks = [
-        ("stop_batch", get("stop_batch") is None or get("stop_batch") > 0,
-         "a positive number of batches"),
         ("batch_size", get("batch_size") > 0, "a positive integer"),
         ("eval_batch_size", get("eval_batch_size") is None or get("eval_batch_size") > 0,
          "a positive integer"),
-        ("stats_batch_size", get("stats_batch_size") is None or get("stats_batch_size") > 0,
-         "a positive integer"),
         ("epochs", get("epochs") >= 0, "0 or more"),
-        ("coe", get("coe") >= 0, "0 (no balancing) or a positive number"),
         ("lr", 0 < get("lr") <= MAX_LR, f"a positive number up to {MAX_LR:g}"),
         ("momentum", 0 < get("momentum") < 1,
          "in (0, 1): fine-tuning uses Nesterov momentum, which needs one"),
         ("weight_decay", get("weight_decay") >= 0, "0 or more"),
         ("lr_warmup_epochs", get("lr_warmup_epochs") >= 0, "0 or more"),
-        ("sparsity", get("sparsity") is None or 0 < get("sparsity") < 1,
-         "a fraction in (0, 1)"),
-        ("macs_reduction", get("macs_reduction") is None or 0 < get("macs_reduction") < 1,
-         "a fraction in (0, 1)"),
-        ("max_layer_pruning", 0 < get("max_layer_pruning") <= 1,
-         "a fraction in (0, 1] (0 would let no layer lose a filter)"),
-        ("round_to", get("round_to") is None or get("round_to") > 0, "a positive integer"),
         ("label_smoothing", 0 <= get("label_smoothing") < 1, "in [0, 1)"),
         ("workers", get("workers") >= 0, "0 or more"),
         ("train_subset", get("train_subset") is None or get("train_subset") > 0,
@@ -240,14 +244,18 @@ def validate(config: dict[str, Any]) -> None:
         ("max_iters", get("max_iters") is None or get("max_iters") > 0, "a positive integer"),
         ("val_subset", get("val_subset") is None or get("val_subset") > 0, "a positive integer"),
         ("val_split", get("val_split") is None or get("val_split") > 0, "a positive integer"),
-        ("eval_every", get("eval_every") is None or get("eval_every") > 0,
-         "a positive number of epochs"),
-        ("bn_recalibrate", get("bn_recalibrate") is None or get("bn_recalibrate") > 0,
-         "a positive number of images"),
+        ("eval_every", get("eval_every") > 0, "a positive number of epochs"),
+        ("milestones", all(m >= 1 for m in get("milestones")) and all(
+            b > a for a, b in zip(get("milestones"), get("milestones")[1:])),
+         "increasing epoch numbers from 1, e.g. --lr-steps 150 225"),
         ("seed", 0 <= get("seed") <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     ]
     for key, ok, valid in checks:
         _range(key, get(key), valid, ok)
+    command = get("command")
+    # The stages check their own options (OptionError: the command line names the flag).
+    StatsConfig.from_config(config).validate()
+    PruneConfig.from_config(config).validate(need_target=command in ("prune", "run"))
     if get("epochs") > 0 and get("lr_warmup_epochs") > get("epochs"):
         raise ConfigError(f"--lr-warmup-epochs {get('lr_warmup_epochs'):g} exceeds --epochs "
                           f"{get('epochs')}; give a warmup of at most {get('epochs')} epochs")
@@ -255,14 +263,6 @@ def validate(config: dict[str, Any]) -> None:
     if device is not None and not _DEVICE.match(device):
         raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
     _check_normalisation(config)
-    command = get("command")
-    targets = [k for k in ("sparsity", "macs_reduction", "macs_target") if get(k) is not None]
-    if command in ("prune", "run") and len(targets) != 1:
-        raise ConfigError("give exactly one of --sparsity, --macs-reduction or --macs-target")
-    if get("macs_target") is not None:
-        from .targets import parse_macs
-
-        parse_macs(get("macs_target"))
     if command in ("stats", "prune", "run") and not get("model"):
         raise ConfigError("--model is required (see `cdprune models`)")
     if command in ("stats", "prune", "run", "compare") and not get("checkpoint") and not get(

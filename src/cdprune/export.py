@@ -25,15 +25,38 @@ import torch
 from torch import nn
 
 from .errors import CdpruneError, ConfigError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, atomic_write_text
+from .options import option
 
-__all__ = ["ExportError", "ExportResult", "check_output", "compare_latency", "export",
-           "export_latency"]
+__all__ = ["ExportConfig", "ExportError", "ExportResult", "check_output", "compare_latency",
+           "export", "export_latency", "export_model_dir"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+@dataclass
+class ExportConfig:
+    """Options of the export stage (:func:`export_model_dir`)."""
+
+    format: str = option("onnx", "file format", choices=FORMATS)
+    opset: int = option(17, "ONNX opset")
+    dynamic_batch: bool = option(False, "exported model accepts any batch size (the default)",
+                                 exclusive="batch")
+    static_batch: bool = option(False, "exported ONNX model accepts batch size 1 only",
+                                exclusive="batch")
+    output: str | None = option(None, "output file (default: model.onnx or model.pt next to "
+                                "the weights exported)")
+    no_latency: bool = option(False, "skip the latency comparison with the unpruned "
+                              "architecture")
+
+    def validate(self) -> None:
+        """Check the format (the other values are checked where they are used)."""
+        if self.format not in FORMATS:
+            raise ConfigError(f"format={self.format!r} is not valid; use one of "
+                              f"{', '.join(FORMATS)}")
 
 
 class ExportError(CdpruneError, RuntimeError):
@@ -255,3 +278,78 @@ def compare_latency(paths: Mapping[str, str | os.PathLike], format: str,
     finally:
         torch.set_num_threads(saved)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def export_model_dir(model_dir: str | os.PathLike, config: ExportConfig | None = None, *,
+                     weights: str = "final", checkpoint: str | os.PathLike | None = None,
+                     warmup: int = 10, repeats: int = 50) -> dict[str, Any]:
+    """Export the model of a run or pruned-model directory, verified, and time it.
+
+    The exported file goes to ``config.output``, else next to the weights exported; a
+    record ``export_<format>.json`` beside it is written once the export is verified and
+    completed with the latency comparison (the unpruned architecture exported the same
+    way, both timed side by side on the CPU) unless ``config.no_latency``.
+
+    Args:
+        model_dir: a run directory, a fine-tune directory or a pruned-model directory.
+        config: the export options (default: ONNX, opset 17, any batch size).
+        weights: which weights of ``model_dir`` (see :func:`cdprune.find_run_model`).
+        checkpoint: weights of the pruned model to export instead of the directory's own.
+        warmup: untimed runs of each model before timing.
+        repeats: timed, interleaved runs of each model.
+
+    Returns:
+        The record: :class:`ExportResult`'s fields, the weights used and, unless skipped,
+        ``latency_base_ms``, ``latency_pruned_ms``, ``speedup`` and how they were measured;
+        also ``base_model``, the zoo name of the unpruned architecture.
+
+    Raises:
+        ConfigError: a user model (no zoo name) or a bad output path.
+        ExportError: the exported model does not reproduce the PyTorch outputs.
+    """
+    import json
+    import tempfile
+
+    from .models import create_model
+    from .pipeline import load_model_dir
+
+    config = config or ExportConfig()
+    config.validate()
+    model, plan, found = load_model_dir(model_dir, {"checkpoint": checkpoint, "model": None},
+                                        None, weights)
+    name = plan.get("zoo_model")
+    if not name or not plan.get("input_size"):
+        raise ConfigError(f"'{found.pruned_dir}' holds a user model; export it from Python "
+                          "with cdprune.export.export(model, path, input_size=...)")
+    num_classes = (plan.get("extra") or {}).get("num_classes")
+    fmt, suffix = config.format, SUFFIX[config.format]
+    folder = found.weights.parent if found.kind in ("best", "last") else found.pruned_dir
+    out = check_output(config.output or folder / f"model{suffix}", fmt)
+    size = tuple(plan["input_size"])
+    dynamic = not config.static_batch
+    result = export(model, out, format=fmt, input_size=size, opset=config.opset,
+                    dynamic_batch=dynamic)
+    summary = {**result.to_dict(), "weights": found.kind, "weights_file": str(found.weights),
+               "dynamic_batch": dynamic or fmt == "torchscript"}
+    record = out.parent / f"export_{fmt}.json"  # written now, completed after the timing
+    atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
+    logger.info("exported %s, verified against its PyTorch outputs", out)
+    if config.no_latency:
+        return {**summary, "base_model": name}
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        # The unpruned architecture, exported the same way; latency does not depend on the
+        # weight values, so its initial weights serve (no verification needed).
+        base = export(create_model(name, num_classes=num_classes).eval(),
+                      Path(tmp) / f"base{suffix}", format=fmt, input_size=size,
+                      opset=config.opset, dynamic_batch=dynamic, checks=0)
+        lat = compare_latency({"base": base.path, "pruned": result.path}, fmt, size,
+                              warmup=warmup, repeats=repeats, threads=threads)
+    summary.update(base_size_bytes=base.size_bytes,
+                   latency_base_ms=round(1e3 * lat["base"], 3),
+                   latency_pruned_ms=round(1e3 * lat["pruned"], 3),
+                   speedup=round(lat["base"] / lat["pruned"], 3),
+                   latency_method=f"batch 1, CPU, {threads} threads for both, median of "
+                   f"{repeats} interleaved runs after {warmup} warm-up runs")
+    atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
+    return {**summary, "base_model": name}

@@ -25,6 +25,7 @@ from .checkpoint import apply_weights, read_state_dict
 from .distributed import barrier
 from .errors import CheckpointError, ConfigError, DataError
 from .fileio import atomic_write_text
+from .options import PruneConfig
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
 from .suggest import did_you_mean
@@ -92,12 +93,6 @@ def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
                         f"('{key}' has {rows} outputs) but dataset '{dataset}' has "
                         f"{num_classes} classes; use a checkpoint trained on {dataset}, or the "
                         f"--dataset the checkpoint was trained on{hint}")
-
-
-def _given(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    """The value the config sets, even a falsy one; ``default`` only when it sets none."""
-    value = config.get(key)
-    return default if value is None else value
 
 
 def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
@@ -425,14 +420,14 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     scores = tfidf_scores(stats, **options["scores"])
     device = _device(config)
     example = _example(data.input_size)
-    kwargs = dict(ignored_layers=config.get("ignore_layers") or None,
-                  scope=config.get("scope") or "auto",
-                  max_layer_pruning=_given(config, "max_layer_pruning", 0.9),
-                  round_to=config.get("round_to") or None, **options["prune"])
-    reduction = config.get("macs_reduction")
-    if config.get("macs_target") is not None:
+    stage = PruneConfig.from_config(config)  # unset options take the stage's defaults
+    kwargs = dict(ignored_layers=stage.ignore_layers or None, scope=stage.scope,
+                  max_layer_pruning=stage.max_layer_pruning, round_to=stage.round_to,
+                  **options["prune"])
+    reduction = stage.macs_reduction
+    if stage.macs_target is not None:
         reduction = _reduction_for_target(config, model, scores, example, kwargs)
-    result = prune(model, scores, example_inputs=example, sparsity=config.get("sparsity"),
+    result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
                    macs_reduction=reduction, **kwargs)
     summary = result.summary()
     summary.update(macs_conventions(model, result, example))

@@ -29,7 +29,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from .distributed import (
 )
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import evaluate, model_device
+from .options import option
 
 __all__ = [
     "TrainConfig",
@@ -112,25 +113,33 @@ class TrainConfig:
         log_every: iterations between log lines.
     """
 
-    epochs: int = 300
-    lr: float = 0.1
-    momentum: float = 0.9
+    # Fields with a help are command-line flags too (see cdprune.options); the others are
+    # set from Python, or by another flag group (batch size, seed).
+    epochs: int = option(300, "passes over the training data")
+    lr: float = option(0.1, "initial learning rate")
+    momentum: float = option(0.9, "SGD momentum (Nesterov)")
     nesterov: bool = True
-    weight_decay: float = 5e-4
+    weight_decay: float = option(5e-4, "weight decay", flags=("--wd", "--weight-decay"))
     batch_size: int = 128
-    lr_schedule: str = "cosine"
-    milestones: list[int] = field(default_factory=lambda: [150, 225])
+    lr_schedule: str = option("cosine", "learning-rate schedule", flags=("--lr-scheduler",),
+                              choices=SCHEDULES)
+    milestones: list[int] = option([150, 225], "epochs at which --lr-scheduler step "
+                                   "multiplies the rate by 0.1", flags=("--lr-steps",),
+                                   metavar="EPOCH")
     gamma: float = 0.1
-    lr_warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    amp: bool = False
+    lr_warmup_epochs: float = option(0.0, "linear warmup, per iteration",
+                                     flags=("--lr-warmup-epochs", "--warmup"))
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    amp: bool = option(False, "mixed precision (CUDA)")
     channels_last: bool = False
-    compile: bool = False
-    fast_data: bool = True
-    eval_every: int = 1
-    max_iters: int | None = None
+    compile: bool = option(False, "torch.compile the model for training")
+    fast_data: bool = option(True, "keep the DataLoader for in-memory datasets instead of "
+                             "holding them on the device and augmenting whole batches there",
+                             flags=("--no-fast-data",), negate=True, show_default=False)
+    eval_every: int = option(1, "evaluate every N epochs (and after the last)", positive=True)
+    max_iters: int | None = option(None, "stop after this many iterations", positive=True)
     seed: int = 0
-    sync_bn: bool = False
+    sync_bn: bool = option(False, "SyncBatchNorm (DDP)")
     clip_grad_norm: float | None = None
     log_every: int = 50
 

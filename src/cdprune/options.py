@@ -1,0 +1,326 @@
+"""Typed options of the stages, and the flags and config keys made from them.
+
+Every option of a stage is one field of that stage's dataclass (:class:`StatsConfig`,
+:class:`PruneConfig`): its type, its default and its help live there, together with the
+stage's :meth:`validate`. The command line's flags, the YAML config's keys and types and
+the table of defaults are all read off these fields, so adding an option is adding a
+field.
+
+Bad values raise :class:`OptionError`, which names the option by its field name; the
+command line shows it under its flag (``--max-layer-pruning 0.0 is invalid; ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["OptionError", "OptionSpec", "PruneConfig", "StatsConfig", "add_options",
+           "flag", "option", "option_specs"]
+
+# The kinds of value an option holds, as the YAML config checks them.
+BOOL, INT, FLOAT, STR, INTS, FLOATS, STRS = ("bool", "int", "float", "str", "ints", "floats",
+                                            "strs")
+
+
+class OptionError(ConfigError):
+    """An option's value is outside what it accepts.
+
+    Attributes:
+        key: the option's field name (``max_layer_pruning``).
+        value: the value refused.
+        valid: what it must be (``"a fraction in (0, 1]"``).
+    """
+
+    def __init__(self, key: str, value: Any, valid: str):
+        super().__init__(f"{key}={value!r} is invalid; it must be {valid}")
+        self.key, self.value, self.valid = key, value, valid
+
+    def as_flag(self) -> str:
+        """The same message, naming the option by its command-line flag."""
+        shown = repr(self.value) if isinstance(self.value, str) else self.value
+        return f"{flag(self.key)} {shown} is invalid; it must be {self.valid}"
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a config key: a stage option's main flag (``milestones`` ->
+    ``--lr-steps``), else the key with dashes (``eval_batch_size`` -> ``--eval-batch-size``)."""
+    for cls in _stage_classes():
+        for spec in option_specs(cls):
+            if spec.name == key:
+                return spec.flags[0]
+    return "--" + key.replace("_", "-")
+
+
+def _stage_classes() -> list[type]:
+    from .train import TrainConfig
+
+    return [StatsConfig, PruneConfig, TrainConfig]
+
+
+def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Sequence[str] = (),
+           positive: bool = False, metavar: str | None = None, exclusive: str | None = None,
+           show_default: bool = True, negate: bool = False, kind: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    Args:
+        default: the option's default (``None``: unset, the library decides).
+        help: one line for ``--help``; the default is appended to it.
+        flags: the flags, the main one first; default: the field name with dashes.
+        choices: the values allowed, when they are a fixed list.
+        positive: an integer flag that argparse itself refuses below 1.
+        metavar: the value's name in ``--help``.
+        exclusive: options sharing this name are mutually exclusive on the command line.
+        show_default: append ``(default: ...)`` to the help.
+        negate: a boolean whose flag turns it off (``--no-fast-data`` sets ``False``).
+        kind: the value's kind when the type does not say it (``"size"``: 60.02M).
+    """
+    meta = {"help": help, "flags": tuple(flags), "choices": tuple(choices),
+            "positive": positive, "metavar": metavar, "exclusive": exclusive,
+            "show_default": show_default, "negate": negate, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option as the command line and the YAML config see it."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    flags: tuple[str, ...]
+    choices: tuple[str, ...]
+    positive: bool
+    metavar: str | None
+    exclusive: str | None
+    negate: bool = False
+
+
+def _kind(hint: Any) -> str:
+    """The option kind of a field's type (``int | None`` -> int, ``list[str]`` -> strs)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (list, Sequence):
+        return {float: FLOATS, int: INTS}.get(args[0] if args else str, STRS)
+    if args and typing.get_origin(hint) is not list:  # a union: X | None
+        return _kind(args[0]) if len(args) == 1 else STR
+    return {bool: BOOL, int: INT, float: FLOAT, str: STR}.get(hint, STR)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def option_specs(cls: type) -> list[OptionSpec]:
+    """The options of a stage dataclass, in field order (fields without help are skipped)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        if "help" not in f.metadata:
+            continue
+        meta = f.metadata
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        text = meta["help"]
+        if meta["show_default"] and default is not None and default is not False:
+            text = f"{text} (default: {_shown(default)})"
+        out.append(OptionSpec(f.name, meta["kind"] or _kind(hints[f.name]), default, text,
+                              meta["flags"] or ("--" + f.name.replace("_", "-"),),
+                              meta["choices"], meta["positive"], meta["metavar"],
+                              meta["exclusive"], meta["negate"]))
+    return out
+
+
+def defaults(*classes: type) -> dict[str, Any]:
+    """``{option: default}`` of the stages' options."""
+    return {s.name: s.default for cls in classes for s in option_specs(cls)}
+
+
+def key_types(*classes: type) -> dict[str, str]:
+    """``{option: kind}`` for the YAML config's type checks."""
+    return {s.name: s.kind for cls in classes for s in option_specs(cls)}
+
+
+def key_choices(*classes: type) -> dict[str, tuple[str, ...]]:
+    """``{option: allowed values}`` for the options with a fixed list."""
+    return {s.name: s.choices for cls in classes for s in option_specs(cls) if s.choices}
+
+
+# ---------------------------------------------------------------------- argparse
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _arg_type(spec: OptionSpec) -> Callable[[str], Any] | None:
+    if spec.kind in (INT, INTS):
+        return positive_int if spec.positive else int
+    if spec.kind in (FLOAT, FLOATS):
+        return finite_float
+    return None
+
+
+def add_options(group: Any, cls: type, *, only: Sequence[str] | None = None,
+                skip: Sequence[str] = ()) -> None:
+    """Add the options of a stage dataclass to an argparse parser or argument group.
+
+    Every flag defaults to ``None`` (not given), so that a YAML config and the dataclass
+    defaults apply underneath the flags actually typed.
+
+    Args:
+        group: a parser or an argument group.
+        cls: the stage dataclass.
+        only: add just these options.
+        skip: leave these options out.
+    """
+    exclusive: dict[str, Any] = {}
+    for spec in option_specs(cls):
+        if spec.name in skip or (only is not None and spec.name not in only):
+            continue
+        target = group
+        if spec.exclusive:
+            if spec.exclusive not in exclusive:
+                exclusive[spec.exclusive] = group.add_mutually_exclusive_group()
+            target = exclusive[spec.exclusive]
+        kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help, "default": None}
+        if spec.kind == BOOL:
+            kwargs["action"] = "store_false" if spec.negate else "store_true"
+        else:
+            kwargs["type"] = _arg_type(spec)
+            if spec.choices:
+                kwargs["choices"] = list(spec.choices)
+            if spec.kind in (INTS, FLOATS, STRS):
+                kwargs["nargs"] = "+"
+            if spec.metavar:
+                kwargs["metavar"] = spec.metavar
+        target.add_argument(*spec.flags, **kwargs)
+
+
+# ---------------------------------------------------------------------- checks
+def _check(key: str, value: Any, ok: bool, valid: str) -> None:
+    if not ok:
+        raise OptionError(key, value, valid)
+
+
+def _from(cls: type, config: Mapping[str, Any]) -> Any:
+    """The stage config of a merged configuration: its keys that are set; others default."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+
+
+# ---------------------------------------------------------------------- stages
+DOCUMENTS = ("sample", "class")
+TAPS = ("conv", "act")
+NORMALIZE = ("none", "max", "mean")
+SCOPES = ("auto", "internal", "all")
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass
+class StatsConfig:
+    """Options of the statistics stage: which images, how they are read and scored."""
+
+    stop_batch: int | None = option(
+        None, "batches of training images to sample for statistics (default: all)",
+        flags=("--stop-batch", "--stop_batch"))
+    stats_batch_size: int = option(128, "batch size of the statistics pass", positive=True)
+    documents: str = option("sample", "TF-IDF documents: every image (published code) or "
+                            "every class", choices=DOCUMENTS)
+    stats_dtype: str = option("float32", "storage of per-image values; float16 halves "
+                              "memory", choices=("float32", "float16"))
+    coe: float = option(0.0, "balance coefficient (0: none)")
+    tap: str | None = option(None, "where a filter's activation is read: conv output before "
+                             "BatchNorm (default), or after BatchNorm and ReLU", choices=TAPS)
+    normalize: str | None = option(None, "per-layer score scaling before the global ranking "
+                                   "(default: none)", choices=NORMALIZE)
+    variant: str | None = option(None, "force every CDP option (tap, documents, normalize, "
+                                 "allocation) to the published code's", choices=("published",))
+
+    def validate(self) -> None:
+        """Check every value; raise :class:`OptionError` naming the first bad one."""
+        _check("stop_batch", self.stop_batch, self.stop_batch is None or self.stop_batch > 0,
+               "a positive number of batches")
+        _check("stats_batch_size", self.stats_batch_size, self.stats_batch_size > 0,
+               "a positive integer")
+        _check("coe", self.coe, self.coe >= 0, "0 (no balancing) or a positive number")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> StatsConfig:
+        """From a merged configuration (unset keys take the defaults)."""
+        return _from(cls, config)
+
+
+@dataclass
+class PruneConfig:
+    """Options of the pruning stage: the target, which channels may go, what follows."""
+
+    sparsity: float | None = option(None, "fraction of filters to remove",
+                                    exclusive="target")
+    macs_reduction: float | None = option(None, "fraction of MACs to remove (hit within 0.3 "
+                                          "points)", exclusive="target")
+    macs_target: str | None = option(None, "MACs to keep, absolute with K/M/G, e.g. 60.02M "
+                                     "(in --macs-convention)", exclusive="target", kind="size")
+    macs_convention: str = option("physical", "what --macs-target counts: the network that "
+                                  "runs, or the CDP paper's counter on masks",
+                                  choices=("physical", "paper"))
+    scope: str = option("auto", "channels that may be pruned", choices=SCOPES)
+    max_layer_pruning: float = option(0.9, "most a layer may lose")
+    round_to: int | None = option(None, "keep widths multiples of this", positive=True)
+    allocation: str | None = option(None, "global: one ranking of all filters (default); "
+                                    "uniform: every layer loses the same fraction",
+                                    choices=ALLOCATIONS)
+    ignore_layers: list[str] | None = option(None, "module names never pruned")
+    bn_recalibrate: int | None = option(
+        None, "re-estimate BatchNorm statistics on N training images after pruning (before "
+        "fine-tuning); reported as its own accuracy row", positive=True, metavar="N")
+    no_eval: bool = option(False, "do not evaluate the base and pruned models after pruning")
+
+    def validate(self, *, need_target: bool = False) -> None:
+        """Check every value; raise :class:`OptionError` naming the first bad one.
+
+        Args:
+            need_target: exactly one of ``sparsity``, ``macs_reduction`` and
+                ``macs_target`` must be set.
+        """
+        for key in ("sparsity", "macs_reduction"):
+            value = getattr(self, key)
+            _check(key, value, value is None or 0 < value < 1, "a fraction in (0, 1)")
+        _check("max_layer_pruning", self.max_layer_pruning, 0 < self.max_layer_pruning <= 1,
+               "a fraction in (0, 1] (0 would let no layer lose a filter)")
+        _check("round_to", self.round_to, self.round_to is None or self.round_to > 0,
+               "a positive integer")
+        _check("bn_recalibrate", self.bn_recalibrate,
+               self.bn_recalibrate is None or self.bn_recalibrate > 0,
+               "a positive number of images")
+        if self.macs_target is not None:
+            from .targets import parse_macs
+
+            parse_macs(self.macs_target)
+        targets = [t for t in (self.sparsity, self.macs_reduction, self.macs_target)
+                   if t is not None]
+        if need_target and len(targets) != 1:
+            raise ConfigError("give exactly one of --sparsity, --macs-reduction or "
+                              "--macs-target")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> PruneConfig:
+        """From a merged configuration (unset keys take the defaults)."""
+        return _from(cls, config)
