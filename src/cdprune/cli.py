@@ -1,7 +1,8 @@
 """The ``cdprune`` command: statistics, pruning, fine-tuning, evaluation, the demo.
 
-Only this module prints. Errors a user can cause become one line on stderr and exit
-code 2; ``--debug`` shows the traceback.
+This module parses the command line and is the one error boundary; what each subcommand
+does is in :mod:`cdprune.cli_commands`. Only these two modules print. Errors a user can
+cause become one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -9,14 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from .cli_commands import _OUTPUT, COMMANDS
 from .errors import CdpruneError, ConfigError
 from .options import (
     OptionError,
@@ -32,13 +31,6 @@ from .train import TrainConfig
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("cdprune")
-_OUTPUT = {"rank": 0}
-
-
-def _say(*args: Any, **kwargs: Any) -> None:
-    """Print to the user; under torchrun only rank 0 speaks."""
-    if _OUTPUT["rank"] == 0:
-        print(*args, **kwargs)
 
 # Every option's default: the stages' from their typed configs (training: the paper's
 # CIFAR recipe), the rest (model, data, the run) listed here.
@@ -297,299 +289,6 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def _run_dir(config: dict[str, Any]):
-    from .pipeline import RunDir
-
-    if not config.get("output_dir"):
-        raise ConfigError("--output-dir is required: every run writes a directory")
-    from .pipeline import pruned_dir
-
-    # What this run reads from inside its own directory survives --overwrite.
-    keep = [config.get("stats"), config.get("checkpoint")]
-    if config["command"] == "prune" and not config.get("stats"):
-        keep.append(Path(config["output_dir"]) / "stats.safetensors")
-    if config.get("model_dir"):
-        keep.append(pruned_dir(config["model_dir"]))
-    elif config["command"] == "finetune":
-        keep.append(Path(config["output_dir"]) / "pruned")
-    return RunDir(config["output_dir"], resume=bool(config.get("resume")),
-                  overwrite=bool(config.get("overwrite")), stage=config["command"],
-                  config=config, keep=keep)
-
-
-# Each command checks what it can (the output directory, data, model, checkpoint, input
-# files) before it enters the run directory, so bad input leaves no files behind.
-def _cmd_stats(config: dict[str, Any]) -> None:
-    from .pipeline import build_data, build_model, run_stats
-
-    run = _run_dir(config)
-    data = build_data(config, need_train=False)
-    model = build_model(config, data.num_classes)
-    with run:
-        run.write_config(config)
-        path = run_stats(config, run, data=data, model=model)
-    _say(f"statistics: {path}\nscores: {run.path / 'scores.safetensors'}")
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    from .report import format_count as n
-
-    _say(f"MACs {n(summary['macs_before'])} -> {n(summary['macs_after'])} "
-         f"(-{100 * summary['macs_reduction']:.1f}%), params "
-         f"{n(summary['params_before'])} -> {n(summary['params_after'])}")
-    if summary.get("macs_paper_after"):
-        _say(f"MACs in the paper's mask convention: {n(summary['macs_paper_after'])}")
-    if "acc_base" in summary:
-        _say(f"accuracy: base {summary['acc_base']:.2f}%, right after pruning "
-             f"{summary['acc_pruned']:.2f}%" + (
-                 f", after BatchNorm recalibration ({summary['bn_recalibrate_images']} images) "
-                 f"{summary['acc_recalibrated']:.2f}%" if "acc_recalibrated" in summary else ""))
-
-
-def _cmd_prune(config: dict[str, Any]) -> None:
-    from .pipeline import (
-        build_data,
-        build_model,
-        check_ignore_layers,
-        finish_report,
-        load_stats,
-        run_prune,
-    )
-
-    run = _run_dir(config)
-    data = build_data(config, need_train=bool(config.get("bn_recalibrate")), need_stats=False)
-    model = build_model(config, data.num_classes)
-    check_ignore_layers(config, model)
-    stats = load_stats(config, model)
-    with run:
-        run.write_config(config)
-        summary = run_prune(config, run, data=data, model=model, stats=stats)
-        finish_report(run, config, summary)
-    _print_summary(summary)
-    _say(f"pruned model: {run.path / 'pruned'}\nreport: {run.path / 'report.md'}")
-
-
-def _cmd_finetune(config: dict[str, Any]) -> None:
-    from .pipeline import (
-        build_data,
-        finetune_accuracy,
-        finish_report,
-        load_pruned_dir,
-        model_dir_defaults,
-        run_finetune,
-    )
-
-    run = _run_dir(config)
-    config = model_dir_defaults(config)
-    data = build_data(config, need_stats=False)
-    model, plan = load_pruned_dir(config.get("model_dir") or run.path, config, data.num_classes)
-    with run:
-        run.write_config(config)
-        result = run_finetune(config, run, data=data, model=model, plan=plan)
-        accuracy = finetune_accuracy(config, data, model, result)
-        finish_report(run, config, None, finetuned=accuracy)
-    _say(f"{_accuracy_line(accuracy)} after {result.epochs_run} epochs; "
-          f"checkpoints in {run.path}")
-
-
-def _accuracy_line(accuracy: dict[str, float]) -> str:
-    """The headline (last epoch on the test set) and the best epoch, labelled."""
-    if "finetuned" not in accuracy:
-        return "no epoch ran"
-    line = f"final-epoch top-1 {accuracy['finetuned']:.2f}%"
-    if "finetuned_best_on_test" in accuracy:
-        line += (f" (best epoch {accuracy['finetuned_best_on_test']:.2f}%, chosen on the "
-                 "test set)")
-    if "finetuned_selected_on_val" in accuracy:
-        line += (f" (epoch chosen on held-out training images: "
-                 f"{accuracy['finetuned_selected_on_val']:.2f}%)")
-    return line
-
-
-def _cmd_eval(config: dict[str, Any]) -> None:
-    from .evaluate import evaluate
-    from .pipeline import (
-        _device,
-        build_data,
-        build_model,
-        check_base_accuracy,
-        load_model_dir,
-        model_dir_defaults,
-    )
-
-    config = model_dir_defaults(config)
-    data = build_data(config, need_train=False, need_stats=False)
-    found = None
-    if config.get("model_dir"):
-        model, _, found = load_model_dir(config["model_dir"], config, data.num_classes,
-                                         config.get("weights") or "final")
-    else:
-        if not config.get("model"):
-            raise ConfigError("give --model (and --checkpoint) or --model-dir")
-        model = build_model(config, data.num_classes)
-    device = _device(config)
-    result = evaluate(model.to(device), data.val, device=device,
-                      progress=not config.get("no_progress"))
-    doc = result.to_dict()
-    if found is not None:
-        doc.update(weights=found.kind, weights_file=str(found.weights))
-    elif config.get("checkpoint"):
-        check_base_accuracy(config, result.top1, len(data.val.dataset))
-    _say(json.dumps(doc, indent=1))
-
-
-def _cmd_run(config: dict[str, Any]) -> None:
-    from .pipeline import (
-        build_data,
-        build_model,
-        check_ignore_layers,
-        finetune_accuracy,
-        finish_report,
-        gather_stats,
-        run_finetune,
-        run_prune,
-    )
-
-    run = _run_dir(config)
-    data = build_data(config)
-    summary_path = run.path / "prune_summary.json"
-    resumed = bool(config.get("resume")) and summary_path.is_file()  # stages 1-2 done before
-    if not resumed:
-        model = build_model(config, data.num_classes)
-        check_ignore_layers(config, model)
-    with run:
-        run.write_config(config)
-        if resumed:
-            summary = json.loads(summary_path.read_text())
-        else:
-            # Statistics are written together with the pruned model, once pruning succeeded.
-            stats = gather_stats(config, data, model)
-            summary = run_prune(config, run, data=data, model=model, stats=stats,
-                                save_stats=True)
-            _print_summary(summary)
-        result = run_finetune(config, run, data=data)
-        accuracy = finetune_accuracy(config, data, None, result, run_path=run.path)
-        finish_report(run, config, summary, finetuned=accuracy)
-    _say(f"fine-tuned: {_accuracy_line(accuracy)}\nreport: {run.path / 'report.md'}")
-
-
-def _compare_line(r: dict[str, Any]) -> str:
-    name = f"{r['criterion']:>9s}{'' if r['seed'] is None else r['seed']}"
-    head = f"{name} -{100 * r['macs_target']:.0f}% MACs: "
-    if r.get("status") == "unreachable":
-        return head + f"unreachable ({r['error']})"
-    parts = [f"{r['acc_pruned']:.2f}% pruned"]
-    for key, label in (("acc_recalibrated", "after BN recalibration"),
-                       ("acc_finetuned", "fine-tuned")):
-        if not math.isnan(r.get(key, math.nan)):
-            parts.append(f"{r[key]:.2f}% {label}")
-    return head + ", ".join(parts)
-
-
-def _cmd_compare(config: dict[str, Any]) -> None:
-    import torch
-
-    from .compare import compare_criteria, write_comparison
-    from .criteria import criterion_names
-    from .pipeline import _device, build_data, build_model, cdp_options
-
-    targets = config.get("macs_targets")
-    if not targets:
-        raise ConfigError("give one or more targets: --macs-reduction 0.5 [0.3 0.7 ...]")
-    for target in targets:
-        if not 0 < target < 1:
-            raise ConfigError(f"--macs-reduction {target} is invalid; it must be a fraction "
-                              "in (0, 1)")
-    options = cdp_options(config)
-    run = _run_dir(config)
-    data = build_data(config)
-    model = build_model(config, data.num_classes)
-    done: list[dict[str, Any]] = []
-    previous = run.path / "compare.json"
-    if config.get("resume") and previous.is_file():
-        try:
-            done = list(json.loads(previous.read_text())["rows"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot resume: '{previous}' is not a comparison written by "
-                              f"cdprune ({exc}); remove it or choose another --output-dir"
-                              ) from None
-        _say(f"resuming: {len(done)} finished rows in {previous} are kept", flush=True)
-    meta = {k: config.get(k) for k in ("model", "checkpoint", "dataset", "epochs",
-                                         "max_iters", "lr", "train_subset", "val_subset",
-                                         "stop_batch", "stats_batch_size", "seed", "scope",
-                                         "tap", "normalize", "allocation", "variant",
-                                         "bn_recalibrate")}
-    rows: list[dict[str, Any]] = []
-
-    def on_row(row: dict[str, Any]) -> None:
-        rows.append(row)
-        if run.main:  # tables after every finished criterion: nothing is lost on a stop
-            write_comparison(run.path, [*rows, *(r for r in done if r not in rows)], meta)
-        _say(_compare_line(row), flush=True)
-
-    with run:
-        run.write_config(config)
-        budget = _stage(TrainConfig, config)
-        all_rows = compare_criteria(
-            model, train_loader=data.train, val_loader=data.val, stats_loader=data.stats,
-            example_inputs=torch.randn(2, *data.input_size), macs_reductions=targets,
-            criteria=config.get("criteria") or criterion_names(), finetune=budget,
-            output_dir=run.path, random_seeds=config.get("random_seeds") or (0, 1, 2),
-            stats_max_batches=config.get("stop_batch"), num_classes=data.num_classes,
-            coe=config.get("coe") or 0.0, scope=config.get("scope") or "auto",
-            cdp_options={k: v for k, v in {**options["stats"], **options["scores"]}.items()
-                         if k in ("tap", "normalize", "variant")},
-            allocation=options["prune"].get("allocation", "global"),
-            device=_device(config), progress=not config.get("no_progress"),
-            on_row=on_row, done=done, bn_recalibrate=int(config.get("bn_recalibrate") or 0),
-            recal_loader=data.recal)
-        _, md = write_comparison(run.path, all_rows, meta)
-    _say(md.read_text())
-
-
-def _cmd_models(config: dict[str, Any]) -> None:
-    from .models import list_models, model_spec
-
-    for name in list_models():
-        spec = model_spec(name)
-        _say(f"{name:16s} input {tuple(spec.input_size)}  classes {spec.num_classes}")
-
-
-def _cmd_demo(config: dict[str, Any]) -> None:
-    from .demo import run_demo
-
-    run_demo(config.get("output_dir") or "runs/demo", quick=bool(config.get("quick")),
-             overwrite=bool(config.get("overwrite")), progress=not config.get("no_progress"),
-             printer=_say)
-
-
-def _cmd_export(config: dict[str, Any]) -> None:
-    from .export import ExportConfig, export_model_dir
-
-    if not config.get("model_dir"):
-        raise ConfigError("--model-dir is required: a run directory, or a pruned model "
-                          "directory written by `cdprune prune`")
-    options = _stage(ExportConfig, config)
-    s = export_model_dir(config["model_dir"], options, weights=config.get("weights") or "final",
-                         checkpoint=config.get("checkpoint"))
-    _say(f"exported {s['path']} ({s['size_bytes'] / 1e6:.2f} MB) from the {s['weights']} "
-         f"weights ({s['weights_file']}); largest difference from its PyTorch outputs "
-         f"{s['max_abs_diff']:.1e}")
-    if "speedup" in s:
-        _say(f"{options.format} latency ({s['latency_method']}): unpruned {s['base_model']} "
-             f"{s['latency_base_ms']:.3f} ms, pruned {s['latency_pruned_ms']:.3f} ms "
-             f"({s['speedup']:.2f}x)")
-
-
-def _stage(cls: type, config: dict[str, Any]) -> Any:
-    """The typed options of one stage from the merged configuration."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names and v is not None})
-
-
-COMMANDS = {"stats": _cmd_stats, "prune": _cmd_prune, "finetune": _cmd_finetune,
-            "eval": _cmd_eval, "run": _cmd_run, "export": _cmd_export,
-            "compare": _cmd_compare, "demo": _cmd_demo, "models": _cmd_models}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -14,289 +14,43 @@ import os
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .checkpoint import apply_weights, read_state_dict
 from .distributed import barrier
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import ConfigError
 from .fileio import atomic_write_text
+from .modeldir import (  # noqa: F401
+    load_model_dir,
+    load_pruned_dir,
+    model_dir_defaults,
+    pruned_dir,
+)
 from .options import PruneConfig
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
-from .suggest import did_you_mean
+from .runsetup import (  # noqa: F401
+    Data,
+    _device,
+    build_data,
+    build_model,
+    check_base_accuracy,
+    check_ignore_layers,
+    known_normalisation,
+)
 
 if TYPE_CHECKING:
     from .stats import ActivationStats
 
+# The noqa imports above are re-exported: callers import the run's inputs (runsetup) and
+# the model directories (modeldir) from this module too.
 __all__ = ["RunDir", "build_data", "build_model", "check_ignore_layers", "gather_stats",
            "load_stats", "run_finetune", "run_prune", "run_stats", "write_stats"]
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------- building blocks
-def _device(config: Mapping[str, Any]) -> torch.device:
-    default = "cpu"
-    if torch.cuda.is_available():
-        default = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # torchrun: one GPU per rank
-    name = config.get("device") or default
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a valid device; use cpu, cuda or cuda:N"
-                          ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but CUDA is not available; use "
-                          "--device cpu")
-    return device
-
-
-def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
-    """The base model named in the config, with its checkpoint loaded when one is given.
-
-    Raises:
-        DataError: the checkpoint's classifier has another number of outputs than the
-            dataset has classes (``num_classes``).
-    """
-    from .models import create_model
-
-    model = create_model(config["model"], num_classes=num_classes)
-    if config.get("dataset"):
-        from .config_io import check_input_channels
-
-        check_input_channels(config, model)
-    if config.get("checkpoint"):
-        state = read_state_dict(config["checkpoint"])
-        if num_classes is not None:
-            _check_classifier(model, state, config, num_classes)
-        apply_weights(model, state, source=config["checkpoint"])
-    return model
-
-
-def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
-                      config: Mapping[str, Any], num_classes: int) -> None:
-    """A checkpoint trained for N classes cannot serve a dataset of M != N classes."""
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears or linears[-1][1].out_features != num_classes:
-        return  # no recognisable classifier: the key/shape check of apply_weights decides
-    key = f"{linears[-1][0]}.weight"
-    rows = state[key].shape[0] if key in state and state[key].dim() == 2 else num_classes
-    if rows != num_classes:
-        dataset = config.get("dataset")
-        hint = (f"; for class folders with {rows} classes use --dataset folder"
-                if str(dataset).lower() == "imagenet" else "")
-        raise DataError(f"checkpoint '{config['checkpoint']}' has a {rows}-class classifier "
-                        f"('{key}' has {rows} outputs) but dataset '{dataset}' has "
-                        f"{num_classes} classes; use a checkpoint trained on {dataset}, or the "
-                        f"--dataset the checkpoint was trained on{hint}")
-
-
-def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
-    """Refuse ``--ignore-layers`` names that are not modules of the model (before any work).
-
-    Also refuses a ``--round-to`` no layer is wide enough for (see
-    :func:`cdprune.config_io.check_round_to`).
-    """
-    from .config_io import check_round_to
-
-    check_round_to(config, model)
-    named = [name for name, _ in model.named_modules() if name]
-    for name in config.get("ignore_layers") or ():
-        if name not in named:
-            hint = (did_you_mean(name, named)
-                    or f"module names look like {', '.join(named[:3])}")
-            raise ConfigError(f"--ignore-layers: '{name}' is not a layer of "
-                              f"{config.get('model')}; {hint}")
-
-
-@dataclass
-class Data:
-    """Datasets and loaders of one run."""
-
-    num_classes: int
-    input_size: tuple[int, ...]
-    train: Any
-    val: Any
-    stats: Any
-    recal: Any = None  # un-augmented training images for BatchNorm recalibration
-    classes: list[str] | None = None  # class names, for --dataset folder
-    mean: tuple[float, ...] | None = None  # input normalisation in use
-    std: tuple[float, ...] | None = None
-    select: Any = None  # held-out training images for model selection (--val-split)
-
-
-def build_data(config: Mapping[str, Any], *, need_train: bool = True,
-               need_stats: bool = True) -> Data:
-    """Datasets for statistics, fine-tuning and evaluation, as the config describes."""
-    from .data import build_dataset, build_loader, check_num_classes, dataset_info, subset
-
-    name = config["dataset"]
-    num_classes, input_size, mean, std = dataset_info(name)
-    known = known_normalisation(config)
-    mean = tuple(config.get("mean") or (known or {}).get("mean") or mean)
-    std = tuple(config.get("std") or (known or {}).get("std") or std)
-    common: dict[str, Any] = dict(mean=mean, std=std, download=bool(config.get("download")))
-    folder = str(name).lower() == "folder"
-    if folder:  # any class folders, at the model's input size
-        input_size = tuple(config.get("input_size") or _model_input_size(config))
-        common["image_size"] = input_size
-    root = config.get("data_root")
-    workers = int(config.get("workers") or 0)
-    seed = int(config.get("seed") or 0)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-
-    val_set = build_dataset(name, root, train=False, **common)
-    classes = list(getattr(val_set, "classes", []) or []) or None
-    if folder:
-        num_classes = len(classes or [])
-    check_num_classes(val_set, num_classes)
-    if config.get("val_subset") and config["val_subset"] < len(val_set):
-        val_set = subset(val_set, config["val_subset"], seed)
-    val = build_loader(val_set, config.get("eval_batch_size") or config["batch_size"],
-                       shuffle=False, workers=workers, seed=seed, distributed=distributed)
-    train = stats = select = None
-    if need_train:
-        train_set = build_dataset(name, root, train=True, cutout=bool(config.get("cutout")),
-                                  **common)
-        check_num_classes(train_set, num_classes)
-        if folder and list(train_set.classes) != classes:
-            raise DataError(f"the train and val folders of '{root}' hold different classes "
-                            f"({len(train_set.classes)} vs {len(classes or [])}); give both "
-                            "the same class folders")
-        if config.get("val_split"):
-            train_set, select = _hold_out(config, train_set, name, root, common, workers,
-                                          seed, distributed)
-        elif config.get("train_subset"):
-            train_set = subset(train_set, min(len(train_set), config["train_subset"]), seed)
-        # A last batch of one image cannot train BatchNorm on 1x1 feature maps: drop it.
-        single = len(train_set) > config["batch_size"] and \
-            len(train_set) % config["batch_size"] == 1
-        train = build_loader(train_set, config["batch_size"], shuffle=True, workers=workers,
-                             seed=seed, drop_last=single, distributed=distributed)
-    if need_stats:
-        # Statistics read un-augmented training images, a seeded random sample of them.
-        stats_set = build_dataset(name, root, train=True, augment=False, **common)
-        batch = config.get("stats_batch_size") or config["batch_size"]
-        stop = config.get("stop_batch")
-        if stop and stop * batch > len(stats_set):
-            logger.warning("--stop-batch %d asks for %d batches of %d images, but the training "
-                           "set has only %d images (%d batches); using all of them", stop, stop,
-                           batch, len(stats_set), math.ceil(len(stats_set) / batch))
-        elif stop:
-            stats_set = subset(stats_set, stop * batch, seed)
-        stats = build_loader(stats_set, batch, shuffle=False, workers=workers, seed=seed,
-                             distributed=distributed)
-    recal = None
-    if need_train and config.get("bn_recalibrate"):
-        plain = build_dataset(name, root, train=True, augment=False, **common)
-        count = min(len(plain), int(config["bn_recalibrate"]))
-        recal = build_loader(subset(plain, count, seed + 1),
-                             config.get("stats_batch_size") or config["batch_size"],
-                             shuffle=True, workers=workers, seed=seed + 1)
-    return Data(num_classes, tuple(input_size), train, val, stats, recal, classes, mean, std,
-                select)
-
-
-def _model_input_size(config: Mapping[str, Any]) -> tuple[int, ...]:
-    from .models import model_spec
-
-    if not config.get("model"):
-        raise ConfigError("--dataset folder needs --model (its input size sets the image "
-                          "size) or --model-dir")
-    return tuple(model_spec(config["model"]).input_size)
-
-
-def known_normalisation(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Mean and std of a recognised public ``--checkpoint`` (see ``cdprune.models.known``).
-
-    Used when the config gives no ``--mean``/``--std`` and the checkpoint was trained on the
-    config's dataset; ``None`` otherwise.
-    """
-    from .models.known import known_checkpoint
-
-    if not config.get("checkpoint") or (config.get("mean") and config.get("std")):
-        return None
-    known = known_checkpoint(config["checkpoint"])
-    if known is None or str(config.get("dataset")).lower() != known.dataset:
-        return None
-    logger.info("checkpoint '%s' is %s: normalising inputs with its mean %s and std %s",
-                config["checkpoint"], known.name, known.mean, known.std)
-    return {"mean": known.mean, "std": known.std}
-
-
-def check_base_accuracy(config: Mapping[str, Any], top1: float, images: int) -> str | None:
-    """Warn when a recognised checkpoint scores far below its known accuracy.
-
-    "Far" is more than 1 point and three standard errors of ``images`` test images; the
-    usual cause is another input normalisation than the checkpoint's. Returns the warning.
-    """
-    from .models.known import known_checkpoint
-
-    known = known_checkpoint(config["checkpoint"]) if config.get("checkpoint") else None
-    if known is None or str(config.get("dataset")).lower() != known.dataset or images <= 0:
-        return None
-    p = known.top1 / 100
-    margin = max(1.0, 300 * math.sqrt(p * (1 - p) / images))
-    if top1 >= known.top1 - margin:
-        return None
-    nums = " ".join(f"{v:g}" for v in known.mean), " ".join(f"{v:g}" for v in known.std)
-    message = (f"base model top-1 {top1:.2f}% is far below the {known.top1:.2f}% known for "
-               f"checkpoint '{config['checkpoint']}' ({known.name}); it expects inputs "
-               f"normalised with --mean {nums[0]} --std {nums[1]}")
-    logger.warning("%s", message)
-    return message
-
-
-def model_dir_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill what the pruned model of ``--model-dir`` recorded: input size, mean and std.
-
-    The values the user gave win; the run's own normalisation is the right default for
-    evaluating, fine-tuning or exporting its model.
-    """
-    from .deploy import find_run_model
-    from .pruning import read_plan
-
-    out = dict(config)
-    if not config.get("model_dir"):
-        return out
-    plan = read_plan(find_run_model(config["model_dir"], "pruned").pruned_dir)
-    extra = plan.get("extra") or {}
-    if plan.get("input_size"):
-        out.setdefault("input_size", list(plan["input_size"]))
-    same_data = str(extra.get("dataset") or "").lower() == str(config.get("dataset")).lower()
-    if same_data and not config.get("mean") and not config.get("std") and extra.get("mean") \
-            and extra.get("std"):
-        out["mean"], out["std"] = list(extra["mean"]), list(extra["std"])
-    return out
-
-
-def _hold_out(config: Mapping[str, Any], train_set: Any, name: str, root: Any,
-              common: Mapping[str, Any], workers: int, seed: int, distributed: bool
-              ) -> tuple[Any, Any]:
-    """Split ``--val-split`` training images off for model selection (never the test set).
-
-    The held-out images are read without augmentation; ``--train-subset`` then samples
-    from the rest. The split depends on the seed only.
-    """
-    from .data import Subset, build_dataset, build_loader
-
-    total, held = len(train_set), int(config["val_split"])
-    if not 0 < held < total:
-        raise ConfigError(f"--val-split {held} must hold out between 1 and {total - 1} of "
-                          f"the {total} training images")
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    held_idx, rest = order[:held].sort().values, order[held:]
-    if config.get("train_subset"):
-        rest = rest[:min(len(rest), int(config["train_subset"]))]
-    plain = build_dataset(name, root, train=True, augment=False, **common)
-    select = build_loader(Subset(plain, held_idx.tolist()),
-                          config.get("eval_batch_size") or config["batch_size"],
-                          shuffle=False, workers=workers, seed=seed, distributed=distributed)
-    return Subset(train_set, rest.sort().values.tolist()), select
 
 
 def _example(input_size: tuple[int, ...]) -> torch.Tensor:
@@ -555,81 +309,6 @@ def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | 
                                                           progress=progress).top1)
     return out
 
-
-def pruned_dir(path: str | os.PathLike) -> Path:
-    """The pruned-model directory: ``path`` itself or the ``pruned/`` of a run directory."""
-    path = Path(path)
-    return path / "pruned" if (path / "pruned" / "plan.json").is_file() else path
-
-
-def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
-                    num_classes: int | None, weights: str | None = None
-                    ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the pruned model saved under ``path`` (a run or pruned-model directory).
-
-    ``weights`` (default ``config["weights"]``, else ``"pruned"``) picks the fine-tuned or
-    pruned-only weights (see :func:`cdprune.deploy.find_run_model`); ``--checkpoint`` in
-    the config, when given, is loaded into the pruned architecture instead.
-
-    Raises:
-        ConfigError: ``--model`` names another architecture than the plan was made for.
-        DataError: the pruned model has another number of classes than the dataset.
-        CheckpointError: the plan or the weights do not fit the base model.
-    """
-    model, plan, _ = load_model_dir(path, config, num_classes, weights)
-    return model, plan
-
-
-def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
-                   num_classes: int | None, weights: str | None = None
-                   ) -> tuple[nn.Module, dict[str, Any], Any]:
-    """:func:`load_pruned_dir`, also returning the :class:`~cdprune.deploy.RunModel` used."""
-    from .deploy import find_run_model, read_finetuned
-    from .pruning import load_pruned, read_plan
-
-    found = find_run_model(path, weights or config.get("weights") or "pruned")
-    directory = found.pruned_dir
-    plan = read_plan(directory)
-    zoo = plan.get("zoo_model")
-    asked = config.get("model")
-    if asked and zoo and str(asked).lower() != str(zoo).lower():
-        raise ConfigError(f"--model {asked} does not match the model '{directory}' was pruned "
-                          f"from ({zoo}); leave out --model or pass --model {zoo}")
-    name = asked or zoo
-    if not name:
-        raise ConfigError(f"'{directory}' holds a user model; pass --model with a zoo name, "
-                          "or load it from Python with cdprune.load_pruned")
-    planned = (plan.get("extra") or {}).get("num_classes")
-    if num_classes is not None and isinstance(planned, int) and planned != num_classes:
-        dataset = (plan.get("extra") or {}).get("dataset") or "its own dataset"
-        raise DataError(f"the pruned model in '{directory}' has {planned} classes but dataset "
-                        f"'{config.get('dataset')}' has {num_classes}; use it with "
-                        f"--dataset {dataset}")
-    if num_classes is None and isinstance(planned, int):
-        num_classes = planned
-    base = build_model({**config, "model": name, "checkpoint": None, "dataset": None}, num_classes)
-    try:
-        model = load_pruned(directory, base)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc} (pruned model '{directory}'); prune {name} again with "
-                              "`cdprune prune`, or point --model-dir at a directory pruned "
-                              f"from {name}") from None
-    if config.get("checkpoint"):  # honoured, never ignored: weights of the pruned model
-        from .deploy import RunModel
-
-        source = config["checkpoint"]
-        try:
-            apply_weights(model, read_state_dict(source), source=source)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{exc}. With --model-dir, --checkpoint must hold weights of "
-                                  f"the pruned model (e.g. a fine-tuned best.pth), not of the "
-                                  "unpruned base model; leave out --checkpoint to use the "
-                                  "run's own weights") from None
-        found = RunModel(directory, Path(source), "checkpoint")
-    elif found.finetuned:
-        apply_weights(model, read_finetuned(found, plan), source=found.weights)
-    logger.info("loaded the %s weights of the pruned model from %s", found.kind, found.weights)
-    return model, plan, found
 
 
 def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,

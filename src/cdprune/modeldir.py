@@ -1,0 +1,125 @@
+"""Reading a pruned model back from its directory, or from a run directory holding one.
+
+A pruned model directory holds ``plan.json`` and the pruned weights; a run directory holds
+one under ``pruned/`` and, after fine-tuning, the fine-tuned weights too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checkpoint import apply_weights, read_state_dict
+from .errors import CheckpointError, ConfigError, DataError
+from .runsetup import build_model
+
+__all__ = ["load_model_dir", "load_pruned_dir", "model_dir_defaults", "pruned_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_dir_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill what the pruned model of ``--model-dir`` recorded: input size, mean and std.
+
+    The values the user gave win; the run's own normalisation is the right default for
+    evaluating, fine-tuning or exporting its model.
+    """
+    from .deploy import find_run_model
+    from .pruning import read_plan
+
+    out = dict(config)
+    if not config.get("model_dir"):
+        return out
+    plan = read_plan(find_run_model(config["model_dir"], "pruned").pruned_dir)
+    extra = plan.get("extra") or {}
+    if plan.get("input_size"):
+        out.setdefault("input_size", list(plan["input_size"]))
+    same_data = str(extra.get("dataset") or "").lower() == str(config.get("dataset")).lower()
+    if same_data and not config.get("mean") and not config.get("std") and extra.get("mean") \
+            and extra.get("std"):
+        out["mean"], out["std"] = list(extra["mean"]), list(extra["std"])
+    return out
+
+
+
+def pruned_dir(path: str | os.PathLike) -> Path:
+    """The pruned-model directory: ``path`` itself or the ``pruned/`` of a run directory."""
+    path = Path(path)
+    return path / "pruned" if (path / "pruned" / "plan.json").is_file() else path
+
+
+def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
+                    num_classes: int | None, weights: str | None = None
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the pruned model saved under ``path`` (a run or pruned-model directory).
+
+    ``weights`` (default ``config["weights"]``, else ``"pruned"``) picks the fine-tuned or
+    pruned-only weights (see :func:`cdprune.deploy.find_run_model`); ``--checkpoint`` in
+    the config, when given, is loaded into the pruned architecture instead.
+
+    Raises:
+        ConfigError: ``--model`` names another architecture than the plan was made for.
+        DataError: the pruned model has another number of classes than the dataset.
+        CheckpointError: the plan or the weights do not fit the base model.
+    """
+    model, plan, _ = load_model_dir(path, config, num_classes, weights)
+    return model, plan
+
+
+def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
+                   num_classes: int | None, weights: str | None = None
+                   ) -> tuple[nn.Module, dict[str, Any], Any]:
+    """:func:`load_pruned_dir`, also returning the :class:`~cdprune.deploy.RunModel` used."""
+    from .deploy import find_run_model, read_finetuned
+    from .pruning import load_pruned, read_plan
+
+    found = find_run_model(path, weights or config.get("weights") or "pruned")
+    directory = found.pruned_dir
+    plan = read_plan(directory)
+    zoo = plan.get("zoo_model")
+    asked = config.get("model")
+    if asked and zoo and str(asked).lower() != str(zoo).lower():
+        raise ConfigError(f"--model {asked} does not match the model '{directory}' was pruned "
+                          f"from ({zoo}); leave out --model or pass --model {zoo}")
+    name = asked or zoo
+    if not name:
+        raise ConfigError(f"'{directory}' holds a user model; pass --model with a zoo name, "
+                          "or load it from Python with cdprune.load_pruned")
+    planned = (plan.get("extra") or {}).get("num_classes")
+    if num_classes is not None and isinstance(planned, int) and planned != num_classes:
+        dataset = (plan.get("extra") or {}).get("dataset") or "its own dataset"
+        raise DataError(f"the pruned model in '{directory}' has {planned} classes but dataset "
+                        f"'{config.get('dataset')}' has {num_classes}; use it with "
+                        f"--dataset {dataset}")
+    if num_classes is None and isinstance(planned, int):
+        num_classes = planned
+    base = build_model({**config, "model": name, "checkpoint": None, "dataset": None}, num_classes)
+    try:
+        model = load_pruned(directory, base)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (pruned model '{directory}'); prune {name} again with "
+                              "`cdprune prune`, or point --model-dir at a directory pruned "
+                              f"from {name}") from None
+    if config.get("checkpoint"):  # honoured, never ignored: weights of the pruned model
+        from .deploy import RunModel
+
+        source = config["checkpoint"]
+        try:
+            apply_weights(model, read_state_dict(source), source=source)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}. With --model-dir, --checkpoint must hold weights of "
+                                  f"the pruned model (e.g. a fine-tuned best.pth), not of the "
+                                  "unpruned base model; leave out --checkpoint to use the "
+                                  "run's own weights") from None
+        found = RunModel(directory, Path(source), "checkpoint")
+    elif found.finetuned:
+        apply_weights(model, read_finetuned(found, plan), source=found.weights)
+    logger.info("loaded the %s weights of the pruned model from %s", found.kind, found.weights)
+    return model, plan, found
+
+
