@@ -1,0 +1,147 @@
+"""The latency model and allocation, with a fake timer: no test here times anything."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cdprune.latency import (
+    LatencySettings,
+    LatencyTable,
+    UnitChange,
+    fastest_multiple,
+    greedy_order,
+    layer_shape,
+    layer_shapes,
+    measure_network,
+)
+
+from .helpers import SmallNet
+
+
+class FakeTimer:
+    """Seconds from MACs (1 ns each) plus a penalty for output widths not a multiple of 4;
+    counts its calls. Works on single layers and whole networks alike."""
+
+    __qualname__ = "FakeTimer"
+
+    def __init__(self, penalty: float = 0.0):
+        self.calls = 0
+        self.penalty = penalty
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        self.calls += 1
+        total = []
+
+        def hook(m, inputs, out):
+            if isinstance(m, nn.Conv2d):
+                macs = out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                width = m.out_channels
+            else:
+                macs = out.numel() * m.in_features
+                width = m.out_features
+            total.append(1e-9 * macs * (1 + (self.penalty if width % 4 else 0.0)))
+
+        hooks = [m.register_forward_hook(hook) for m in module.modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            module(x)
+        for h in hooks:
+            h.remove()
+        return sum(total)
+
+
+def settings(tmp_path, timer, **kw):
+    return LatencySettings(batch_size=2, threads=1, timer=timer, cache_dir=tmp_path, **kw)
+
+
+def test_table_is_cached_per_key(tmp_path):
+    model, x = SmallNet().eval(), torch.randn(1, 3, 8, 8)
+    shapes = layer_shapes(model, x)
+    timer = FakeTimer()
+    table = LatencyTable.measure(shapes.values(), settings(tmp_path, timer))
+    assert table.measured == timer.calls > 0
+    files = list(tmp_path.glob("latency-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["key"] == table.key
+    again = LatencyTable.measure(shapes.values(), settings(tmp_path, timer))
+    assert again.measured == 0 and timer.calls == table.measured  # a hit: nothing timed
+    assert again.tables == table.tables
+    # Another batch size, another file: the miss times again.
+    other = LatencyTable.measure(shapes.values(), LatencySettings(
+        batch_size=4, threads=1, timer=timer, cache_dir=tmp_path))
+    assert other.measured == table.measured and len(list(tmp_path.glob("*.json"))) == 2
+    assert other.key["batch_size"] == 4 and other.key["layers"] == table.key["layers"]
+
+
+def test_corrupt_cache_is_measured_again(tmp_path):
+    shapes = layer_shapes(SmallNet().eval(), torch.randn(1, 3, 8, 8))
+    timer = FakeTimer()
+    LatencyTable.measure(shapes.values(), settings(tmp_path, timer))
+    path = next(tmp_path.glob("latency-*.json"))
+    path.write_text("{not json")
+    table = LatencyTable.measure(shapes.values(), settings(tmp_path, timer))
+    assert table.measured > 0 and json.loads(path.read_text())["key"] == table.key
+
+
+def test_predict_matches_grid_and_interpolates(tmp_path):
+    conv = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    shape = layer_shape(conv, (1, 16, 8, 8))
+    timer = FakeTimer()
+    table = LatencyTable.measure([shape], settings(tmp_path, timer))
+    ins, outs = shape.grid()
+    assert ins == [4, 8, 12, 16] and outs == [8, 16, 24, 32]
+    exact = FakeTimer()(shape.build(12, 24)[0], torch.randn(2, 12, 8, 8))
+    assert table.predict(shape, 12, 24) == pytest.approx(exact)
+    # MACs are bilinear in the widths, so interpolation between grid points is exact here.
+    between = FakeTimer()(shape.build(10, 20)[0], torch.randn(2, 10, 8, 8))
+    assert table.predict(shape, 10, 20) == pytest.approx(between)
+    assert table.predict(shape, 16, 32) > table.predict(shape, 16, 31) > table.predict(shape, 8, 31)
+
+
+def test_fastest_multiple_follows_the_timings(tmp_path):
+    shape = layer_shape(nn.Conv2d(64, 64, 3, padding=1), (1, 64, 8, 8))
+    assert fastest_multiple(shape, settings(tmp_path, FakeTimer(penalty=0.5))) == 4
+    assert fastest_multiple(shape, settings(tmp_path, FakeTimer(penalty=0.0))) == 1
+
+
+def test_measure_network_uses_batch_and_restores_mode(tmp_path):
+    model = SmallNet().train()
+    seen = []
+    t = measure_network(model, torch.randn(1, 3, 8, 8),
+                        settings(tmp_path, lambda m, x: seen.append(x.shape) or 0.5))
+    assert t == 0.5 and seen == [torch.Size([2, 3, 8, 8])] and model.training
+
+
+def _uniform_table(shapes, seconds_per_channel):
+    """A table where each layer costs ``seconds_per_channel[key] * out`` seconds."""
+    tables = {}
+    for k, s in shapes.items():
+        ins, outs = s.grid()
+        tables[s.key()] = {"in": ins, "out": outs,
+                           "s": [[seconds_per_channel[k] * o for o in outs] for _ in ins]}
+    return LatencyTable(tables, {})
+
+
+def test_greedy_removes_lowest_score_per_second_first():
+    conv = nn.Conv2d(8, 8, 1)
+    shapes = {"a": layer_shape(conv, (1, 8, 4, 4)),
+              "b": layer_shape(nn.Conv2d(8, 8, 1, stride=2), (1, 8, 4, 4))}
+    # a's channels save 1 s each, b's 4 s: at equal scores, b goes first; a unit of a with
+    # ratios a: 1, 2, 3 and b: 0.25, 1.25, 2.25 interleave.
+    table = _uniform_table(shapes, {"a": 1.0, "b": 4.0})
+    groups = [[UnitChange(0, s, [("a", 0, 1)]) for s in (1.0, 2.0, 3.0)],
+              [UnitChange(1, s, [("b", 0, 1)]) for s in (1.0, 5.0, 9.0)]]
+    order = greedy_order(groups, shapes, table)
+    assert [(g, i) for g, i, _ in order] == [(1, 0), (0, 0), (1, 1), (0, 1), (1, 2), (0, 2)]
+    totals = [t for _, _, t in order]
+    assert totals[0] == pytest.approx(8 + 32 - 4) and totals[-1] == pytest.approx(40 - 15)
+    assert all(a > b for a, b in zip(totals, totals[1:]))
+
+
+def test_greedy_puts_units_that_save_nothing_last():
+    shapes = {"a": layer_shape(nn.Conv2d(8, 8, 1), (1, 8, 4, 4))}
+    table = _uniform_table(shapes, {"a": 1.0})
+    groups = [[UnitChange(0, 0.0, [("elsewhere", 0, 1)])],
+              [UnitChange(1, 100.0, [("a", 0, 1)])]]
+    assert [g for g, _, _ in greedy_order(groups, shapes, table)] == [1, 0]
