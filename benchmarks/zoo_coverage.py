@@ -193,11 +193,11 @@ def _torch_pruning_run(source: str, name: str, threads: int) -> dict:
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 10]
     start = time.perf_counter()
     try:
-        from cdprune.pruning import _custom_pruners  # our option-A shortcut layer
+        from cdprune.pruning import custom_pruners  # our option-A shortcut layer
 
         pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
                                       pruning_ratio=0.2, ignored_layers=heads,
-                                      customized_pruners=_custom_pruners())
+                                      customized_pruners=custom_pruners())
         pruner.step()
         with torch.no_grad():
             out = model(x)

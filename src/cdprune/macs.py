@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .evaluate import eval_mode
 
 __all__ = ["count_macs", "count_params", "profile"]
 
@@ -63,11 +64,10 @@ def profile(model: nn.Module, input_size: Sequence[int] | None = None,
         name = names[module]
         per_layer[name] = per_layer.get(name, 0) + _layer_macs(module, args[0], out)
 
-    modes = {m: m.training for m in model.modules()}
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
     try:
-        model.eval()  # a forward in train mode would move BN running statistics
-        with torch.no_grad():
+        # A forward in train mode would move BN running statistics.
+        with eval_mode(model), torch.no_grad():
             if isinstance(inputs, Mapping):
                 model(**inputs)
             elif isinstance(inputs, (list, tuple)):
@@ -77,8 +77,6 @@ def profile(model: nn.Module, input_size: Sequence[int] | None = None,
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     return {"macs": sum(per_layer.values()), "params": count_params(model), "layers": per_layer}
 
 

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pruning.graph import ChannelPruner, register_pruner
 from .registry import init_weights, register_model
 
-__all__ = ["CifarResNet", "PadShortcut", "BasicBlock"]
+__all__ = ["CifarResNet", "PadShortcut", "PadShortcutPruner", "BasicBlock"]
 
 CIFAR_INPUT = (3, 32, 32)
 DEPTHS = (20, 32, 44, 56, 110)
@@ -98,6 +99,43 @@ class PadShortcut(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
                 f"planes_pad={self.planes_pad}")
+
+
+class PadShortcutPruner(ChannelPruner):
+    """Teaches Torch-Pruning the option-A shortcut, which it would read as element-wise.
+
+    The shortcut places input channel ``i`` at output position ``index[i]`` (or nowhere),
+    so input and output channels are pruned independently and stay exact: a removed input
+    channel leaves zeros where it went, exactly what the unpruned model computes once
+    that channel is zeroed.
+    """
+
+    # The residual stream of an option-A network widens by zero padding; pruning it
+    # would need the padding and the convolutions to agree, so by default only the
+    # channels inside each block are pruned.
+    scope = "internal"
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        layer.remove_outputs(idxs)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        layer.remove_inputs(idxs)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+    def locked_outputs(self, layer: nn.Module, idxs: Sequence[int]) -> torch.Tensor:
+        # A stream position fed by the shortcut is not zero when its conv branch is:
+        # removing it would change the function. Only the zero-padded positions can go.
+        return layer.gather[list(idxs)] < layer.in_channels
+
+
+register_pruner(PadShortcut, PadShortcutPruner())
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,313 @@
+"""Pruning to a target: :func:`prune` and what it returns.
+
+Scores rank filters globally, as in the paper; channels are then removed for real
+through Torch-Pruning's dependency graph, so layers whose channels are coupled (residual
+additions, concatenation, depthwise convolutions) shrink together and the pruned network
+is genuinely smaller and faster. The final model is measured for real, and its widths
+checked against the search's prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..macs import count_macs, count_params
+from ..scoring import CDPImportance
+from ..suggest import did_you_mean
+from .graph import _first_sample, _trace, auto_scope
+from .groups import _candidates
+from .plan import _apply
+from .search import MACS_TOLERANCE, _by_macs, _by_sparsity, _Search
+
+__all__ = ["PruneResult", "conv_widths", "prune"]
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("auto", "internal", "all")
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did.
+
+    Attributes:
+        model: the pruned network (a new module unless ``inplace=True``).
+        plan: plain-data record that rebuilds the pruned architecture from the base model:
+            ``steps`` (the group removals, in order) and ``kept`` (per pruned module, the
+            kept output-channel indices of the original).
+        macs_before, macs_after, params_before, params_after: measured on the real models.
+        widths_before, widths_after: output channels of every Conv2d.
+        removed_filters, candidate_filters: scored filters removed, out of those that could
+            be (in scope, not ignored).
+    """
+
+    model: nn.Module
+    plan: dict[str, Any]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    widths_before: dict[str, int]
+    widths_after: dict[str, int]
+    removed_filters: int = 0
+    candidate_filters: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def macs_reduction(self) -> float:
+        """Fraction of the base model's MACs removed."""
+        return 1.0 - self.macs_after / self.macs_before
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of candidate filters removed."""
+        return self.removed_filters / max(1, self.candidate_filters)
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers for reports: MACs, parameters, sparsity and per-layer widths."""
+        return {
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "macs_reduction": round(self.macs_reduction, 6),
+            "params_before": self.params_before, "params_after": self.params_after,
+            "removed_filters": self.removed_filters,
+            "candidate_filters": self.candidate_filters,
+            "sparsity": round(self.sparsity, 6),
+            "widths_before": self.widths_before, "widths_after": self.widths_after,
+        }
+
+
+def _validate(sparsity: float | None, macs_reduction: float | None, scope: str,
+              max_layer_pruning: float, round_to: int | None) -> None:
+    if (sparsity is None) == (macs_reduction is None):
+        raise ConfigError("give exactly one pruning target: sparsity (fraction of filters) or "
+                          "macs_reduction (fraction of MACs), e.g. --macs-reduction 0.5")
+    for name, value in (("sparsity", sparsity), ("macs_reduction", macs_reduction)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
+            raise ConfigError(f"{name}={value} is outside (0, 1); give a fraction such as 0.5")
+    if scope not in SCOPES:
+        raise ConfigError(f"scope={scope!r} is not valid; use one of {', '.join(SCOPES)}")
+    if not 0 < max_layer_pruning <= 1:
+        raise ConfigError(f"max_layer_pruning={max_layer_pruning} is outside (0, 1]")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to={round_to} must be a positive integer (e.g. 8) or None")
+
+
+def _resolve_modules(model: nn.Module, names: Iterable[str] | None, what: str
+                     ) -> list[nn.Module]:
+    named = dict(model.named_modules())
+    modules = []
+    for name in names or ():
+        if name not in named:
+            hint = did_you_mean(name, named, before="; ")
+            raise ConfigError(f"{what} '{name}' is not a module of the model{hint}")
+        modules.append(named[name])
+    return modules
+
+
+def _check_scores(model: nn.Module, scores: Mapping[str, torch.Tensor]) -> set[nn.Module]:
+    named = dict(model.named_modules())
+    modules = set()
+    for name, score in scores.items():
+        module = named.get(name)
+        if not isinstance(module, nn.Conv2d):
+            hint = did_you_mean(name, [n for n, m in named.items()
+                                       if isinstance(m, nn.Conv2d)], before="; ")
+            raise ConfigError(f"scores name '{name}', which is not a Conv2d of the model{hint}"
+                              "; were the scores computed on another architecture?")
+        if torch.as_tensor(score).numel() != module.out_channels:
+            raise ConfigError(f"scores of '{name}' have {torch.as_tensor(score).numel()} entries "
+                              f"but the layer has {module.out_channels} filters")
+        modules.add(module)
+    if not modules:
+        raise ConfigError("no scores given: collect statistics and score them first")
+    return modules
+
+
+def conv_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every Conv2d, by name."""
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def prune(
+    model: nn.Module,
+    scores: Mapping[str, torch.Tensor],
+    *,
+    example_inputs: Any,
+    sparsity: float | None = None,
+    macs_reduction: float | None = None,
+    ignored_layers: Iterable[str] | None = None,
+    scope: str = "auto",
+    max_layer_pruning: float = 0.9,
+    round_to: int | None = None,
+    group_reduction: str = "mean",
+    allocation: str = "global",
+    inplace: bool = False,
+) -> PruneResult:
+    """Remove the lowest-scoring filters physically, to a sparsity or a MACs target.
+
+    Args:
+        model: the network to prune (left untouched unless ``inplace``).
+        scores: per-filter scores keyed by Conv2d name, e.g. from
+            :func:`~cdprune.scoring.tfidf_scores`; higher is kept first.
+        example_inputs: a batch the model accepts, used to trace dependencies and shapes.
+        sparsity: fraction of candidate filters to remove, by one global ranking.
+        macs_reduction: fraction of the model's MACs to remove; the result lands within
+            0.3 percentage points of it, or, when the removable units are too coarse, on
+            the nearest reachable reduction below it (logged, and recorded in
+            ``result.extra["macs_target_missed"]``).
+        ignored_layers: module names whose output channels must not be pruned.
+        scope: ``"internal"`` prunes only channels that belong to one layer's output
+            (block-internal channels of residual networks); ``"all"`` also prunes coupled
+            channels such as the residual stream; ``"auto"`` picks ``"internal"`` for
+            option-A CIFAR ResNets (their shortcut's registered pruner asks for it, see
+            :func:`register_pruner`) and ``"all"`` otherwise.
+        max_layer_pruning: no group loses more than this fraction of its channels (and
+            every layer keeps at least one).
+        round_to: keep channel counts at multiples of this (faster kernels), or None.
+        group_reduction: how coupled channels combine their scores.
+        allocation: ``"global"`` ranks raw group scores across the whole network (the
+            paper); ``"uniform"`` ranks each channel by its rank within its group, so
+            every group loses about the same fraction and scores only choose *which*
+            channels go inside a layer.
+        inplace: prune ``model`` itself instead of a copy.
+
+    Returns:
+        The pruned model, its plan and its MACs, parameters and widths before and after.
+
+    Raises:
+        ConfigError: bad target or arguments, unknown layer names, scores that do not fit
+            the model, or a MACs target that cannot be reached under the constraints.
+        UnsupportedModelError: Torch-Pruning misreads the graph around the named layers
+            even once they are ignored (or ``inplace=True``, which forbids the retry).
+    """
+    _validate(sparsity, macs_reduction, scope, max_layer_pruning, round_to)
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation={allocation!r} is not valid; use one of "
+                          f"{', '.join(ALLOCATIONS)}")
+    _check_scores(model, scores)
+    ignored_named = list(ignored_layers or ())
+    _resolve_modules(model, ignored_named, "ignored layer")
+    if scope == "auto":
+        scope = auto_scope(model)
+
+    ignored_extra: list[str] = []
+    for attempt in range(3):
+        work = model if inplace else copy.deepcopy(model)
+        try:
+            result = _prune_once(work, scores, example_inputs, sparsity, macs_reduction,
+                                 ignored_named + ignored_extra, scope, max_layer_pruning,
+                                 round_to, group_reduction, allocation)
+            break
+        except _Misread as exc:
+            if inplace or attempt == 2:
+                raise UnsupportedModelError(
+                    f"Torch-Pruning's dependency graph misreads layers {', '.join(exc.names)}:"
+                    " pruning would not give the shapes it predicts; pass them as "
+                    "ignored_layers" + (" (or prune a copy: inplace=False does this "
+                                        "itself)" if inplace else "")) from None
+            logger.warning("Torch-Pruning's dependency graph misreads layers %s; pruning "
+                           "again with them ignored", ", ".join(exc.names))
+            ignored_extra += exc.names
+    if ignored_extra:
+        result.extra["auto_ignored"] = ignored_extra
+    result.plan["scope"] = scope
+    if macs_reduction is not None and abs(result.macs_reduction - macs_reduction) > MACS_TOLERANCE:
+        if result.macs_reduction > macs_reduction:
+            raise ConfigError(
+                f"pruned MACs reduction {result.macs_reduction:.4f} overshoots the target "
+                f"{macs_reduction} by more than 0.3 points; try another target")
+        # Coarse units (grouped convolutions, round_to): the nearest reduction below.
+        logger.warning("a MACs reduction of %s cannot be reached within 0.3 points: the "
+                       "removable units are too coarse; landed on %.4f, the nearest "
+                       "reachable reduction below the target that the search found",
+                       macs_reduction, result.macs_reduction)
+        result.extra["macs_target_missed"] = {"target": macs_reduction,
+                                              "reached": round(result.macs_reduction, 6)}
+    logger.info("pruned %d of %d candidate filters: MACs %.2fM -> %.2fM (-%.1f%%)",
+                result.removed_filters, result.candidate_filters, result.macs_before / 1e6,
+                result.macs_after / 1e6, 100 * result.macs_reduction)
+    return result
+
+
+class _Misread(Exception):
+    """Pruning gave other shapes than predicted: the dependency graph was misread."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inputs: Any,
+                sparsity: float | None, macs_reduction: float | None,
+                ignored_named: list[str], scope: str, max_layer_pruning: float,
+                round_to: int | None, group_reduction: str, allocation: str) -> PruneResult:
+    names = {m: n for n, m in work.named_modules()}
+    named = dict(work.named_modules())
+    scored = {named[n] for n in scores}
+    ignored = _resolve_modules(work, ignored_named, "ignored layer")
+    trace = _trace(work, example_inputs)
+    ignored += [m for m in trace.output_layers if m not in ignored]
+
+    macs_before = count_macs(work, example_inputs=_first_sample(example_inputs))
+    params_before = count_params(work)
+    widths_before = conv_widths(work)
+    graph = trace.graph
+    importance = CDPImportance(scores, group_reduction=group_reduction, model=work)
+    cands = _candidates(graph, importance, ignored, scope, max_layer_pruning, scored, names)
+    search = _Search(cands, trace.geometry, round_to, allocation)
+    candidate_filters = sum(int(c.scored[c.allowed].sum()) for c in cands)
+    if not cands:
+        raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
+                          "free of ignored layers; try scope='all' or fewer ignored layers")
+
+    if sparsity is not None:
+        removals = _by_sparsity(search, sparsity, candidate_filters)
+    else:
+        removals = _by_macs(search, macs_reduction, scope, max_layer_pruning)
+    if not any(removals):
+        raise ConfigError(
+            "the pruning target removes no channel" + (
+                f": with round_to={round_to} the smallest block any layer can lose is too "
+                "large; use a smaller round_to" if round_to else
+                "; raise the target or max_layer_pruning"))
+
+    plan = _apply(graph, cands, removals, names)
+    plan.update(scope=scope, target={"sparsity": sparsity, "macs_reduction": macs_reduction},
+                round_to=round_to, max_layer_pruning=max_layer_pruning, allocation=allocation)
+    wrong = [names[m] for m, (c_in, c_out) in search.widths(removals).items()
+             if _width_of(m) != (c_in, c_out)]
+    if wrong:
+        raise _Misread(wrong)
+    try:
+        macs_after = count_macs(work, example_inputs=_first_sample(example_inputs))
+    except RuntimeError as exc:  # an op Torch-Pruning did not see, with a fixed width
+        raise UnsupportedModelError(
+            f"the pruned model no longer runs ({_first_line(exc)}): an operation inside one "
+            "of its modules has a channel count Torch-Pruning cannot see; pass the layers "
+            "feeding it as ignored_layers") from None
+    predicted = search.macs(removals)
+    if predicted != macs_after:
+        logger.warning("analytic MACs %d differ from measured %d; the MACs target search may "
+                       "be off for this architecture", predicted, macs_after)
+    return PruneResult(work, plan, macs_before, macs_after, params_before, count_params(work),
+                       widths_before, conv_widths(work), search.filters(removals),
+                       candidate_filters)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _width_of(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features

@@ -1,0 +1,312 @@
+"""Torch-Pruning's dependency graph as cdprune reads it, and the layers taught to it.
+
+Torch-Pruning traces a model once and links every channel to the channels that must go
+with it. This module builds that graph, corrects what it misreads (channel splits,
+regroupings), records each layer's shapes for the analytic MACs count, and says which
+group members cannot lose channels. Module types Torch-Pruning cannot read by itself
+(a layer that places channels, such as the option-A shortcut) are taught to it through
+:func:`register_pruner`, next to the model that defines them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import ConfigError
+from ..evaluate import eval_mode
+
+__all__ = ["ChannelPruner", "custom_pruners", "register_pruner"]
+
+# Why channels are left unpruned (see _fixed_layout).
+SPLIT = "they pass through a torch.split/chunk whose piece sizes the model's code fixes"
+REGROUPING = "they pass through a channel regrouping (a view to groups, e.g. a shuffle)"
+
+
+# ---------------------------------------------------------------------- customised pruners
+class ChannelPruner(tp.pruner.function.BasePruningFunc):
+    """How to prune a module type that Torch-Pruning cannot read by itself.
+
+    Subclasses implement Torch-Pruning's four methods (``prune_out_channels``,
+    ``prune_in_channels``, ``get_out_channels``, ``get_in_channels``) and may say more
+    through the two hooks below. Register an instance with :func:`register_pruner`.
+    """
+
+    #: What ``scope="auto"`` picks for a model holding this module type (None: no say).
+    scope: str | None = None
+
+    def locked_outputs(self, layer: nn.Module, idxs: Sequence[int]) -> torch.Tensor | None:
+        """Which of the output positions ``idxs`` must stay (a bool mask), or None: none.
+
+        A position whose removal would change the function (it carries a signal the
+        rest of the group does not zero) is never pruned.
+        """
+        return None
+
+
+_PRUNERS: dict[type, ChannelPruner] = {}
+
+
+def register_pruner(module_type: type[nn.Module], pruner: ChannelPruner) -> None:
+    """Teach the pruner a module type: graphs built from now on prune it with ``pruner``.
+
+    Raises:
+        ConfigError: ``pruner`` is not a :class:`ChannelPruner`.
+    """
+    if not isinstance(pruner, ChannelPruner):
+        raise ConfigError(f"the pruner for {module_type.__name__} is a "
+                          f"{type(pruner).__name__}; give a ChannelPruner instance")
+    _PRUNERS[module_type] = pruner
+
+
+def custom_pruners() -> dict[type, ChannelPruner]:
+    """The registered module types and their pruners (a copy)."""
+    return dict(_PRUNERS)
+
+
+def auto_scope(model: nn.Module) -> str:
+    """``scope="auto"`` for ``model``: what a registered pruner asks for, else ``"all"``."""
+    for module in model.modules():
+        pruner = _PRUNERS.get(type(module))
+        if pruner is not None and pruner.scope is not None:
+            return pruner.scope
+    return "all"
+
+
+# ---------------------------------------------------------------------- dependency graph
+def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
+    with eval_mode(model), torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, customized_pruners=custom_pruners(),
+            verbose=False)
+    _fix_splits(graph)
+    _mark_regroupings(graph)
+    return graph
+
+
+def _mark_regroupings(graph: tp.DependencyGraph) -> None:
+    """Mark the reshapes that regroup channels, and switch off their index mapping.
+
+    Apart from flattening features into a Linear classifier, a reshape in a CNN regroups
+    channels: ``view(b, groups, c // groups, h, w)`` of a channel shuffle or of split
+    attention (ResNeSt), or the radix softmax behind it. Torch-Pruning reads them as
+    flattens and maps each index to a run of indices, which on ResNeSt builds groups of
+    millions of indices (tens of seconds). The channels through them are left unpruned
+    (:func:`_fixed_layout`), so these reshapes just pass indices through.
+    """
+    ops_module = tp.ops.__name__
+
+    def feeds_only_linear(node: Any) -> bool:
+        stack, seen, linear = list(node.outputs), set(), False
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if isinstance(n.module, nn.Linear):
+                linear = True
+            elif type(n.module).__module__ != ops_module or n.type == tp.ops.OPTYPE.RESHAPE:
+                return False
+            else:
+                stack += n.outputs
+        return linear
+
+    for node in list(graph.module2node.values()):
+        if node.grad_fn is not None and node.grad_fn.name() == "CopySlices":
+            # x[:, :c] += y (ReXNet's partial residual): read as a plain addition, which
+            # sends Torch-Pruning's group tracing round in circles for minutes.
+            node.cdprune_fixed = "they pass through an in-place write into a channel slice"
+            continue
+        if (node.type == tp.ops.OPTYPE.ELEMENTWISE and node.grad_fn is not None
+                and "Convolution" in node.grad_fn.name()):
+            # F.conv2d with a fixed filter inside a module (TResNet's anti-aliasing blur):
+            # its channel count is baked into the filter.
+            node.cdprune_fixed = ("they pass through a functional convolution with a fixed "
+                                  "filter (F.conv2d)")
+            continue
+        ndim = len(getattr(node.grad_fn, "_saved_self_sym_sizes", ()) or ())
+        # Feature maps only: reshaping a per-channel parameter to (1, C, 1, 1) is harmless.
+        if (node.type != tp.ops.OPTYPE.RESHAPE or ndim < 4 or feeds_only_linear(node)
+                or not any(n.type != tp.ops.OPTYPE.PARAMETER for n in node.inputs)):
+            continue  # a weight reshaped (weight standardisation) is no regrouping
+        node.cdprune_fixed = REGROUPING
+        node.type = tp.ops.OPTYPE.ELEMENTWISE
+        deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
+                                          for d in n.dependencies if d.target is node]
+        for dep in deps:
+            dep.index_mapping = [None] * len(dep.index_mapping)
+
+
+def _fix_splits(graph: tp.DependencyGraph) -> None:
+    """Give Torch-Pruning the real sizes and order of the pieces of every channel split.
+
+    It guesses a ``chunk``'s piece sizes from the layers around it, and takes the split's
+    consumers in the order it met them while tracing as the order of the pieces; both go
+    wrong on cross-stage (CSP) and Res2Net blocks. The autograd graph knows both: the
+    split's saved sizes, and which output each consumer reads.
+    """
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT:
+            continue
+        fn = node.grad_fn
+        shape, dim = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_dim", None)
+        if shape is None or dim is None or dim - len(shape) * (dim >= len(shape)) not in (1, -3):
+            continue
+        total = int(shape[1])
+        if hasattr(fn, "_saved_split_sizes"):
+            pieces = [int(p) for p in fn._saved_split_sizes]
+        elif hasattr(fn, "_saved_split_size"):
+            step = int(fn._saved_split_size)
+            pieces = [step] * (total // step) + ([total % step] if total % step else [])
+        else:
+            continue
+        order = {}
+        for out in node.outputs:
+            nrs = {nr for f, nr in getattr(out.grad_fn, "next_functions", ()) if f is fn}
+            if len(nrs) == 1:
+                order[out] = nrs.pop()
+        if len(order) != len(node.outputs) or sorted(order.values()) != list(range(len(pieces))):
+            continue  # a consumer reads several pieces, or a piece is unused: leave it
+        node.outputs.sort(key=order.__getitem__)
+        node.module.split_sizes = pieces
+        node.module.offsets = [sum(pieces[:i]) for i in range(len(pieces) + 1)]
+    for node in graph.module2node.values():
+        if node.type == tp.ops.OPTYPE.CONCAT:
+            node.module.concat_sizes = None  # inferred again, from the corrected splits
+
+
+# ---------------------------------------------------------------------- analytic MACs
+@dataclass
+class _Geometry:
+    """Shape facts of one Conv2d/Linear layer, enough to recount its MACs after pruning."""
+
+    in_ch: int
+    out_ch: int
+    groups: int
+    kernel: int
+    positions: int  # output positions per sample (H*W for conv)
+
+    def macs(self, out_rm: int = 0, in_rm: int = 0, depthwise_rm: int = 0) -> int:
+        out = self.out_ch - out_rm - depthwise_rm
+        if self.groups > 1 and self.groups == self.in_ch:  # depthwise: one input per output
+            return self.positions * out * self.kernel
+        return self.positions * out * ((self.in_ch - in_rm) // self.groups) * self.kernel
+
+
+@dataclass
+class _Trace:
+    """What Torch-Pruning's traced forward pass of one sample tells: the dependency
+    graph, every Conv2d/Linear's shapes and the layer that produced the output (the
+    classifier, never pruned)."""
+
+    graph: tp.DependencyGraph
+    geometry: dict[nn.Module, _Geometry]
+    output_layers: list[nn.Module]
+
+
+def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
+    geo: dict[nn.Module, _Geometry] = {}
+    last: list[nn.Module] = []
+
+    def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            geo[m] = _Geometry(m.in_channels, m.out_channels, m.groups,
+                               m.kernel_size[0] * m.kernel_size[1],
+                               out.shape[-1] * out.shape[-2])
+        elif isinstance(m, nn.Linear):
+            geo[m] = _Geometry(m.in_features, m.out_features, 1, 1,
+                               out.numel() // out.shape[0] // m.out_features)
+        last[:] = [m]
+
+    # Torch-Pruning traces with a forward pass (and runs the first layer once more on
+    # its own, hence no MACs counting here); the hooks read it too.
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        graph = _build_graph(model, _first_sample(example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return _Trace(graph, geo, last)
+
+
+def _first_sample(example_inputs: Any) -> Any:
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs[:1]
+    return example_inputs
+
+
+def _kind(fn: Any) -> str | None:
+    if fn == tp.prune_depthwise_conv_out_channels:
+        return "dw"
+    if fn == tp.prune_conv_out_channels or fn == tp.prune_linear_out_channels:
+        return "out"
+    if fn == tp.prune_conv_in_channels or fn == tp.prune_linear_in_channels:
+        return "in"
+    return None
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    """A grouped convolution (not depthwise): each group must keep as many channels."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1
+            and module.groups != module.out_channels)
+
+
+def _dimension(module: nn.Module, kind: str | None) -> int | None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    if kind in ("out", "dw"):
+        return getattr(module, "out_channels", getattr(module, "out_features", None))
+    if kind == "in":
+        return getattr(module, "in_channels", getattr(module, "in_features", None))
+    return None
+
+
+def _misread(item: Any) -> bool:
+    """True when Torch-Pruning's indices for one group member cannot be right.
+
+    Its index bookkeeping goes wrong on some graphs (a ``torch.split`` whose pieces are
+    added to other tensors, as in Res2Net): a member then gets more indices than the group
+    has channels, or indices past the layer's width. Such a group is never pruned.
+    """
+    module, kind = item.dep.target.module, _kind(item.dep.pruning_fn)
+    if (isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1
+            and module.in_channels != module.out_channels):
+        return True  # depthwise with a channel multiplier on its input: read as 1:1
+    size = _dimension(module, kind) if isinstance(module, nn.Module) else None
+    if size is None:
+        return False
+    idxs = list(item.idxs)
+    if len(idxs) != len(item.root_idxs) or any(not 0 <= i < size for i in idxs):
+        return True
+    return kind != "in" and len(set(idxs)) != len(idxs)
+
+
+def _fixed_layout(item: Any) -> str | None:
+    """Why channels through this group member cannot be removed, or None if they can.
+
+    The model's own code fixes some channel layouts with plain numbers that pruning
+    cannot change: ``torch.split(x, width)`` (Res2Net, CSP), ``x[:, :n]`` (Ghost modules
+    whose slice drops channels) and the ``view(b, groups, c // groups, h, w)`` of a
+    channel shuffle. Pruning channels that pass through them would change the function.
+    """
+    node = item.dep.target
+    if getattr(node, "cdprune_fixed", None):
+        return node.cdprune_fixed
+    if node.type not in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.RESHAPE):
+        return None
+    fn = node.grad_fn
+    dim = getattr(fn, "_saved_dim", 1)
+    ndim = len(getattr(fn, "_saved_self_sym_sizes", ())) or 4
+    if node.type == tp.ops.OPTYPE.RESHAPE:
+        return REGROUPING if ndim >= 5 else None
+    if not isinstance(dim, int) or dim % ndim not in (1, ndim - 1):
+        return None  # not the channel dim of NCHW, nor of NHWC (channels-last blocks)
+    return (SPLIT if node.type == tp.ops.OPTYPE.SPLIT else
+            "they pass through a channel slice whose bounds the model's code fixes")

@@ -1,0 +1,196 @@
+"""The plan of a pruning, and pruned models on disk.
+
+A pruned model is saved as ``model.safetensors`` plus ``plan.json``: which channels of
+which layer were removed, in the base model's numbering. Loading replays the plan on a
+fresh base model and loads the weights into it: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..checkpoint import atomic_write_text, load_weights, save_weights
+from ..errors import CheckpointError
+from ..version import __version__
+from .graph import _build_graph
+from .groups import _Candidate
+from .surgery import _prune_together
+
+if TYPE_CHECKING:
+    from .core import PruneResult
+
+__all__ = ["PLAN_FORMAT", "load_pruned", "read_plan", "save_pruned"]
+
+PLAN_FORMAT = "cdprune.plan/1"
+
+
+def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],
+           names: dict[nn.Module, str]) -> dict[str, Any]:
+    steps, parts = [], []
+    for cand, idxs in zip(cands, removals):
+        if not idxs:
+            continue
+        step = []
+        for part in cand.parts:
+            local = [i - part.offset for i in idxs if part.offset <= i < part.offset + part.width]
+            if local:
+                step.append((part.root, part.root_fn, local))
+        parts += step
+        records = [{"module": names[root],
+                    "kind": "linear" if isinstance(root, nn.Linear) else "conv",
+                    "idxs": [int(i) for i in local]} for root, _, local in step]
+        steps.append(records[0] if len(records) == 1 else {"parts": records})
+    kept = {names[module]: [i for i in range(width) if i not in gone]
+            for module, (width, gone) in _prune_together(graph, parts).items()}
+    return {"format": PLAN_FORMAT, "steps": steps, "kept": kept}
+
+
+
+def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> nn.Module:
+    if not isinstance(plan, Mapping) or plan.get("format") != PLAN_FORMAT:
+        raise CheckpointError(f"not a cdprune plan (expected format {PLAN_FORMAT!r})")
+    graph = _build_graph(model, example_inputs)
+    named = dict(model.named_modules())
+    parts = []
+    for step in plan["steps"]:
+        records = step.get("parts", [step]) if isinstance(step, Mapping) else [{}]
+        for record in records:
+            module = named.get(record.get("module"))
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                raise CheckpointError(f"plan step names module {record.get('module')!r}, which "
+                                      "the base model lacks: the plan belongs to another "
+                                      "architecture")
+            fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) \
+                else tp.prune_conv_out_channels
+            if isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1:
+                fn = tp.prune_depthwise_conv_out_channels
+            width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            idxs = record.get("idxs", [])
+            if not idxs or any(not isinstance(i, int) or not 0 <= i < width for i in idxs) \
+                    or len(set(idxs)) >= width:
+                raise CheckpointError(f"plan step for '{record['module']}' removes channels "
+                                      f"{idxs[:8]}... that do not fit its {width} channels")
+            parts.append((module, fn, idxs))
+    _prune_together(graph, parts)  # every step's indices are in the base model's numbering
+    return model
+
+
+def _example_for(plan: Mapping[str, Any]) -> torch.Tensor:
+    shape = plan.get("input_size")
+    if not shape:
+        raise CheckpointError("plan has no input_size; pass example_inputs to load_pruned")
+    return torch.randn(1, *shape)
+
+
+def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
+                model_name: str | None = None, input_size: Sequence[int] | None = None,
+                extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a pruned model as ``model.safetensors`` + ``plan.json`` into ``directory``.
+
+    Args:
+        directory: created if missing.
+        result: from :func:`prune`.
+        model_name: zoo name of the base architecture, or None for a user model.
+        input_size: ``(C, H, W)`` of one input, so loading can trace without arguments.
+        extra: more plain data to store in ``plan.json`` (e.g. dataset, normalisation).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(result.model, directory / "model.safetensors")
+    doc = dict(result.plan)
+    doc.update(
+        model=model_name or "user model (pass the same base model to load_pruned)",
+        zoo_model=model_name, input_size=list(input_size) if input_size else None,
+        macs_before=result.macs_before, macs_after=result.macs_after,
+        params_before=result.params_before, params_after=result.params_after,
+        cdprune_version=__version__, extra=dict(extra or {}))
+    atomic_write_text(directory / "plan.json", json.dumps(doc, indent=1) + "\n")
+    return directory
+
+
+def read_plan(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and minimally check ``plan.json`` of a pruned-model directory."""
+    path = Path(directory) / "plan.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' does not exist; point to a directory written by "
+                                "`cdprune prune` or save_pruned()")
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"'{path}' is not valid JSON ({exc}); the file is corrupt, "
+                              "prune again") from None
+    except RecursionError:
+        raise CheckpointError(f"'{path}' is nested too deeply to be a plan; the file is "
+                              "corrupt, prune again") from None
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT \
+            or not isinstance(plan.get("steps"), list):
+        raise CheckpointError(f"'{path}' is not a cdprune plan (format {PLAN_FORMAT!r})")
+    problem = _plan_problem(plan)
+    if problem:
+        raise CheckpointError(f"'{path}' is malformed ({problem}); the file is corrupt, "
+                              "prune again")
+    return plan
+
+
+def _plan_problem(plan: Mapping[str, Any]) -> str | None:
+    """What is wrong with the fields of a plan, field by field; ``None`` if nothing."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for i, step in enumerate(plan["steps"]):
+        if not isinstance(step, dict):
+            return f"step {i} is a {type(step).__name__}, not a mapping"
+        if not isinstance(step.get("module"), str) or not step["module"]:
+            return f"step {i} names no module"
+        idxs = step.get("idxs")
+        if not isinstance(idxs, list) or not idxs or not all(is_int(x) and x >= 0
+                                                              for x in idxs):
+            return f"step {i} ('{step['module']}') must list channel indices"
+    size = plan.get("input_size")
+    if size is not None and (not isinstance(size, list) or not 1 <= len(size) <= 4
+                             or not all(is_int(x) and 0 < x <= 65536 for x in size)):
+        return f"input_size must be a list of positive sizes such as [3, 32, 32], got {size!r}"
+    if not isinstance(plan.get("extra", {}), dict):
+        return f"extra must be a mapping, got a {type(plan['extra']).__name__}"
+    classes = (plan.get("extra") or {}).get("num_classes")
+    if classes is not None and not (is_int(classes) and classes > 0):
+        return f"extra.num_classes must be a positive integer, got {classes!r}"
+    for key in ("zoo_model", "model"):
+        if plan.get(key) is not None and not isinstance(plan[key], str):
+            return f"{key} must be a name, got a {type(plan[key]).__name__}"
+    return None
+
+
+def load_pruned(directory: str | os.PathLike, base_model: nn.Module, *,
+                example_inputs: Any = None) -> nn.Module:
+    """Rebuild a pruned model: replay ``plan.json`` on a fresh base model, load its weights.
+
+    Args:
+        directory: written by :func:`save_pruned`.
+        base_model: an unpruned model of the same architecture (its weights are replaced).
+        example_inputs: a batch for tracing; defaults to one of the stored input size.
+
+    Raises:
+        FileNotFoundError: missing directory or files.
+        CheckpointError: corrupt plan, a plan for another architecture, or weights that do
+            not fit the rebuilt model.
+    """
+    plan = read_plan(directory)
+    example = example_inputs if example_inputs is not None else _example_for(plan)
+    try:
+        model = _replay(base_model, plan, example)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"plan in '{directory}' does not fit the base model "
+                              f"({type(exc).__name__}: {exc}); use the base architecture it "
+                              "was made from") from None
+    return load_weights(model, Path(directory) / "model.safetensors")

@@ -1,0 +1,92 @@
+"""Channel surgery: cutting the chosen channels out of every layer that holds them.
+
+Torch-Pruning's own pruning functions do most of it; grouped convolutions' inputs and
+the extra per-filter tensors of Conv2d subclasses are cut here, because Torch-Pruning
+gets them wrong for cdprune's rankings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .graph import _dimension, _is_grouped, _kind
+from .groups import _FrozenIndexMapping
+
+
+def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any, list[int]]]
+                    ) -> dict[nn.Module, tuple[int, set[int]]]:
+    """Remove channels of several roots in one go.
+
+    Returns, per layer whose outputs shrank, its width before and the positions removed.
+
+    All groups are read before anything is pruned, so their indices share one numbering
+    (the original model's), and each layer is cut once with the union of its indices. Grouped convolutions' input
+    channels are cut here, group by group: Torch-Pruning assumes the same positions go in
+    every group, which holds for its own pruner but not for scores ranked within groups.
+    """
+    merged: dict[tuple[Any, Any], tuple[Any, set[int]]] = {}
+    with _FrozenIndexMapping(graph):
+        for root, fn, idxs in parts:
+            for item in graph.get_pruning_group(root, fn, idxs):
+                key = (item.dep.target, item.dep.handler)
+                merged.setdefault(key, (item.dep, set()))[1].update(int(i) for i in item.idxs)
+    removed: dict[nn.Module, tuple[int, set[int]]] = {}
+    grouped_inputs = []
+    group = tp.dependency.group.Group()
+    group._DG = graph
+    extras = []
+    for dep, idxs in merged.values():
+        module, kind = dep.target.module, _kind(dep.pruning_fn)
+        if kind in ("out", "dw") or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            removed[module] = (_dimension(module, kind or "out"), idxs)
+        if kind in ("out", "dw") and isinstance(module, (nn.Conv2d, nn.Linear)):
+            extras.append((module, removed[module][0], idxs))
+        if kind == "in" and _is_grouped(module):
+            grouped_inputs.append((module, idxs))
+        else:
+            group.add_dep(dep, sorted(idxs))
+    group.prune(record_history=False)
+    for module, idxs in grouped_inputs:
+        _prune_grouped_inputs(module, idxs)
+    for module, width, idxs in extras:
+        _prune_extra_tensors(module, width, idxs)
+    return removed
+
+
+@torch.no_grad()
+def _prune_extra_tensors(module: nn.Module, width: int, idxs: set[int]) -> None:
+    """Cut a layer's other per-output-channel tensors along with its weight.
+
+    Subclasses of Conv2d add some (timm's ScaledStdConv2d has a ``gain`` per filter) that
+    Torch-Pruning leaves whole, which breaks the pruned layer's forward pass.
+    """
+    keep = torch.tensor([i for i in range(width) if i not in idxs], dtype=torch.long)
+    for name, param in list(module.named_parameters(recurse=False)):
+        if name not in ("weight", "bias") and param.dim() >= 1 and param.shape[0] == width:
+            setattr(module, name, nn.Parameter(param.data[keep].clone(),
+                                               requires_grad=param.requires_grad))
+    for name, buf in list(module.named_buffers(recurse=False)):
+        if buf is not None and buf.dim() >= 1 and buf.shape[0] == width:
+            module._buffers[name] = buf[keep].clone()
+
+
+@torch.no_grad()
+def _prune_grouped_inputs(conv: nn.Conv2d, idxs: set[int]) -> None:
+    """Drop input channels of a grouped conv; every group must lose as many."""
+    groups = conv.groups
+    per_in, per_out = conv.in_channels // groups, conv.out_channels // groups
+    blocks = []
+    for g in range(groups):
+        keep = [c for c in range(per_in) if g * per_in + c not in idxs]
+        blocks.append(conv.weight[g * per_out:(g + 1) * per_out][:, keep])
+    if len({b.shape[1] for b in blocks}) != 1 or conv.out_channels % groups:
+        raise UnsupportedModelError(
+            f"grouped convolution {conv} would get groups of unequal width; pass it (or the "
+            "layers feeding it) as ignored_layers")
+    conv.weight = nn.Parameter(torch.cat(blocks).contiguous())
+    conv.in_channels -= len(idxs)
