@@ -145,3 +145,86 @@ def test_greedy_puts_units_that_save_nothing_last():
     groups = [[UnitChange(0, 0.0, [("elsewhere", 0, 1)])],
               [UnitChange(1, 100.0, [("a", 0, 1)])]]
     assert [g for g, _, _ in greedy_order(groups, shapes, table)] == [1, 0]
+
+
+# ----------------------------------------------------------- through prune()
+def _net_and_scores(name="resnet20b"):
+    from cdprune.models import create_model
+
+    from .helpers import random_scores
+    model = create_model(name).eval()
+    return model, random_scores(model), torch.randn(2, 3, 32, 32)
+
+
+class Sublinear(FakeTimer):
+    """Seconds grow less than MACs: a sum of layer timings no longer adds up to the
+    network's, so the first prediction misses and the goal needs correcting."""
+
+    __qualname__ = "Sublinear"
+
+    def __call__(self, module, x):
+        return super().__call__(module, x) ** 0.8
+
+
+@pytest.mark.parametrize("timer_cls", [FakeTimer, Sublinear])
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_latency_target_is_hit_through_prune(tmp_path, timer_cls, target):
+    from cdprune import prune
+
+    model, scores, x = _net_and_scores()
+    timer = timer_cls()
+    result = prune(model, scores, example_inputs=x, latency_reduction=target,
+                   latency=settings(tmp_path, timer, round_to=None))
+    info = result.extra["latency"]
+    assert abs(info["measured"] - target) <= 0.05 * target and info["hit"]
+    # The measured reduction is what the fake timer says of the two networks.
+    fake = FakeTimer() if timer_cls is FakeTimer else Sublinear()
+    xb = x[:1].expand(2, 3, 32, 32)
+    assert 1 - fake(result.model, xb) / fake(model, xb) == pytest.approx(info["measured"], abs=1e-5)
+    assert result.plan["allocation"] == "latency" and result.plan["scope"] == "all"
+    assert result.plan["target"]["latency_reduction"] == target
+    if timer_cls is Sublinear:
+        assert len(info["rounds"]) > 1  # the first prediction ignored the overhead
+
+
+def test_latency_allocation_prefers_cheap_score_per_second(tmp_path):
+    """With equal scores everywhere, the latency allocation takes channels where one saves
+    most time: a block-internal channel of the first stage (32x32, 16 inputs) costs four
+    times the MACs of one of the third (8x8, 64 inputs)."""
+    from cdprune import prune
+
+    model, scores, x = _net_and_scores()
+    flat = {k: torch.ones_like(v) for k, v in scores.items()}
+    result = prune(model, flat, example_inputs=x, macs_reduction=0.3, allocation="latency", scope="internal",
+                   latency=settings(tmp_path, FakeTimer(), round_to=None))
+    before, after = result.widths_before, result.widths_after
+    kept = {n: after[n] / before[n] for n in before if n.endswith("conv1") and "layer" in n}
+    first = [v for n, v in kept.items() if n.startswith("layer1")]
+    last = [v for n, v in kept.items() if n.startswith("layer3")]
+    assert abs(result.macs_reduction - 0.3) <= 0.003
+    assert max(first) < min(last)
+
+
+def test_latency_round_to_auto_uses_fastest_multiple(tmp_path):
+    from cdprune import prune
+
+    model, scores, x = _net_and_scores()
+    result = prune(model, scores, example_inputs=x, latency_reduction=0.3,
+                   latency=settings(tmp_path, FakeTimer(penalty=0.5)))
+    assert result.plan["round_to"] == 4
+    assert all(w % 4 == 0 for n, w in result.widths_after.items() if n != "conv1")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"latency_reduction": 1.2}, "outside"),
+    ({"latency_reduction": 0.4, "macs_reduction": 0.5}, "exactly one"),
+    ({"latency_reduction": 0.4, "inplace": True}, "inplace"),
+])
+def test_latency_bad_arguments(tmp_path, kwargs, match):
+    from cdprune import prune
+    from cdprune.errors import ConfigError
+
+    model, scores, x = _net_and_scores()
+    with pytest.raises(ConfigError, match=match):
+        prune(model, scores, example_inputs=x, latency=settings(tmp_path, FakeTimer()),
+              **kwargs)

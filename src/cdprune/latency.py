@@ -42,6 +42,7 @@ from .errors import ConfigError
 from .fileio import atomic_write_text
 
 __all__ = ["LatencySettings", "LatencyTable", "Timer", "UnitChange", "cache_dir_default",
+           "compare_networks",
            "device_name", "fastest_multiple", "greedy_order", "measure_network",
            "wall_clock"]
 
@@ -332,23 +333,23 @@ def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 # -------------------------------------------------------------- width rounding
 def fastest_multiple(shape: LayerShape, settings: LatencySettings,
                      multiples: Sequence[int] = MULTIPLES, margin: float = 0.03) -> int:
-    """The channel multiple whose widths run fastest per channel for this layer.
+    """The output-channel multiple whose widths run fastest per channel for this layer.
 
-    The layer is timed at every width from a quarter of its channels below half its
-    width up to half (the widths pruning produces); for each multiple, the median
-    seconds per channel over the widths divisible by it. The cheapest multiple wins;
-    a smaller one that comes within ``margin`` of it is preferred, since it constrains
-    the allocation less.
+    The layer is timed at every output width within ``max(multiples)`` of half its
+    width (the widths pruning produces), its input width fixed, so that seconds per
+    output channel would be flat if kernels cared nothing for widths. For each multiple,
+    the median seconds per channel over the widths divisible by it: the cheapest wins,
+    and a smaller multiple within ``margin`` of it is preferred, since it constrains the
+    allocation less.
     """
-    full = shape.out_ch
-    hi = max(2, full // 2)
-    lo = max(1, hi - max(multiples) + 1)
+    full, span = shape.out_ch, max(multiples)
+    widths = range(max(1, full // 2 - span + 1), min(full, full // 2 + span) + 1)
     timer = settings.get_timer()
     per_channel: dict[int, float] = {}
     with _Threads(settings.threads):
-        for w in range(lo, hi + 1):
-            c_in = w if shape.kind == "dw" or shape.in_ch == shape.out_ch else shape.in_ch
-            if shape.kind == "conv" and (c_in % shape.groups or w % shape.groups):
+        for w in widths:
+            c_in = w if shape.kind == "dw" else shape.in_ch
+            if shape.kind == "conv" and w % shape.groups:
                 continue
             module, size = shape.build(c_in, w)
             x = torch.randn(settings.batch_size, *size, device=settings.device)
@@ -443,3 +444,17 @@ def check_fraction(name: str, value: Any) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool)
             and 0 < value < 1):
         raise ConfigError(f"{name}={value} is outside (0, 1); give a fraction such as 0.4")
+
+
+def compare_networks(base: nn.Module, pruned: nn.Module, example: torch.Tensor,
+                     settings: LatencySettings, rounds: int = 3) -> tuple[float, float]:
+    """Median seconds of ``base`` and ``pruned``, timed alternately (A, B, A, B...).
+
+    Alternating makes a busier moment of a shared machine slow both alike; the medians
+    over ``rounds`` pairs are returned.
+    """
+    tb, tp = [], []
+    for _ in range(rounds):
+        tb.append(measure_network(base, example, settings))
+        tp.append(measure_network(pruned, example, settings))
+    return statistics.median(tb), statistics.median(tp)
