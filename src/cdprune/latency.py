@@ -116,7 +116,9 @@ class LatencySettings:
             (0.05: a -40% target accepts -38% to -42%).
         max_rounds: whole-network measurements spent homing in on the target.
         round_to: "auto" times the layers and keeps widths at the multiple that runs
-            fastest; an int fixes it; None leaves widths free.
+            fastest (at most half the narrowest prunable layer); an int fixes it; None
+            leaves widths free.
+        warmup, repeats: untimed and timed runs of each timing (the median is kept).
     """
 
     batch_size: int = 1
@@ -127,9 +129,11 @@ class LatencySettings:
     tolerance: float = 0.05
     max_rounds: int = 6
     round_to: int | str | None = "auto"
+    warmup: int = 2
+    repeats: int = 7
 
     def get_timer(self) -> Timer:
-        return self.timer or wall_clock()
+        return self.timer or wall_clock(self.warmup, self.repeats)
 
 
 class _Threads:
@@ -333,19 +337,20 @@ def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 # -------------------------------------------------------------- width rounding
 def fastest_multiple(shape: LayerShape, settings: LatencySettings,
                      multiples: Sequence[int] = MULTIPLES, margin: float = 0.03) -> int:
-    """The output-channel multiple whose widths run fastest per channel for this layer.
+    """The output-channel multiple whose widths run fastest for this layer.
 
     The layer is timed at every output width within ``max(multiples)`` of half its
-    width (the widths pruning produces), its input width fixed, so that seconds per
-    output channel would be flat if kernels cared nothing for widths. For each multiple,
-    the median seconds per channel over the widths divisible by it: the cheapest wins,
-    and a smaller multiple within ``margin`` of it is preferred, since it constrains the
-    allocation less.
+    width (the widths pruning produces), its input width fixed. A straight line
+    through all timings is the trend (fixed overhead plus a cost per channel); each
+    width's timing over the trend says how much faster or slower than its neighbours it
+    runs. For each multiple, the median of that ratio over the widths divisible by it:
+    the lowest wins, and a smaller multiple within ``margin`` of it is preferred, since
+    it constrains the allocation less.
     """
     full, span = shape.out_ch, max(multiples)
     widths = range(max(1, full // 2 - span + 1), min(full, full // 2 + span) + 1)
     timer = settings.get_timer()
-    per_channel: dict[int, float] = {}
+    seconds: dict[int, float] = {}
     with _Threads(settings.threads):
         for w in widths:
             c_in = w if shape.kind == "dw" else shape.in_ch
@@ -353,13 +358,18 @@ def fastest_multiple(shape: LayerShape, settings: LatencySettings,
                 continue
             module, size = shape.build(c_in, w)
             x = torch.randn(settings.batch_size, *size, device=settings.device)
-            per_channel[w] = float(timer(module.eval().to(settings.device), x)) / w
-    costs = {m: statistics.median(v for w, v in per_channel.items() if w % m == 0)
-             for m in multiples if any(w % m == 0 for w in per_channel)}
+            seconds[w] = float(timer(module.eval().to(settings.device), x))
+    ws, ts = list(seconds), list(seconds.values())
+    mean_w, mean_t = statistics.fmean(ws), statistics.fmean(ts)
+    var = sum((w - mean_w) ** 2 for w in ws) or 1.0
+    slope = sum((w - mean_w) * (t - mean_t) for w, t in zip(ws, ts)) / var
+    trend = {w: mean_t + slope * (w - mean_w) for w in ws}
+    costs = {m: statistics.median(seconds[w] / trend[w] for w in ws if w % m == 0)
+             for m in multiples if any(w % m == 0 for w in ws) and trend}
     best = min(costs.values())
     chosen = min(m for m, c in costs.items() if c <= best * (1 + margin))
-    logger.info("seconds per channel by width multiple: %s; rounding to %d",
-                {m: f"{c:.3g}" for m, c in costs.items()}, chosen)
+    logger.info("time over trend by width multiple: %s; rounding to %d",
+                {m: f"{c:.3f}" for m, c in costs.items()}, chosen)
     return chosen
 
 

@@ -229,7 +229,8 @@ def prune(
             raise ConfigError("latency targets need example_inputs to be one tensor batch")
         timed = LatencyModel(model, example, latency or LatencySettings())
         if round_to is None and timed.settings.round_to == "auto":
-            round_to = timed.round_to()
+            round_to = timed.round_to(min(m.out_channels for n, m in model.named_modules()
+                                          if n in scores))
         elif round_to is None and timed.settings.round_to is not None:
             round_to = int(timed.settings.round_to)
         if scope == "auto":  # option A: the zero-padded residual positions, exactly

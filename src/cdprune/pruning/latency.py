@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..latency import (
+    MULTIPLES,
     LatencySettings,
     LatencyTable,
     LayerShape,
@@ -49,11 +50,14 @@ class LatencyModel:
         named = dict(model.named_modules())
         return {named[n]: s for n, s in self.shapes_by_name.items() if n in named}
 
-    def round_to(self) -> int:
-        """The width multiple that runs fastest, timed on the layer costing most time."""
+    def round_to(self, narrowest: int) -> int:
+        """The width multiple that runs fastest, timed on the layer costing most time;
+        at most half the narrowest prunable width, so that every layer can still lose
+        channels."""
         heaviest = max(self.shapes_by_name.values(), key=lambda s: self.table.predict(
             s, s.in_ch, s.out_ch) if s.kind != "linear" else -1.0)
-        return fastest_multiple(heaviest, self.settings)
+        allowed = [m for m in MULTIPLES if m <= max(1, narrowest // 2)]
+        return fastest_multiple(heaviest, self.settings, allowed)
 
     def predicted(self, search: _Search, shapes: dict[nn.Module, LayerShape],
                   removals: list[list[int]]) -> float:
@@ -130,7 +134,10 @@ def _next_goal(history: list[dict[str, float]], target: float) -> float:
     """The predicted reduction to ask for next: a secant through the last two rounds, or
     a shift by the last miss when they measured alike."""
     last = history[-1]
-    goal = last["goal"] + (target - last["measured"])
+    # Layer tables tend to misjudge by a factor (time outside the timed layers that
+    # shrinks too, cache effects): scale first.
+    goal = last["goal"] * target / last["measured"] if last["measured"] > 0.01 else (
+        last["goal"] + target - last["measured"])
     if len(history) >= 2:
         prev = history[-2]
         slope = (last["measured"] - prev["measured"]) / (last["goal"] - prev["goal"] or 1e-9)
