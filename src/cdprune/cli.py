@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
 }
 # Deployment and evaluation options (kept apart so that the table above stays as it was).
 DEFAULTS.update({"random_init": False, "weights": None, "val_subset": None, "no_eval": False,
-                 "bn_recalibrate": None})
+                 "bn_recalibrate": None, "latency_reduction": None, "latency_batch": None})
 
 
 class UsageError(ConfigError):
@@ -147,13 +147,20 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     target.add_argument("--sparsity", type=_float, help="fraction of filters to remove")
     target.add_argument("--macs-reduction", type=_float,
                         help="fraction of MACs to remove (hit within 0.3 points)")
+    target.add_argument("--latency-reduction", type=_float,
+                        help="fraction of latency to remove, timed on this machine "
+                        "(within 5%% of the target)")
+    g.add_argument("--latency-batch", type=_positive_int,
+                   help="batch size the latency target is timed at (default 1)")
     g.add_argument("--scope", choices=["auto", "internal", "all"],
                    help="channels that may be pruned (default auto)")
     g.add_argument("--max-layer-pruning", type=_float,
                    help="most a layer may lose (default 0.9)")
     g.add_argument("--round-to", type=_positive_int, help="keep widths multiples of this")
-    g.add_argument("--allocation", choices=["global", "uniform"], help="global: one "
-                   "ranking of all filters; uniform: every layer loses the same fraction")
+    g.add_argument("--allocation", choices=["global", "uniform", "latency"], help="global: "
+                   "one ranking of all filters; uniform: every layer loses the same "
+                   "fraction; latency: least score lost per second saved, timed here "
+                   "(default with --latency-reduction)")
     g.add_argument("--ignore-layers", nargs="+", help="module names never pruned")
     g.add_argument("--stats", help="statistics file (default: <output-dir>/stats.safetensors)")
     _add_after_pruning(g)

@@ -34,8 +34,9 @@ KEY_TYPES: dict[str, str] = {
                      "no_progress", "random_init", "no_eval"), _BOOL),
     **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "stop_batch",
                      "stats_batch_size", "round_to", "epochs", "max_iters", "train_subset",
-                     "seed", "val_subset", "bn_recalibrate"), _INT),
-    **dict.fromkeys(("coe", "sparsity", "macs_reduction", "max_layer_pruning", "lr",
+                     "seed", "val_subset", "bn_recalibrate", "latency_batch"), _INT),
+    **dict.fromkeys(("coe", "sparsity", "macs_reduction", "latency_reduction",
+                     "max_layer_pruning", "lr",
                      "momentum", "weight_decay", "lr_warmup_epochs", "label_smoothing"),
                     _FLOAT),
     **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "documents",
@@ -46,7 +47,7 @@ KEY_TYPES: dict[str, str] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "documents": ("sample", "class"), "stats_dtype": ("float32", "float16"),
     "tap": ("conv", "act"), "normalize": ("none", "max", "mean"),
-    "allocation": ("global", "uniform"), "variant": ("published",),
+    "allocation": ("global", "uniform", "latency"), "variant": ("published",),
     "scope": ("auto", "internal", "all"), "lr_schedule": ("cosine", "step"),
     "weights": ("final", "best", "last", "pruned"),
 }
@@ -208,6 +209,10 @@ def validate(config: dict[str, Any]) -> None:
          "a fraction in (0, 1)"),
         ("macs_reduction", get("macs_reduction") is None or 0 < get("macs_reduction") < 1,
          "a fraction in (0, 1)"),
+        ("latency_reduction", get("latency_reduction") is None
+         or 0 < get("latency_reduction") < 1, "a fraction in (0, 1)"),
+        ("latency_batch", get("latency_batch") is None or get("latency_batch") > 0,
+         "a positive integer"),
         ("max_layer_pruning", 0 < get("max_layer_pruning") <= 1,
          "a fraction in (0, 1] (0 would let no layer lose a filter)"),
         ("round_to", get("round_to") is None or get("round_to") > 0, "a positive integer"),
@@ -231,9 +236,10 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
     _check_normalisation(config)
     command = get("command")
-    if command in ("prune", "run") and (get("sparsity") is None) == (
-            get("macs_reduction") is None):
-        raise ConfigError("give exactly one of --sparsity or --macs-reduction")
+    if command in ("prune", "run") and sum(get(k) is not None for k in (
+            "sparsity", "macs_reduction", "latency_reduction")) != 1:
+        raise ConfigError("give exactly one of --sparsity, --macs-reduction or "
+                          "--latency-reduction")
     if command in ("stats", "prune", "run") and not get("model"):
         raise ConfigError("--model is required (see `cdprune models`)")
     if command in ("stats", "prune", "run", "compare") and not get("checkpoint") and not get(

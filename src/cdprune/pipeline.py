@@ -394,13 +394,22 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     options = cdp_options(config)
     scores = tfidf_scores(stats, **options["scores"])
     device = _device(config)
+    latency = None
+    if config.get("latency_reduction") is not None or options["prune"].get(
+            "allocation") == "latency":
+        from .latency import LatencySettings
+        latency = LatencySettings(batch_size=config.get("latency_batch") or 1,
+                                  device="cuda" if device.type == "cuda" else "cpu")
     result = prune(model, scores, example_inputs=_example(data.input_size),
                    sparsity=config.get("sparsity"), macs_reduction=config.get("macs_reduction"),
+                   latency_reduction=config.get("latency_reduction"), latency=latency,
                    ignored_layers=config.get("ignore_layers") or None,
                    scope=config.get("scope") or "auto",
                    max_layer_pruning=_given(config, "max_layer_pruning", 0.9),
                    round_to=config.get("round_to") or None, **options["prune"])
     summary = result.summary()
+    if "latency" in result.extra:
+        summary["latency"] = result.extra["latency"]
     progress = not config.get("no_progress")
     evaluated = not (config.get("skip_eval") or config.get("no_eval"))
     if evaluated:
