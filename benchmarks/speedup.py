@@ -66,7 +66,7 @@ def latency(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
 def compare(base: torch.nn.Module, pruned: torch.nn.Module, size: int, batch: int,
             rounds: int) -> tuple[float, float]:
     x = torch.randn(batch, 3, size, size)
-    iters = max(3, int(64 / batch) * 2) if size == 32 else (10 if batch == 1 else 2)
+    iters = max(3, int(64 / batch) // 2) if size == 32 else (10 if batch == 1 else 2)
     latency(base, x, 2)
     latency(pruned, x, 2)
     tb, tp = [], []
@@ -74,6 +74,22 @@ def compare(base: torch.nn.Module, pruned: torch.nn.Module, size: int, batch: in
         tb.append(latency(base, x, iters))
         tp.append(latency(pruned, x, iters))
     return statistics.median(tb), statistics.median(tp)
+
+
+def compare_pairs(base, pruned, size, batch, rounds) -> tuple[float, float, float, float]:
+    """Medians of base and pruned, the median of per-pair speed-ups, and its spread
+    (max / min of the per-pair speed-ups): how noisy the machine was."""
+    x = torch.randn(batch, 3, size, size)
+    iters = max(2, 16 // batch) if size == 32 else (4 if batch == 1 else 1)
+    latency(base, x, 2)
+    latency(pruned, x, 2)
+    tb, tp = [], []
+    for _ in range(rounds):
+        tb.append(latency(base, x, iters))
+        tp.append(latency(pruned, x, iters))
+    speedups = [b / p for b, p in zip(tb, tp)]
+    return (statistics.median(tb), statistics.median(tp), statistics.median(speedups),
+            max(speedups) / min(speedups))
 
 
 def load_average() -> str:
@@ -146,7 +162,7 @@ def latency_main(args) -> None:
 
     torch.set_num_threads(args.threads)
     header = ["case", "method", "batch", "round_to", "macs_ratio", "base_ms", "pruned_ms",
-              "speedup", "efficiency", "latency_target", "latency_reduction_bench",
+              "speedup", "efficiency", "speedup_spread", "latency_target", "latency_reduction_bench",
               "latency_reduction_prune", "target_hit", "acc_base", "acc_pruned", "acc_recal",
               "onnx_base_ms", "onnx_pruned_ms", "onnx_speedup", "load_avg"]
     print(",".join(header), flush=True)
@@ -182,7 +198,7 @@ def latency_main(args) -> None:
         shared = {}  # models that do not depend on the batch size
         for batch in batches:
             settings = LatencySettings(batch_size=batch, threads=args.threads,
-                                       cache_dir=args.cache_dir, warmup=1, repeats=5)
+                                       cache_dir=args.cache_dir, warmup=1, repeats=3)
             runs = []
             if "macs" not in shared:
                 shared["macs"] = prune(model, scores, example_inputs=example,
@@ -200,8 +216,9 @@ def latency_main(args) -> None:
             for method, pruned, result, target in runs:
                 pruned.eval()
                 ratio = base_macs / count_macs(pruned, (3, size, size))
-                tb, tp_ = compare(model, pruned, size, batch, args.rounds)
-                measured = 1 - tp_ / tb
+                tb, tp_, speedup, spread = compare_pairs(model, pruned, size, batch,
+                                                         args.rounds)
+                measured = 1 - 1 / speedup
                 info = (result.extra.get("latency") if result is not None else None) or {}
                 acc = (accuracy(pruned, args.data_root, option, args.eval_images,
                                 args.recal_images) if option and args.eval_images
@@ -209,8 +226,8 @@ def latency_main(args) -> None:
                 onnx = onnx_ms(model, pruned, size, batch, args.threads) if args.onnx else None
                 row = [case, method, batch,
                        (result.plan.get("round_to") if result is not None else None) or "-",
-                       f"{ratio:.3f}", f"{1e3 * tb:.2f}", f"{1e3 * tp_:.2f}", f"{tb / tp_:.3f}",
-                       f"{tb / tp_ / ratio:.3f}", target if target else "-",
+                       f"{ratio:.3f}", f"{1e3 * tb:.2f}", f"{1e3 * tp_:.2f}", f"{speedup:.3f}",
+                       f"{speedup / ratio:.3f}", f"{spread:.2f}", target if target else "-",
                        f"{measured:.3f}",
                        f"{info['measured']:.3f}" if info else "-",
                        (abs(measured - target) <= 0.05 * target) if target else "-",

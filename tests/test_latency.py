@@ -228,3 +228,18 @@ def test_latency_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         prune(model, scores, example_inputs=x, latency=settings(tmp_path, FakeTimer()),
               **kwargs)
+
+
+def test_round_to_is_timed_once_per_table(tmp_path):
+    from cdprune import prune
+
+    model, scores, x = _net_and_scores()
+    timer = FakeTimer(penalty=0.5)
+    prune(model, scores, example_inputs=x, macs_reduction=0.3, allocation="latency",
+          latency=settings(tmp_path, timer))
+    calls = timer.calls
+    result = prune(model, scores, example_inputs=x, macs_reduction=0.3, allocation="latency",
+                   latency=settings(tmp_path, timer))
+    assert timer.calls == calls and result.plan["round_to"] == 4  # table and multiple cached
+    notes = json.loads(next(tmp_path.glob("latency-*.json")).read_text())["notes"]
+    assert list(notes.values()) == [4]

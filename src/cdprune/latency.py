@@ -248,10 +248,23 @@ class LatencyTable:
     widths) or :meth:`network` (a whole set of layers).
     """
 
-    def __init__(self, tables: dict[str, dict[str, Any]], key: dict[str, Any]):
+    def __init__(self, tables: dict[str, dict[str, Any]], key: dict[str, Any],
+                 path: Path | None = None, notes: dict[str, Any] | None = None):
         self.tables = tables  # shape key -> {"in": [...], "out": [...], "s": [[...]]}
         self.key = key
+        self.path = path  # the cache file, if any
+        self.notes = notes or {}  # other measured facts kept with the table (round_to)
         self.measured = 0  # layer timings taken (not read from the cache)
+
+    def note(self, name: str, value: Any) -> None:
+        """Keep a measured fact with the table (and in its cache file)."""
+        self.notes[name] = value
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps({"key": self.key, "tables": self.tables,
+                                                     "notes": self.notes}))
 
     @classmethod
     def measure(cls, shapes: Iterable[LayerShape], settings: LatencySettings,
@@ -271,8 +284,8 @@ class LatencyTable:
             cached = _read_cache(path, key)
             if cached is not None:
                 logger.info("latency table read from %s", path)
-                return cls(cached, key)
-        table = cls({}, key)
+                return cls(cached.get("tables", {}), key, path, cached.get("notes"))
+        table = cls({}, key, path)
         timer = settings.get_timer()
         with _Threads(settings.threads):
             for shape in shapes:
@@ -291,8 +304,7 @@ class LatencyTable:
                     grid.append(row)
                 table.tables[shape.key()] = {"in": ins, "out": outs, "s": grid}
         logger.info("latency table: %d layer timings on %s", table.measured, key["device"])
-        if path is not None:
-            atomic_write_text(path, json.dumps({"key": key, "tables": table.tables}))
+        table._save()
         return table
 
     def predict(self, shape: LayerShape, c_in: int, c_out: int) -> float:
@@ -329,9 +341,9 @@ def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("key") != key:  # another layout, or a file from elsewhere
+    if not isinstance(data, dict) or data.get("key") != key:  # another layout, or elsewhere
         return None
-    return data.get("tables")
+    return data
 
 
 # -------------------------------------------------------------- width rounding
@@ -457,14 +469,16 @@ def check_fraction(name: str, value: Any) -> None:
 
 
 def compare_networks(base: nn.Module, pruned: nn.Module, example: torch.Tensor,
-                     settings: LatencySettings, rounds: int = 3) -> tuple[float, float]:
-    """Median seconds of ``base`` and ``pruned``, timed alternately (A, B, A, B...).
+                     settings: LatencySettings, rounds: int = 5) -> tuple[float, float, float]:
+    """Seconds of ``base`` and ``pruned``, timed alternately (A, B, A, B...).
 
-    Alternating makes a busier moment of a shared machine slow both alike; the medians
-    over ``rounds`` pairs are returned.
+    Alternating makes a busier moment of a shared machine slow both alike. Returns the
+    medians of each over ``rounds`` pairs and the median of the per-pair ratios
+    pruned / base, which cancels slow drifts in load better than a ratio of medians.
     """
     tb, tp = [], []
     for _ in range(rounds):
         tb.append(measure_network(base, example, settings))
         tp.append(measure_network(pruned, example, settings))
-    return statistics.median(tb), statistics.median(tp)
+    return (statistics.median(tb), statistics.median(tp),
+            statistics.median(p / b for b, p in zip(tb, tp)))
