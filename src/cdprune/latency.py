@@ -375,7 +375,9 @@ def fastest_multiple(shape: LayerShape, settings: LatencySettings,
     mean_w, mean_t = statistics.fmean(ws), statistics.fmean(ts)
     var = sum((w - mean_w) ** 2 for w in ws) or 1.0
     slope = sum((w - mean_w) * (t - mean_t) for w, t in zip(ws, ts)) / var
-    trend = {w: mean_t + slope * (w - mean_w) for w in ws}
+    # A noisy fit can dip to zero at the narrow end; never divide by less than the
+    # fastest timing seen.
+    trend = {w: max(mean_t + slope * (w - mean_w), min(ts)) for w in ws}
     costs = {m: statistics.median(seconds[w] / trend[w] for w in ws if w % m == 0)
              for m in multiples if any(w % m == 0 for w in ws) and trend}
     best = min(costs.values())
