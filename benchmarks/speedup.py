@@ -92,6 +92,9 @@ def compare_pairs(base, pruned, size, batch, rounds) -> tuple[float, float, floa
             max(speedups) / min(speedups))
 
 
+METHODS = ("cdp-global@macs", "cdp-latency-alloc@macs", "cdp@latency-target", "tp-l1@macs")
+
+
 def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -203,15 +206,20 @@ def latency_main(args) -> None:
             if "macs" not in shared:
                 shared["macs"] = prune(model, scores, example_inputs=example,
                                        macs_reduction=args.macs_reduction)
-                shared["tp"] = tp_l1(model, size, args.macs_reduction)
+                shared["tp"] = (tp_l1(model, size, args.macs_reduction)
+                                if "tp-l1@macs" in args.methods else None)
             runs.append(("cdp-global@macs", shared["macs"].model, shared["macs"], None))
-            r = prune(model, scores, example_inputs=example, macs_reduction=args.macs_reduction,
-                      allocation="latency", latency=settings)
-            runs.append(("cdp-latency-alloc@macs", r.model, r, None))
-            r = prune(model, scores, example_inputs=example,
-                      latency_reduction=args.latency_target, latency=settings)
-            runs.append(("cdp@latency-target", r.model, r, args.latency_target))
+            if "cdp-latency-alloc@macs" in args.methods:
+                r = prune(model, scores, example_inputs=example,
+                          macs_reduction=args.macs_reduction, allocation="latency",
+                          latency=settings)
+                runs.append(("cdp-latency-alloc@macs", r.model, r, None))
+            if "cdp@latency-target" in args.methods:
+                r = prune(model, scores, example_inputs=example,
+                          latency_reduction=args.latency_target, latency=settings)
+                runs.append(("cdp@latency-target", r.model, r, args.latency_target))
             runs.append(("tp-l1@macs", shared["tp"], None, None))
+            runs = [r for r in runs if r[0] in args.methods]
             base_macs = count_macs(model, (3, size, size))
             for method, pruned, result, target in runs:
                 pruned.eval()
@@ -259,6 +267,7 @@ def main() -> None:
     parser.add_argument("--latency-target", type=float,
                         help="compare MACs and latency targets (see the module docstring)")
     parser.add_argument("--cases", nargs="+", default=["resnet56-B", "resnet50", "resnet56-A"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--resnet50-batches", type=int, nargs="+", default=[1])
     parser.add_argument("--eval-images", type=int, default=1000)
     parser.add_argument("--recal-images", type=int, default=512)

@@ -163,7 +163,7 @@ class Sublinear(FakeTimer):
     __qualname__ = "Sublinear"
 
     def __call__(self, module, x):
-        return super().__call__(module, x) ** 0.8
+        return super().__call__(module, x) ** 0.6
 
 
 @pytest.mark.parametrize("timer_cls", [FakeTimer, Sublinear])

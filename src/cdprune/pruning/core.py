@@ -326,7 +326,8 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
         if allocation == "latency":
             order_by_latency(search, shapes, timed[0].table, round_to)
     if timed is not None and timed[1] is not None:
-        removals, predicted_latency = by_latency(search, timed[0], shapes, timed[1])
+        removals, predicted_latency, saturated = by_latency(search, timed[0], shapes,
+                                                            timed[1])
     elif sparsity is not None:
         removals = _by_sparsity(search, sparsity, candidate_filters)
     else:
@@ -364,6 +365,7 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
                          search.filters(removals), candidate_filters)
     if predicted_latency is not None:
         result.extra["latency_predicted"] = predicted_latency
+        result.extra["latency_saturated"] = saturated
     return result
 
 

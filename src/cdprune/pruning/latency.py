@@ -104,16 +104,17 @@ def order_by_latency(search: _Search, shapes: dict[nn.Module, LayerShape],
 
 
 def by_latency(search: _Search, model: LatencyModel, shapes: dict[nn.Module, LayerShape],
-               target: float) -> tuple[list[list[int]], float]:
+               target: float) -> tuple[list[list[int]], float, bool]:
     """The shortest prefix of the ranking whose predicted reduction reaches ``target``.
 
     The reduction is relative to the measured whole network, so time outside the timed
-    layers (pooling, additions, overhead) counts as unprunable. Returns the removals and
-    their predicted reduction.
+    layers (pooling, additions, overhead) counts as unprunable. Returns the removals,
+    their predicted reduction and whether the whole ranking was needed (saturated).
     """
-    base = model.base_seconds or 0.0
     full = model.predicted(search, shapes, search.removals(0))
-    base = base if base > 0 else full
+    # Layers timed alone can sum to more than the whole network (each timing pays the
+    # call overhead and cold caches): then relative to their sum.
+    base = max(model.base_seconds or 0.0, full)
 
     def reduction(k: int) -> float:
         return (full - model.predicted(search, shapes, search.removals(k))) / base
@@ -122,7 +123,7 @@ def by_latency(search: _Search, model: LatencyModel, shapes: dict[nn.Module, Lay
     if reduction(hi) < target:
         logger.warning("a latency reduction of %.3f is beyond the prediction for pruning "
                        "everything allowed (%.3f)", target, reduction(hi))
-        return search.removals(hi), reduction(hi)
+        return search.removals(hi), reduction(hi), True
     while lo < hi:  # predicted time falls as units go (each unit saves time or is last)
         mid = (lo + hi) // 2
         if reduction(mid) >= target:
@@ -130,7 +131,7 @@ def by_latency(search: _Search, model: LatencyModel, shapes: dict[nn.Module, Lay
         else:
             lo = mid + 1
     best = min((k for k in (lo - 1, lo) if k >= 0), key=lambda k: abs(reduction(k) - target))
-    return search.removals(best), reduction(best)
+    return search.removals(best), reduction(best), False
 
 
 def _next_goal(history: list[dict[str, float]], target: float) -> float:
@@ -163,10 +164,12 @@ def hit_latency(run: Any, base: nn.Module, example: torch.Tensor, timed: Latency
     history: list[dict[str, float]] = []
     best = None
     goal = target
+    short, over = 0.0, 0.99  # goals known to measure below / above the target
     for _ in range(settings.max_rounds):
         result = run(goal)
         t_base, t_pruned, ratio = compare_networks(base, result.model, example, settings)
         measured = 1.0 - ratio
+        saturated = result.extra.pop("latency_saturated", False)  # the ranking ran out
         history.append({"goal": round(goal, 6),
                         "predicted": round(result.extra.pop("latency_predicted", goal), 6),
                         "measured": round(measured, 6), "base_ms": round(1e3 * t_base, 4),
@@ -178,14 +181,19 @@ def hit_latency(run: Any, base: nn.Module, example: torch.Tensor, timed: Latency
             best = (result, measured)
         if abs(measured - target) <= settings.tolerance * target:
             break
-        if goal >= 0.99 or (len(history) > 1 and history[-1]["predicted"] <= history[-2][
-                "predicted"] and measured < target):
+        if measured < target and saturated:
             logger.warning("latency: pruning all that max_layer_pruning allows still leaves "
                            "the network at -%.1f%% measured; time outside the prunable "
                            "channels (per-operator overhead, a small batch) bounds it",
                            100 * measured)
             break
+        if measured < target:
+            short = max(short, goal)
+        else:
+            over = min(over, goal)
         goal = _next_goal(history, target)
+        if not short < goal < over:  # the estimate left the bracket: halve it instead
+            goal = (short + over) / 2
     assert best is not None
     result, measured = best
     hit = abs(measured - target) <= settings.tolerance * target
