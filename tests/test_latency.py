@@ -243,3 +243,16 @@ def test_round_to_is_timed_once_per_table(tmp_path):
     assert timer.calls == calls and result.plan["round_to"] == 4  # table and multiple cached
     notes = json.loads(next(tmp_path.glob("latency-*.json")).read_text())["notes"]
     assert list(notes.values()) == [4]
+
+
+def test_timing_outliers_are_smoothed_out(tmp_path):
+    """A load spike during one timing must not read as a huge saving."""
+    shape = layer_shape(nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8))
+    ins, outs = shape.grid()
+    grid = [[1.0 * i * o for o in outs] for i in ins]
+    grid[-1][-1] *= 300  # a spike on the full width
+    grid[0][0] *= 300  # and one on the narrowest
+    table = LatencyTable({shape.key(): {"in": ins, "out": outs, "s": grid}}, {})
+    full, near = table.predict(shape, 16, 16), table.predict(shape, 12, 12)
+    assert near <= full <= 2 * 16 * 16 * 16 / 12  # the spike is capped
+    assert table.predict(shape, ins[0], outs[0]) <= ins[0] * outs[1]  # and lowered

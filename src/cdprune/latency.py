@@ -251,6 +251,7 @@ class LatencyTable:
     def __init__(self, tables: dict[str, dict[str, Any]], key: dict[str, Any],
                  path: Path | None = None, notes: dict[str, Any] | None = None):
         self.tables = tables  # shape key -> {"in": [...], "out": [...], "s": [[...]]}
+        self.smooth = {k: _monotone(t["in"], t["out"], t["s"]) for k, t in tables.items()}
         self.key = key
         self.path = path  # the cache file, if any
         self.notes = notes or {}  # other measured facts kept with the table (round_to)
@@ -303,6 +304,7 @@ class LatencyTable:
                         table.measured += 1
                     grid.append(row)
                 table.tables[shape.key()] = {"in": ins, "out": outs, "s": grid}
+                table.smooth[shape.key()] = _monotone(ins, outs, grid)
         logger.info("latency table: %d layer timings on %s", table.measured, key["device"])
         table._save()
         return table
@@ -310,11 +312,12 @@ class LatencyTable:
     def predict(self, shape: LayerShape, c_in: int, c_out: int) -> float:
         """Seconds of the layer at these widths (bilinear between timed widths)."""
         t = self.tables[shape.key()]
+        grid = self.smooth[shape.key()]
         if shape.kind == "dw":
             w = min(c_in, c_out)
-            diag = [t["s"][i][i] for i in range(len(t["in"]))]
+            diag = [grid[i][i] for i in range(len(t["in"]))]
             return _interp(t["in"], diag, w)
-        rows = [_interp(t["out"], row, c_out) for row in t["s"]]
+        rows = [_interp(t["out"], row, c_out) for row in grid]
         return _interp(t["in"], rows, c_in)
 
     def network(self, shapes: dict[Hashable, LayerShape],
@@ -322,6 +325,34 @@ class LatencyTable:
         """Sum of the layers' predicted seconds at the given (in, out) widths."""
         return sum(self.predict(s, *widths.get(k, (s.in_ch, s.out_ch)))
                    for k, s in shapes.items())
+
+
+def _monotone(ins: Sequence[int], outs: Sequence[int], grid: list[list[float | None]]
+              ) -> list[list[float | None]]:
+    """The timed grid with the outliers a busy machine leaves taken out.
+
+    A layer never gets faster with more channels, nor more than twice as much slower per
+    channel added: each timing is first capped at twice its narrower neighbour's scaled
+    to the wider width, then lowered to the fastest timing at any wider width. A load
+    spike during one timing would otherwise read as a layer whose last channels cost
+    hundreds of times the rest, and the allocation would chase that phantom saving.
+    """
+    g = [list(row) for row in grid]
+    for i, row in enumerate(g):  # along the output width
+        for j in range(1, len(row)):
+            if row[j] is not None and row[j - 1] is not None:
+                row[j] = min(row[j], 2 * row[j - 1] * outs[j] / outs[j - 1])
+        if i:  # along the input width
+            for j, v in enumerate(row):
+                if v is not None and g[i - 1][j] is not None:
+                    row[j] = min(v, 2 * g[i - 1][j] * ins[i] / ins[i - 1])
+    for i in range(len(g) - 1, -1, -1):
+        for j in range(len(g[i]) - 1, -1, -1):
+            wider = [g[a][b] for a in range(i, len(g)) for b in range(j, len(g[i]))
+                     if g[a][b] is not None and (a, b) != (i, j)]
+            if g[i][j] is not None and wider:
+                g[i][j] = min(g[i][j], min(wider))
+    return g
 
 
 def _interp(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
