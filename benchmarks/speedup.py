@@ -11,12 +11,23 @@ random images: speed depends on the widths, not on the weights.
 
     python benchmarks/speedup.py --weights-dir ../shared/weights/cifar10 \\
         --data-root ../shared/data --threads 2
+
+With ``--latency-target F`` it compares instead, per model and batch size: CDP's global
+ranking at the MACs target, the latency-aware allocation at the same MACs target, a
+latency target F (both with widths rounded to the multiple timed fastest), and
+Torch-Pruning's L1 magnitude pruner at the same MACs; the CIFAR models' accuracy right
+after pruning and after BatchNorm recalibration; the ONNX Runtime latency of the exported
+models; and the machine's load average at each row.
+
+    python benchmarks/speedup.py --latency-target 0.4 --cases resnet56-B resnet50 \\
+        resnet56-A --csv benchmarks/results/latency_target.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import statistics
 import sys
@@ -55,7 +66,7 @@ def latency(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
 def compare(base: torch.nn.Module, pruned: torch.nn.Module, size: int, batch: int,
             rounds: int) -> tuple[float, float]:
     x = torch.randn(batch, 3, size, size)
-    iters = max(3, int(64 / batch) * 4) if size == 32 else (10 if batch == 1 else 2)
+    iters = max(3, int(64 / batch) // 2) if size == 32 else (10 if batch == 1 else 2)
     latency(base, x, 2)
     latency(pruned, x, 2)
     tb, tp = [], []
@@ -63,6 +74,182 @@ def compare(base: torch.nn.Module, pruned: torch.nn.Module, size: int, batch: in
         tb.append(latency(base, x, iters))
         tp.append(latency(pruned, x, iters))
     return statistics.median(tb), statistics.median(tp)
+
+
+def compare_pairs(base, pruned, size, batch, rounds) -> tuple[float, float, float, float]:
+    """Medians of base and pruned, the median of per-pair speed-ups, and its spread
+    (max / min of the per-pair speed-ups): how noisy the machine was."""
+    x = torch.randn(batch, 3, size, size)
+    iters = max(2, 16 // batch) if size == 32 else (4 if batch == 1 else 1)
+    latency(base, x, 2)
+    latency(pruned, x, 2)
+    tb, tp = [], []
+    for _ in range(rounds):
+        tb.append(latency(base, x, iters))
+        tp.append(latency(pruned, x, iters))
+    speedups = [b / p for b, p in zip(tb, tp)]
+    return (statistics.median(tb), statistics.median(tp), statistics.median(speedups),
+            max(speedups) / min(speedups))
+
+
+METHODS = ("cdp-global@macs", "cdp-latency-alloc@macs", "cdp@latency-target", "tp-l1@macs")
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def tp_l1(model: torch.nn.Module, size: int, target: float) -> torch.nn.Module:
+    """Torch-Pruning's L1 magnitude pruner (same ratio per layer, classifier kept) at the
+    MACs reduction ``target``, by bisection on its pruning ratio."""
+    import copy
+
+    import torch_pruning as tp
+
+    from cdprune.pruning import custom_pruners
+
+    x = torch.randn(1, 3, size, size)
+    base = count_macs(model, (3, size, size))
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(12):
+        ratio = (lo + hi) / 2
+        work = copy.deepcopy(model)
+        heads = [m for m in work.modules() if isinstance(m, torch.nn.Linear)]
+        pruner = tp.pruner.MetaPruner(work, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=heads,
+                                      customized_pruners=custom_pruners())
+        pruner.step()
+        reduction = 1 - count_macs(work, (3, size, size)) / base
+        if best is None or abs(reduction - target) < abs(best[0] - target):
+            best = (reduction, work)
+        if abs(reduction - target) <= 0.003:
+            break
+        lo, hi = (ratio, hi) if reduction < target else (lo, ratio)
+    return best[1].eval()
+
+
+def accuracy(model, data_root, option, images, recal_images):
+    """Top-1 on the first ``images`` test images, right after pruning and after
+    re-estimating BatchNorm statistics on ``recal_images`` training images."""
+    import copy
+
+    from cdprune import evaluate, recalibrate_bn
+    from cdprune.data import build_dataset, build_loader, subset
+
+    mean, std = NORMALISATION[option]
+    test = build_dataset("cifar10", data_root, train=False, augment=False, mean=mean, std=std)
+    loader = build_loader(subset(test, images, seed=0), 200, shuffle=False, seed=0)
+    before = evaluate(model, loader, progress=False).top1
+    recal = copy.deepcopy(model)
+    recalibrate_bn(recal, cifar_stats_loader(data_root, option, recal_images), recal_images)
+    return before, evaluate(recal, loader, progress=False).top1
+
+
+def onnx_ms(base, pruned, size, batch, threads) -> tuple[float, float]:
+    import tempfile
+
+    from cdprune.export import compare_latency, export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, m in (("base", base), ("pruned", pruned)):
+            paths[name] = f"{tmp}/{name}.onnx"
+            export(m, paths[name], input_size=(3, size, size))
+        t = compare_latency(paths, "onnx", (3, size, size), batch_size=batch, warmup=2,
+                            repeats=max(5, 40 // batch), threads=threads)
+    return 1e3 * t["base"], 1e3 * t["pruned"]
+
+
+def latency_main(args) -> None:
+    from cdprune import LatencySettings
+
+    torch.set_num_threads(args.threads)
+    header = ["case", "method", "batch", "round_to", "macs_ratio", "base_ms", "pruned_ms",
+              "speedup", "efficiency", "speedup_spread", "latency_target", "latency_reduction_bench",
+              "latency_reduction_prune", "target_hit", "acc_base", "acc_pruned", "acc_recal",
+              "onnx_base_ms", "onnx_pruned_ms", "onnx_speedup", "load_avg"]
+    print(",".join(header), flush=True)
+    out = open(args.csv, "w", newline="") if args.csv else None
+    writer = csv.writer(out) if out else None
+    if writer:
+        writer.writerow(header)
+    for case in args.cases:
+        size = 224 if case == "resnet50" else 32
+        option = case[-1] if case.startswith("resnet56") else None
+        if option:
+            model = create_model("resnet56" if option == "A" else "resnet56b")
+            load_weights(model, Path(args.weights_dir) / CHECKPOINTS[option])
+            model.eval()
+            scores = tfidf_scores(collect_stats(model, cifar_stats_loader(
+                args.data_root, option, args.stats_images), progress=False))
+            batches = (1, 64)
+        else:
+            model = create_model("resnet50").eval()
+            images = [torch.randn(8, 3, 224, 224) for _ in range(4)]
+            scores = tfidf_scores(collect_stats(model, images, progress=False))
+            batches = tuple(args.resnet50_batches)
+        example = torch.randn(2, 3, size, size)
+        acc_base = None
+        if option and args.eval_images:
+            from cdprune import evaluate
+            from cdprune.data import build_dataset, build_loader, subset
+            mean, std = NORMALISATION[option]
+            test = build_dataset("cifar10", args.data_root, train=False, augment=False,
+                                 mean=mean, std=std)
+            acc_base = evaluate(model, build_loader(subset(test, args.eval_images, seed=0), 200,
+                                                    shuffle=False, seed=0), progress=False).top1
+        shared = {}  # models that do not depend on the batch size
+        for batch in batches:
+            settings = LatencySettings(batch_size=batch, threads=args.threads,
+                                       cache_dir=args.cache_dir, warmup=1, repeats=3)
+            runs = []
+            if "macs" not in shared:
+                shared["macs"] = prune(model, scores, example_inputs=example,
+                                       macs_reduction=args.macs_reduction)
+                shared["tp"] = (tp_l1(model, size, args.macs_reduction)
+                                if "tp-l1@macs" in args.methods else None)
+            runs.append(("cdp-global@macs", shared["macs"].model, shared["macs"], None))
+            if "cdp-latency-alloc@macs" in args.methods:
+                r = prune(model, scores, example_inputs=example,
+                          macs_reduction=args.macs_reduction, allocation="latency",
+                          latency=settings)
+                runs.append(("cdp-latency-alloc@macs", r.model, r, None))
+            if "cdp@latency-target" in args.methods:
+                r = prune(model, scores, example_inputs=example,
+                          latency_reduction=args.latency_target, latency=settings)
+                runs.append(("cdp@latency-target", r.model, r, args.latency_target))
+            runs.append(("tp-l1@macs", shared["tp"], None, None))
+            runs = [r for r in runs if r[0] in args.methods]
+            base_macs = count_macs(model, (3, size, size))
+            for method, pruned, result, target in runs:
+                pruned.eval()
+                ratio = base_macs / count_macs(pruned, (3, size, size))
+                tb, tp_, speedup, spread = compare_pairs(model, pruned, size, batch,
+                                                         args.rounds)
+                measured = 1 - 1 / speedup
+                info = (result.extra.get("latency") if result is not None else None) or {}
+                acc = (accuracy(pruned, args.data_root, option, args.eval_images,
+                                args.recal_images) if option and args.eval_images
+                       else (None, None))
+                onnx = onnx_ms(model, pruned, size, batch, args.threads) if args.onnx else None
+                row = [case, method, batch,
+                       (result.plan.get("round_to") if result is not None else None) or "-",
+                       f"{ratio:.3f}", f"{1e3 * tb:.2f}", f"{1e3 * tp_:.2f}", f"{speedup:.3f}",
+                       f"{speedup / ratio:.3f}", f"{spread:.2f}", target if target else "-",
+                       f"{measured:.3f}",
+                       f"{info['measured']:.3f}" if info else "-",
+                       (abs(measured - target) <= 0.05 * target) if target else "-",
+                       f"{acc_base:.2f}" if acc_base is not None else "-",
+                       f"{acc[0]:.2f}" if acc[0] is not None else "-",
+                       f"{acc[1]:.2f}" if acc[1] is not None else "-",
+                       f"{onnx[0]:.2f}" if onnx else "-", f"{onnx[1]:.2f}" if onnx else "-",
+                       f"{onnx[0] / onnx[1]:.3f}" if onnx else "-", load_average()]
+                print(",".join(str(v) for v in row), flush=True)
+                if writer:
+                    writer.writerow(row)
+                    out.flush()
+    if out:
+        out.close()
 
 
 def main() -> None:
@@ -77,7 +264,18 @@ def main() -> None:
                         help="width rounding to compare (0: none)")
     parser.add_argument("--skip-resnet50", action="store_true")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
+    parser.add_argument("--latency-target", type=float,
+                        help="compare MACs and latency targets (see the module docstring)")
+    parser.add_argument("--cases", nargs="+", default=["resnet56-B", "resnet50", "resnet56-A"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--resnet50-batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--eval-images", type=int, default=1000)
+    parser.add_argument("--recal-images", type=int, default=512)
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false")
+    parser.add_argument("--cache-dir", default=None, help="latency table cache (default none)")
     args = parser.parse_args()
+    if args.latency_target:
+        return latency_main(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

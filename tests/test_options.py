@@ -111,12 +111,15 @@ def test_validate_names_the_option_and_the_cli_names_the_flag(config, key, text)
 
 def test_prune_target_is_required_only_when_asked():
     PruneConfig().validate()
-    with pytest.raises(ConfigError, match="exactly one of --sparsity, --macs-reduction or"):
+    with pytest.raises(ConfigError, match="exactly one of --sparsity, --macs-reduction, --macs-target or --latency-reduction"):
         PruneConfig().validate(need_target=True)
     with pytest.raises(ConfigError, match="exactly one"):
         PruneConfig(sparsity=0.3, macs_target="60M").validate(need_target=True)
     PruneConfig(macs_reduction=0.5).validate(need_target=True)
     PruneConfig(macs_target="60.02M").validate(need_target=True)
+    PruneConfig(latency_reduction=0.4).validate(need_target=True)
+    with pytest.raises(ConfigError, match="latency_batch|--latency-batch"):
+        PruneConfig(latency_reduction=0.4, latency_batch=0).validate()
     with pytest.raises(ConfigError, match="MACs target"):
         PruneConfig(macs_target="lots").validate()
 

@@ -317,9 +317,14 @@ CASES: list[Case] = [
     Case("both-targets", "numbers", "both `--sparsity` and `--macs-reduction`",
          ("--macs-reduction: not allowed with argument --sparsity",), "give only one of them",
          ("prune", *BASE, *STATS, "--sparsity", "0.3", "--macs-reduction", "0.5", *OUT)),
-    Case("no-target", "numbers", "none of `--sparsity`, `--macs-reduction`, `--macs-target`",
-         ("--sparsity, --macs-reduction or --macs-target",), "give exactly one of",
+    Case("no-target", "numbers", "none of `--sparsity`, `--macs-reduction`, `--macs-target`, "
+         "`--latency-reduction`",
+         ("--sparsity, --macs-reduction, --macs-target or --latency-reduction",),
+         "give exactly one of",
          ("prune", *BASE, *STATS, *OUT)),
+    Case("latency-above-one", "numbers", "`--latency-reduction 1.5` (1 or above)",
+         ("--latency-reduction 1.5 is invalid",), "it must be a fraction in (0, 1)",
+         ("prune", *BASE, *STATS, "--latency-reduction", "1.5", *OUT)),
     Case("unreachable-macs", "numbers",
          "a MACs target the constraints cannot reach (`--macs-reduction 0.9 "
          "--max-layer-pruning 0.5`)",

@@ -21,6 +21,7 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from .evaluate import evaluate  # noqa: E402
+from .latency import LatencySettings  # noqa: E402
 from .macs import count_macs, count_params, paper_macs  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .pruning import PruneResult, load_pruned, prune, save_pruned  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "LatencySettings",
     "UnsupportedModelError",
     "PruneResult",
     "TrainConfig",

@@ -231,7 +231,7 @@ DOCUMENTS = ("sample", "class")
 TAPS = ("conv", "act")
 NORMALIZE = ("none", "max", "mean")
 SCOPES = ("auto", "internal", "all")
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "latency")
 
 
 @dataclass
@@ -278,6 +278,11 @@ class PruneConfig:
                                           "points)", exclusive="target")
     macs_target: str | None = option(None, "MACs to keep, absolute with K/M/G, e.g. 60.02M "
                                      "(in --macs-convention)", exclusive="target", kind="size")
+    latency_reduction: float | None = option(
+        None, "fraction of latency to remove, timed on this machine (within 5%% of the "
+        "target)", exclusive="target")
+    latency_batch: int = option(1, "batch size the latency target is timed at",
+                                positive=True)
     macs_convention: str = option("physical", "what --macs-target counts: the network that "
                                   "runs, or the CDP paper's counter on masks",
                                   choices=("physical", "paper"))
@@ -285,7 +290,9 @@ class PruneConfig:
     max_layer_pruning: float = option(0.9, "most a layer may lose")
     round_to: int | None = option(None, "keep widths multiples of this", positive=True)
     allocation: str | None = option(None, "global: one ranking of all filters (default); "
-                                    "uniform: every layer loses the same fraction",
+                                    "uniform: every layer loses the same fraction; latency: "
+                                    "least score lost per second saved, timed here (default "
+                                    "with --latency-reduction)",
                                     choices=ALLOCATIONS)
     ignore_layers: list[str] | None = option(None, "module names never pruned")
     bn_recalibrate: int | None = option(
@@ -297,15 +304,17 @@ class PruneConfig:
         """Check every value; raise :class:`OptionError` naming the first bad one.
 
         Args:
-            need_target: exactly one of ``sparsity``, ``macs_reduction`` and
-                ``macs_target`` must be set.
+            need_target: exactly one of ``sparsity``, ``macs_reduction``,
+                ``macs_target`` and ``latency_reduction`` must be set.
         """
-        for key in ("sparsity", "macs_reduction"):
+        for key in ("sparsity", "macs_reduction", "latency_reduction"):
             value = getattr(self, key)
             _check(key, value, value is None or 0 < value < 1, "a fraction in (0, 1)")
         _check("max_layer_pruning", self.max_layer_pruning, 0 < self.max_layer_pruning <= 1,
                "a fraction in (0, 1] (0 would let no layer lose a filter)")
         _check("round_to", self.round_to, self.round_to is None or self.round_to > 0,
+               "a positive integer")
+        _check("latency_batch", self.latency_batch, self.latency_batch > 0,
                "a positive integer")
         _check("bn_recalibrate", self.bn_recalibrate,
                self.bn_recalibrate is None or self.bn_recalibrate > 0,
@@ -314,11 +323,11 @@ class PruneConfig:
             from .targets import parse_macs
 
             parse_macs(self.macs_target)
-        targets = [t for t in (self.sparsity, self.macs_reduction, self.macs_target)
-                   if t is not None]
+        targets = [t for t in (self.sparsity, self.macs_reduction, self.macs_target,
+                               self.latency_reduction) if t is not None]
         if need_target and len(targets) != 1:
-            raise ConfigError("give exactly one of --sparsity, --macs-reduction or "
-                              "--macs-target")
+            raise ConfigError("give exactly one of --sparsity, --macs-reduction, --macs-target "
+                              "or --latency-reduction")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PruneConfig:

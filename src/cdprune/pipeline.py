@@ -181,9 +181,18 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     reduction = stage.macs_reduction
     if stage.macs_target is not None:
         reduction = _reduction_for_target(config, model, scores, example, kwargs)
+    latency = None
+    if stage.latency_reduction is not None or options["prune"].get("allocation") == "latency":
+        from .latency import LatencySettings
+
+        latency = LatencySettings(batch_size=stage.latency_batch,
+                                  device="cuda" if device.type == "cuda" else "cpu")
     result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
-                   macs_reduction=reduction, **kwargs)
+                   macs_reduction=reduction, latency_reduction=stage.latency_reduction,
+                   latency=latency, **kwargs)
     summary = result.summary()
+    if "latency" in result.extra:
+        summary["latency"] = result.extra["latency"]
     summary.update(macs_conventions(model, result, example))
     progress = not config.get("no_progress")
     evaluated = not (config.get("skip_eval") or config.get("no_eval"))

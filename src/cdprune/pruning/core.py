@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..latency import LatencySettings
 from ..macs import count_macs, count_params
 from ..scoring import CDPImportance
 from ..suggest import did_you_mean
 from .graph import _first_sample, _trace, auto_scope
 from .groups import _candidates
+from .latency import LatencyModel, by_latency, hit_latency, order_by_latency
 from .plan import _apply
 from .search import MACS_TOLERANCE, _by_macs, _by_sparsity, _Search
 
@@ -32,7 +34,7 @@ __all__ = ["PruneResult", "conv_widths", "prune"]
 logger = logging.getLogger(__name__)
 
 SCOPES = ("auto", "internal", "all")
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "latency")
 
 
 @dataclass
@@ -85,12 +87,15 @@ class PruneResult:
         }
 
 
-def _validate(sparsity: float | None, macs_reduction: float | None, scope: str,
-              max_layer_pruning: float, round_to: int | None) -> None:
-    if (sparsity is None) == (macs_reduction is None):
-        raise ConfigError("give exactly one pruning target: sparsity (fraction of filters) or "
-                          "macs_reduction (fraction of MACs), e.g. --macs-reduction 0.5")
-    for name, value in (("sparsity", sparsity), ("macs_reduction", macs_reduction)):
+def _validate(sparsity: float | None, macs_reduction: float | None,
+              latency_reduction: float | None, scope: str, max_layer_pruning: float,
+              round_to: int | None) -> None:
+    if sum(t is not None for t in (sparsity, macs_reduction, latency_reduction)) != 1:
+        raise ConfigError("give exactly one pruning target: sparsity (fraction of filters), "
+                          "macs_reduction (fraction of MACs) or latency_reduction (fraction "
+                          "of measured latency), e.g. --macs-reduction 0.5")
+    for name, value in (("sparsity", sparsity), ("macs_reduction", macs_reduction),
+                        ("latency_reduction", latency_reduction)):
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
             raise ConfigError(f"{name}={value} is outside (0, 1); give a fraction such as 0.5")
     if scope not in SCOPES:
@@ -144,15 +149,17 @@ def prune(
     example_inputs: Any,
     sparsity: float | None = None,
     macs_reduction: float | None = None,
+    latency_reduction: float | None = None,
     ignored_layers: Iterable[str] | None = None,
     scope: str = "auto",
     max_layer_pruning: float = 0.9,
     round_to: int | None = None,
     group_reduction: str = "mean",
-    allocation: str = "global",
+    allocation: str | None = None,
     inplace: bool = False,
+    latency: LatencySettings | None = None,
 ) -> PruneResult:
-    """Remove the lowest-scoring filters physically, to a sparsity or a MACs target.
+    """Remove the lowest-scoring filters physically, to a sparsity, MACs or latency target.
 
     Args:
         model: the network to prune (left untouched unless ``inplace``).
@@ -164,6 +171,14 @@ def prune(
             0.3 percentage points of it, or, when the removable units are too coarse, on
             the nearest reachable reduction below it (logged, and recorded in
             ``result.extra["macs_target_missed"]``).
+        latency_reduction: fraction of the model's latency to remove, measured on this
+            machine as ``latency`` says (batch size, threads, device): within
+            ``latency.tolerance`` (5%) of the target, checked by timing the whole pruned
+            network against the original. Implies ``allocation="latency"`` unless another
+            is given, ``scope="all"`` for ``"auto"`` (option-A ResNets then prune the
+            zero-padded residual positions), and widths rounded to the fastest measured
+            multiple unless ``round_to`` is given. The timings are in
+            ``result.extra["latency"]``.
         ignored_layers: module names whose output channels must not be pruned.
         scope: ``"internal"`` prunes only channels that belong to one layer's output
             (block-internal channels of residual networks); ``"all"`` also prunes coupled
@@ -177,8 +192,14 @@ def prune(
         allocation: ``"global"`` ranks raw group scores across the whole network (the
             paper); ``"uniform"`` ranks each channel by its rank within its group, so
             every group loses about the same fraction and scores only choose *which*
-            channels go inside a layer.
-        inplace: prune ``model`` itself instead of a copy.
+            channels go inside a layer; ``"latency"`` removes, group by group, the unit
+            losing least score per second of latency saved, by a latency table timed on
+            this machine (:mod:`cdprune.latency`). Default: ``"latency"`` with a latency
+            target, ``"global"`` otherwise.
+        inplace: prune ``model`` itself instead of a copy (not with a latency target,
+            whose rounds prune fresh copies).
+        latency: how latency is timed and cached (:class:`~cdprune.latency.LatencySettings`;
+            default batch 1, torch's threads, CPU, a cache in ``~/.cache/cdprune``).
 
     Returns:
         The pruned model, its plan and its MACs, parameters and widths before and after.
@@ -189,34 +210,63 @@ def prune(
         UnsupportedModelError: Torch-Pruning misreads the graph around the named layers
             even once they are ignored (or ``inplace=True``, which forbids the retry).
     """
-    _validate(sparsity, macs_reduction, scope, max_layer_pruning, round_to)
+    _validate(sparsity, macs_reduction, latency_reduction, scope, max_layer_pruning, round_to)
+    if allocation is None:
+        allocation = "latency" if latency_reduction is not None else "global"
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation={allocation!r} is not valid; use one of "
                           f"{', '.join(ALLOCATIONS)}")
     _check_scores(model, scores)
     ignored_named = list(ignored_layers or ())
     _resolve_modules(model, ignored_named, "ignored layer")
+    timed = None
+    if latency_reduction is not None or allocation == "latency":
+        if inplace and latency_reduction is not None:
+            raise ConfigError("a latency target prunes and times several copies of the model; "
+                              "use inplace=False")
+        example = _first_sample(example_inputs)
+        if not isinstance(example, torch.Tensor):
+            raise ConfigError("latency targets need example_inputs to be one tensor batch")
+        timed = LatencyModel(model, example, latency or LatencySettings())
+        if round_to is None and timed.settings.round_to == "auto":
+            round_to = timed.round_to(min(m.out_channels for n, m in model.named_modules()
+                                          if n in scores))
+        elif round_to is None and timed.settings.round_to is not None:
+            round_to = int(timed.settings.round_to)
+        if scope == "auto":  # option A: the zero-padded residual positions, exactly
+            scope = "all"
     if scope == "auto":
         scope = auto_scope(model)
 
     ignored_extra: list[str] = []
-    for attempt in range(3):
-        work = model if inplace else copy.deepcopy(model)
-        try:
-            result = _prune_once(work, scores, example_inputs, sparsity, macs_reduction,
-                                 ignored_named + ignored_extra, scope, max_layer_pruning,
-                                 round_to, group_reduction, allocation)
-            break
-        except _Misread as exc:
-            if inplace or attempt == 2:
-                raise UnsupportedModelError(
-                    f"Torch-Pruning's dependency graph misreads layers {', '.join(exc.names)}:"
-                    " pruning would not give the shapes it predicts; pass them as "
-                    "ignored_layers" + (" (or prune a copy: inplace=False does this "
-                                        "itself)" if inplace else "")) from None
-            logger.warning("Torch-Pruning's dependency graph misreads layers %s; pruning "
-                           "again with them ignored", ", ".join(exc.names))
-            ignored_extra += exc.names
+
+    def run(goal: float | None) -> PruneResult:
+        for attempt in range(3):
+            work = model if inplace else copy.deepcopy(model)
+            try:
+                return _prune_once(work, scores, example_inputs, sparsity, macs_reduction,
+                                   ignored_named + ignored_extra, scope, max_layer_pruning,
+                                   round_to, group_reduction, allocation,
+                                   None if timed is None else (timed, goal))
+            except _Misread as exc:
+                if inplace or attempt == 2:
+                    raise UnsupportedModelError(
+                        f"Torch-Pruning's dependency graph misreads layers "
+                        f"{', '.join(exc.names)}: pruning would not give the shapes it "
+                        "predicts; pass them as ignored_layers" + (
+                            " (or prune a copy: inplace=False does this itself)"
+                            if inplace else "")) from None
+                logger.warning("Torch-Pruning's dependency graph misreads layers %s; pruning "
+                               "again with them ignored", ", ".join(exc.names))
+                ignored_extra.extend(exc.names)
+        raise AssertionError("unreachable")
+
+    if latency_reduction is None:
+        result = run(None)
+    else:
+        assert timed is not None
+        result = hit_latency(run, model, _first_sample(example_inputs), timed,
+                             latency_reduction)
     if ignored_extra:
         result.extra["auto_ignored"] = ignored_extra
     result.plan["scope"] = scope
@@ -249,7 +299,8 @@ class _Misread(Exception):
 def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inputs: Any,
                 sparsity: float | None, macs_reduction: float | None,
                 ignored_named: list[str], scope: str, max_layer_pruning: float,
-                round_to: int | None, group_reduction: str, allocation: str) -> PruneResult:
+                round_to: int | None, group_reduction: str, allocation: str,
+                timed: tuple[LatencyModel, float | None] | None = None) -> PruneResult:
     names = {m: n for n, m in work.named_modules()}
     named = dict(work.named_modules())
     scored = {named[n] for n in scores}
@@ -269,7 +320,15 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
         raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
                           "free of ignored layers; try scope='all' or fewer ignored layers")
 
-    if sparsity is not None:
+    predicted_latency = None
+    if timed is not None:  # the measured latency table reorders and/or picks the prefix
+        shapes = timed[0].shapes(work)
+        if allocation == "latency":
+            order_by_latency(search, shapes, timed[0].table, round_to)
+    if timed is not None and timed[1] is not None:
+        removals, predicted_latency, saturated = by_latency(search, timed[0], shapes,
+                                                            timed[1])
+    elif sparsity is not None:
         removals = _by_sparsity(search, sparsity, candidate_filters)
     else:
         removals = _by_macs(search, macs_reduction, scope, max_layer_pruning)
@@ -281,7 +340,10 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
                 "; raise the target or max_layer_pruning"))
 
     plan = _apply(graph, cands, removals, names)
-    plan.update(scope=scope, target={"sparsity": sparsity, "macs_reduction": macs_reduction},
+    target = {"sparsity": sparsity, "macs_reduction": macs_reduction}
+    if timed is not None and timed[1] is not None:
+        target["latency_reduction"] = timed[1]  # the predicted goal; prune() sets the asked
+    plan.update(scope=scope, target=target,
                 round_to=round_to, max_layer_pruning=max_layer_pruning, allocation=allocation)
     wrong = [names[m] for m, (c_in, c_out) in search.widths(removals).items()
              if _width_of(m) != (c_in, c_out)]
@@ -298,9 +360,13 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     if predicted != macs_after:
         logger.warning("analytic MACs %d differ from measured %d; the MACs target search may "
                        "be off for this architecture", predicted, macs_after)
-    return PruneResult(work, plan, macs_before, macs_after, params_before, count_params(work),
-                       widths_before, conv_widths(work), search.filters(removals),
-                       candidate_filters)
+    result = PruneResult(work, plan, macs_before, macs_after, params_before,
+                         count_params(work), widths_before, conv_widths(work),
+                         search.filters(removals), candidate_filters)
+    if predicted_latency is not None:
+        result.extra["latency_predicted"] = predicted_latency
+        result.extra["latency_saturated"] = saturated
+    return result
 
 
 def _first_line(exc: BaseException) -> str:
