@@ -188,15 +188,9 @@ def plot(out: Path, rows: list[dict[str, Any]], configs: list[str], budgets: lis
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    from cdprune.latency import cpu_model
+
+    return (f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 

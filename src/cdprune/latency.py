@@ -84,15 +84,18 @@ def device_name(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
+    return f"cpu:{cpu_model()}:{os.cpu_count()} cores"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one), for result records."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"cpu:{model}:{os.cpu_count()} cores"
+    return platform.processor() or platform.machine()
 
 
 def cache_dir_default() -> Path:
