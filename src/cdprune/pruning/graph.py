@@ -117,6 +117,20 @@ def _mark_regroupings(graph: tp.DependencyGraph) -> None:
                 stack += n.outputs
         return linear
 
+    def from_layers(node: Any) -> bool:
+        # A feature map descends from some layer; a tensor computed from parameters
+        # alone (NF-Net's gain.view(-1) of weight standardisation) does not.
+        stack, seen = list(node.inputs), set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if type(n.module).__module__ != ops_module:
+                return True
+            stack += n.inputs
+        return False
+
     for node in list(graph.module2node.values()):
         if node.grad_fn is not None and node.grad_fn.name() == "CopySlices":
             # x[:, :c] += y (ReXNet's partial residual): read as a plain addition, which
@@ -133,7 +147,7 @@ def _mark_regroupings(graph: tp.DependencyGraph) -> None:
         ndim = len(getattr(node.grad_fn, "_saved_self_sym_sizes", ()) or ())
         # Feature maps only: reshaping a per-channel parameter to (1, C, 1, 1) is harmless.
         if (node.type != tp.ops.OPTYPE.RESHAPE or ndim < 4 or feeds_only_linear(node)
-                or not any(n.type != tp.ops.OPTYPE.PARAMETER for n in node.inputs)):
+                or not from_layers(node)):
             continue  # a weight reshaped (weight standardisation) is no regrouping
         node.cdprune_fixed = REGROUPING
         node.type = tp.ops.OPTYPE.ELEMENTWISE
