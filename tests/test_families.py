@@ -198,10 +198,34 @@ class StdConv(nn.Conv2d):
         return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
+class SKBlock(nn.Module):
+    """Selective kernel (SKNet): two convs on the two halves of the input, weighed by a
+    softmax over paths of G*C attention logits viewed as (n, G, C, 1, 1), then summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.paths = nn.ModuleList([cbr(8, 16, 3), nn.Sequential(
+            nn.Conv2d(8, 16, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(16),
+            nn.ReLU())])
+        self.reduce = cbr(16, 4)
+        self.select = nn.Conv2d(4, 32, 1, bias=False)
+        self.out = cbr(16, 16)
+        self.head = Head(16)
+
+    def forward(self, x):
+        pieces = torch.split(self.stem(x), 8, 1)
+        feats = torch.stack([p(piece) for p, piece in zip(self.paths, pieces)], dim=1)
+        attn = self.select(self.reduce(feats.sum(1).mean((2, 3), keepdim=True)))
+        n, c = attn.shape[:2]
+        attn = torch.softmax(attn.view(n, 2, c // 2, 1, 1), dim=1)
+        return self.head(self.out((feats * attn).sum(1)))
+
+
 NETS = {"grouped_after_concat": GroupedAfterConcat, "resnext": ResNeXtBlock,
         "res2net": Res2NetBlock, "csp": CSPBlock, "ghost": GhostBlock,
         "ghost_residual": GhostResidual, "ghost_odd_slice": GhostOddSlice, "dense": DenseBlock,
-        "se": SEBlock, "shuffle": ShuffleBlock}
+        "se": SEBlock, "shuffle": ShuffleBlock, "selective_kernel": SKBlock}
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -264,6 +288,23 @@ def test_grouped_conv_keeps_equal_groups_ranked_within_each_group():
     assert conv2.in_channels == 12 and conv2.weight.shape[1] == 3
     # One channel per group went, the lowest of each group: not the same position in all.
     assert result.plan["kept"]["conv1.0"] == [i for i in range(16) if i not in low]
+    assert_exact(model, result, x)
+
+
+def test_selective_kernel_channels_pruned_across_paths_and_logits(caplog):
+    # The attention logits' view(n, 2, C, 1, 1) pairs logit c and C + c with channel c of
+    # both paths; the split's fixed halves keep the stem whole.
+    model, x = build("selective_kernel")
+    scores = {name: torch.rand_like(s) + 1 for name, s in random_scores(model).items()}
+    for name in ("paths.0.0", "paths.1.0"):
+        scores[name] = torch.arange(16.0) / 100  # the paths' channels rank lowest
+    with caplog.at_level(logging.WARNING, logger="cdprune.pruning"):
+        result = prune(model, scores, example_inputs=x, sparsity=0.1)
+    assert "misreads" not in caplog.text and "regrouping" not in caplog.text
+    kept = result.plan["kept"]
+    assert kept["paths.0.0"] == kept["paths.1.0"] and len(kept["paths.0.0"]) < 16
+    assert kept["select"] == kept["paths.0.0"] + [16 + i for i in kept["paths.0.0"]]
+    assert "stem.0" not in kept  # a torch.split with fixed sizes reads it
     assert_exact(model, result, x)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 from ..evaluate import eval_mode
@@ -79,18 +80,96 @@ def auto_scope(model: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------- dependency graph
+class _ViewShapes(TorchFunctionMode):
+    """Records the output shape of every view/reshape while Torch-Pruning traces.
+
+    Autograd keeps a reshape's input shape but not its output shape, and the two together
+    tell a flatten from a regrouping of channels.
+    """
+
+    VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[Any, tuple[int, ...]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        if fn is not None and fn.name() in self.VIEWS:
+            self.sizes[fn] = tuple(out.shape)
+        return out
+
+
 def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad(), _ViewShapes() as views:
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, customized_pruners=custom_pruners(),
             verbose=False)
     _fix_splits(graph)
-    _mark_regroupings(graph)
+    _mark_regroupings(graph, views.sizes)
     return graph
 
 
-def _mark_regroupings(graph: tp.DependencyGraph) -> None:
+class _GroupMajorMapping:
+    """Index mapping of ``view(n, G, C, h, w)`` of an ``(n, G*C, h, w)`` feature map.
+
+    Channel ``c`` of the regrouped tensor is input channel ``g*C + c`` of every group
+    ``g``: going back to the input it becomes G indices, going forward each input
+    channel lands on its position within its group.
+    """
+
+    def __init__(self, groups: int, width: int, to_input: bool):
+        self.groups, self.width, self.to_input = groups, width, to_input
+
+    def __call__(self, idxs: list[Any]) -> list[Any]:
+        index = tp._helpers._HybridIndex
+        # Unique pairs: tracing goes round the view and back, which must not multiply them.
+        if self.to_input:
+            pairs = {(g * self.width + i.idx, i.root_idx): None
+                     for g in range(self.groups) for i in idxs}
+        else:
+            pairs = {(i.idx % self.width, i.root_idx): None for i in idxs}
+        return [index(idx=a, root_idx=b) for a, b in pairs]
+
+
+def _reduced_over_groups(node: Any) -> bool:
+    """True when a group-major regrouping only weighs per-group copies of the same
+    channels and sums them (selective-kernel attention): every op after it, up to a sum
+    over the group dim, is a softmax over groups, a sigmoid or a product with a stack of
+    per-group feature maps on dim 1. Anything else (a transpose of a channel shuffle,
+    another reshape) reorders channels and is left to :func:`_fixed_layout`."""
+    stack, seen, summed = list(node.outputs), {node}, False
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        fn = n.grad_fn
+        name = fn.name() if fn is not None else ""
+        if name == "SumBackward1" and tuple(getattr(fn, "_saved_dim", ())) in ((1,), (-4,)) \
+                and not getattr(fn, "_saved_keepdim", True):
+            summed = True
+            continue  # back to (n, C, h, w): ordinary channels from here on
+        if name == "SoftmaxBackward0" and getattr(fn, "_saved_dim", None) in (1, -4) \
+                or name == "SigmoidBackward0":
+            stack += n.outputs
+            continue
+        if name != "MulBackward0":
+            return False
+        for other in n.inputs:
+            if other not in seen and not (
+                    other.grad_fn is not None and other.grad_fn.name() == "StackBackward0"
+                    and getattr(other.grad_fn, "_saved_dim", None) == 1):
+                return False
+        stack += n.outputs
+    return summed
+
+
+def _mark_regroupings(graph: tp.DependencyGraph,
+                      view_sizes: dict[Any, tuple[int, ...]] | None = None) -> None:
     """Mark the reshapes that regroup channels, and switch off their index mapping.
 
     Apart from flattening features into a Linear classifier, a reshape in a CNN regroups
@@ -149,12 +228,29 @@ def _mark_regroupings(graph: tp.DependencyGraph) -> None:
         if (node.type != tp.ops.OPTYPE.RESHAPE or ndim < 4 or feeds_only_linear(node)
                 or not from_layers(node)):
             continue  # a weight reshaped (weight standardisation) is no regrouping
-        node.cdprune_fixed = REGROUPING
         node.type = tp.ops.OPTYPE.ELEMENTWISE
         deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
                                           for d in n.dependencies if d.target is node]
         for dep in deps:
             dep.index_mapping = [None] * len(dep.index_mapping)
+        before = tuple(getattr(node.grad_fn, "_saved_self_sym_sizes", ()))
+        after = (view_sizes or {}).get(node.grad_fn)
+        if (after is not None and len(before) == 4 and len(after) == 5
+                and after[0] == before[0] and after[3:] == before[2:]
+                and after[1] * after[2] == before[1] and len(node.inputs) == 1
+                and _reduced_over_groups(node)):
+            # view(n, G, C, h, w) -> per-group weights -> sum over G: prunable, channel c
+            # of all G groups together.
+            groups, width = int(after[1]), int(after[2])
+            node.cdprune_group_major = groups
+            for dep in node.dependencies:
+                if dep.target is node.inputs[0]:
+                    dep.index_mapping[0] = _GroupMajorMapping(groups, width, to_input=True)
+            for dep in node.inputs[0].dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = _GroupMajorMapping(groups, width, to_input=False)
+            continue
+        node.cdprune_fixed = REGROUPING
 
 
 def _fix_splits(graph: tp.DependencyGraph) -> None:

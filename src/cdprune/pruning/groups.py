@@ -154,6 +154,10 @@ class _TieRecorder:
         tp.dependency.group.Group.add_and_merge = self.original
 
 
+class _Defer(Exception):
+    """The group should be rooted elsewhere first (see :func:`_all_groups`)."""
+
+
 class _Stop(Exception):
     """Group tracing reached a layout that cannot be pruned, or ran away."""
 
@@ -178,25 +182,38 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]
         reason = getattr(dep.target, "cdprune_fixed", None)
         if reason:
             raise _Stop(reason)
+        if (deferring and getattr(dep.target, "cdprune_group_major", 0)
+                and dep.source in dep.target.inputs):
+            raise _Defer()
         if len(group._group) > limit:
             raise _Stop(f"Torch-Pruning's tracing of their group runs away (past {limit} "
                         "members)")
         original(group, dep, idxs)
 
-    groups, stopped, visited = [], [], set()
+    groups, stopped, visited, deferred = [], [], set(), []
     group_cls.add_dep = add_dep
+    deferring = True
+    roots = [m for m in graph.module2node if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        for module in list(graph.module2node):
-            if (module in ignored or module in visited
-                    or not isinstance(module, (nn.Conv2d, nn.Linear))):
+        while roots:
+            module = roots.pop(0)
+            if module in ignored or module in visited:
                 continue
             pruner = graph.get_pruner_of_module(module)
             width = pruner.get_out_channels(module) if pruner is not None else None
             if width is None:
                 continue
+            deferring = module not in deferred
             try:
                 group = graph.get_pruning_group(module, pruner.prune_out_channels,
                                                 list(range(width)))
+            except _Defer:
+                # Its channels enter a group-major regrouping (the G*C attention logits
+                # of a selective kernel): rooted there the group is G times too wide.
+                # Rooted at the C channels it weighs, it takes these along.
+                deferred.append(module)
+                roots.append(module)
+                continue
             except _Stop as exc:
                 visited.add(module)
                 stopped.append((module, exc.reason))
