@@ -222,10 +222,44 @@ class SKBlock(nn.Module):
         return self.head(self.out((feats * attn).sum(1)))
 
 
+class MixedConv(nn.Module):
+    """MixNet's mixed depthwise conv: input split by a list attribute, one kernel size per
+    piece, outputs concatenated."""
+
+    def __init__(self, splits=(6, 5, 5), depthwise=True):
+        super().__init__()
+        self.splits = list(splits)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c, c if depthwise else 6 - i, 2 * i + 1, padding=i,
+                      groups=c if depthwise else 1, bias=False)
+            for i, c in enumerate(self.splits))
+
+    def forward(self, x):
+        pieces = torch.split(x, self.splits, 1)
+        return torch.cat([conv(p) for conv, p in zip(self.convs, pieces)], 1)
+
+
+class MixNetBlock(nn.Module):
+    """Expand 1x1 -> mixed depthwise -> BN -> project 1x1."""
+
+    def __init__(self, depthwise=True):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.expand = cbr(16, 16)
+        self.mixed = MixedConv(depthwise=depthwise)
+        self.bn = nn.BatchNorm2d(16 if depthwise else 15)
+        self.project = cbr(16 if depthwise else 15, 16)
+        self.head = Head(16)
+
+    def forward(self, x):
+        return self.head(self.project(torch.relu(self.bn(self.mixed(self.expand(self.stem(x)))))))
+
+
 NETS = {"grouped_after_concat": GroupedAfterConcat, "resnext": ResNeXtBlock,
         "res2net": Res2NetBlock, "csp": CSPBlock, "ghost": GhostBlock,
         "ghost_residual": GhostResidual, "ghost_odd_slice": GhostOddSlice, "dense": DenseBlock,
-        "se": SEBlock, "shuffle": ShuffleBlock, "selective_kernel": SKBlock}
+        "se": SEBlock, "shuffle": ShuffleBlock, "selective_kernel": SKBlock,
+        "mixed_conv": MixNetBlock, "mixed_conv_pointwise": lambda: MixNetBlock(False)}
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -306,6 +340,26 @@ def test_selective_kernel_channels_pruned_across_paths_and_logits(caplog):
     assert kept["select"] == kept["paths.0.0"] + [16 + i for i in kept["paths.0.0"]]
     assert "stem.0" not in kept  # a torch.split with fixed sizes reads it
     assert_exact(model, result, x)
+
+
+@pytest.mark.parametrize("name", ["mixed_conv", "mixed_conv_pointwise"])
+def test_mixed_conv_pieces_shrink_and_none_empties(name, tmp_path):
+    # The split sizes live in the module's `splits` list: pruning rewrites them. The last
+    # piece's channels rank lowest of all, yet it keeps its best one (an empty piece
+    # would leave a convolution without inputs).
+    model, x = build(name)
+    scores = {name: torch.rand_like(s) + 1 for name, s in random_scores(model).items()}
+    scores["expand.0"] = torch.cat([torch.rand(11) + 1, torch.arange(5.0) / 100])
+    for i, conv in enumerate(model.mixed.convs):  # neutral: expand.0 orders the channels
+        scores[f"mixed.convs.{i}"] = torch.ones(conv.out_channels)
+    result = prune(model, scores, example_inputs=x, sparsity=0.15, max_layer_pruning=1.0)
+    splits = result.model.mixed.splits
+    assert isinstance(splits, list) and splits[2] == 1 and sum(splits) < 16
+    assert [c.weight.shape[1] * c.groups for c in result.model.mixed.convs] == splits
+    assert result.plan["kept"]["expand.0"][-1] == 15  # the best of the last piece
+    assert_exact(model, result, x)
+    save_pruned(tmp_path, result, input_size=(3, 12, 12))
+    assert load_pruned(tmp_path, build(name)[0]).mixed.splits == splits
 
 
 def test_weight_standardised_conv_loses_inputs_and_outputs(caplog):

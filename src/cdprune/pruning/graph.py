@@ -80,36 +80,57 @@ def auto_scope(model: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------- dependency graph
-class _ViewShapes(TorchFunctionMode):
-    """Records the output shape of every view/reshape while Torch-Pruning traces.
-
-    Autograd keeps a reshape's input shape but not its output shape, and the two together
-    tell a flatten from a regrouping of channels.
-    """
+class _Tracer(TorchFunctionMode):
+    """Records, while Torch-Pruning traces, what autograd does not keep: the output shape
+    of every view/reshape (with the input shape it tells a flatten from a regrouping of
+    channels) and the module whose forward ran each channel split."""
 
     VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+    SPLITS = ("SplitWithSizesBackward0", "SplitBackward0")
 
     def __init__(self) -> None:
         super().__init__()
         self.sizes: dict[Any, tuple[int, ...]] = {}
+        self.split_owner: dict[Any, nn.Module] = {}
+        self.running: list[nn.Module] = []
+
+    def __enter__(self) -> _Tracer:
+        def push(module: nn.Module, *_: Any) -> None:
+            self.running.append(module)
+
+        def pop(module: nn.Module, *_: Any) -> None:
+            if self.running and self.running[-1] is module:
+                self.running.pop()
+
+        self.hooks = [nn.modules.module.register_module_forward_pre_hook(push),
+                      nn.modules.module.register_module_forward_hook(pop)]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        super().__exit__(*exc)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         out = func(*args, **(kwargs or {}))
-        fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        fn = getattr(first, "grad_fn", None) if isinstance(first, torch.Tensor) else None
         if fn is not None and fn.name() in self.VIEWS:
-            self.sizes[fn] = tuple(out.shape)
+            self.sizes[fn] = tuple(first.shape)
+        elif fn is not None and fn.name() in self.SPLITS and self.running:
+            self.split_owner[fn] = self.running[-1]
         return out
 
 
 def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
-    with eval_mode(model), torch.enable_grad(), _ViewShapes() as views:
+    with eval_mode(model), torch.enable_grad(), _Tracer() as tracer:
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, customized_pruners=custom_pruners(),
             verbose=False)
-    _fix_splits(graph)
-    _mark_regroupings(graph, views.sizes)
+    _fix_splits(graph, tracer.split_owner)
+    _mark_regroupings(graph, tracer.sizes)
     return graph
 
 
@@ -253,13 +274,18 @@ def _mark_regroupings(graph: tp.DependencyGraph,
         node.cdprune_fixed = REGROUPING
 
 
-def _fix_splits(graph: tp.DependencyGraph) -> None:
+def _fix_splits(graph: tp.DependencyGraph,
+                owners: dict[Any, nn.Module] | None = None) -> None:
     """Give Torch-Pruning the real sizes and order of the pieces of every channel split.
 
     It guesses a ``chunk``'s piece sizes from the layers around it, and takes the split's
     consumers in the order it met them while tracing as the order of the pieces; both go
     wrong on cross-stage (CSP) and Res2Net blocks. The autograd graph knows both: the
     split's saved sizes, and which output each consumer reads.
+
+    A split whose sizes its module keeps in one list attribute (MixNet's mixed
+    convolution: ``torch.split(x, self.splits)``) is *adjustable*: pruning may shrink its
+    pieces, and :func:`resize_splits` writes the new sizes back.
     """
     for node in graph.module2node.values():
         if node.type != tp.ops.OPTYPE.SPLIT:
@@ -286,9 +312,32 @@ def _fix_splits(graph: tp.DependencyGraph) -> None:
         node.outputs.sort(key=order.__getitem__)
         node.module.split_sizes = pieces
         node.module.offsets = [sum(pieces[:i]) for i in range(len(pieces) + 1)]
+        owner = (owners or {}).get(fn)
+        if owner is not None and hasattr(fn, "_saved_split_sizes"):
+            attrs = [k for k, v in vars(owner).items() if isinstance(v, (list, tuple))
+                     and len(v) == len(pieces) and all(type(p) is int for p in v)
+                     and list(v) == pieces]
+            if len(attrs) == 1:
+                node.cdprune_adjustable = (owner, attrs[0])
     for node in graph.module2node.values():
         if node.type == tp.ops.OPTYPE.CONCAT:
             node.module.concat_sizes = None  # inferred again, from the corrected splits
+
+
+def resize_splits(splits: dict[Any, set[int]]) -> None:
+    """Write the new piece sizes of adjustable splits back into their modules.
+
+    Args:
+        splits: per adjustable split node, the positions of its input that were removed.
+    """
+    for node, removed in splits.items():
+        owner, attr = node.cdprune_adjustable
+        offsets = node.module.offsets
+        sizes = [offsets[i + 1] - offsets[i] - sum(offsets[i] <= r < offsets[i + 1]
+                                                   for r in removed)
+                 for i in range(len(offsets) - 1)]
+        old = getattr(owner, attr)
+        setattr(owner, attr, type(old)(sizes))
 
 
 # ---------------------------------------------------------------------- analytic MACs
@@ -409,6 +458,8 @@ def _fixed_layout(item: Any) -> str | None:
     node = item.dep.target
     if getattr(node, "cdprune_fixed", None):
         return node.cdprune_fixed
+    if getattr(node, "cdprune_adjustable", None):
+        return None
     if node.type not in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.RESHAPE):
         return None
     fn = node.grad_fn

@@ -74,6 +74,9 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
         fn = item.dep.pruning_fn
         module = item.dep.target.module
         kind = _kind(fn)
+        if getattr(item.dep.target, "cdprune_adjustable", None):
+            _keep_every_piece(item, imp, allowed)
+            continue
         owner = getattr(fn, "__self__", None)
         if kind is None and isinstance(owner, ChannelPruner):
             if fn == owner.prune_out_channels:
@@ -99,6 +102,17 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
     cand = _Candidate([part], imp.float().cpu(), allowed, scored, members, grouped)
     cand.bundles = _bundles(getattr(group, "_cdprune_ties", ()), width)
     return cand, outs
+
+
+def _keep_every_piece(item: Any, imp: torch.Tensor, allowed: torch.Tensor) -> None:
+    """Keep the best channel of each piece of an adjustable split: an empty piece would
+    leave its convolution without channels."""
+    offsets = item.dep.target.module.offsets
+    idxs, roots = list(item.idxs), list(item.root_idxs)
+    for start, end in zip(offsets, offsets[1:]):
+        inside = [r for i, r in zip(idxs, roots) if start <= i < end]
+        if inside:
+            allowed[max(inside, key=lambda r: float(imp[r]))] = False
 
 
 def _bundles(ties: Iterable[tuple[int, int]], width: int) -> list[list[int]] | None:

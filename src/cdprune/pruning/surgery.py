@@ -14,7 +14,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .graph import _dimension, _is_grouped, _kind
+from .graph import _dimension, _is_grouped, _kind, resize_splits
 from .groups import _FrozenIndexMapping
 
 
@@ -51,6 +51,9 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
         else:
             group.add_dep(dep, sorted(idxs))
     group.prune(record_history=False)
+    resize_splits({dep.target: idxs for dep, idxs in merged.values()
+                   if getattr(dep.target, "cdprune_adjustable", None)
+                   and dep.target.inputs and dep.source is not dep.target})
     for module, idxs in grouped_inputs:
         _prune_grouped_inputs(module, idxs)
     for module, width, idxs in extras:
