@@ -255,11 +255,55 @@ class MixNetBlock(nn.Module):
         return self.head(self.project(torch.relu(self.bn(self.mixed(self.expand(self.stem(x)))))))
 
 
+class InceptionDW(nn.Module):
+    """Inception-NeXt's token mixer: an untouched piece and three depthwise convs on the
+    others, split by a tuple attribute and concatenated back."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        gc = c // 4
+        self.hw = nn.Conv2d(gc, gc, 3, padding=1, groups=gc)
+        self.w = nn.Conv2d(gc, gc, (1, 3), padding=(0, 1), groups=gc)
+        self.h = nn.Conv2d(gc, gc, (3, 1), padding=(1, 0), groups=gc)
+        self.split_indexes = (c - 3 * gc, gc, gc, gc)
+
+    def forward(self, x):
+        x_id, x_hw, x_w, x_h = torch.split(x, self.split_indexes, dim=1)
+        return torch.cat((x_id, self.hw(x_hw), self.w(x_w), self.h(x_h)), 1)
+
+
+class InceptionNeXtBlock(nn.Module):
+    """Mixer -> BN -> 4x MLP -> layer scale (a parameter reshaped to (1, C, 1, 1)) -> add."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.mixer, self.norm = InceptionDW(c), nn.BatchNorm2d(c)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        y = self.fc2(torch.relu(self.fc1(self.norm(self.mixer(x)))))
+        return y.mul(self.gamma.reshape(1, -1, 1, 1)) + x
+
+
+class InceptionNeXtStage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8, 3)
+        self.down = nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 16, 2, stride=2))
+        self.blocks = nn.Sequential(InceptionNeXtBlock(), InceptionNeXtBlock())
+        self.head = Head(16)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.down(self.stem(x))))
+
+
 NETS = {"grouped_after_concat": GroupedAfterConcat, "resnext": ResNeXtBlock,
         "res2net": Res2NetBlock, "csp": CSPBlock, "ghost": GhostBlock,
         "ghost_residual": GhostResidual, "ghost_odd_slice": GhostOddSlice, "dense": DenseBlock,
         "se": SEBlock, "shuffle": ShuffleBlock, "selective_kernel": SKBlock,
-        "mixed_conv": MixNetBlock, "mixed_conv_pointwise": lambda: MixNetBlock(False)}
+        "mixed_conv": MixNetBlock, "mixed_conv_pointwise": lambda: MixNetBlock(False),
+        "inception_next": InceptionNeXtStage}
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -360,6 +404,22 @@ def test_mixed_conv_pieces_shrink_and_none_empties(name, tmp_path):
     assert_exact(model, result, x)
     save_pruned(tmp_path, result, input_size=(3, 12, 12))
     assert load_pruned(tmp_path, build(name)[0]).mixed.splits == splits
+
+
+def test_layer_scale_shrinks_with_its_stream():
+    # The stream reaches a split with 4-channel pieces after each block; Torch-Pruning
+    # once read gamma.reshape(1, -1, 1, 1) as a 4x flatten and cut gamma by the wrong
+    # count, so the pruned model no longer ran.
+    model, x = build("inception_next")
+    scores = random_scores(model, 0)
+    for name in ("down.1", "blocks.0.fc2", "blocks.1.fc2"):  # the stream ranks lowest
+        scores[name] = torch.arange(16.0) / 1000
+    result = prune(model, scores, example_inputs=x, sparsity=0.1)
+    width = len(result.plan["kept"]["down.1"])
+    assert width < 16
+    for block in result.model.blocks:
+        assert block.gamma.shape == (width,) and sum(block.mixer.split_indexes) == width
+    assert_exact(model, result, x)
 
 
 def test_weight_standardised_conv_loses_inputs_and_outputs(caplog):

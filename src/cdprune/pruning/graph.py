@@ -226,6 +226,8 @@ def _mark_regroupings(graph: tp.DependencyGraph,
             if n in seen:
                 continue
             seen.add(n)
+            if n.type == tp.ops.OPTYPE.PARAMETER:
+                continue
             if type(n.module).__module__ != ops_module:
                 return True
             stack += n.inputs
@@ -245,15 +247,17 @@ def _mark_regroupings(graph: tp.DependencyGraph,
                                   "filter (F.conv2d)")
             continue
         ndim = len(getattr(node.grad_fn, "_saved_self_sym_sizes", ()) or ())
+        if node.type == tp.ops.OPTYPE.RESHAPE and ndim == 1 and not from_layers(node):
+            # A per-channel parameter shaped to (1, C, 1, 1) (a layer scale): channel i
+            # is entry i. Torch-Pruning may read it as a flatten from the channel count
+            # it infers beyond it (4x: the MLP's hidden layer in Inception-NeXt).
+            _pass_through(node)
+            continue
         # Feature maps only: reshaping a per-channel parameter to (1, C, 1, 1) is harmless.
         if (node.type != tp.ops.OPTYPE.RESHAPE or ndim < 4 or feeds_only_linear(node)
                 or not from_layers(node)):
             continue  # a weight reshaped (weight standardisation) is no regrouping
-        node.type = tp.ops.OPTYPE.ELEMENTWISE
-        deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
-                                          for d in n.dependencies if d.target is node]
-        for dep in deps:
-            dep.index_mapping = [None] * len(dep.index_mapping)
+        _pass_through(node)
         before = tuple(getattr(node.grad_fn, "_saved_self_sym_sizes", ()))
         after = (view_sizes or {}).get(node.grad_fn)
         if (after is not None and len(before) == 4 and len(after) == 5
@@ -272,6 +276,15 @@ def _mark_regroupings(graph: tp.DependencyGraph,
                     dep.index_mapping[0] = _GroupMajorMapping(groups, width, to_input=False)
             continue
         node.cdprune_fixed = REGROUPING
+
+
+def _pass_through(node: Any) -> None:
+    """Make a reshape node map every channel index to itself."""
+    node.type = tp.ops.OPTYPE.ELEMENTWISE
+    deps = list(node.dependencies) + [d for n in node.inputs + node.outputs
+                                      for d in n.dependencies if d.target is node]
+    for dep in deps:
+        dep.index_mapping = [None] * len(dep.index_mapping)
 
 
 def _fix_splits(graph: tp.DependencyGraph,
@@ -438,7 +451,11 @@ def _misread(item: Any) -> bool:
     if (isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1
             and module.in_channels != module.out_channels):
         return True  # depthwise with a channel multiplier on its input: read as 1:1
-    size = _dimension(module, kind) if isinstance(module, nn.Module) else None
+    if isinstance(module, nn.Parameter):  # a layer scale and the like: one entry a channel
+        dim = getattr(item.dep.target, "pruning_dim", -1)
+        size = int(module.shape[dim]) if module.dim() else None
+    else:
+        size = _dimension(module, kind) if isinstance(module, nn.Module) else None
     if size is None:
         return False
     idxs = list(item.idxs)
