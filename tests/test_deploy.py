@@ -75,7 +75,9 @@ def test_eval_and_onnx_give_the_finetuned_accuracy(tuned_run, capsys, tmp_path):
     assert abs(tuned - pruned) > 1, "the test needs fine-tuning to change the accuracy"
 
     top1, doc = eval_top1(capsys, "--model-dir", tuned_run)
-    assert top1 == pytest.approx(tuned) and doc["weights"] == "best"
+    # the final model is the last epoch's: its accuracy is the headline, whichever epoch
+    # scored best on the test set
+    assert top1 == pytest.approx(tuned) and doc["weights"] == "last"
     assert eval_top1(capsys, "--model-dir", tuned_run, "--weights", "pruned")[0] \
         == pytest.approx(pruned)
     history = [json.loads(line) for line in (tuned_run / "metrics.jsonl").read_text().splitlines()]
@@ -83,15 +85,15 @@ def test_eval_and_onnx_give_the_finetuned_accuracy(tuned_run, capsys, tmp_path):
         == pytest.approx(history[-1]["val_top1"])
     # --checkpoint with --model-dir is loaded into the pruned architecture, not ignored
     assert eval_top1(capsys, "--model-dir", tuned_run, "--weights", "pruned", "--checkpoint",
-                     tuned_run / "best.pth")[0] == pytest.approx(tuned)
+                     tuned_run / "last.pth")[0] == pytest.approx(tuned)
 
     code, out, err = cli(capsys, "export", "--model-dir", tuned_run, "--output",
                          tmp_path / "m.onnx", "--no-progress")
     assert code == 0, err
-    assert "from the best weights" in out and "latency" in out and "threads for both" in out
+    assert "from the last weights" in out and "latency" in out and "threads for both" in out
     assert onnx_top1(tmp_path / "m.onnx") == pytest.approx(tuned, abs=0.3)
     summary = json.loads((tmp_path / "export_onnx.json").read_text())
-    assert summary["weights"] == "best" and summary["dynamic_batch"] is True
+    assert summary["weights"] == "last" and summary["dynamic_batch"] is True
 
     api = cdprune.load_run_model(tuned_run)
     fresh = cdprune.load_run_model(tuned_run, "pruned")
@@ -106,8 +108,8 @@ def test_a_finetune_directory_is_a_model_dir(tuned_run, capsys, tmp_path):
                        "--epochs", "1", "--lr", "0.01", "--train-subset", "128",
                        "--output-dir", ft)
     assert code == 0, err
-    best = torch.load(ft / "best.pth", weights_only=True)
-    assert eval_top1(capsys, "--model-dir", ft)[0] == pytest.approx(best["best_acc"])
+    last = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()][-1]
+    assert eval_top1(capsys, "--model-dir", ft)[0] == pytest.approx(last["val_top1"])
     # the demo's layout: run/pruned beside run/finetune
     demo = tmp_path / "demo"
     shutil.copytree(tuned_run / "pruned", demo / "pruned")
@@ -151,6 +153,14 @@ def test_find_run_model_without_finetuning(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(cdprune.load_run_model(tmp_path / "run")(x), result.model.eval()(x),
                           atol=1e-6)
+    # Fine-tuned: the final model is the last epoch's, not the epoch that scored best.
+    weights = result.model.state_dict()
+    for name, epoch in (("best.pth", 1), ("last.pth", 3)):
+        torch.save({"version": 1, "model": {k: v + epoch for k, v in weights.items()},
+                    "epoch": epoch}, tmp_path / "run" / name)
+    found = cdprune.find_run_model(tmp_path / "run")
+    assert found.kind == "last" and found.weights.name == "last.pth"
+    assert cdprune.find_run_model(tmp_path / "run", "best").weights.name == "best.pth"
 
 
 # ---------------------------------------------------------------- 2: export

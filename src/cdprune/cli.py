@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "directory, or pruned model directory (plan.json + weights)")
             final = "pruned" if name == "finetune" else "final"
             p.add_argument("--weights", choices=["final", "best", "last", "pruned"],
-                           help="which weights of --model-dir: final (best.pth when "
-                           "fine-tuning ran, else the pruned model), best, last or pruned "
-                           f"(default {final})")
+                           help="which weights of --model-dir: final (the last epoch, "
+                           "last.pth, when fine-tuning ran, else the pruned model), best "
+                           "(best.pth: chosen on the test set unless --val-split), last or "
+                           f"pruned (default {final})")
         if name == "export":
             p.add_argument("--checkpoint", help="weights of the pruned model to export "
                            "instead of the run's own")

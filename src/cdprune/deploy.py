@@ -1,10 +1,12 @@
-"""The final model of a run: the pruned architecture with its best weights.
+"""The final model of a run: the pruned architecture with its fine-tuned weights.
 
 A run directory holds the pruned model (``pruned/plan.json`` + ``pruned/model.safetensors``)
 and, once fine-tuning ran, ``best.pth`` and ``last.pth`` (in the run directory itself for
 ``cdprune run``, in ``finetune/`` for the demo, in the output directory of ``cdprune
 finetune``). What a user deploys is the fine-tuned model, so that is what this module finds
-by default; the pruned-only weights stay one option away.
+by default: the last epoch's weights, whose test accuracy is the run's headline. The best
+epoch (chosen on the test set unless ``--val-split`` held images out) and the pruned-only
+weights stay one option away.
 
 Three kinds of directory are accepted:
 
@@ -81,8 +83,10 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
 
     Args:
         path: a run, pruned-model or fine-tune directory.
-        weights: ``"final"`` (``best.pth`` when fine-tuning ran, else the pruned weights),
-            ``"best"``, ``"last"`` or ``"pruned"``.
+        weights: ``"final"`` (the last epoch, ``last.pth``, when fine-tuning ran: the
+            weights the headline accuracy belongs to; else the pruned weights), ``"best"``
+            (the best epoch, chosen on the validation images: the test set itself unless
+            ``--val-split`` held images out), ``"last"`` or ``"pruned"``.
 
     Raises:
         ConfigError: unknown ``weights``, or ``best``/``last`` asked for where no
@@ -115,8 +119,8 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
     folder = next((d for d in tuned if (d / BEST).is_file() or (d / LAST).is_file()), None)
     if weights == "pruned" or (weights == "final" and folder is None):
         return RunModel(pruned, pruned / "model.safetensors", "pruned")
-    if weights == "final":
-        kind = "best" if (folder / BEST).is_file() else "last"
+    if weights == "final":  # the last epoch: the weights behind the headline accuracy
+        kind = "last" if (folder / LAST).is_file() else "best"
     else:
         kind = weights
     file = folder / (BEST if kind == "best" else LAST) if folder else None
@@ -147,8 +151,8 @@ def load_run_model(path: str | os.PathLike, weights: str = "final", *,
 
     Args:
         path: a run, pruned-model or fine-tune directory (see :func:`find_run_model`).
-        weights: ``"final"`` (default: fine-tuned when fine-tuning ran), ``"best"``,
-            ``"last"`` or ``"pruned"``.
+        weights: ``"final"`` (default: the last fine-tuned epoch when fine-tuning ran),
+            ``"best"``, ``"last"`` or ``"pruned"``.
         base_model: an unpruned model of the base architecture; built from the zoo name in
             ``plan.json`` when left out.
 
