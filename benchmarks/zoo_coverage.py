@@ -184,7 +184,7 @@ def _close(a, b) -> tuple[bool, float]:
     return bool(torch.isfinite(a).all()) and err < 1e-3, err
 
 
-def _cdprune_row(source: str, name: str, threads: int) -> dict:
+def _cdprune_row(source: str, name: str, threads: int, target: float = 0.3) -> dict:
     import torch
 
     import cdprune
@@ -204,7 +204,7 @@ def _cdprune_row(source: str, name: str, threads: int) -> dict:
     row: dict = {"channel_mixing_norms": mixing}
     start = time.perf_counter()
     try:
-        result = cdprune.prune(model, scores, example_inputs=x, macs_reduction=0.3)
+        result = cdprune.prune(model, scores, example_inputs=x, macs_reduction=target)
     except Exception as exc:  # the table reports every failure, whatever its type
         row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}",
                    prune_s=round(time.perf_counter() - start, 2))
@@ -280,25 +280,26 @@ def _torch_pruning_run(source: str, name: str, threads: int) -> dict:
             "tp_s": round(time.perf_counter() - start, 2)}
 
 
-def worker(spec: str, threads: int) -> None:
+def worker(spec: str, threads: int, target: float = 0.3, torch_pruning: bool = True) -> None:
     source, name = spec.split(":", 1)
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     row = {"source": source, "model": name}
     try:
-        row.update(_cdprune_row(source, name, threads))
+        row.update(_cdprune_row(source, name, threads, target))
     except Exception as exc:  # building or statistics failed
         row.update(status="error", error=f"setup {type(exc).__name__}: {str(exc)[:300]}")
     try:
-        row.update(_torch_pruning_row(source, name, threads))
+        if torch_pruning:
+            row.update(_torch_pruning_row(source, name, threads))
     except Exception as exc:
         row.update(tp_status="error", tp_error=f"setup {type(exc).__name__}: {str(exc)[:200]}")
     print("ROW " + json.dumps(row), flush=True)
 
 
 # ---------------------------------------------------------------------- the run
-def _table(rows: list[dict], machine: str) -> str:
+def _table(rows: list[dict], machine: str, target: float = 0.3) -> str:
     def plain(r: dict) -> bool:
         return r.get("status") == "ok" and bool(r.get("exact")) and bool(r.get("roundtrip"))
 
@@ -316,7 +317,7 @@ def _table(rows: list[dict], machine: str) -> str:
     fams = [r for r in rows if r["source"] == "timm" and r["family"] in TIMM_FAMILIES]
     tp_ok = [r for r in fams if r.get("tp_status") == "ok"]
     lines = [
-        "# Zoo coverage: prune to -30% MACs (random weights, 96x96 inputs)", "",
+        f"# Zoo coverage: prune to -{100 * target:g}% MACs (random weights, 96x96 inputs)", "",
         f"Machine: {machine}", "",
         f"timm CNN families (one model each): **{sum(map(exact, fams))} of {len(fams)} pruned "
         f"exactly** ({100 * sum(map(exact, fams)) / max(1, len(fams)):.1f}%; save/load round "
@@ -325,10 +326,11 @@ def _table(rows: list[dict], machine: str) -> str:
         f"weight-standardised convolutions mix channels equal it once those norms take "
         f"their statistics over the kept channels only (marked *norm-aware*). "
         f"{sum(map(unverifiable, fams))} more pruned but matching neither reference, "
-        f"{sum(r.get('status') != 'ok' for r in fams)} errors. Torch-Pruning's MetaPruner "
-        f"runs on {len(tp_ok)} of them; cdprune prunes exactly "
-        f"{sum(map(exact, tp_ok))} of those. All rows: {sum(map(exact, rows))} exact of "
-        f"{len(rows)}.", "",
+        f"{sum(r.get('status') != 'ok' for r in fams)} errors. "
+        + (f"Torch-Pruning's MetaPruner runs on {len(tp_ok)} of them; cdprune prunes exactly "
+           f"{sum(map(exact, tp_ok))} of those. " if any("tp_status" in r for r in rows)
+           else "Torch-Pruning's MetaPruner was not run. ")
+        + f"All rows: {sum(map(exact, rows))} exact of {len(rows)}.", "",
         "| source | family | model | cdprune | MACs -% | exact (max rel. err) | save/load | "
         "prune s | warnings | auto-ignored | Torch-Pruning | TP MACs -% | TP s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -378,10 +380,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per model")
     parser.add_argument("--table-only", action="store_true",
                         help="only rewrite the tables from rows.jsonl")
+    parser.add_argument("--target", type=float, default=0.3,
+                        help="the MACs reduction every model is pruned to")
+    parser.add_argument("--no-torch-pruning", action="store_true",
+                        help="leave out Torch-Pruning's MetaPruner beside each model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.threads)
+        worker(args.worker, args.threads, args.target, not args.no_torch_pruning)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -399,7 +405,9 @@ def main() -> None:
         start = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--worker", f"{source}:{name}",
-                                   "--threads", str(args.threads)], capture_output=True,
+                                   "--threads", str(args.threads), "--target", str(args.target)]
+                                  + ["--no-torch-pruning"] * args.no_torch_pruning,
+                                  capture_output=True,
                                   text=True, timeout=args.timeout, check=False)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
             row = json.loads(lines[-1][4:]) if lines else {
@@ -418,9 +426,9 @@ def main() -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in ordered))
     ordered = [done[(s, n)] for s, _, n in cases() if (s, n) in done]
     machine = _machine()
-    (out / "zoo_coverage.md").write_text(_table(ordered, machine))
+    (out / "zoo_coverage.md").write_text(_table(ordered, machine, args.target))
     keys = ["source", "family", "model", "status", "macs_reduction", "exact", "masked_err",
-            "roundtrip", "prune_s", "tp_status", "tp_macs_reduction", "tp_s", "error",
+            "norm_aware_exact", "norm_aware_err", "roundtrip", "prune_s", "tp_status", "tp_macs_reduction", "tp_s", "error",
             "tp_error"]
     with open(out / "zoo_coverage.csv", "w", newline="") as f:
         writer = csv.writer(f)
