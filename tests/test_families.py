@@ -422,6 +422,38 @@ def test_layer_scale_shrinks_with_its_stream():
     assert_exact(model, result, x)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (ConvNeXt's)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_layer_norm_entries_stay_on_their_channels():
+    # Few kept channels spread over a wide layer: Torch-Pruning 1.6 kept a LayerNorm's
+    # entries in a Python set's order, which put weights on the wrong channels.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 40, 3, padding=1), LayerNorm2d(40), nn.ReLU(),
+                          nn.Conv2d(40, 16, 1), Head(16)).eval()
+    nn.init.uniform_(model[1].weight, 0.5, 1.5)
+    nn.init.uniform_(model[1].bias, -0.2, 0.2)
+    x = torch.randn(2, 3, 8, 8)
+    keep = [1, 2, 9, 33, 34, 35]
+    scores = {"0": torch.tensor([5.0 if i in keep else 0.01 * i for i in range(40)]),
+              "3": torch.full((16,), 10.0)}
+    result = prune(model, scores, example_inputs=x, sparsity=34 / 56)
+    assert result.plan["kept"]["0"] == keep
+    norm = result.model[1]
+    assert torch.equal(norm.weight, model[1].weight[keep])
+    assert torch.equal(norm.bias, model[1].bias[keep])
+    with torch.no_grad():  # the original restricted to the kept channels, LayerNorm included
+        y = nn.functional.conv2d(x, model[0].weight[keep], model[0].bias[keep], padding=1)
+        y = nn.functional.layer_norm(y.permute(0, 2, 3, 1), (len(keep),), norm.weight,
+                                     norm.bias, model[1].eps).permute(0, 3, 1, 2)
+        y = nn.functional.conv2d(torch.relu(y), model[3].weight[:, keep], model[3].bias)
+        assert torch.allclose(result.model(x), model[4](y), atol=1e-5)
+
+
 def test_weight_standardised_conv_loses_inputs_and_outputs(caplog):
     # The gain's view(-1) was once read as a channel regrouping: every channel reaching a
     # weight-standardised conv was then left unpruned (NF-RegNet: 6% of MACs removable).

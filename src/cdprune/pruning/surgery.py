@@ -36,7 +36,7 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
                 key = (item.dep.target, item.dep.handler)
                 merged.setdefault(key, (item.dep, set()))[1].update(int(i) for i in item.idxs)
     removed: dict[nn.Module, tuple[int, set[int]]] = {}
-    grouped_inputs = []
+    grouped_inputs, norms = [], []
     group = tp.dependency.group.Group()
     group._DG = graph
     extras = []
@@ -48,6 +48,8 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
             extras.append((module, removed[module][0], idxs))
         if kind == "in" and _is_grouped(module):
             grouped_inputs.append((module, idxs))
+        elif isinstance(module, nn.LayerNorm):
+            norms.append((module, idxs, getattr(dep.handler.__self__, "pruning_dim", -1)))
         else:
             group.add_dep(dep, sorted(idxs))
     group.prune(record_history=False)
@@ -56,6 +58,8 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
                    and dep.target.inputs and dep.source is not dep.target})
     for module, idxs in grouped_inputs:
         _prune_grouped_inputs(module, idxs)
+    for module, idxs, dim in norms:
+        _prune_layer_norm(module, idxs, dim)
     for module, width, idxs in extras:
         _prune_extra_tensors(module, width, idxs)
     return removed
@@ -76,6 +80,27 @@ def _prune_extra_tensors(module: nn.Module, width: int, idxs: set[int]) -> None:
     for name, buf in list(module.named_buffers(recurse=False)):
         if buf is not None and buf.dim() >= 1 and buf.shape[0] == width:
             module._buffers[name] = buf[keep].clone()
+
+
+@torch.no_grad()
+def _prune_layer_norm(norm: nn.LayerNorm, idxs: set[int], dim: int) -> None:
+    """Drop entries of a LayerNorm, the kept ones in their order.
+
+    Torch-Pruning 1.6's own LayerNorm pruner keeps them in the iteration order of a
+    Python set, which is not ascending once the kept indices outgrow the set's table:
+    the norm's weights then no longer sit on their channels.
+    """
+    width = norm.normalized_shape[dim]
+    keep = torch.tensor([i for i in range(width) if i not in idxs], dtype=torch.long)
+    if norm.weight is not None:
+        norm.weight = nn.Parameter(norm.weight.data.index_select(dim, keep).clone(),
+                                   requires_grad=norm.weight.requires_grad)
+    if norm.bias is not None:
+        norm.bias = nn.Parameter(norm.bias.data.index_select(dim, keep).clone(),
+                                 requires_grad=norm.bias.requires_grad)
+    shape = list(norm.normalized_shape)
+    shape[dim] = len(keep)
+    norm.normalized_shape = tuple(shape)
 
 
 @torch.no_grad()
