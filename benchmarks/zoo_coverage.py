@@ -171,8 +171,13 @@ def _norm_aware(masked, pruned):
             module.kept_channels = _positions(module.weight[:, None], small[name].weight[:, None])
             module.forward = layer_norm.__get__(module)
         elif type(module).__name__ == "ScaledStdConv2d" and module.groups == 1:
-            module.kept_inputs = _positions(module.weight.transpose(0, 1)[:, :1],
-                                            small[name].weight.transpose(0, 1)[:, :1])
+            # every weight value is unique: each of the pruned conv's input columns is
+            # found by one of its values, whichever filters were kept
+            column = {float(v): i for i, col in enumerate(module.weight.transpose(0, 1))
+                      for v in col.flatten()}
+            module.kept_inputs = torch.tensor(
+                [column[float(col.flatten()[0])]
+                 for col in small[name].weight.transpose(0, 1)])
             module.forward = std_conv.__get__(module)
     return masked
 
