@@ -213,15 +213,15 @@ def test_resume_path_is_the_pruned_checkpoint_to_finetune():
 def test_lr_steps_set_the_step_milestones(tmp_path):
     config = _resolve("finetune", "--model-dir", "p", "--lr-scheduler", "step",
                       "--lr-steps", "30", "60", "90")
-    train = TrainConfig(**{k: config[k] for k in TrainConfig.__dataclass_fields__
-                           if config.get(k) is not None})
+    train = TrainConfig.from_config(config)
     assert train.milestones == [30, 60, 90] and train.lr_schedule == "step"
     assert _resolve("finetune", "--model-dir", "p")["milestones"] == [150, 225]
     path = tmp_path / "c.yaml"
     path.write_text("lr-steps: [10, 20]\n")
     assert _resolve("finetune", "--model-dir", "p", "-c", str(path))["milestones"] == [10, 20]
-    with pytest.raises(ConfigError, match="--lr-steps .* is invalid; it must be increasing"):
+    with pytest.raises(OptionError, match="milestones=.* it must be increasing") as info:
         _resolve("finetune", "--model-dir", "p", "--lr-steps", "90", "30")
+    assert info.value.as_flag().startswith("--lr-steps [90, 30] is invalid")
 
 
 def test_no_fast_data_turns_the_option_off():

@@ -370,7 +370,7 @@ CASES: list[Case] = [
          ("--lr 1e+30 is invalid",), "a positive number up to 10",
          (*RUN, "--sparsity", "0.3", "--lr", "1e30", *OUT)),
     Case("warmup-longer-than-training", "numbers", "`--lr-warmup-epochs` above `--epochs`",
-         ("--lr-warmup-epochs 5 exceeds --epochs 1",), "give a warmup of at most 1 epochs",
+         ("--lr-warmup-epochs 5.0 is invalid",), "no longer than the training (epochs=1)",
          (*RUN, "--sparsity", "0.3", "--lr-warmup-epochs", "5", *OUT)),
     Case("device-unknown", "numbers", "`--device mps` (also xpu, meta, hpu...)",
          ("--device 'mps' is not supported",), "use cpu, cuda or cuda:N",

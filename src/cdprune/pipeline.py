@@ -265,8 +265,7 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
         # --checkpoint of `cdprune run` is the unpruned base model: not for these weights.
         model, plan = load_pruned_dir(config.get("model_dir") or run.path,
                                       {**config, "checkpoint": None}, data.num_classes)
-    fields = TrainConfig.__dataclass_fields__
-    train_cfg = TrainConfig(**{k: config[k] for k in fields if config.get(k) is not None})
+    train_cfg = TrainConfig.from_config(config)
     write_classes(run, config, data)
     # With --val-split the epochs are judged on held-out training images, not the test set.
     result = fine_tune(model, data.train, data.select or data.val, train_cfg,

@@ -18,11 +18,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .errors import ConfigError
-from .options import option
+from .options import OptionError, option
 
 __all__ = ["TrainConfig", "build_optimizer", "build_scheduler", "lr_factor"]
 
 SCHEDULES = ("cosine", "step")
+MAX_SEED = 2**32 - 1  # what numpy's and torch's generators take
 
 
 # ----------------------------------------------------------------------------- config
@@ -101,41 +102,52 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check every value; raise :class:`ConfigError` naming the first bad one."""
-        _check_int("epochs", self.epochs, 0)
-        _check_float("lr", self.lr, 0.0, None, low_open=True)
-        _check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        _check_bool("nesterov", self.nesterov)
+        """Check every value; raise :class:`OptionError` naming the first bad one."""
+        _int("epochs", self.epochs, 0, "0 or more")
+        _number("lr", self.lr, _real(self.lr) and self.lr > 0, "a positive number")
+        _number("momentum", self.momentum, 0 <= self.momentum < 1 if _real(self.momentum)
+                else False, "in [0, 1)")
+        if not isinstance(self.nesterov, bool):
+            raise OptionError("nesterov", self.nesterov, "true or false")
         if self.nesterov and self.momentum == 0:
-            raise ConfigError(f"nesterov=True needs momentum > 0, got momentum="
-                              f"{self.momentum!r}; set momentum (e.g. 0.9) or nesterov=False")
-        _check_float("weight_decay", self.weight_decay, 0.0, None)
-        _check_int("batch_size", self.batch_size, 1)
+            raise OptionError("momentum", self.momentum, "in (0, 1): fine-tuning uses "
+                              "Nesterov momentum, which needs one (or set nesterov=False)")
+        _number("weight_decay", self.weight_decay, _real(self.weight_decay)
+                and self.weight_decay >= 0, "0 or more")
+        _int("batch_size", self.batch_size, 1, "a positive integer")
         if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got "
-                              f"{self.lr_schedule!r}")
-        if not isinstance(self.milestones, list):
-            raise ConfigError(f"milestones must be a list of epochs, got {self.milestones!r}")
+            raise OptionError("lr_schedule", self.lr_schedule, f"one of {', '.join(SCHEDULES)}")
         ms = self.milestones
-        if (not all(isinstance(m, (int, np.integer)) and not isinstance(m, bool) and m >= 1
-                    for m in ms) or any(b <= a for a, b in zip(ms, ms[1:]))):
-            raise ConfigError(f"milestones must be strictly increasing epoch numbers >= 1, "
-                              f"got {ms!r}")
-        _check_float("gamma", self.gamma, 0.0, 1.0, low_open=True)
-        _check_float("lr_warmup_epochs", self.lr_warmup_epochs, 0.0, None)
+        if (not isinstance(ms, list) or not all(_integer(m) and m >= 1 for m in ms)
+                or any(b <= a for a, b in zip(ms, ms[1:]))):
+            raise OptionError("milestones", ms, "increasing epoch numbers from 1, e.g. "
+                              "--lr-steps 150 225")
+        _number("gamma", self.gamma, 0 < self.gamma <= 1 if _real(self.gamma) else False,
+                "in (0, 1]")
+        _number("lr_warmup_epochs", self.lr_warmup_epochs, _real(self.lr_warmup_epochs)
+                and self.lr_warmup_epochs >= 0, "0 or more")
         if self.epochs > 0 and self.lr_warmup_epochs > self.epochs:
-            raise ConfigError(f"lr_warmup_epochs={self.lr_warmup_epochs} exceeds "
-                              f"epochs={self.epochs}; use a warmup of at most {self.epochs}")
-        _check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+            raise OptionError("lr_warmup_epochs", self.lr_warmup_epochs,
+                              f"no longer than the training (epochs={self.epochs})")
+        _number("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1
+                if _real(self.label_smoothing) else False, "in [0, 1)")
         for name in ("amp", "channels_last", "compile", "fast_data", "sync_bn"):
-            _check_bool(name, getattr(self, name))
-        _check_int("eval_every", self.eval_every, 1)
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(name, getattr(self, name), "true or false")
+        _int("eval_every", self.eval_every, 1, "a positive number of epochs")
         if self.max_iters is not None:
-            _check_int("max_iters", self.max_iters, 1)
-        _check_int("seed", self.seed, 0)
+            _int("max_iters", self.max_iters, 1, "a positive integer")
+        _int("seed", self.seed, 0, f"an integer from 0 to {MAX_SEED}", MAX_SEED)
         if self.clip_grad_norm is not None:
-            _check_float("clip_grad_norm", self.clip_grad_norm, 0.0, None, low_open=True)
-        _check_int("log_every", self.log_every, 1)
+            _number("clip_grad_norm", self.clip_grad_norm, _real(self.clip_grad_norm)
+                    and self.clip_grad_norm > 0, "a positive number")
+        _int("log_every", self.log_every, 1, "a positive integer")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TrainConfig:
+        """From a merged configuration (unset keys take the defaults)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names and v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON- and ``weights_only``-safe)."""
@@ -152,26 +164,23 @@ class TrainConfig:
         return cls(**dict(data))
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+def _integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_float(name: str, value: Any, low: float, high: float | None, *,
-                 low_open: bool = False, high_open: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.number))
-          and math.isfinite(value)
-          and (value > low if low_open else value >= low)
-          and (high is None or (value < high if high_open else value <= high)))
-    if not ok:
-        lo = f"{'(' if low_open else '['}{low}"
-        hi = f"{high}{')' if high_open else ']'}" if high is not None else "inf)"
-        raise ConfigError(f"{name} must be a number in {lo}, {hi}, got {value!r}")
+def _real(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+def _int(name: str, value: Any, low: int, valid: str, high: int | None = None) -> None:
+    if not _integer(value) or value < low or (high is not None and value > high):
+        raise OptionError(name, value, valid)
+
+
+def _number(name: str, value: Any, ok: bool, valid: str) -> None:
+    if not _real(value) or not ok:
+        raise OptionError(name, value, valid)
 
 
 # --------------------------------------------------------------------------- schedule
