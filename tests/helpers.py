@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -52,3 +57,16 @@ def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {n: torch.rand(m.out_channels, generator=g) for n, m in model.named_modules()
             if isinstance(m, nn.Conv2d)}
+
+
+def stand_in_torchvision(monkeypatch: Any, get_model: Callable[..., nn.Module],
+                         names: tuple[str, ...] = ("resnet18", "resnet50")) -> None:
+    """Install a stand-in ``torchvision.models`` (``list_models``, ``get_model``) for one
+    test: cdprune's torchvision path runs where the real package cannot load."""
+    models = types.ModuleType("torchvision.models")
+    models.list_models = lambda: list(names)
+    models.get_model = get_model
+    package = types.ModuleType("torchvision")
+    package.models = models
+    monkeypatch.setitem(sys.modules, "torchvision", package)
+    monkeypatch.setitem(sys.modules, "torchvision.models", models)

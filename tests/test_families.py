@@ -524,10 +524,9 @@ def test_cli_torchvision_path_with_stand_in_package(tmp_path, capsys, monkeypatc
     a stand-in ``torchvision.models`` whose get_model builds a small CNN of cdprune's zoo
     (what torchvision builds is torchvision's business; how cdprune reaches it is ours).
     Each stage resolves the name again: eval and export rebuild the base from plan.json."""
-    import sys
-    import types
-
     from cdprune.models import create_model
+
+    from .helpers import stand_in_torchvision
 
     calls = []
 
@@ -535,13 +534,7 @@ def test_cli_torchvision_path_with_stand_in_package(tmp_path, capsys, monkeypatc
         calls.append((name, weights, kwargs))
         return create_model("tiny_cnn", **kwargs)
 
-    models = types.ModuleType("torchvision.models")
-    models.list_models = lambda: ["resnet18", "resnet50"]
-    models.get_model = get_model
-    package = types.ModuleType("torchvision")
-    package.models = models
-    monkeypatch.setitem(sys.modules, "torchvision", package)
-    monkeypatch.setitem(sys.modules, "torchvision.models", models)
+    stand_in_torchvision(monkeypatch, get_model)
     _cli_end_to_end("torchvision:resnet18", tmp_path, capsys)
     assert len(calls) >= 3 and all(c[:2] == ("resnet18", None) for c in calls)
 

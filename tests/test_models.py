@@ -12,6 +12,8 @@ from cdprune.errors import ConfigError
 from cdprune.models import ModelSpec, create_model, list_models, model_spec, register_model
 from cdprune.models.cifar_resnet import PadShortcut
 
+from .helpers import stand_in_torchvision
+
 ALL = list_models()
 CIFAR_A = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 CIFAR_B = [n + "b" for n in CIFAR_A]
@@ -229,13 +231,7 @@ def test_torchvision_resolution_with_stand_in_package(monkeypatch):
         calls.append((name, weights, kwargs))
         return nn.Linear(2, kwargs.get("num_classes", 1000))
 
-    models = types.ModuleType("torchvision.models")
-    models.list_models = lambda: ["resnet18", "resnet50"]
-    models.get_model = get_model
-    package = types.ModuleType("torchvision")
-    package.models = models
-    monkeypatch.setitem(sys.modules, "torchvision", package)
-    monkeypatch.setitem(sys.modules, "torchvision.models", models)
+    stand_in_torchvision(monkeypatch, get_model)
     model = create_model("torchvision:resnet18", num_classes=5)
     assert model.out_features == 5 and calls == [("resnet18", None, {"num_classes": 5})]
     with pytest.raises(ConfigError, match="did you mean resnet18"):
