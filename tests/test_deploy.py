@@ -185,6 +185,30 @@ def test_export_checks_its_own_outputs_and_writes_nothing_on_failure(tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_check_scales_with_large_outputs(tmp_path, monkeypatch):
+    # Logits in the tens of thousands (random weights, no final norm): float32 rounding
+    # alone exceeds 1e-4 there, which once refused correct exports (timm's MixNet).
+    import cdprune.export as ex
+
+    model = _pruned_tiny()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e5)
+    with torch.no_grad():
+        scale = float(model(torch.randn(2, 3, 16, 16)).abs().max())
+    assert scale > 1e3
+    real = ex._runner
+    for drift, ok in ((1e-3, True), (scale * 1e-2, False)):
+        monkeypatch.setattr(ex, "_runner", lambda data, fmt, threads=None, d=drift:
+                            (lambda run: (lambda x: run(x) + d))(real(data, fmt, threads)))
+        path = tmp_path / f"m{int(ok)}.pt"
+        if ok:
+            assert export(model, path, format="torchscript", input_size=(3, 16, 16)).path == path
+        else:
+            with pytest.raises(ExportError, match="its largest output"):
+                export(model, path, format="torchscript", input_size=(3, 16, 16))
+            assert not path.exists()
+
+
 @pytest.mark.slow
 def test_failed_export_from_the_cli_leaves_no_file(tuned_run, tmp_path, capsys, monkeypatch):
     import cdprune.export as ex
