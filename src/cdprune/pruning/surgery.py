@@ -14,8 +14,9 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .graph import _dimension, _is_grouped, _kind, resize_splits
+from .graph import _dimension, _is_grouped, _kind
 from .groups import _FrozenIndexMapping
+from .layouts import resize_splits
 
 
 def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any, list[int]]]
