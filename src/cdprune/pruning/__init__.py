@@ -16,7 +16,8 @@ Pruned models are saved as ``model.safetensors`` plus ``plan.json``. Loading rep
 plan on a fresh base model: no pickle anywhere.
 
 The package reads in the order of a pruning: :mod:`.graph` (the dependency graph and the
-module types taught to it), :mod:`.groups` (candidates of coupled channels),
+module types taught to it), :mod:`.layouts` (the splits and reshapes it misreads, read
+again from the traced forward pass), :mod:`.groups` (candidates of coupled channels),
 :mod:`.search` (the ranking and the target search), :mod:`.surgery` (cutting channels
 out), :mod:`.plan` (the plan and pruned models on disk), :mod:`.core` (:func:`prune`).
 """
