@@ -212,12 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
             g = p.add_argument_group("comparison")
             g.add_argument("--macs-reduction", type=finite_float, nargs="+", dest="macs_targets",
                            help="one or more MACs targets, e.g. 0.3 0.5 0.7")
-            g.add_argument("--criteria", nargs="+", help="default: all of "
-                           + " ".join(criterion_names()))
+            g.add_argument("--criteria", "--criterion", nargs="+", dest="criteria",
+                           help="default: all of " + " ".join(criterion_names()))
             g.add_argument("--random-seeds", type=int, nargs="+", help="default 0 1 2")
             add_options(g, PruneConfig, only=("scope", "allocation", "bn_recalibrate"))
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="shorter run (smoke test)")
+            add_options(p, PruneConfig, only=("criterion",))
         if uses is not None:
             _add_common(p, uses)
     return parser

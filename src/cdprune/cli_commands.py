@@ -64,7 +64,7 @@ def _cmd_stats(config: dict[str, Any]) -> None:
 def _print_summary(summary: dict[str, Any]) -> None:
     from .report import format_count as n
 
-    _say(f"MACs {n(summary['macs_before'])} -> {n(summary['macs_after'])} "
+    _say(f"criterion {summary.get('criterion', 'cdp')}: MACs {n(summary['macs_before'])} -> {n(summary['macs_after'])} "
          f"(-{100 * summary['macs_reduction']:.1f}%), params "
          f"{n(summary['params_before'])} -> {n(summary['params_after'])}")
     if summary.get("macs_paper_after"):
@@ -83,14 +83,17 @@ def _cmd_prune(config: dict[str, Any]) -> None:
         check_ignore_layers,
         finish_report,
         load_stats,
+        needs_batches,
+        needs_stats,
         run_prune,
     )
 
     run = _run_dir(config)
-    data = build_data(config, need_train=bool(config.get("bn_recalibrate")), need_stats=False)
+    data = build_data(config, need_train=bool(config.get("bn_recalibrate"))
+                      or needs_batches(config), need_stats=False)
     model = build_model(config, data.num_classes)
     check_ignore_layers(config, model)
-    stats = load_stats(config, model)
+    stats = load_stats(config, model) if needs_stats(config) else None
     with run:
         run.write_config(config)
         summary = run_prune(config, run, data=data, model=model, stats=stats)
@@ -176,12 +179,13 @@ def _cmd_run(config: dict[str, Any]) -> None:
         finetune_accuracy,
         finish_report,
         gather_stats,
+        needs_stats,
         run_finetune,
         run_prune,
     )
 
     run = _run_dir(config)
-    data = build_data(config)
+    data = build_data(config, need_stats=needs_stats(config))
     summary_path = run.path / "prune_summary.json"
     resumed = bool(config.get("resume")) and summary_path.is_file()  # stages 1-2 done before
     if not resumed:
@@ -192,8 +196,9 @@ def _cmd_run(config: dict[str, Any]) -> None:
         if resumed:
             summary = json.loads(summary_path.read_text())
         else:
-            # Statistics are written together with the pruned model, once pruning succeeded.
-            stats = gather_stats(config, data, model)
+            # Statistics (CDP's criteria only) are written together with the pruned model,
+            # once pruning succeeded.
+            stats = gather_stats(config, data, model) if needs_stats(config) else None
             summary = run_prune(config, run, data=data, model=model, stats=stats,
                                 save_stats=True)
             _print_summary(summary)
@@ -290,7 +295,7 @@ def _cmd_demo(config: dict[str, Any]) -> None:
 
     run_demo(config.get("output_dir") or "runs/demo", quick=bool(config.get("quick")),
              overwrite=bool(config.get("overwrite")), progress=not config.get("no_progress"),
-             printer=_say)
+             criterion=config.get("criterion") or "cdp", printer=_say)
 
 
 def _cmd_export(config: dict[str, Any]) -> None:

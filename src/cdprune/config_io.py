@@ -245,6 +245,9 @@ def validate(config: dict[str, Any]) -> None:
     TrainConfig.from_config(config)  # checked on construction
     StatsConfig.from_config(config).validate()
     PruneConfig.from_config(config).validate(need_target=command in ("prune", "run"))
+    if get("variant") == "published" and get("criterion") not in (None, "cdp"):
+        raise ConfigError(f"--variant published is CDP as published; it cannot rank filters "
+                          f"by --criterion {get('criterion')}: drop one of the two")
     device = get("device")
     if device is not None and not _DEVICE.match(device):
         raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")

@@ -172,7 +172,9 @@ ScoreFn = Callable[[nn.Module, ScoreContext], dict[str, torch.Tensor]]
 class Criterion:
     """A registered criterion: its name, table label, help text and scoring function.
 
-    ``seeded`` criteria are random; a comparison runs them once per seed.
+    ``seeded`` criteria are random; a comparison runs them once per seed. ``statistics``
+    criteria read activation statistics (a run collects them only for these); ``batches``
+    criteria read labelled training batches.
     """
 
     name: str
@@ -180,17 +182,22 @@ class Criterion:
     help: str
     score: ScoreFn
     seeded: bool = False
+    statistics: bool = False
+    batches: bool = False
 
 
 _REGISTRY: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, label: str, help: str, *,
-                       seeded: bool = False) -> Callable[[ScoreFn], ScoreFn]:
+def register_criterion(name: str, label: str, help: str, *, seeded: bool = False,
+                       statistics: bool = False, batches: bool = False
+                       ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering ``score(model, context) -> {conv name: scores}`` as ``name``.
 
     Scores are one value per output channel of a Conv2d, higher meaning keep; a conv left
-    out is pruned only through channels it shares with scored convs.
+    out is pruned only through channels it shares with scored convs. ``statistics`` and
+    ``batches`` say what of the :class:`ScoreContext` the criterion reads (see
+    :class:`Criterion`).
 
     Raises:
         ValueError: ``name`` is already registered.
@@ -198,7 +205,7 @@ def register_criterion(name: str, label: str, help: str, *,
     def add(fn: ScoreFn) -> ScoreFn:
         if name in _REGISTRY:
             raise ValueError(f"criterion {name!r} is already registered")
-        _REGISTRY[name] = Criterion(name, label, help, fn, seeded)
+        _REGISTRY[name] = Criterion(name, label, help, fn, seeded, statistics, batches)
         return fn
 
     return add
@@ -243,13 +250,15 @@ def _cdp(model: nn.Module, context: ScoreContext, documents: str) -> dict[str, t
 
 
 @register_criterion("cdp", "CDP (sample documents)",
-                    "CDP's TF-IDF scores, every image a document (the published code)")
+                    "CDP's TF-IDF scores, every image a document (the published code)",
+                    statistics=True)
 def _score_cdp(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
     return _cdp(model, context, "sample")
 
 
 @register_criterion("cdp_class", "CDP (class documents)",
-                    "CDP's TF-IDF scores, one document per class (as the paper describes)")
+                    "CDP's TF-IDF scores, one document per class (as the paper describes)",
+                    statistics=True)
 def _score_cdp_class(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
     return _cdp(model, context, "class")
 
@@ -272,7 +281,8 @@ def _score_bn_scale(model: nn.Module, context: ScoreContext) -> dict[str, torch.
 
 
 @register_criterion("taylor", "Taylor (first order)",
-                    "|sum(w * dL/dw)| per filter over a few labelled training batches")
+                    "|sum(w * dL/dw)| per filter over a few labelled training batches",
+                    batches=True)
 def _score_taylor(model: nn.Module, context: ScoreContext) -> dict[str, torch.Tensor]:
     # A copy: the backward passes must leave the caller's model and its gradients alone.
     return taylor_scores(copy.deepcopy(model), context.need("batches", "taylor"),

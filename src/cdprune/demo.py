@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False,
              overwrite: bool = False, progress: bool = True, seed: int = 0,
+             criterion: str = "cdp",
              printer: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run the demo and return its numbers.
 
@@ -36,8 +37,11 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
             demo (an earlier demo is always replaced; its files are removed first).
         progress: show progress bars.
         seed: seed for data order, initialisation and sampling.
+        criterion: how filters are ranked, a registered criterion
+            (:func:`~cdprune.criteria.criterion_names`); CDP's by default.
         printer: receives the lines of the before/after table (the CLI passes ``print``).
     """
+    from .criteria import ScoreContext, get_criterion
     from .data import build_dataset, build_loader, subset
     from .evaluate import evaluate, measure_latency
     from .macs import count_macs, count_params
@@ -50,10 +54,11 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
     from .train import TrainConfig, fine_tune
 
     say = printer or (lambda line: logger.info("%s", line))
+    ranking = get_criterion(criterion)  # an unknown name fails before any work
     torch.manual_seed(seed)
     base_epochs, tune_epochs = (4, 2) if quick else (15, 8)
     with RunDir(output_dir, overwrite=overwrite, stage="demo", replaces="demo",
-                config={"quick": quick, "seed": seed}) as run:
+                config={"quick": quick, "seed": seed, "criterion": criterion}) as run:
         train_set = build_dataset("digits", train=True)
         val_set = build_dataset("digits", train=False)
         train = build_loader(train_set, 64, shuffle=True, seed=seed)
@@ -70,10 +75,17 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
         base_acc = evaluate(model, val, progress=False).top1
         save_weights(model, run.path / "base" / "model.safetensors")
 
-        say("2/4 collecting CDP statistics and scores")
-        stats = collect_stats(model, stats_loader, progress=progress)
-        scores = tfidf_scores(stats)
-        stats.save(run.path / "stats.safetensors")
+        if ranking.statistics:
+            say("2/4 collecting CDP statistics and scores")
+            stats = collect_stats(model, stats_loader, progress=progress,
+                                  documents="class" if criterion == "cdp_class" else "sample",
+                                  num_classes=10)
+            scores = tfidf_scores(stats)
+            stats.save(run.path / "stats.safetensors")
+        else:
+            say(f"2/4 scoring filters by {ranking.label}")
+            scores = ranking.score(model, ScoreContext(example_inputs=example, batches=train,
+                                                       num_classes=10, seed=seed))
         plot_scores(run.path / "scores.png", scores)
 
         say("3/4 pruning 50% of the MACs")
@@ -93,9 +105,10 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
         size = tuple(example.shape[1:])
         lat_base = measure_latency(model, size, batch_size=1024, iters=30, threads=1)
         lat_pruned = measure_latency(result.model, size, batch_size=1024, iters=30, threads=1)
-        summary = result.summary()
+        summary = {"criterion": criterion, **result.summary()}
         summary.update(acc_base=base_acc, acc_pruned=pruned_acc)
-        config = {"model": "digits_cnn", "dataset": "digits", "macs_reduction": 0.5,
+        config = {"model": "digits_cnn", "dataset": "digits", "criterion": criterion,
+                  "macs_reduction": 0.5,
                   "epochs_base": base_epochs, "epochs_finetune": tune_epochs, "seed": seed,
                   "quick": quick}
         latency = {"base (1 thread, batch 1024)": f"{1e3 * lat_base:.2f} ms",
@@ -111,10 +124,11 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
                                           "fine-tuning)"),
         ("CPU latency (1 thread, batch 1024)", f"{1e3 * lat_base:.2f} ms", f"{1e3 * lat_pruned:.2f} ms"),
     ]
+    width = max(len(label) for label, _, _ in rows) + 2
     say("")
-    say(f"{'':24s}{'base':>14s}   {'pruned':s}")
+    say(f"{'':{width}s}{'base':>14s}   {'pruned':s}")
     for label, before, after in rows:
-        say(f"{label:24s}{before:>14s}   {after}")
+        say(f"{label:{width}s}{before:>14s}   {after}")
     say("")
     say(f"report: {Path(report_md)}")
     say(f"plots:  {', '.join(str(p) for p in sorted(Path(output_dir).glob('*.png')))}")

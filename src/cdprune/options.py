@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from .criteria import criterion_names
 from .errors import ConfigError
 
 __all__ = ["OptionError", "OptionSpec", "PruneConfig", "StatsConfig", "add_options",
@@ -270,8 +271,10 @@ class StatsConfig:
 
 @dataclass
 class PruneConfig:
-    """Options of the pruning stage: the target, which channels may go, what follows."""
+    """Options of the pruning stage: the criterion, the target, which channels may go."""
 
+    criterion: str = option("cdp", "how filters are ranked (CDP's statistics are collected "
+                            "only for cdp and cdp_class)", choices=criterion_names())
     sparsity: float | None = option(None, "fraction of filters to remove",
                                     exclusive="target")
     macs_reduction: float | None = option(None, "fraction of MACs to remove (hit within 0.3 "

@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 
 # The noqa imports above are re-exported: callers import the run's inputs (runsetup) and
 # the model directories (modeldir) from this module too.
-__all__ = ["RunDir", "build_data", "build_model", "check_ignore_layers", "gather_stats",
-           "load_stats", "run_finetune", "run_prune", "run_stats", "write_stats"]
+__all__ = ["RunDir", "build_data", "build_model", "check_ignore_layers", "criterion_scores",
+           "gather_stats", "load_stats", "needs_batches", "needs_stats", "run_finetune",
+           "run_prune", "run_stats", "write_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +70,53 @@ def cdp_options(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     ``variant: published`` reaches every stage and wins over the individual options.
     """
     variant = config.get("variant") or None
-    stats = {"documents": config.get("documents"), "tap": config.get("tap"),
-             "variant": variant}
+    # The cdp_class criterion is CDP with one document per class.
+    documents = "class" if config.get("criterion") == "cdp_class" else config.get("documents")
+    stats = {"documents": documents, "tap": config.get("tap"), "variant": variant}
     scores = {"coe": config.get("coe") or 0.0, "normalize": config.get("normalize"),
               "variant": variant}
     prune = {"allocation": "global" if variant == "published" else config.get("allocation")}
     return {stage: {k: v for k, v in opts.items() if v is not None}
             for stage, opts in (("stats", stats), ("scores", scores), ("prune", prune))}
+
+
+def needs_stats(config: Mapping[str, Any]) -> bool:
+    """Whether the run's criterion ranks filters by activation statistics (CDP's)."""
+    from .criteria import get_criterion
+
+    return get_criterion(PruneConfig.from_config(config).criterion).statistics
+
+
+def needs_batches(config: Mapping[str, Any]) -> bool:
+    """Whether the run's criterion reads labelled training batches (Taylor)."""
+    from .criteria import get_criterion
+
+    return get_criterion(PruneConfig.from_config(config).criterion).batches
+
+
+def criterion_scores(config: Mapping[str, Any], model: nn.Module, data: Data,
+                     stats: ActivationStats | None) -> dict[str, torch.Tensor]:
+    """Per-filter scores of the configured criterion (``criterion``, CDP by default).
+
+    CDP's criteria score the given statistics with the config's TF-IDF options; every
+    other registered criterion scores ``model`` from what its :class:`ScoreContext` needs.
+    """
+    from .criteria import ScoreContext, get_criterion
+    from .scoring import tfidf_scores
+
+    criterion = get_criterion(PruneConfig.from_config(config).criterion)
+    if criterion.statistics:
+        if stats is None:
+            raise ConfigError(f"criterion {criterion.name!r} needs activation statistics; "
+                              "collect them first (`cdprune stats`) or run `cdprune run`")
+        return tfidf_scores(stats, **cdp_options(config)["scores"])
+    context = ScoreContext(example_inputs=_example(data.input_size), batches=data.train,
+                           seed=int(config.get("seed") or 0), device=_device(config),
+                           progress=not config.get("no_progress"))
+    started = time.perf_counter()
+    scores = criterion.score(model, context)
+    logger.info("%s scores in %.1f s", criterion.label, time.perf_counter() - started)
+    return scores
 
 
 def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> ActivationStats:
@@ -152,26 +193,26 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
               model: nn.Module | None = None, stats_path: str | os.PathLike | None = None,
               stats: ActivationStats | None = None, save_stats: bool = False
               ) -> dict[str, Any]:
-    """Prune the base model with CDP scores; write ``pruned/``.
+    """Prune the base model with the configured criterion's scores; write ``pruned/``.
 
-    The statistics come from ``stats`` when given, else from ``stats_path``, ``--stats``
-    or ``<run>/stats.safetensors``. With ``save_stats`` they are written to the run
-    directory too, but only once pruning succeeded: a target that cannot be reached
-    leaves no files behind.
+    CDP's statistics come from ``stats`` when given, else from ``stats_path``, ``--stats``
+    or ``<run>/stats.safetensors``; other criteria read none. With ``save_stats`` they are
+    written to the run directory too, but only once pruning succeeded: a target that
+    cannot be reached leaves no files behind.
 
-    Returns the pruning summary (``PruneResult.summary()``) with accuracies added.
+    Returns the pruning summary (``PruneResult.summary()``, with the criterion) with
+    accuracies added.
     """
     from .evaluate import evaluate
     from .pruning import prune, save_pruned
-    from .scoring import tfidf_scores
 
-    data = data or build_data(config, need_train=False, need_stats=False)
+    data = data or build_data(config, need_train=needs_batches(config), need_stats=False)
     model = model or build_model(config, data.num_classes)
-    if stats is None:
+    if stats is None and needs_stats(config):
         stats = load_stats(config, model, stats_path or config.get("stats")
                            or run.path / "stats.safetensors")
     options = cdp_options(config)
-    scores = tfidf_scores(stats, **options["scores"])
+    scores = criterion_scores(config, model, data, stats)
     device = _device(config)
     example = _example(data.input_size)
     stage = PruneConfig.from_config(config)  # unset options take the stage's defaults
@@ -190,7 +231,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
                    macs_reduction=reduction, latency_reduction=stage.latency_reduction,
                    latency=latency, **kwargs)
-    summary = result.summary()
+    summary = {"criterion": stage.criterion, **result.summary()}
     if "latency" in result.extra:
         summary["latency"] = result.extra["latency"]
     summary.update(macs_conventions(model, result, example))
@@ -213,7 +254,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
         if evaluated:
             summary["acc_recalibrated"] = _metric(evaluate(result.model, data.val,
                                                            device=device, progress=progress))
-    if save_stats:
+    if save_stats and stats is not None:
         write_stats(run, config, stats)
     if run.main:
         extra = {"dataset": config["dataset"], "num_classes": data.num_classes,

@@ -78,6 +78,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
     acc = report.get("accuracy") or {}
     if prune:
         ratio = prune["macs_before"] / max(1, prune["macs_after"])
+        if prune.get("criterion"):
+            lines += [f"Filters ranked by the `{prune['criterion']}` criterion.", ""]
         lines += [
             "| | before | after | change |", "| --- | --- | --- | --- |",
             f"| MACs | {_fmt_m(prune['macs_before'])} | {_fmt_m(prune['macs_after'])} | "

@@ -1,0 +1,108 @@
+"""Every registered criterion reaches ``prune``, ``run``, ``compare`` and ``demo``."""
+
+import json
+
+import pytest
+
+from cdprune.cli import main
+from cdprune.criteria import criterion_names, get_criterion
+from cdprune.options import PruneConfig
+
+DATA = ["--dataset", "digits", "-b", "64", "-j", "0", "--no-progress"]
+FAST = ["--model", "digits_cnn", "--random-init", *DATA, "--stats-batch-size", "64",
+        "--stop-batch", "4"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_prune_config_offers_every_registered_criterion():
+    spec = PruneConfig.__dataclass_fields__["criterion"]
+    assert tuple(spec.metadata["choices"]) == criterion_names()
+    assert PruneConfig().criterion == "cdp"
+    # Only CDP's criteria read activation statistics; Taylor reads training batches.
+    assert {c for c in criterion_names() if get_criterion(c).statistics} == {"cdp", "cdp_class"}
+    assert {c for c in criterion_names() if get_criterion(c).batches} == {"taylor"}
+
+
+@pytest.mark.parametrize("criterion", ["l1", "taylor", "fpgm", "bn_scale"])
+def test_prune_without_statistics_for_weight_and_gradient_criteria(criterion, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "p"
+    assert run_cli("prune", *FAST, "--criterion", criterion, "--sparsity", "0.3",
+                   "--output-dir", out) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruning"]["criterion"] == criterion
+    assert report["config"]["criterion"] == criterion
+    assert f"`{criterion}` criterion" in (out / "report.md").read_text()
+    assert not (out / "stats.safetensors").exists()  # no statistics were read or written
+    assert f"criterion {criterion}" in capsys.readouterr().out
+
+
+def test_criteria_rank_differently_through_the_cli(tmp_path):
+    widths = {}
+    for criterion in ("l1", "random"):
+        out = tmp_path / criterion
+        assert run_cli("prune", *FAST, "--criterion", criterion, "--sparsity", "0.4",
+                       "--no-eval", "--output-dir", out) == 0
+        plan = json.loads((out / "pruned" / "plan.json").read_text())
+        widths[criterion] = plan["kept"]
+    assert widths["l1"] != widths["random"]
+
+
+def test_prune_with_cdp_still_needs_its_statistics(tmp_path, capsys):
+    assert run_cli("prune", *FAST, "--sparsity", "0.3", "--output-dir", tmp_path / "p") == 2
+    assert "stats" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion", ["l1", "cdp_class"])
+def test_run_end_to_end_with_a_criterion(criterion, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("run", *FAST, "--criterion", criterion, "--macs-reduction", "0.4",
+                   "--scope", "all", "--epochs", "1", "--lr", "0.05",
+                   "--output-dir", out) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruning"]["criterion"] == criterion
+    assert abs(report["pruning"]["macs_reduction"] - 0.4) <= 0.05
+    assert "finetuned" in report["accuracy"]
+    # Statistics are collected for CDP's criteria only.
+    assert (out / "stats.safetensors").is_file() == get_criterion(criterion).statistics
+
+
+def test_published_variant_refuses_another_criterion(tmp_path, capsys):
+    assert run_cli("prune", *FAST, "--criterion", "l1", "--variant", "published",
+                   "--sparsity", "0.3", "--output-dir", tmp_path / "p") == 2
+    err = capsys.readouterr().err
+    assert "--variant published" in err and "--criterion l1" in err
+
+
+def test_unknown_criterion_is_one_line(tmp_path, capsys):
+    assert run_cli("prune", *FAST, "--criterion", "l3", "--sparsity", "0.3",
+                   "--output-dir", tmp_path / "p") == 2
+    assert "l1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_takes_a_criterion(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--quick", "--criterion", "fpgm", "--output-dir", out,
+                   "--no-progress") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruning"]["criterion"] == "fpgm"
+    assert not (out / "stats.safetensors").exists()
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.rstrip().endswith("pruned"))
+    rows = [line for line in lines if line.startswith(("MACs", "CPU latency"))]
+    # The table's columns line up whatever the label lengths.
+    column = header.index("base") + len("base")
+    assert all(row[column - 1] != " " and row[column] == " " for row in rows), rows
+
+
+def test_compare_accepts_criterion_as_alias(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert run_cli("compare", *FAST, "--criterion", "l1", "--macs-reduction", "0.3",
+                   "--epochs", "0", "--output-dir", out) == 0, capsys.readouterr().err
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert {r["criterion"] for r in rows} == {"l1"}
