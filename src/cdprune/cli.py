@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     **defaults(StatsConfig, PruneConfig, TrainConfig),
     "train_subset": None, "seed": 0, "device": None,
     "output_dir": None, "resume": False, "overwrite": False, "no_progress": False,
+    "log_interval": 30.0,
     "random_init": False, "weights": None, "val_subset": None,
 }
 
@@ -88,7 +89,11 @@ def _add_common(p: argparse.ArgumentParser, uses: Sequence[str]) -> None:
         device, "the CDP scripts' GPU list: one index is --device cuda:N; several GPUs run "
         "under torchrun"))
     g.add_argument("--no-progress", action="store_true", default=None,
-                   help="hide progress bars")
+                   help="hide progress bars (long stages then log a line every "
+                   "--log-interval seconds, as when the output is not a terminal)")
+    g.add_argument("--log-interval", "--log-every", dest="log_interval", type=finite_float,
+                   metavar="SECONDS", help="seconds between progress log lines when no bar "
+                   f"is shown; 0: none (default: {DEFAULTS['log_interval']:g})")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
@@ -362,6 +367,9 @@ def _main(args: argparse.Namespace, debug: bool) -> int:
         config = resolve_config(args)
         if not sys.stderr.isatty():  # logs and pipes get plain log lines, no \r bars
             config["no_progress"] = True
+        from .progress import set_log_interval
+
+        set_log_interval(config["log_interval"])
         from .distributed import cleanup, init_distributed
 
         info = init_distributed()  # a no-op unless started by torchrun

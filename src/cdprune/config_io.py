@@ -52,7 +52,7 @@ KEY_TYPES: dict[str, str] = {
                      "val_subset", "val_split"), _INT),
     **dict.fromkeys(("model", "checkpoint", "dataset", "data_root", "device", "output_dir",
                      "weights"), _STR),
-    "mean": _FLOATS, "std": _FLOATS,
+    "mean": _FLOATS, "std": _FLOATS, "log_interval": _FLOAT,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     **key_choices(StatsConfig, PruneConfig, TrainConfig),
@@ -237,6 +237,8 @@ def validate(config: dict[str, Any]) -> None:
          "a positive integer"),
         ("val_subset", get("val_subset") is None or get("val_subset") > 0, "a positive integer"),
         ("val_split", get("val_split") is None or get("val_split") > 0, "a positive integer"),
+        ("log_interval", get("log_interval") is None or get("log_interval") >= 0,
+         "0 (no progress lines) or a positive number of seconds"),
     ]
     for key, ok, valid in checks:
         _range(key, get(key), valid, ok)

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum, is_distributed, is_main_process
 from .errors import ConfigError, DataError
+from .progress import progress as progress_bar
 
 __all__ = ["EvalResult", "evaluate", "measure_latency", "model_device"]
 
@@ -145,9 +145,9 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | str
     class_count: torch.Tensor | None = None
     started = time.perf_counter()
     with eval_mode(model), torch.inference_mode():
-        bar = tqdm(loader, total=total, desc="eval", leave=False, dynamic_ncols=True,
-                   disable=not progress or not is_main_process())
-        for i, batch in enumerate(bar):
+        main = is_main_process()
+        bar = progress_bar(total, "evaluation", bar=progress and main, items="images")
+        for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             images = batch[0].to(device, non_blocking=True)
@@ -171,6 +171,8 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | str
             topk += hits.any(dim=1).sum()
             class_count += torch.bincount(targets, minlength=num_classes)[:num_classes]
             class_correct += torch.bincount(targets[first], minlength=num_classes)[:num_classes]
+            if main:
+                bar.update(1, items=targets.numel())
         bar.close()
 
     if class_correct is None:

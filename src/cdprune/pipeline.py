@@ -13,7 +13,6 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ from .modeldir import (  # noqa: F401
     pruned_dir,
 )
 from .options import PruneConfig
+from .progress import stage as logged_stage
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
 from .runsetup import (  # noqa: F401
@@ -113,10 +113,8 @@ def criterion_scores(config: Mapping[str, Any], model: nn.Module, data: Data,
     context = ScoreContext(example_inputs=_example(data.input_size), batches=data.train,
                            seed=int(config.get("seed") or 0), device=_device(config),
                            progress=not config.get("no_progress"))
-    started = time.perf_counter()
-    scores = criterion.score(model, context)
-    logger.info("%s scores in %.1f s", criterion.label, time.perf_counter() - started)
-    return scores
+    with logged_stage(f"{criterion.label} scores"):
+        return criterion.score(model, context)
 
 
 def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> ActivationStats:
@@ -128,10 +126,11 @@ def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> Act
     started = time.perf_counter()
     # build_data already sampled stop_batch batches of images (split across ranks under
     # torchrun), so the loader is used whole.
-    stats = collect_stats(model, data.stats, **cdp_options(config)["stats"],
-                          num_classes=data.num_classes, device=device,
-                          dtype=torch.float16 if config.get("stats_dtype") == "float16"
-                          else torch.float32, progress=not config.get("no_progress"))
+    with logged_stage("statistics"):
+        stats = collect_stats(model, data.stats, **cdp_options(config)["stats"],
+                              num_classes=data.num_classes, device=device,
+                              dtype=torch.float16 if config.get("stats_dtype") == "float16"
+                              else torch.float32, progress=not config.get("no_progress"))
     stats.meta.update(model=config["model"], dataset=config["dataset"],
                       seconds=round(time.perf_counter() - started, 2))
     return stats
@@ -228,9 +227,10 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
 
         latency = LatencySettings(batch_size=stage.latency_batch,
                                   device="cuda" if device.type == "cuda" else "cpu")
-    result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
-                   macs_reduction=reduction, latency_reduction=stage.latency_reduction,
-                   latency=latency, **kwargs)
+    with logged_stage("pruning"):
+        result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
+                       macs_reduction=reduction, latency_reduction=stage.latency_reduction,
+                       latency=latency, **kwargs)
     summary = {"criterion": stage.criterion, **result.summary()}
     if "latency" in result.extra:
         summary["latency"] = result.extra["latency"]
@@ -238,11 +238,12 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     progress = not config.get("no_progress")
     evaluated = not (config.get("skip_eval") or config.get("no_eval"))
     if evaluated:
-        base = evaluate(model.to(device), data.val, device=device, progress=progress)
-        summary["acc_base"] = _metric(base)
-        check_base_accuracy(config, base.top1, base.num_samples)
-        summary["acc_pruned"] = _metric(evaluate(result.model.to(device), data.val,
-                                                 device=device, progress=progress))
+        with logged_stage("evaluation of the base and pruned models"):
+            base = evaluate(model.to(device), data.val, device=device, progress=progress)
+            summary["acc_base"] = _metric(base)
+            check_base_accuracy(config, base.top1, base.num_samples)
+            summary["acc_pruned"] = _metric(evaluate(result.model.to(device), data.val,
+                                                     device=device, progress=progress))
     if config.get("bn_recalibrate"):
         # Before fine-tuning and before saving: pruned/ holds the recalibrated model.
         from .batchnorm import recalibrate_bn
@@ -309,11 +310,13 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
     train_cfg = TrainConfig.from_config(config)
     write_classes(run, config, data)
     # With --val-split the epochs are judged on held-out training images, not the test set.
-    result = fine_tune(model, data.train, data.select or data.val, train_cfg,
-                       output_dir=run.path,
-                       device=_device(config), resume=bool(config.get("resume")),
-                       extra_state={"plan": dict(plan)} if plan else None,
-                       progress=not config.get("no_progress"))
+    with logged_stage(f"fine-tuning ({train_cfg.epochs} epoch"
+                      f"{'' if train_cfg.epochs == 1 else 's'})"):
+        result = fine_tune(model, data.train, data.select or data.val, train_cfg,
+                           output_dir=run.path,
+                           device=_device(config), resume=bool(config.get("resume")),
+                           extra_state={"plan": dict(plan)} if plan else None,
+                           progress=not config.get("no_progress"))
     if result.history and run.main:
         plot_training(run.path / "training.png", result.history)
     return result
@@ -387,10 +390,3 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
         "environment": environment(), "seed": config.get("seed"),
     })
 
-
-@contextmanager
-def timed(label: str):
-    """Log how long a stage took."""
-    started = time.perf_counter()
-    yield
-    logger.info("%s took %.1f s", label, time.perf_counter() - started)

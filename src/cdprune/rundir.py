@@ -40,7 +40,8 @@ MANIFEST_FORMAT = "cdprune.run/1"
 RESUMABLE = ("run", "finetune")
 # Options that do not change what a run computes, or that a resume may change on purpose
 # (a longer schedule): they are left out of the configuration a resume must match.
-VOLATILE = frozenset({"command", "resume", "overwrite", "no_progress", "workers", "device",
+VOLATILE = frozenset({"command", "resume", "overwrite", "no_progress", "log_interval",
+                      "workers", "device",
                       "data_root", "download", "epochs", "max_iters", "eval_batch_size",
                       "output_dir", "config", "debug", "quick"})
 

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .activations import DOCUMENTS, ActivationStats, conv_layer_names, model_fingerprint
 from .distributed import all_reduce_sum, is_distributed
 from .errors import ConfigError, DataError
 from .evaluate import eval_mode
+from .progress import progress as progress_bar
 from .suggest import did_you_mean
 
 __all__ = ["ActivationStats", "collect_stats", "conv_layer_names", "model_fingerprint"]
@@ -223,8 +223,7 @@ def collect_stats(
     batches = 0
     try:
         with eval_mode(model), torch.inference_mode():
-            bar = tqdm(total=expected, desc="statistics", unit="batch", disable=not progress,
-                       leave=False)
+            bar = progress_bar(expected, "statistics", bar=progress, items="images")
             for batch in loader:
                 if max_batches is not None and batches >= max_batches:
                     break
@@ -263,7 +262,7 @@ def collect_stats(
                     counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
                 seen += n
                 batches += 1
-                bar.update(1)
+                bar.update(1, items=n)
             bar.close()
     finally:
         collector.remove()

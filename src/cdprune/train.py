@@ -35,7 +35,6 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .checkpoint import atomic_torch_save
 from .distributed import (
@@ -47,6 +46,7 @@ from .distributed import (
 )
 from .errors import ConfigError, DataError
 from .evaluate import evaluate, model_device
+from .progress import progress as progress_bar
 from .trainckpt import (
     BEST,
     CHECKPOINT_VERSION,
@@ -74,7 +74,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_POSTFIX_EVERY = 10  # iterations between progress-bar updates (each one waits for the GPU)
 
 
 # ------------------------------------------------------------------------- result
@@ -180,8 +179,9 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     total = len(loader) if limit is None else min(len(loader), limit - iteration)
     net.train()
-    bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               dynamic_ncols=True, disable=not progress or not is_main_process())
+    bar = progress_bar(total, f"epoch {epoch + 1}/{config.epochs}", "iteration",
+                       bar=progress and is_main_process(), items="images")
+    quiet = not is_main_process()  # one voice under torchrun
     for step, batch in enumerate(loader):
         if limit is not None and iteration >= limit:
             break
@@ -203,8 +203,7 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
         sums += torch.stack([loss.detach().double() * n,
                              (logits.detach().argmax(1) == targets).sum().double(),
                              torch.tensor(float(n), dtype=torch.float64, device=device)])
-        bar.update(1)
-        show = not bar.disable and (step + 1) % _POSTFIX_EVERY == 0
+        show = not quiet and bar.wants_postfix(step)
         log = (step + 1) % config.log_every == 0
         if show or log:
             loss_sum, correct, count = sums.tolist()
@@ -216,11 +215,14 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
                     f"{iteration}; lower lr (now {config.lr}) or set clip_grad_norm")
             if show:
                 bar.set_postfix(loss=f"{loss_sum / count:.4f}",
-                                acc=f"{100 * correct / count:.2f}", refresh=False)
-            if log:
+                                acc=f"{100 * correct / count:.2f}%",
+                                lr=f"{optimizer.param_groups[0]['lr']:.4g}", refresh=False)
+            if log and not bar.disable:  # without a bar, the progress lines say it
                 logger.info("epoch %d iter %d: loss %.4f, acc %.2f%%, lr %.5g", epoch + 1,
                             iteration, loss_sum / count, 100 * correct / count,
                             optimizer.param_groups[0]["lr"])
+        if not quiet:
+            bar.update(1, items=n)
     bar.close()
     return sums, iteration
 
