@@ -104,3 +104,23 @@ def test_cdp_options_and_allocation_reach_every_criterion(tmp_path, monkeypatch)
         compare_criteria(net, train_loader=loader, val_loader=loader, stats_loader=loader,
                          example_inputs=torch.randn(2, 3, 8, 8), macs_reductions=[0.5],
                          output_dir=tmp_path, cdp_options={"documents": "class"})
+
+
+def test_comparison_json_is_strict_and_resumes_with_nan(tmp_path):
+    from cdprune.compare import read_comparison
+
+    row = {"macs_target": 0.3, "criterion": "l1", "seed": None, "status": "done",
+           "macs": 100, "macs_paper": 100, "params": 10, "macs_reduction": 0.3,
+           "acc_base": 90.0, "acc_pruned": 50.0, "acc_recalibrated": math.nan,
+           "acc_finetuned": math.nan, "seconds": 1.0}
+    js, _ = write_comparison(tmp_path, [row], {"model": "m"})
+    text = js.read_text()
+    assert "NaN" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in compare.json"))
+    back = read_comparison(js)
+    assert math.isnan(back[0]["acc_finetuned"]) and back[0]["acc_pruned"] == 50.0
+    # One target is a figure too, as the README lists it.
+    assert (tmp_path / "compare.png").is_file()
+    (tmp_path / "compare.json").write_text('{"rows": [1, 2]}')
+    with pytest.raises(ConfigError, match="not a comparison"):
+        read_comparison(tmp_path / "compare.json")

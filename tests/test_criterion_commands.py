@@ -106,3 +106,42 @@ def test_compare_accepts_criterion_as_alias(tmp_path, capsys):
                    "--epochs", "0", "--output-dir", out) == 0, capsys.readouterr().err
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert {r["criterion"] for r in rows} == {"l1"}
+
+
+def test_compare_header_shows_the_values_used(tmp_path):
+    out = tmp_path / "cmp"
+    assert run_cli("compare", *FAST, "--criteria", "l1", "--macs-reduction", "0.3",
+                   "--epochs", "0", "--output-dir", out) == 0
+    text = (out / "compare.md").read_text()
+    assert "None" not in text
+    for line in ("- tap: conv", "- allocation: global", "- normalize: none", "- scope: auto"):
+        assert line in text
+
+
+def test_models_says_what_the_b_suffix_means(capsys):
+    assert run_cli("models") == 0
+    assert "resnetNb option B" in capsys.readouterr().out
+
+
+def test_report_md_keeps_four_digits_of_macs():
+    from cdprune.report import _markdown
+
+    text = _markdown({"pruning": {"macs_before": 125_485_706, "macs_after": 60_020_000,
+                                  "params_before": 853_018, "params_after": 400_000}})
+    assert "125.5M" in text and "60.02M" in text
+
+
+@pytest.mark.parametrize("command, hint", [("run", "--resume"), ("stats", "--overwrite")])
+def test_interrupt_says_how_to_go_on(command, hint, monkeypatch, capsys, tmp_path):
+    from cdprune import cli_commands
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli_commands.COMMANDS, command, interrupted)
+    argv = [command, *FAST, "--output-dir", tmp_path / "r"]
+    if command == "run":
+        argv += ["--sparsity", "0.3"]
+    assert run_cli(*argv) == 130
+    err = capsys.readouterr().err
+    assert f"cdprune {command}: interrupted" in err and hint in err

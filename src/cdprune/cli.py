@@ -358,7 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(args, debug)
     except KeyboardInterrupt:
-        print("cdprune: interrupted", file=sys.stderr)
+        if args.command in ("run", "finetune", "compare"):
+            hint = ("; finished work is kept: run the same command with --resume to "
+                    "continue it")
+        else:
+            hint = "; run the same command with --overwrite to start it again"
+        print(f"cdprune {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

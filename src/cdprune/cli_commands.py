@@ -224,7 +224,7 @@ def _compare_line(r: dict[str, Any]) -> str:
 def _cmd_compare(config: dict[str, Any]) -> None:
     import torch
 
-    from .compare import compare_criteria, write_comparison
+    from .compare import compare_criteria, read_comparison, write_comparison
     from .criteria import criterion_names
     from .pipeline import _device, build_data, build_model, cdp_options
 
@@ -242,18 +242,19 @@ def _cmd_compare(config: dict[str, Any]) -> None:
     done: list[dict[str, Any]] = []
     previous = run.path / "compare.json"
     if config.get("resume") and previous.is_file():
-        try:
-            done = list(json.loads(previous.read_text())["rows"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot resume: '{previous}' is not a comparison written by "
-                              f"cdprune ({exc}); remove it or choose another --output-dir"
-                              ) from None
+        done = read_comparison(previous)
         _say(f"resuming: {len(done)} finished rows in {previous} are kept", flush=True)
     meta = {k: config.get(k) for k in ("model", "checkpoint", "dataset", "epochs",
                                          "max_iters", "lr", "train_subset", "val_subset",
                                          "stop_batch", "stats_batch_size", "seed", "scope",
                                          "tap", "normalize", "allocation", "variant",
                                          "bn_recalibrate")}
+    # The values used, not the unset ones (None leaves the choice to the library).
+    meta.update(tap=options["stats"].get("tap", "conv"),
+                normalize=options["scores"].get("normalize", "none"),
+                allocation=options["prune"].get("allocation", "global"),
+                scope=config.get("scope") or "auto")
+    meta = {k: v for k, v in meta.items() if v is not None}
     rows: list[dict[str, Any]] = []
 
     def on_row(row: dict[str, Any]) -> None:
@@ -287,7 +288,11 @@ def _cmd_models(config: dict[str, Any]) -> None:
 
     for name in list_models():
         spec = model_spec(name)
-        _say(f"{name:16s} input {tuple(spec.input_size)}  classes {spec.num_classes}")
+        _say(f"{name:16s} input {str(tuple(spec.input_size)):15s}  classes {spec.num_classes}")
+    _say("\nCIFAR ResNets: resnetN has option-A shortcuts (identity, zero-padded channels where "
+         "the width doubles; e.g. the akamaster checkpoints), resnetNb option B (1x1 conv + "
+         "BatchNorm there; e.g. the chenyaofo checkpoints). Any torchvision:NAME or timm:NAME "
+         "works too.")
 
 
 def _cmd_demo(config: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from .pruning import prune
 from .report import format_count
 from .train import TrainConfig, fine_tune
 
-__all__ = ["compare_criteria", "write_comparison"]
+__all__ = ["compare_criteria", "read_comparison", "write_comparison"]
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +246,10 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
     directory = Path(directory)
     summary = _summarise(rows)
     doc = {"meta": dict(meta or {}), "rows": list(rows), "summary": summary}
+    # A number that was not measured is null: a bare NaN is not JSON to most parsers.
     js = atomic_write_text(directory / "compare.json",
-                           json.dumps(doc, indent=1, default=str) + "\n")
+                           json.dumps(_nan_to_null(doc), indent=1, default=str,
+                                      allow_nan=False) + "\n")
     base = rows[0]["acc_base"] if rows else math.nan
     lines = ["# Pruning criteria at equal MACs", ""]
     for key, value in (meta or {}).items():
@@ -281,10 +283,42 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
         lines += [f"- {line['criterion']} at -{100 * line['macs_target']:.0f}%: "
                   f"{line['error']}" for line in errors]
     md = atomic_write_text(directory / "compare.md", "\n".join(lines) + "\n")
-    targets = sorted({line["macs_target"] for line in summary if line["status"] == "done"})
-    if len(targets) > 1:
+    if any(line["status"] == "done" for line in summary):
         _plot(directory / "compare.png", summary)
     return js, md
+
+
+def _nan_to_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(v) for v in value]
+    return value
+
+
+# Row fields that are accuracies: null in compare.json means not measured (NaN here).
+_ACCURACIES = ("acc_base", "acc_pruned", "acc_recalibrated", "acc_finetuned",
+               "acc_finetuned_best")
+
+
+def read_comparison(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``compare.json`` that :func:`write_comparison` wrote (to resume it).
+
+    Raises:
+        ConfigError: the file is not such a comparison.
+    """
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise TypeError("rows is not a list of records")
+        return [{k: (math.nan if k in _ACCURACIES and v is None else v)
+                 for k, v in row.items()} for row in rows]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot resume: '{path}' is not a comparison written by cdprune "
+                          f"({exc}); remove it or choose another --output-dir") from None
 
 
 def _plot(path: Path, summary: Sequence[Mapping[str, Any]]) -> None:

@@ -52,19 +52,20 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-def format_count(value: Any) -> str:
-    """A count with three significant digits and a unit: 853k, 1.23M, 0.98G, 7.1k, 412."""
+def format_count(value: Any, digits: int = 3) -> str:
+    """A count with ``digits`` significant digits and a unit: 853k, 1.23M, 0.98G, 412."""
     if value is None:
         return "-"
     value = float(value)
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
+            return f"{value / scale:.{digits}g}{unit}"
+    return f"{value:.{digits}g}"
 
 
 def _fmt_m(value: Any) -> str:
-    return format_count(value)
+    """MACs and parameters with four significant digits: a paper's 60.02M stays checkable."""
+    return format_count(value, digits=4)
 
 
 def _fmt_acc(value: Any) -> str:
