@@ -145,3 +145,35 @@ def test_interrupt_says_how_to_go_on(command, hint, monkeypatch, capsys, tmp_pat
     assert run_cli(*argv) == 130
     err = capsys.readouterr().err
     assert f"cdprune {command}: interrupted" in err and hint in err
+
+
+@pytest.mark.slow
+def test_every_compare_result_is_a_model_directory(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert run_cli("compare", *FAST, "--criteria", "l1", "fpgm", "--macs-reduction", "0.3",
+                   "--epochs", "1", "--output-dir", out) == 0, capsys.readouterr().err
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    capsys.readouterr()
+    for row in rows:
+        model_dir = out / row["model_dir"]
+        assert (model_dir / "pruned" / "plan.json").is_file() and (model_dir / "last.pth").is_file()
+        assert run_cli("eval", "--dataset", "digits", "-j", "0", "--no-progress",
+                       "--model-dir", model_dir) == 0, capsys.readouterr().err
+        doc = json.loads(capsys.readouterr().out)
+        # The final weights are the fine-tuned ones, whose accuracy the table reports.
+        assert doc["weights"] == "last"
+        assert doc["top1"] == pytest.approx(row["acc_finetuned"], abs=1e-6)
+        export = tmp_path / f"{row['criterion']}.onnx"
+        assert run_cli("export", "--model-dir", model_dir, "--output", export) == 0, \
+            capsys.readouterr().err
+        assert export.is_file() and "exported" in capsys.readouterr().out
+
+
+def test_orphaned_fine_tune_error_names_only_files_that_exist(tmp_path):
+    from cdprune.deploy import find_run_model
+
+    (tmp_path / "last.pth").write_bytes(b"x")  # fine-tuned weights, no pruned model beside
+    with pytest.raises(FileNotFoundError) as info:
+        find_run_model(tmp_path, "final")
+    message = str(info.value)
+    assert str(tmp_path / "last.pth") in message and "best.pth" not in message

@@ -226,7 +226,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
     from .compare import compare_criteria, read_comparison, write_comparison
     from .criteria import criterion_names
-    from .pipeline import _device, build_data, build_model, cdp_options
+    from .pipeline import _device, build_data, build_model, cdp_options, pruned_extra
 
     targets = config.get("macs_targets")
     if not targets:
@@ -278,7 +278,8 @@ def _cmd_compare(config: dict[str, Any]) -> None:
             allocation=options["prune"].get("allocation", "global"),
             device=_device(config), progress=not config.get("no_progress"),
             on_row=on_row, done=done, bn_recalibrate=int(config.get("bn_recalibrate") or 0),
-            recal_loader=data.recal)
+            recal_loader=data.recal, model_name=config["model"],
+            pruned_extra=pruned_extra(config, data))
         _, md = write_comparison(run.path, all_rows, meta)
     _say(md.read_text())
 

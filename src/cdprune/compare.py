@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .evaluate import evaluate
 from .fileio import atomic_write_text
 from .macs import paper_macs
-from .pruning import prune
+from .pruning import prune, save_pruned
 from .report import format_count
 from .train import TrainConfig, fine_tune
 
@@ -67,6 +67,8 @@ def compare_criteria(
     done: Sequence[Mapping[str, Any]] = (),
     bn_recalibrate: int = 0,
     recal_loader: Any = None,
+    model_name: str | None = None,
+    pruned_extra: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Prune ``model`` with each criterion at each MACs target and fine-tune equally.
 
@@ -101,6 +103,14 @@ def compare_criteria(
             statistics on this many images of ``recal_loader`` (fine-tuning starts from
             the recalibrated model).
         recal_loader: un-augmented training images for ``bn_recalibrate``.
+        model_name: zoo name of ``model``, recorded in every pruned model directory so the
+            command line can rebuild it (``None``: a user model, for :func:`load_pruned`).
+        pruned_extra: more plain data for every ``plan.json`` (dataset, normalisation).
+
+    Every pruned model is a model directory like a run's: ``MACS/CRITERION/pruned/``
+    (plan and weights, after BatchNorm recalibration when asked), with the fine-tuned
+    ``last.pth``/``best.pth`` beside it, so ``cdprune eval``/``export --model-dir
+    MACS/CRITERION`` and :func:`~cdprune.load_run_model` take it as they take a run.
 
     Returns:
         One row per (target, criterion, seed): MACs, parameters, accuracy right after
@@ -174,10 +184,12 @@ def compare_criteria(
                     recalibrate_bn(pruned, recal_loader, bn_recalibrate, device=device)
                     acc_recal = evaluate(pruned, val_loader, device=device,
                                          progress=False).top1
+                tag = f"{criterion}{'' if seed is None else f'-seed{seed}'}"
+                run_dir = output_dir / f"macs{target:g}" / tag
+                save_pruned(run_dir / "pruned", result, model_name=model_name,
+                            input_size=tuple(example_inputs.shape[1:]), extra=pruned_extra)
                 acc_tuned = math.nan
                 if finetune is not None and (finetune.epochs > 0 or finetune.max_iters):
-                    tag = f"{criterion}{'' if seed is None else f'-seed{seed}'}"
-                    run_dir = output_dir / f"macs{target:g}" / tag
                     acc_tuned = fine_tune(pruned, train_loader, val_loader, finetune,
                                           output_dir=run_dir, device=device,
                                           extra_state={"plan": result.plan},
@@ -190,6 +202,7 @@ def compare_criteria(
                        "params": result.params_after, "acc_base": base_acc,
                        "acc_pruned": acc_pruned, "acc_recalibrated": acc_recal,
                        "acc_finetuned": acc_tuned,
+                       "model_dir": run_dir.relative_to(output_dir).as_posix(),
                        "seconds": round(score_time + time.perf_counter() - start, 2)}
                 rows.append(row)
                 logger.info("%s @ -%.0f%% MACs: %.2f%% right after pruning, %.2f%% after "

@@ -106,10 +106,12 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
     elif (path / BEST).is_file() or (path / LAST).is_file():
         origin = _origin_of_finetune(path)
         if origin is None:
+            weights = path / LAST if (path / LAST).is_file() else path / BEST
             raise FileNotFoundError(
                 f"'{path}' holds fine-tuned weights but the pruned model they came from "
                 "cannot be found (no model_dir in its config.yaml, no sibling pruned/); pass "
-                "--model-dir PRUNED_DIR --checkpoint " + str(path / BEST))
+                "the pruned-model directory they were trained from: --model-dir PRUNED_DIR "
+                f"--checkpoint {weights}")
         pruned, tuned = origin, [path]
     else:
         raise FileNotFoundError(

@@ -258,19 +258,25 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     if save_stats and stats is not None:
         write_stats(run, config, stats)
     if run.main:
-        extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
-                 "mean": list(data.mean) if data.mean else config.get("mean"),
-                 "std": list(data.std) if data.std else config.get("std")}
-        if str(config["dataset"]).lower() == "folder" and data.classes:
-            extra["classes"] = list(data.classes)
         write_classes(run, config, data)
         save_pruned(run.path / "pruned", result, model_name=config["model"],
-                    input_size=data.input_size, extra=extra)
+                    input_size=data.input_size, extra=pruned_extra(config, data))
         plot_widths(run.path / "widths.png", result.widths_before, result.widths_after)
     if run.main:
         atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
     barrier()
     return summary
+
+
+def pruned_extra(config: Mapping[str, Any], data: Data) -> dict[str, Any]:
+    """What a pruned model's ``plan.json`` records of its data: dataset, classes and the
+    normalisation, so evaluating, fine-tuning and exporting it need no flags repeated."""
+    extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
+             "mean": list(data.mean) if data.mean else config.get("mean"),
+             "std": list(data.std) if data.std else config.get("std")}
+    if str(config["dataset"]).lower() == "folder" and data.classes:
+        extra["classes"] = list(data.classes)
+    return extra
 
 
 def _reduction_for_target(config: Mapping[str, Any], model: nn.Module, scores: Any,
