@@ -177,3 +177,60 @@ def test_orphaned_fine_tune_error_names_only_files_that_exist(tmp_path):
         find_run_model(tmp_path, "final")
     message = str(info.value)
     assert str(tmp_path / "last.pth") in message and "best.pth" not in message
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "resnet-56", "--random-init"], "resnet56"),
+    (["--model", "resnet56", "--checkpoint", "no_such.pth"], "no_such.pth"),
+])
+def test_model_and_checkpoint_are_checked_before_any_data_is_read(argv, needle, tmp_path,
+                                                                  capsys, monkeypatch):
+    import cdprune.data.factory as factory
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data were read before the model was checked")
+
+    monkeypatch.setattr(factory, "build_dataset", no_data)
+    code = run_cli("stats", *argv, "--dataset", "cifar10", "--data-root", tmp_path / "nodata",
+                   "--output-dir", tmp_path / "s")
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "data were read" not in err, err
+
+
+def test_a_known_checkpoint_of_another_model_names_it(tmp_path):
+    import torch
+
+    from cdprune.errors import CheckpointError
+    from cdprune.models import create_model, known
+    from cdprune.runsetup import build_model
+
+    path = tmp_path / "b.pth"
+    torch.save(create_model("resnet20b", num_classes=10).state_dict(), path)
+    entry = known.KnownCheckpoint("resnet20-optionB-test", "resnet20b", "cifar10",
+                                  (0.5,) * 3, (0.25,) * 3, 90.0)
+    digest = known._sha256(path)
+    known.KNOWN_CHECKPOINTS[digest] = entry
+    try:
+        with pytest.raises(CheckpointError, match="pass --model resnet20b"):
+            build_model({"model": "resnet20", "checkpoint": str(path), "dataset": "cifar10"}, 10)
+    finally:
+        del known.KNOWN_CHECKPOINTS[digest]
+
+
+@pytest.mark.parametrize("folders, hint", [(3, "hold 3 classes"), (10, "use --dataset folder")])
+def test_class_count_hint_is_computed_from_the_folders(folders, hint, tmp_path):
+    import torch
+
+    from cdprune.errors import DataError
+    from cdprune.models import create_model
+    from cdprune.runsetup import build_model
+
+    for i in range(folders):
+        (tmp_path / "val" / f"class{i}").mkdir(parents=True)
+    path = tmp_path / "ten.pth"
+    torch.save(create_model("resnet18", num_classes=10).state_dict(), path)
+    config = {"model": "resnet18", "checkpoint": str(path), "dataset": "imagenet",
+              "data_root": str(tmp_path)}
+    with pytest.raises(DataError, match=hint) as info:
+        build_model(config, 1000)
+    assert "10-class classifier" in str(info.value)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .runsetup import build_inputs
 from .train import TrainConfig
 
 __all__ = ["COMMANDS"]
@@ -50,11 +51,10 @@ def _run_dir(config: dict[str, Any]):
 # Each command checks what it can (the output directory, data, model, checkpoint, input
 # files) before it enters the run directory, so bad input leaves no files behind.
 def _cmd_stats(config: dict[str, Any]) -> None:
-    from .pipeline import build_data, build_model, run_stats
+    from .pipeline import run_stats
 
     run = _run_dir(config)
-    data = build_data(config, need_train=False)
-    model = build_model(config, data.num_classes)
+    data, model = build_inputs(config, need_train=False)
     with run:
         run.write_config(config)
         path = run_stats(config, run, data=data, model=model)
@@ -78,8 +78,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _cmd_prune(config: dict[str, Any]) -> None:
     from .pipeline import (
-        build_data,
-        build_model,
         check_ignore_layers,
         finish_report,
         load_stats,
@@ -89,9 +87,8 @@ def _cmd_prune(config: dict[str, Any]) -> None:
     )
 
     run = _run_dir(config)
-    data = build_data(config, need_train=bool(config.get("bn_recalibrate"))
-                      or needs_batches(config), need_stats=False)
-    model = build_model(config, data.num_classes)
+    data, model = build_inputs(config, need_train=bool(config.get("bn_recalibrate"))
+                               or needs_batches(config), need_stats=False)
     check_ignore_layers(config, model)
     stats = load_stats(config, model) if needs_stats(config) else None
     with run:
@@ -174,7 +171,6 @@ def _cmd_eval(config: dict[str, Any]) -> None:
 def _cmd_run(config: dict[str, Any]) -> None:
     from .pipeline import (
         build_data,
-        build_model,
         check_ignore_layers,
         finetune_accuracy,
         finish_report,
@@ -185,11 +181,12 @@ def _cmd_run(config: dict[str, Any]) -> None:
     )
 
     run = _run_dir(config)
-    data = build_data(config, need_stats=needs_stats(config))
     summary_path = run.path / "prune_summary.json"
     resumed = bool(config.get("resume")) and summary_path.is_file()  # stages 1-2 done before
-    if not resumed:
-        model = build_model(config, data.num_classes)
+    if resumed:
+        data = build_data(config, need_stats=False)
+    else:
+        data, model = build_inputs(config, need_stats=needs_stats(config))
         check_ignore_layers(config, model)
     with run:
         run.write_config(config)
@@ -226,7 +223,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
     from .compare import compare_criteria, read_comparison, write_comparison
     from .criteria import criterion_names
-    from .pipeline import _device, build_data, build_model, cdp_options, pruned_extra
+    from .pipeline import _device, cdp_options, pruned_extra
 
     targets = config.get("macs_targets")
     if not targets:
@@ -237,8 +234,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
                               "in (0, 1)")
     options = cdp_options(config)
     run = _run_dir(config)
-    data = build_data(config)
-    model = build_model(config, data.num_classes)
+    data, model = build_inputs(config)
     done: list[dict[str, Any]] = []
     previous = run.path / "compare.json"
     if config.get("resume") and previous.is_file():

@@ -12,17 +12,18 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .checkpoint import apply_weights, read_state_dict
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .suggest import did_you_mean
 
-__all__ = ["Data", "build_data", "build_model", "check_base_accuracy",
-           "check_ignore_layers", "known_normalisation"]
+__all__ = ["Data", "build_data", "build_inputs", "build_model", "check_base_accuracy",
+           "check_ignore_layers", "dataset_classes", "known_normalisation"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,59 @@ def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn
         state = read_state_dict(config["checkpoint"])
         if num_classes is not None:
             _check_classifier(model, state, config, num_classes)
-        apply_weights(model, state, source=config["checkpoint"])
+        try:
+            apply_weights(model, state, source=config["checkpoint"])
+        except CheckpointError as exc:
+            from .models.known import known_checkpoint
+
+            known = known_checkpoint(config["checkpoint"])
+            if known is None or known.model == str(config["model"]).lower():
+                raise
+            raise CheckpointError(f"{exc}; '{config['checkpoint']}' is {known.name}, the "
+                                  f"weights of {known.model}: pass --model {known.model}"
+                                  ) from None
     return model
+
+
+def dataset_classes(config: Mapping[str, Any]) -> int | None:
+    """The number of classes of the config's dataset, without reading any image.
+
+    A named dataset's own count; for ``--dataset folder`` the class folders under
+    ``DATA_ROOT/val`` (``None`` when there are none to count: building the data says why).
+    """
+    from .data import dataset_info
+
+    name = str(config.get("dataset") or "")
+    if name.lower() == "folder":
+        return _count_class_folders(config) or None
+    try:
+        return int(dataset_info(name)[0])
+    except (KeyError, ValueError, TypeError):
+        return None  # an unknown dataset is refused where the data are built
+
+
+def _count_class_folders(config: Mapping[str, Any]) -> int:
+    root = Path(str(config.get("data_root") or "")) / "val"
+    try:
+        return sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return 0
+
+
+def build_inputs(config: Mapping[str, Any], **data_options: Any) -> tuple[Data, nn.Module]:
+    """The data and the base model of a run, the model first.
+
+    Building the model checks its name, the checkpoint and the checkpoint's fit to the
+    model and to the dataset's classes in a second; the data (CIFAR's 50,000 training
+    images, an ImageNet folder) are read only after these checks passed.
+    ``data_options`` go to :func:`build_data`.
+    """
+    classes = dataset_classes(config)
+    model = build_model(config, classes) if classes is not None else None
+    data = build_data(config, **data_options)
+    if model is None or classes != data.num_classes:
+        model = build_model(config, data.num_classes)
+    return data, model
 
 
 def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
@@ -76,8 +128,14 @@ def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
     rows = state[key].shape[0] if key in state and state[key].dim() == 2 else num_classes
     if rows != num_classes:
         dataset = config.get("dataset")
-        hint = (f"; for class folders with {rows} classes use --dataset folder"
-                if str(dataset).lower() == "imagenet" else "")
+        hint = ""
+        folders = _count_class_folders(config) if str(dataset).lower() == "imagenet" else 0
+        if folders == rows:
+            hint = f"; for class folders with {rows} classes use --dataset folder"
+        elif folders:
+            hint = (f"; the class folders under '{config.get('data_root')}/val' hold {folders} "
+                    f"classes, so --dataset folder would not fit this {rows}-class checkpoint "
+                    "either")
         raise DataError(f"checkpoint '{config['checkpoint']}' has a {rows}-class classifier "
                         f"('{key}' has {rows} outputs) but dataset '{dataset}' has "
                         f"{num_classes} classes; use a checkpoint trained on {dataset}, or the "
