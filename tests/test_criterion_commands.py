@@ -234,3 +234,18 @@ def test_class_count_hint_is_computed_from_the_folders(folders, hint, tmp_path):
     with pytest.raises(DataError, match=hint) as info:
         build_model(config, 1000)
     assert "10-class classifier" in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune"])
+def test_a_model_directory_for_other_images_is_one_line(command, tmp_path, capsys):
+    pruned = tmp_path / "p"
+    assert run_cli("prune", *FAST, "--criterion", "l1", "--sparsity", "0.3", "--no-eval",
+                   "--output-dir", pruned) == 0
+    capsys.readouterr()
+    argv = [command, "--dataset", "cifar10", "--data-root", tmp_path / "nodata", "-j", "0",
+            "--model-dir", pruned]
+    if command == "finetune":
+        argv += ["--output-dir", tmp_path / "f"]
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert "reads 1-channel images" in err and "--dataset digits" in err, err

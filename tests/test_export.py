@@ -86,3 +86,16 @@ def test_export_model_dir_writes_the_file_and_its_record(tmp_path):
     assert record["max_abs_diff"] < 1e-4 and "base_model" not in record
     with pytest.raises(ConfigError, match="format='tflite'"):
         export_model_dir(tmp_path / "pruned", ExportConfig(format="tflite"))
+
+
+@pytest.mark.parametrize("opset", [-1, 0, 6, 99, 10**20])
+def test_opset_outside_the_exporters_range_is_one_line(opset, tmp_path, capsys):
+    from cdprune.cli import main
+    from cdprune.export import onnx_opsets
+
+    low, high = onnx_opsets()
+    assert not low <= opset <= high
+    code = main(["export", "--model-dir", str(tmp_path), "--opset", str(opset)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--opset {opset} is invalid" in err and f"from {low} to {high}" in err

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .modeldir import check_model_dir
 from .runsetup import build_inputs
 from .train import TrainConfig
 
@@ -111,6 +112,7 @@ def _cmd_finetune(config: dict[str, Any]) -> None:
 
     run = _run_dir(config)
     config = model_dir_defaults(config)
+    check_model_dir(config.get("model_dir") or run.path, config)  # before any data is read
     data = build_data(config, need_stats=False)
     model, plan = load_pruned_dir(config.get("model_dir") or run.path, config, data.num_classes)
     with run:
@@ -141,22 +143,22 @@ def _cmd_eval(config: dict[str, Any]) -> None:
     from .pipeline import (
         _device,
         build_data,
-        build_model,
         check_base_accuracy,
         load_model_dir,
         model_dir_defaults,
     )
 
     config = model_dir_defaults(config)
-    data = build_data(config, need_train=False, need_stats=False)
     found = None
     if config.get("model_dir"):
+        check_model_dir(config["model_dir"], config)  # before any data is read
+        data = build_data(config, need_train=False, need_stats=False)
         model, _, found = load_model_dir(config["model_dir"], config, data.num_classes,
                                          config.get("weights") or "final")
     else:
         if not config.get("model"):
             raise ConfigError("give --model (and --checkpoint) or --model-dir")
-        model = build_model(config, data.num_classes)
+        data, model = build_inputs(config, need_train=False, need_stats=False)
     device = _device(config)
     result = evaluate(model.to(device), data.val, device=device,
                       progress=not config.get("no_progress"))

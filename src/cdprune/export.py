@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import CdpruneError, ConfigError
 from .fileio import atomic_write_bytes, atomic_write_text
-from .options import option
+from .options import OptionError, option
 
 __all__ = ["ExportConfig", "ExportError", "ExportResult", "check_output", "compare_latency",
            "export", "export_latency", "export_model_dir"]
@@ -53,10 +53,25 @@ class ExportConfig:
                               "architecture")
 
     def validate(self) -> None:
-        """Check the format (the other values are checked where they are used)."""
+        """Check the format and the opset (the output path is checked where it is used)."""
         if self.format not in FORMATS:
             raise ConfigError(f"format={self.format!r} is not valid; use one of "
                               f"{', '.join(FORMATS)}")
+        low, high = onnx_opsets()
+        if self.format == "onnx" and not (isinstance(self.opset, int)
+                                          and low <= self.opset <= high):
+            raise OptionError("opset", self.opset, f"an ONNX opset from {low} to {high} (the "
+                              "range this PyTorch exports), e.g. 17")
+
+
+def onnx_opsets() -> tuple[int, int]:
+    """The lowest and highest ONNX opset this PyTorch's TorchScript-based exporter writes."""
+    try:  # not public API: fall back to the range every supported PyTorch exports
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return 9, 20
 
 
 class ExportError(CdpruneError, RuntimeError):

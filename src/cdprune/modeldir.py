@@ -18,7 +18,8 @@ from .checkpoint import apply_weights, read_state_dict
 from .errors import CheckpointError, ConfigError, DataError
 from .runsetup import build_model
 
-__all__ = ["load_model_dir", "load_pruned_dir", "model_dir_defaults", "pruned_dir"]
+__all__ = ["check_model_dir", "load_model_dir", "load_pruned_dir", "model_dir_defaults",
+           "pruned_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,50 @@ def pruned_dir(path: str | os.PathLike) -> Path:
     """The pruned-model directory: ``path`` itself or the ``pruned/`` of a run directory."""
     path = Path(path)
     return path / "pruned" if (path / "pruned" / "plan.json").is_file() else path
+
+
+def check_model_dir(path: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """Check that the pruned model of ``path`` fits the config's dataset (its images'
+    channels, its classes) from ``plan.json`` alone, before any data is read.
+
+    Raises:
+        DataError: it does not fit, with the ``--dataset`` it was made for.
+        FileNotFoundError, CheckpointError: ``path`` holds no readable pruned model.
+    """
+    from .deploy import find_run_model
+    from .pruning import read_plan
+    from .runsetup import dataset_classes
+
+    directory = find_run_model(path, config.get("weights") or "pruned").pruned_dir
+    _check_fit(directory, read_plan(directory), config, dataset_classes(config))
+
+
+def _check_fit(directory: Path, plan: Mapping[str, Any], config: Mapping[str, Any],
+               num_classes: int | None) -> None:
+    """Refuse a dataset with other classes or other image channels than the pruned model
+    was made for (before a forward pass fails deep inside PyTorch)."""
+    from .data import dataset_info
+
+    planned = (plan.get("extra") or {}).get("num_classes")
+    if num_classes is not None and isinstance(planned, int) and planned != num_classes:
+        dataset = (plan.get("extra") or {}).get("dataset") or "its own dataset"
+        raise DataError(f"the pruned model in '{directory}' has {planned} classes but dataset "
+                        f"'{config.get('dataset')}' has {num_classes}; use it with "
+                        f"--dataset {dataset}")
+
+    size = plan.get("input_size")
+    if not config.get("dataset") or not isinstance(size, list) or not size:
+        return
+    try:
+        channels = int(dataset_info(config["dataset"])[1][0])
+    except (KeyError, ValueError, TypeError):
+        return  # an unknown dataset is refused where it is built; folders take any model
+    if str(config["dataset"]).lower() == "folder" or size[0] == channels:
+        return
+    used = (plan.get("extra") or {}).get("dataset")
+    hint = f"use it with --dataset {used}" if used else "use it with a dataset of such images"
+    raise DataError(f"the pruned model in '{directory}' reads {size[0]}-channel images but "
+                    f"dataset '{config['dataset']}' has {channels}-channel images; {hint}")
 
 
 def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
@@ -90,12 +135,8 @@ def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
     if not name:
         raise ConfigError(f"'{directory}' holds a user model; pass --model with a zoo name, "
                           "or load it from Python with cdprune.load_pruned")
+    _check_fit(directory, plan, config, num_classes)
     planned = (plan.get("extra") or {}).get("num_classes")
-    if num_classes is not None and isinstance(planned, int) and planned != num_classes:
-        dataset = (plan.get("extra") or {}).get("dataset") or "its own dataset"
-        raise DataError(f"the pruned model in '{directory}' has {planned} classes but dataset "
-                        f"'{config.get('dataset')}' has {num_classes}; use it with "
-                        f"--dataset {dataset}")
     if num_classes is None and isinstance(planned, int):
         num_classes = planned
     base = build_model({**config, "model": name, "checkpoint": None, "dataset": None}, num_classes)
