@@ -224,6 +224,10 @@ def validate(config: dict[str, Any]) -> None:
         if value is not None and value not in choices:
             raise ConfigError(f"{flag(key)} {value!r} is invalid; choose one of "
                               f"{', '.join(choices)}")
+    if config.get("resume") and config.get("overwrite"):
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the "
+                          "run in the output directory, --overwrite removes it; give one of "
+                          "them")
     get = config.get
     checks = [  # the run's own options; each stage's are checked by its config below
         # From the command line an SGD rate above 10 is a slip (1e1 for 1e-1), never a

@@ -102,8 +102,7 @@ def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
         input_size: ``(C, H, W)`` of one input, so loading can trace without arguments.
         extra: more plain data to store in ``plan.json`` (e.g. dataset, normalisation).
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(directory)  # created by the first write (a run directory records it first)
     save_weights(result.model, directory / "model.safetensors")
     doc = dict(result.plan)
     doc.update(
