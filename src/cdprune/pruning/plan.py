@@ -147,12 +147,20 @@ def _plan_problem(plan: Mapping[str, Any]) -> str | None:
     for i, step in enumerate(plan["steps"]):
         if not isinstance(step, dict):
             return f"step {i} is a {type(step).__name__}, not a mapping"
-        if not isinstance(step.get("module"), str) or not step["module"]:
-            return f"step {i} names no module"
-        idxs = step.get("idxs")
-        if not isinstance(idxs, list) or not idxs or not all(is_int(x) and x >= 0
-                                                              for x in idxs):
-            return f"step {i} ('{step['module']}') must list channel indices"
+        # A step is one layer's removal, or {"parts": [...]}: one removal spread over the
+        # layers a concatenation joined (each part in its own layer's numbering).
+        records = step["parts"] if "parts" in step else [step]
+        if not isinstance(records, list) or not records:
+            return f"step {i} must list its parts"
+        for record in records:
+            if not isinstance(record, dict):
+                return f"step {i} has a part that is a {type(record).__name__}, not a mapping"
+            if not isinstance(record.get("module"), str) or not record["module"]:
+                return f"step {i} names no module"
+            idxs = record.get("idxs")
+            if not isinstance(idxs, list) or not idxs or not all(is_int(x) and x >= 0
+                                                                  for x in idxs):
+                return f"step {i} ('{record['module']}') must list channel indices"
     size = plan.get("input_size")
     if size is not None and (not isinstance(size, list) or not 1 <= len(size) <= 4
                              or not all(is_int(x) and 0 < x <= 65536 for x in size)):
