@@ -275,3 +275,69 @@ def test_no_flag_combination_deletes_a_user_file(state, tmp_path, assets, capsys
     else:  # user files or inputs beside the run: --overwrite refuses
         assert outcomes[True, False] == 2
     assert outcomes[False, False] == 2
+
+
+# ------------------------------------------------------------------ resume
+def _interrupted(assets: Path, out: Path, monkeypatch, *extra: str) -> None:
+    """Fine-tune for 2 epochs, stopped (as by a kill) once epoch 1 is saved."""
+    from cdprune import train
+
+    real = train._write_metrics
+
+    def stop(path, history):
+        real(path, history)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_write_metrics", stop)
+    assert main(_finetune(assets, out, "--epochs", "2", *extra)) == 130
+    monkeypatch.undo()
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "last.pth", weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_resume_with_another_j_is_exact_with_data_in_memory(tmp_path, assets, monkeypatch):
+    """Case 6, fast data: -j does not reach the training data, so it may change."""
+    whole = tmp_path / "whole"
+    assert main(_finetune(assets, whole, "--epochs", "2")) == 0
+    out = tmp_path / "resumed"
+    _interrupted(assets, out, monkeypatch)
+    argv = _finetune(assets, out, "--epochs", "2", "--resume")
+    argv[argv.index("-j") + 1] = "2"
+    assert main(argv) == 0
+    for key, value in _weights(whole).items():
+        assert torch.equal(_weights(out)[key], value), key
+
+
+def test_resume_with_another_j_is_refused_without_fast_data(tmp_path, assets, monkeypatch,
+                                                             capsys):
+    """Case 6, --no-fast-data: each loader worker draws its own augmentation, so another -j
+    would give a model matching neither run: refused in one line, the run untouched."""
+    out = tmp_path / "run"
+    _interrupted(assets, out, monkeypatch, "--no-fast-data")
+    before = _tree(out)
+    capsys.readouterr()
+    argv = _finetune(assets, out, "--epochs", "2", "--resume", "--no-fast-data")
+    argv[argv.index("-j") + 1] = "2"
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert "--resume with -j 2, but the run" in err and "started with -j 0" in err
+    assert "resume with -j 0" in err
+    assert _tree(out) == before
+    argv[argv.index("-j") + 1] = "0"
+    assert main(argv) == 0  # the same -j resumes
+
+
+def test_resume_never_shortens_a_finished_run(tmp_path, assets, capsys):
+    """Case 11: --resume --epochs 0 on a finished 2-epoch run rewrites no record."""
+    out = tmp_path / "run"
+    assert main(_finetune(assets, out, "--epochs", "2")) == 0
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(_finetune(assets, out, "--epochs", "0", "--resume")) == 2
+    err = _error(capsys)
+    assert "--epochs 0 is fewer than the 2 epochs" in err and "give --epochs 2 or more" in err
+    assert _tree(out) == before
+    assert main(_finetune(assets, out, "--epochs", "2", "--resume")) == 0
