@@ -347,6 +347,31 @@ CASES: list[Case] = [
     Case("coe-negative", "numbers", "`--coe -1`",
          ("--coe -1.0 is invalid",), "it must be 0 (no balancing) or a positive number",
          ("stats", *BASE, "--coe", "-1", *OUT)),
+    Case("coe-reverses-ranking", "numbers", "`--coe` at or above e x the narrowest layer's "
+         "width (`--coe 100`: the balance factor would turn negative and keep the least "
+         "discriminative filters)",
+         ("--coe 100 is invalid", "layer 'conv1' (16 channels) the balance factor "
+                                  "ln(16/100) + 1 = -0.833"),
+         "give a --coe below e x 16 = 43.49", ("stats", *BASE, "--coe", "100", *OUT)),
+    Case("variant-with-explicit-options", "numbers", "`--variant published` with explicit "
+         "options it would replace (`--tap act --documents class`)",
+         ("--variant published sets every CDP option", "--tap act, --documents class were "
+                                                       "given too"),
+         "drop --variant published to use them, or drop them",
+         ("stats", *BASE, "--variant", "published", "--tap", "act", "--documents", "class",
+          *OUT)),
+    Case("workers-beyond-the-machine", "numbers", "`-j 99999999999999999999` (more loader "
+         "workers than CPUs)", ("--workers 99999999999999999999 is invalid",),
+         "the CPUs this process may use",
+         ("stats", "--model", "digits_cnn", "--checkpoint", "{assets}/good.pth", "--dataset",
+          "digits", "-j", "99999999999999999999", "--no-progress", *OUT)),
+    Case("resume-with-overwrite", "numbers", "`--resume` together with `--overwrite`",
+         ("--resume and --overwrite exclude each other",), "give one of them",
+         ("finetune", *DATA, "--model-dir", "{assets}/pruned", "--epochs", "1", "--resume",
+          "--overwrite", *OUT)),
+    Case("yaml-duplicate-key", "numbers", "a key given twice in a YAML config (`lr: 0.02` ... "
+         "`lr: 5`)", ("y.yaml' sets 'lr' twice (lines 1 and 2)",), "keep one",
+         ("stats", "-c", "{tmp}/y.yaml", *BASE, *OUT), setup=_yaml("lr: 0.02\nlr: 5\n")),
     Case("nan-in-config", "numbers", "`.nan` in a YAML config (`coe: .nan`)",
          ("config.yaml': coe is nan",), "give a finite number",
          ("stats", "-c", "{tmp}/config.yaml", "--checkpoint", "{assets}/good.pth", *DATA, *OUT),
