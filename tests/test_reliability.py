@@ -288,6 +288,23 @@ def _plan_field(**fields) -> Callable[[Path, Path], None]:
     return setup
 
 
+def _plan_extra(**fields) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, assets: Path) -> None:
+        def edit(path: Path) -> None:
+            plan = json.loads(path.read_text())
+            plan["extra"].update(fields)
+            path.write_text(json.dumps(plan))
+
+        _edit_plan(tmp, assets, "bad", edit)
+    return setup
+
+
+def _int8_ckpt(tmp: Path, assets: Path) -> None:
+    state = _good_state()
+    state["conv1.weight"] = (state["conv1.weight"] * 100).to(torch.int8)
+    torch.save(state, tmp / "int8.pth")
+
+
 def _dangling_link(tmp: Path, assets: Path) -> None:
     (tmp / "out").symlink_to(tmp / "nowhere")
 
@@ -539,6 +556,28 @@ CASES: list[Case] = [
          "choose a name ending in .onnx",
          ("export", "--model-dir", "{assets}/pruned", "--output", "{tmp}/best.pth"),
          setup=_weights_beside),
+    Case("plan-std-nan", "files", "`plan.json` whose recorded std is NaN (`extra.std: [NaN]`)",
+         ("plan.json' is malformed (extra.std holds nan",), "the file is corrupt, prune again",
+         ("eval", *DATA, "--model-dir", "{tmp}/bad"), setup=_plan_extra(std=[float("nan")])),
+    Case("plan-mean-absurd", "files", "`plan.json` with an absurd mean (`extra.mean: [1e308]`)",
+         ("plan.json' is malformed (extra.mean holds 1e+308",),
+         "the file is corrupt, prune again",
+         ("eval", *DATA, "--model-dir", "{tmp}/bad"), setup=_plan_extra(mean=[1e308])),
+    Case("plan-classes-absurd", "files", "`plan.json` with an absurd number of classes",
+         ("extra.num_classes must be a positive integer, got 1000000000000 (at most 1000000)",),
+         "the file is corrupt, prune again",
+         ("eval", *DATA, "--model-dir", "{tmp}/bad"), setup=_plan_extra(num_classes=10**12)),
+    Case("plan-input-size-edited", "files", "`plan.json` whose `input_size` was edited "
+         "(export and eval would check the model at a resolution it was not pruned for)",
+         ("MACs at its recorded input_size [1, 16, 16], but plan.json records",),
+         "prune again, or restore plan.json",
+         ("export", "--model-dir", "{tmp}/bad"), setup=_plan_field(input_size=[1, 16, 16])),
+    Case("checkpoint-int8", "files", "a checkpoint whose weights are int8 or bool (quantised "
+         "or damaged; never cast silently)",
+         ("stores 'conv1.weight' as torch.int8 but the model's tensor is torch.float32",),
+         "Re-save the weights in torch.float32",
+         ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/int8.pth", *DATA, *OUT),
+         setup=_int8_ckpt),
     Case("plan-corrupt", "files", "corrupt `plan.json`",
          ("plan.json' is not valid JSON",), "the file is corrupt, prune again",
          ("finetune", *DATA, "--model-dir", "{tmp}/corrupt", "--epochs", "1", *OUT),

@@ -34,7 +34,7 @@ from .options import (
 from .suggest import did_you_mean
 from .train import TrainConfig
 
-__all__ = ["KEY_TYPES", "flag", "check_coe", "check_input_channels", "check_round_to",
+__all__ = ["KEY_TYPES", "flag", "normalisation_problem", "check_coe", "check_input_channels", "check_round_to",
            "check_types", "load_yaml", "validate"]
 
 # The most bytes and aliases a config file may hold: a flat mapping of flags needs few,
@@ -302,6 +302,38 @@ def validate(config: dict[str, Any]) -> None:
                           "initialised weights on purpose")
 
 
+# Input normalisation in any pixel scale (0-1 or 0-255) lies well inside these bounds;
+# beyond them a value is a slip or damage, and the model would see garbage.
+MAX_MEAN = 1e3
+STD_RANGE = (1e-6, 1e3)
+
+
+def normalisation_problem(mean: Any, std: Any, channels: int | None = None,
+                          where: str = "--") -> str | None:
+    """What is wrong with a mean and std read from a flag or a file; ``None`` if nothing.
+
+    Each must be a list of finite numbers, one per input channel (or one for all), the
+    mean within +-1000 and the std within 1e-6 and 1000.
+    """
+    for key, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        if not isinstance(values, list) or not values or not all(_is_number(v)
+                                                                 for v in values):
+            return f"{where}{key} must be a list of numbers, got {values!r}"[:200]
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        low, high = (-MAX_MEAN, MAX_MEAN) if key == "mean" else STD_RANGE
+        bad = bad if bad is not None else next((v for v in values if not low <= v <= high),
+                                               None)
+        if bad is not None:
+            return f"{where}{key} holds {bad}; each value must be a finite number in " \
+                   f"[{low:g}, {high:g}]"
+        if channels is not None and len(values) not in (1, channels):
+            return (f"{where}{key} has {len(values)} values for {channels}-channel inputs; "
+                    f"it needs 1 or {channels}")
+    return None
+
+
 def _check_normalisation(config: dict[str, Any]) -> None:
     """``--mean``/``--std``: one value per input channel, or one value for all of them."""
     if config.get("mean") is None and config.get("std") is None:
@@ -327,6 +359,10 @@ def _check_normalisation(config: dict[str, Any]) -> None:
         if key == "std" and any(v <= 0 for v in values):
             raise ConfigError(f"--std {' '.join(f'{v:g}' for v in values)} is invalid; every "
                               "value must be positive")
+        problem = normalisation_problem(values if key == "mean" else None,
+                                        values if key == "std" else None)
+        if problem:
+            raise ConfigError(problem)
         config[key] = values
 
 
