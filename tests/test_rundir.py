@@ -341,3 +341,17 @@ def test_resume_never_shortens_a_finished_run(tmp_path, assets, capsys):
     assert "--epochs 0 is fewer than the 2 epochs" in err and "give --epochs 2 or more" in err
     assert _tree(out) == before
     assert main(_finetune(assets, out, "--epochs", "2", "--resume")) == 0
+
+
+@pytest.mark.slow
+def test_export_files_join_the_run_and_overwrite_removes_them(tmp_path, assets):
+    """cdprune export writes beside a run's weights: its files are listed, so a later
+    --overwrite replaces the run instead of refusing files 'no cdprune run wrote'."""
+    out = tmp_path / "run"
+    assert main(_finetune(assets, out)) == 0
+    assert main(["export", "--model-dir", str(out), "--format", "torchscript",
+                 "--no-latency"]) == 0
+    files = json.loads((out / "run.json").read_text())["files"]
+    assert {"model.pt", "export_torchscript.json"} <= set(files)
+    assert main(_finetune(assets, out, "--overwrite")) == 0
+    assert not (out / "model.pt").exists()

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from .distributed import is_main_process
 from .errors import CheckpointError, ConfigError
 from .fileio import add_write_hook, atomic_write_text, remove_write_hook
 
-__all__ = ["RunDir", "config_identity"]
+__all__ = ["RunDir", "adopt_writes", "config_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -489,3 +490,70 @@ class RunDir:
         clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
         return atomic_write_text(self.path / self.CONFIG,
                                  yaml.safe_dump(clean, sort_keys=True))
+
+
+@contextmanager
+def adopt_writes(folder: str | os.PathLike) -> Iterator[None]:
+    """List files written meanwhile into the run directory that holds ``folder``.
+
+    For commands that add to a finished run without being one (``cdprune export`` writes
+    ``model.onnx`` beside the weights): their files join the run's ``run.json``, so a later
+    ``--overwrite`` removes them too instead of refusing the directory. ``folder`` is the
+    run directory or one below it (``pruned/``). Nothing happens outside a run directory,
+    or while another process holds the run (a warning says so).
+    """
+    folder = Path(folder)
+    run_path = next((d for d in (folder, folder.parent)
+                     if (d / RunDir.MANIFEST).is_file()), None)
+    if run_path is None or not is_main_process():
+        yield
+        return
+    try:
+        fh = open(run_path / RunDir.LOCK, "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        yield
+        return
+    with fh:
+        try:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.warning("another process is using '%s': the files written now are not "
+                           "listed in its %s, and --overwrite will refuse the directory "
+                           "until they are moved", run_path, RunDir.MANIFEST)
+            yield
+            return
+        try:
+            record = RunDir.__new__(RunDir)
+            record.path = run_path
+            try:
+                doc = record.manifest()
+            except CheckpointError:
+                doc = None
+            if doc is None:
+                yield
+                return
+            files = set(doc["files"])
+
+            def own(path: Path) -> None:
+                try:
+                    rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(run_path))
+                except ValueError:
+                    return
+                name = rel.as_posix()
+                if name in files or name == RunDir.MANIFEST:
+                    return
+                if os.path.lexists(path):
+                    raise ConfigError(f"'{path}' exists and no cdprune run wrote it; it is "
+                                      "left alone: move it, or choose another output path")
+                files.add(name)
+                doc["files"] = sorted(files)
+                atomic_write_text(run_path / RunDir.MANIFEST,
+                                  json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+            add_write_hook(own)
+            try:
+                yield
+            finally:
+                remove_write_hook(own)
+        finally:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)
