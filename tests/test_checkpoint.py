@@ -256,3 +256,27 @@ def test_spec_input_runs_after_loading(tmp_path):
     x = torch.randn(2, *model_spec("digits_cnn").input_size)
     with torch.no_grad():
         assert torch.equal(target.eval()(x), source(x))
+
+
+def test_weights_of_another_dtype_convert_only_when_exact(caplog):
+    """bool and int8 'weights' are refused; float16, exact float64 and integral counters
+    are converted with a warning; float64 values float32 cannot hold are refused."""
+    from cdprune.checkpoint import apply_weights
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    good = model.state_dict()
+    for dtype in (torch.bool, torch.int8):
+        bad = {**good, "0.weight": good["0.weight"].to(dtype)}
+        with pytest.raises(CheckpointError, match=f"'0.weight' as {dtype} but the model's "
+                                                  "tensor is torch.float32"):
+            apply_weights(model, bad)
+    inexact = {**good, "0.weight": good["0.weight"].double() + 1e-12}
+    with pytest.raises(CheckpointError, match="cannot hold its values exactly"):
+        apply_weights(model, inexact)
+    half = {k: (v.half() if v.is_floating_point() else v.float()) for k, v in good.items()}
+    with caplog.at_level("WARNING"):
+        apply_weights(model, half)
+    assert "converted exactly" in caplog.text
+    assert torch.equal(model.state_dict()["0.weight"], good["0.weight"].half().float())
+    assert model.state_dict()["1.num_batches_tracked"].dtype == torch.int64

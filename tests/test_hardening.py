@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cdprune import checkpoint
 from cdprune.cli import main
 from cdprune.errors import ConfigError
+from cdprune.fileio import atomic_write_bytes
 from cdprune.models import create_model
 from cdprune.pipeline import RunDir
 
@@ -227,15 +228,20 @@ def test_refusal_names_only_flags_the_command_has(command, tmp_path, base, capsy
     assert "--overwrite" in line and "--resume" not in line
 
 
-def test_overwrite_keeps_the_inputs_it_reads(tmp_path, base):
-    """prune --overwrite in the directory holding its statistics keeps them."""
+def test_overwrite_refuses_a_directory_holding_its_inputs(tmp_path, base, capsys):
+    """prune --overwrite in the directory holding its statistics: refused, nothing removed."""
     out = tmp_path / "run"
     stats = ["--model", "digits_cnn", "--checkpoint", str(base), *DATA, "--stop-batch", "2",
              "--output-dir", str(out)]
     assert main(["stats", *stats]) == 0
-    assert main(["prune", *stats, "--sparsity", "0.3", "--overwrite"]) == 0
-    assert (out / "stats.safetensors").is_file() and (out / "pruned" / "plan.json").is_file()
-    assert json.loads((out / "run.json").read_text())["stage"] == "prune"
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["prune", *stats, "--sparsity", "0.3", "--overwrite"]) == 2
+    line = _one_line(capsys)
+    assert "stats.safetensors' lies inside --output-dir" in line and "--overwrite" in line
+    assert _files(out) == before
+    assert main(["prune", *stats[:-1], str(tmp_path / "pruned"), "--sparsity", "0.3",
+                 "--stats", str(out / "stats.safetensors")]) == 0  # what the message says
 
 
 def test_overwrite_refuses_a_directory_no_run_wrote(tmp_path, base, capsys):
@@ -271,7 +277,7 @@ def test_demo_refuses_another_run_and_replaces_its_own(tmp_path, base, capsys):
 
     mine = tmp_path / "mine"
     with RunDir(mine, stage="demo", config={}) as run:
-        (run.path / "last.pth").write_bytes(b"left by an earlier demo")
+        atomic_write_bytes(run.path / "last.pth", b"left by an earlier demo")
     with RunDir(mine, stage="demo", config={"quick": True}, replaces="demo") as run:
         assert not (run.path / "last.pth").exists()
 

@@ -288,6 +288,23 @@ def _plan_field(**fields) -> Callable[[Path, Path], None]:
     return setup
 
 
+def _plan_extra(**fields) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, assets: Path) -> None:
+        def edit(path: Path) -> None:
+            plan = json.loads(path.read_text())
+            plan["extra"].update(fields)
+            path.write_text(json.dumps(plan))
+
+        _edit_plan(tmp, assets, "bad", edit)
+    return setup
+
+
+def _int8_ckpt(tmp: Path, assets: Path) -> None:
+    state = _good_state()
+    state["conv1.weight"] = (state["conv1.weight"] * 100).to(torch.int8)
+    torch.save(state, tmp / "int8.pth")
+
+
 def _dangling_link(tmp: Path, assets: Path) -> None:
     (tmp / "out").symlink_to(tmp / "nowhere")
 
@@ -347,6 +364,31 @@ CASES: list[Case] = [
     Case("coe-negative", "numbers", "`--coe -1`",
          ("--coe -1.0 is invalid",), "it must be 0 (no balancing) or a positive number",
          ("stats", *BASE, "--coe", "-1", *OUT)),
+    Case("coe-reverses-ranking", "numbers", "`--coe` at or above e x the narrowest layer's "
+         "width (`--coe 100`: the balance factor would turn negative and keep the least "
+         "discriminative filters)",
+         ("--coe 100 is invalid", "layer 'conv1' (16 channels) the balance factor "
+                                  "ln(16/100) + 1 = -0.833"),
+         "give a --coe below e x 16 = 43.49", ("stats", *BASE, "--coe", "100", *OUT)),
+    Case("variant-with-explicit-options", "numbers", "`--variant published` with explicit "
+         "options it would replace (`--tap act --documents class`)",
+         ("--variant published sets every CDP option", "--tap act, --documents class were "
+                                                       "given too"),
+         "drop --variant published to use them, or drop them",
+         ("stats", *BASE, "--variant", "published", "--tap", "act", "--documents", "class",
+          *OUT)),
+    Case("workers-beyond-the-machine", "numbers", "`-j 99999999999999999999` (more loader "
+         "workers than CPUs)", ("--workers 99999999999999999999 is invalid",),
+         "the CPUs this process may use",
+         ("stats", "--model", "digits_cnn", "--checkpoint", "{assets}/good.pth", "--dataset",
+          "digits", "-j", "99999999999999999999", "--no-progress", *OUT)),
+    Case("resume-with-overwrite", "numbers", "`--resume` together with `--overwrite`",
+         ("--resume and --overwrite exclude each other",), "give one of them",
+         ("finetune", *DATA, "--model-dir", "{assets}/pruned", "--epochs", "1", "--resume",
+          "--overwrite", *OUT)),
+    Case("yaml-duplicate-key", "numbers", "a key given twice in a YAML config (`lr: 0.02` ... "
+         "`lr: 5`)", ("y.yaml' sets 'lr' twice (lines 1 and 2)",), "keep one",
+         ("stats", "-c", "{tmp}/y.yaml", *BASE, *OUT), setup=_yaml("lr: 0.02\nlr: 5\n")),
     Case("nan-in-config", "numbers", "`.nan` in a YAML config (`coe: .nan`)",
          ("config.yaml': coe is nan",), "give a finite number",
          ("stats", "-c", "{tmp}/config.yaml", "--checkpoint", "{assets}/good.pth", *DATA, *OUT),
@@ -514,6 +556,28 @@ CASES: list[Case] = [
          "choose a name ending in .onnx",
          ("export", "--model-dir", "{assets}/pruned", "--output", "{tmp}/best.pth"),
          setup=_weights_beside),
+    Case("plan-std-nan", "files", "`plan.json` whose recorded std is NaN (`extra.std: [NaN]`)",
+         ("plan.json' is malformed (extra.std holds nan",), "the file is corrupt, prune again",
+         ("eval", *DATA, "--model-dir", "{tmp}/bad"), setup=_plan_extra(std=[float("nan")])),
+    Case("plan-mean-absurd", "files", "`plan.json` with an absurd mean (`extra.mean: [1e308]`)",
+         ("plan.json' is malformed (extra.mean holds 1e+308",),
+         "the file is corrupt, prune again",
+         ("eval", *DATA, "--model-dir", "{tmp}/bad"), setup=_plan_extra(mean=[1e308])),
+    Case("plan-classes-absurd", "files", "`plan.json` with an absurd number of classes",
+         ("extra.num_classes must be a positive integer, got 1000000000000 (at most 1000000)",),
+         "the file is corrupt, prune again",
+         ("eval", *DATA, "--model-dir", "{tmp}/bad"), setup=_plan_extra(num_classes=10**12)),
+    Case("plan-input-size-edited", "files", "`plan.json` whose `input_size` was edited "
+         "(export and eval would check the model at a resolution it was not pruned for)",
+         ("MACs at its recorded input_size [1, 16, 16], but plan.json records",),
+         "prune again, or restore plan.json",
+         ("export", "--model-dir", "{tmp}/bad"), setup=_plan_field(input_size=[1, 16, 16])),
+    Case("checkpoint-int8", "files", "a checkpoint whose weights are int8 or bool (quantised "
+         "or damaged; never cast silently)",
+         ("stores 'conv1.weight' as torch.int8 but the model's tensor is torch.float32",),
+         "Re-save the weights in torch.float32",
+         ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/int8.pth", *DATA, *OUT),
+         setup=_int8_ckpt),
     Case("plan-corrupt", "files", "corrupt `plan.json`",
          ("plan.json' is not valid JSON",), "the file is corrupt, prune again",
          ("finetune", *DATA, "--model-dir", "{tmp}/corrupt", "--epochs", "1", *OUT),

@@ -14,6 +14,7 @@ from cdprune.scoring import (
     balance_factor,
     term_frequency,
     tfidf,
+    tfidf_scores,
 )
 
 
@@ -73,6 +74,27 @@ def test_balance_factor():
     assert balance_factor(64, 2.0) == pytest.approx(math.log(32) + 1)
     with pytest.raises(ConfigError, match="coe"):
         balance_factor(64, -1.0)
+
+
+def test_coe_that_would_flip_a_layers_ranking_is_refused_with_the_bound():
+    """b = ln(C/coe) + 1 <= 0 at coe >= e*C would keep the least discriminative filters."""
+    assert balance_factor(16, 43.0) > 0  # just below e x 16 = 43.49
+    with pytest.raises(ConfigError, match=r"coe=100 .*'conv1' of 16 channels.*below e x 16 "
+                                          r"= 43.49"):
+        balance_factor(16, 100.0, name="conv1")
+    with pytest.raises(ConfigError, match="below e x 16"):
+        balance_factor(16, math.e * 16)  # b = 0: every score of the layer would be 0
+
+    class Stats:  # the narrowest layer sets the bound, before any layer is scored
+        layers, channels, num_samples = ["wide", "narrow"], {"wide": 64, "narrow": 4}, 100
+
+    with pytest.raises(ConfigError, match="'narrow' of 4 channels"):
+        tfidf_scores(Stats(), coe=20.0)
+
+
+def test_published_variant_refuses_an_explicit_other_option():
+    with pytest.raises(ConfigError, match="normalize='max' was given too"):
+        tfidf_scores(object(), normalize="max", variant="published")
 
 
 matrices = arrays("float64", st.tuples(st.integers(2, 6), st.integers(2, 8)),
@@ -179,7 +201,7 @@ def test_layer_normalisation_and_published_variant(small_net):
         assert torch.isclose(by_mean[name].mean(), torch.tensor(1.0), atol=1e-5)
         # ranking inside a layer is unchanged
         assert torch.equal(torch.argsort(by_max[name]), torch.argsort(raw[name]))
-    published = tfidf_scores(stats, normalize="max", variant="published")
+    published = tfidf_scores(stats, variant="published")
     assert all(torch.equal(published[n], raw[n]) for n in raw)
     spelled = tfidf_scores(stats, normalize="none")  # the CLI's and YAML's spelling
     assert all(torch.equal(spelled[n], raw[n]) for n in raw)

@@ -228,9 +228,11 @@ def test_act_tap_reads_the_batchnorm_output(small_net, loader):
     assert stats.meta["tap"] == "act"
     conv = collect_stats(small_net, loader, progress=False)
     assert not torch.allclose(stats.matrix("conv2"), conv.matrix("conv2"))
-    published = collect_stats(small_net, loader, tap="act", documents="class",
-                              variant="published", progress=False)
+    published = collect_stats(small_net, loader, variant="published", progress=False)
     assert published.documents == "sample" and published.meta["tap"] == "conv"
+    with pytest.raises(ConfigError, match="tap='act', documents='class' was given too"):
+        collect_stats(small_net, loader, tap="act", documents="class", variant="published",
+                      progress=False)  # an explicit other option is never replaced
     assert torch.equal(published.matrix("conv2"), conv.matrix("conv2"))
     with pytest.raises(ConfigError, match="tap"):
         collect_stats(small_net, loader, tap="bn", progress=False)

@@ -207,6 +207,43 @@ def _mismatch_message(model: nn.Module, state: Mapping[str, torch.Tensor], path:
             "the dataset has the checkpoint's number of classes")
 
 
+def _exact_dtypes(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                  path: Path) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor in its model tensor's dtype, converted only when exact.
+
+    ``load_state_dict`` casts silently: int8 or bool "weights" would become a wrong model.
+    A tensor of another kind than the model's (integers or booleans for floating-point
+    weights) is refused; one that converts without changing a value (float16 to float32,
+    float64 holding float32 values, integral floats into an integer counter) is converted,
+    with a warning.
+    """
+    out = dict(state)
+    converted = []
+    for key, value in state.items():
+        mine = own.get(key)
+        if mine is None or value.dtype == mine.dtype:
+            continue
+        want = mine.dtype
+        same_kind = value.is_floating_point() == want.is_floating_point and \
+            value.dtype != torch.bool and want != torch.bool and not value.is_complex()
+        cast = value.to(want) if (same_kind or (not want.is_floating_point and
+                                                value.is_floating_point())) else None
+        exact = cast is not None and torch.equal(cast.to(value.dtype), value)
+        if not exact:
+            why = ("the model's tensor holds another kind of number: quantised, packed or "
+                   "damaged weights would load as a wrong model" if cast is None or
+                   not same_kind else f"{want} cannot hold its values exactly")
+            raise CheckpointError(f"'{path}' stores '{key}' as {value.dtype} but the model's "
+                                  f"tensor is {want}; {why}. Re-save the weights in {want} "
+                                  "(e.g. model.float().state_dict())")
+        out[key] = cast
+        converted.append(key)
+    if converted:
+        logger.warning("'%s': %d tensors converted exactly to the model's dtype (%s)", path,
+                       len(converted), _short_list(converted, 4))
+    return out
+
+
 def _fillable(key: str) -> bool:
     # BN batch counters appeared in PyTorch 0.4.1; older checkpoints (such as the public
     # option-A CIFAR ResNets) lack them and the model keeps its own value.
@@ -245,6 +282,7 @@ def apply_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *,
     if message:
         raise CheckpointError(message)
     own = model.state_dict()
+    state = _exact_dtypes(own, state, path)
     fitting = {k: v for k, v in state.items() if k in own}
     fitting.update({k: v for k, v in own.items() if k not in state and _fillable(k)})
     model.load_state_dict(fitting, strict=strict)

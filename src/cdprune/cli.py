@@ -279,6 +279,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     config = dict(DEFAULTS)
     if getattr(args, "config", None):
         config.update(load_yaml(args.config, DEFAULTS, names=yaml_names(args.command)))
+        config["config"] = str(args.config)  # an input: --overwrite never clears it
     for key, value in vars(args).items():
         if key in DEFAULTS and value is not None:
             config[key] = value

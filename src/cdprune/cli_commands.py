@@ -34,19 +34,18 @@ def _run_dir(config: dict[str, Any]):
 
     if not config.get("output_dir"):
         raise ConfigError("--output-dir is required: every run writes a directory")
-    from .pipeline import pruned_dir
-
-    # What this run reads from inside its own directory survives --overwrite.
-    keep = [config.get("stats"), config.get("checkpoint")]
+    out = Path(config["output_dir"])
+    # What this run reads: --overwrite refuses to clear a directory holding any of it.
+    inputs = {"-c/--config": config.get("config"), "--data-root": config.get("data_root"),
+              "--checkpoint": config.get("checkpoint"), "--stats": config.get("stats"),
+              "--model-dir": config.get("model_dir")}
     if config["command"] == "prune" and not config.get("stats"):
-        keep.append(Path(config["output_dir"]) / "stats.safetensors")
-    if config.get("model_dir"):
-        keep.append(pruned_dir(config["model_dir"]))
-    elif config["command"] == "finetune":
-        keep.append(Path(config["output_dir"]) / "pruned")
-    return RunDir(config["output_dir"], resume=bool(config.get("resume")),
+        inputs["--stats (default: <output-dir>/stats.safetensors)"] = out / "stats.safetensors"
+    if config["command"] == "finetune" and not config.get("model_dir"):
+        inputs["--model-dir (default: the output directory's pruned/)"] = out / "pruned"
+    return RunDir(out, resume=bool(config.get("resume")),
                   overwrite=bool(config.get("overwrite")), stage=config["command"],
-                  config=config, keep=keep)
+                  config=config, inputs=inputs)
 
 
 # Each command checks what it can (the output directory, data, model, checkpoint, input

@@ -9,6 +9,7 @@ file written, so a bad value fails in the first second with one line naming the 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,12 +29,13 @@ from .options import (
     flag,
     key_choices,
     key_types,
+    published_conflicts,
 )
 from .suggest import did_you_mean
 from .train import TrainConfig
 
-__all__ = ["KEY_TYPES", "flag", "check_input_channels", "check_round_to", "check_types", "load_yaml",
-           "validate"]
+__all__ = ["KEY_TYPES", "flag", "normalisation_problem", "check_coe", "check_input_channels", "check_round_to",
+           "check_types", "load_yaml", "validate"]
 
 # The most bytes and aliases a config file may hold: a flat mapping of flags needs few,
 # and a small file of nested aliases ("billion laughs") would otherwise expand to gigabytes.
@@ -65,6 +67,10 @@ _WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
 
 
 # ---------------------------------------------------------------------- YAML
+class _DuplicateKey(Exception):
+    """A YAML mapping names a key twice."""
+
+
 def _safe_loader() -> type:
     """PyYAML's SafeLoader, plus YAML 1.2's floats without a dot (``1e-5``, ``5E-4``).
 
@@ -74,7 +80,19 @@ def _safe_loader() -> type:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            # YAML keeps the last of two equal keys silently (lr: 0.02 ... lr: 5): refused.
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the mapping check refuses it
+                    continue
+                if first is not key_node.start_mark:
+                    raise _DuplicateKey(f"sets {str(key)[:40]!r} twice (lines {first.line + 1} "
+                                        f"and {key_node.start_mark.line + 1}); keep one")
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -116,6 +134,8 @@ def load_yaml(path: str | Path, known: Mapping[str, Any],
             raise ConfigError(f"config file '{file}' uses {aliases} YAML aliases (at most "
                               f"{MAX_YAML_ALIASES}); write the values out")
         data = yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file '{file}' {exc}") from None
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"config file '{file}' is not valid YAML: {detail}") from None
@@ -197,6 +217,16 @@ def _is_number(v: Any) -> bool:
 
 
 # ---------------------------------------------------------------------- values
+def max_workers() -> int:
+    """The most DataLoader workers (``-j``) that make sense here: one per CPU this process
+    may run on (PyTorch's own advice), and never fewer than the default 2."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(2, cpus)
+
+
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -224,6 +254,10 @@ def validate(config: dict[str, Any]) -> None:
         if value is not None and value not in choices:
             raise ConfigError(f"{flag(key)} {value!r} is invalid; choose one of "
                               f"{', '.join(choices)}")
+    if config.get("resume") and config.get("overwrite"):
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the "
+                          "run in the output directory, --overwrite removes it; give one of "
+                          "them")
     get = config.get
     checks = [  # the run's own options; each stage's are checked by its config below
         # From the command line an SGD rate above 10 is a slip (1e1 for 1e-1), never a
@@ -232,7 +266,9 @@ def validate(config: dict[str, Any]) -> None:
          f"a positive number up to {MAX_LR:g}"),
         ("eval_batch_size", get("eval_batch_size") is None or get("eval_batch_size") > 0,
          "a positive integer"),
-        ("workers", get("workers") >= 0, "0 or more"),
+        ("workers", 0 <= get("workers") <= max_workers(),
+         f"0 to {max_workers()} (the CPUs this process may use; more loader workers only "
+         "add processes)"),
         ("train_subset", get("train_subset") is None or get("train_subset") > 0,
          "a positive integer"),
         ("val_subset", get("val_subset") is None or get("val_subset") > 0, "a positive integer"),
@@ -247,9 +283,14 @@ def validate(config: dict[str, Any]) -> None:
     TrainConfig.from_config(config)  # checked on construction
     StatsConfig.from_config(config).validate()
     PruneConfig.from_config(config).validate(need_target=command in ("prune", "run"))
-    if get("variant") == "published" and get("criterion") not in (None, "cdp"):
-        raise ConfigError(f"--variant published is CDP as published; it cannot rank filters "
-                          f"by --criterion {get('criterion')}: drop one of the two")
+    conflicts = [f"{flag(k)} {config[k]}" for k in published_conflicts(config)] \
+        if get("variant") == "published" else []
+    if conflicts:
+        raise ConfigError(f"--variant published sets every CDP option to the published code's, "
+                          f"but {', '.join(conflicts)} {'was' if len(conflicts) == 1 else 'were'}"
+                          " given too; drop --variant published to use "
+                          f"{'it' if len(conflicts) == 1 else 'them'}, or drop "
+                          f"{'it' if len(conflicts) == 1 else 'them'}")
     device = get("device")
     if device is not None and not _DEVICE.match(device):
         raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
@@ -261,6 +302,38 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError(f"--checkpoint is missing: {command} needs the trained weights of the "
                           "base model; pass --checkpoint FILE, or --random-init to use randomly "
                           "initialised weights on purpose")
+
+
+# Input normalisation in any pixel scale (0-1 or 0-255) lies well inside these bounds;
+# beyond them a value is a slip or damage, and the model would see garbage.
+MAX_MEAN = 1e3
+STD_RANGE = (1e-6, 1e3)
+
+
+def normalisation_problem(mean: Any, std: Any, channels: int | None = None,
+                          where: str = "--") -> str | None:
+    """What is wrong with a mean and std read from a flag or a file; ``None`` if nothing.
+
+    Each must be a list of finite numbers, one per input channel (or one for all), the
+    mean within +-1000 and the std within 1e-6 and 1000.
+    """
+    for key, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        if not isinstance(values, list) or not values or not all(_is_number(v)
+                                                                 for v in values):
+            return f"{where}{key} must be a list of numbers, got {values!r}"[:200]
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        low, high = (-MAX_MEAN, MAX_MEAN) if key == "mean" else STD_RANGE
+        bad = bad if bad is not None else next((v for v in values if not low <= v <= high),
+                                               None)
+        if bad is not None:
+            return f"{where}{key} holds {bad}; each value must be a finite number in " \
+                   f"[{low:g}, {high:g}]"
+        if channels is not None and len(values) not in (1, channels):
+            return (f"{where}{key} has {len(values)} values for {channels}-channel inputs; "
+                    f"it needs 1 or {channels}")
+    return None
 
 
 def _check_normalisation(config: dict[str, Any]) -> None:
@@ -288,6 +361,10 @@ def _check_normalisation(config: dict[str, Any]) -> None:
         if key == "std" and any(v <= 0 for v in values):
             raise ConfigError(f"--std {' '.join(f'{v:g}' for v in values)} is invalid; every "
                               "value must be positive")
+        problem = normalisation_problem(values if key == "mean" else None,
+                                        values if key == "std" else None)
+        if problem:
+            raise ConfigError(problem)
         config[key] = values
 
 
@@ -304,6 +381,27 @@ def check_round_to(config: Mapping[str, Any], model: Any) -> None:
         raise ConfigError(f"--round-to {round_to} removes nothing: the widest layer ({name}) "
                           f"has {width} channels, and widths stay multiples of {round_to}; "
                           f"give a --round-to below {width}")
+
+
+def check_coe(config: Mapping[str, Any], model: Any) -> None:
+    """Refuse a ``--coe`` that makes the balance factor of some layer zero or negative.
+
+    b = ln(C / coe) + 1 is positive only for coe < e x C; the narrowest convolution sets
+    the bound. Checked on the model before any statistics are gathered.
+    """
+    from torch import nn
+
+    convs = [(n, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    coe = config.get("coe")
+    if not coe or not convs:
+        return
+    name, width = min(convs, key=lambda c: c[1])
+    b = math.log(width / coe) + 1.0
+    if b <= 0:
+        raise ConfigError(f"--coe {coe:g} is invalid: it gives layer '{name}' ({width} channels) "
+                          f"the balance factor ln({width}/{coe:g}) + 1 = {b:.3g}, which reverses "
+                          f"its ranking; give a --coe below e x {width} = "
+                          f"{math.e * width:.4g} (e times the narrowest layer's width)")
 
 
 def check_input_channels(config: Mapping[str, Any], model: Any) -> None:

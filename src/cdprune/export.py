@@ -27,6 +27,7 @@ from torch import nn
 from .errors import CdpruneError, ConfigError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .options import OptionError, option
+from .rundir import adopt_writes
 
 __all__ = ["ExportConfig", "ExportError", "ExportResult", "check_output", "compare_latency",
            "export", "export_latency", "export_model_dir"]
@@ -328,10 +329,6 @@ def export_model_dir(model_dir: str | os.PathLike, config: ExportConfig | None =
         ConfigError: a user model (no zoo name) or a bad output path.
         ExportError: the exported model does not reproduce the PyTorch outputs.
     """
-    import json
-    import tempfile
-
-    from .models import create_model
     from .pipeline import load_model_dir
 
     config = config or ExportConfig()
@@ -342,10 +339,23 @@ def export_model_dir(model_dir: str | os.PathLike, config: ExportConfig | None =
     if not name or not plan.get("input_size"):
         raise ConfigError(f"'{found.pruned_dir}' holds a user model; export it from Python "
                           "with cdprune.export.export(model, path, input_size=...)")
+    folder = found.weights.parent if found.kind in ("best", "last") else found.pruned_dir
+    out = check_output(config.output or folder / f"model{SUFFIX[config.format]}", config.format)
+    with adopt_writes(out.parent):  # inside a run directory: listed in its run.json
+        return _export_and_time(model, plan, found, config, out, warmup, repeats)
+
+
+def _export_and_time(model: nn.Module, plan: Mapping[str, Any], found: Any,
+                     config: ExportConfig, out: Path, warmup: int, repeats: int
+                     ) -> dict[str, Any]:
+    import json
+    import tempfile
+
+    from .models import create_model
+
+    name = plan["zoo_model"]
     num_classes = (plan.get("extra") or {}).get("num_classes")
     fmt, suffix = config.format, SUFFIX[config.format]
-    folder = found.weights.parent if found.kind in ("best", "last") else found.pruned_dir
-    out = check_output(config.output or folder / f"model{suffix}", fmt)
     size = tuple(plan["input_size"])
     dynamic = not config.static_batch
     result = export(model, out, format=fmt, input_size=size, opset=config.opset,

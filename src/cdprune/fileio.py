@@ -10,16 +10,34 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["add_write_hook", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text",
+           "remove_write_hook"]
 
 # Read once: os.umask can only be read by setting it, which is not thread-safe per write.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+# Called with every path about to be written, before anything is created: a run directory
+# records each file it owns before the file exists (see cdprune.rundir).
+_WRITE_HOOKS: list[Callable[[Path], None]] = []
+
+
+def add_write_hook(hook: Callable[[Path], None]) -> None:
+    """Call ``hook(path)`` before every atomic write; it may raise to refuse the write."""
+    _WRITE_HOOKS.append(hook)
+
+
+def remove_write_hook(hook: Callable[[Path], None]) -> None:
+    """Stop calling a hook added by :func:`add_write_hook` (no error if it is not there)."""
+    if hook in _WRITE_HOOKS:
+        _WRITE_HOOKS.remove(hook)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -30,6 +48,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
+    for hook in list(_WRITE_HOOKS):
+        hook(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

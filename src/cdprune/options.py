@@ -235,6 +235,18 @@ SCOPES = ("auto", "internal", "all")
 ALLOCATIONS = ("global", "uniform", "latency")
 
 
+# What --variant published sets: an explicit other value is refused, never replaced.
+PUBLISHED = {"tap": "conv", "documents": "sample", "normalize": "none", "allocation": "global",
+             "criterion": "cdp"}
+
+
+def published_conflicts(values: Mapping[str, Any]) -> list[str]:
+    """The options in ``values`` set to something else than ``--variant published`` sets."""
+    return [k for k, v in PUBLISHED.items()
+            if values.get(k) is not None and values[k] != v
+            and not (k == "normalize" and values[k] is None)]
+
+
 @dataclass
 class StatsConfig:
     """Options of the statistics stage: which images, how they are read and scored."""

@@ -1,10 +1,17 @@
 """The run directory: one owner at a time, never silently overwritten, never mixed up.
 
-A run directory records which command wrote it and with which configuration in
-``run.json``. A new run refuses a directory that holds another run; ``--overwrite``
-clears the old run's files before the new one writes any; ``--resume`` continues only a
-run of the same command and configuration. All of this is decided while holding the
-directory's lock, so two processes cannot both find it empty.
+A run directory is recognised by its own marker, ``run.json``: which command wrote it,
+with which configuration, and every file it wrote there. A file is listed in the marker
+before it is written (every cdprune write goes through :mod:`cdprune.fileio`, which calls
+back here), so even a run killed half-way lists all it left behind. A ``config.yaml`` or a
+lock file alone never makes a folder a run.
+
+A new run refuses a directory that holds another run or anything else; ``--overwrite``
+removes only the files the marker lists, and refuses a directory that also holds files
+cdprune did not write or an input of the same command; ``--resume`` continues only a run
+of the same command and configuration, and never replaces a file it did not write. The
+two flags exclude each other. All of this is decided while holding the directory's lock,
+so two processes cannot both find it empty.
 
 The lock is a POSIX record lock (``fcntl.lockf``). Unlike ``flock``, it is owned by the
 process and not inherited by ``fork``: DataLoader worker processes do not keep a killed
@@ -20,22 +27,22 @@ import json
 import logging
 import os
 import re
-import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .distributed import is_main_process
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write_text
+from .fileio import add_write_hook, atomic_write_text, remove_write_hook
 
-__all__ = ["RunDir", "config_identity"]
+__all__ = ["RunDir", "adopt_writes", "config_identity"]
 
 logger = logging.getLogger(__name__)
 
 # Temporary files of cdprune.checkpoint.atomic_write_bytes: ".NAME.XXXXXXXX.tmp".
-_TEMP_NAME = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{8}\.tmp$")
-MANIFEST_FORMAT = "cdprune.run/1"
+_TEMP_NAME = re.compile(r"^\.(?P<name>[^/]+)\.[A-Za-z0-9_]{8}\.tmp$")
+MANIFEST_FORMAT = "cdprune.run/2"
 # Commands whose run can be continued with --resume (they fine-tune, epoch by epoch).
 RESUMABLE = ("run", "finetune")
 # Options that do not change what a run computes, or that a resume may change on purpose
@@ -44,6 +51,11 @@ VOLATILE = frozenset({"command", "resume", "overwrite", "no_progress", "log_inte
                       "workers", "device",
                       "data_root", "download", "epochs", "max_iters", "eval_batch_size",
                       "output_dir", "config", "debug", "quick"})
+# Datasets that fine-tuning holds in memory and augments per batch without DataLoader
+# workers (cdprune.fastdata): there, -j cannot change what a run computes.
+_IN_MEMORY = ("cifar10", "cifar100", "digits")
+# How many entries a refusal names.
+_SHOWN = 3
 
 
 def config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,25 +70,44 @@ def _digest(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, as written or with links resolved."""
+    for a, b in ((os.path.abspath(path), os.path.abspath(folder)),
+                 (os.path.realpath(path), os.path.realpath(folder))):
+        if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _shown(names: list[str]) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
 class RunDir:
     """An output directory owned by one run: never silently overwritten, locked while used.
 
     Args:
         path: the directory.
         resume: continue the run that wrote there before (same command, same config).
-        overwrite: replace the run there: its files are removed once the lock is held.
+        overwrite: replace the run there: the files its ``run.json`` lists are removed once
+            the lock is held. Refused together with ``resume``, for a directory that also
+            holds files cdprune did not write, and when an input lies inside it.
         stage: the command writing the run (``run``, ``stats``, ...), recorded in
             ``run.json``; ``None`` records nothing and checks nothing on resume.
         config: the configuration of the run; its result-deciding part is recorded, and
-            a resume with another one is refused.
-        keep: paths inside the directory that this run reads (``--stats``, a pruned
-            model): kept when ``overwrite`` clears the directory.
+            a resume with another one is refused. Its ``workers`` and ``epochs`` are
+            checked on resume too (another ``-j`` where it would change the result, fewer
+            epochs than the run finished).
+        inputs: what this run reads, by flag (``{"--stats": path}``): none of them may lie
+            inside the directory when ``overwrite`` would clear it.
         replaces: with this stage recorded in ``run.json``, the directory is replaced
             without ``overwrite`` (the demo replaces its own earlier runs).
 
     Raises:
-        ConfigError: the directory is a file or a broken link, holds another run and
-            neither ``resume`` nor ``overwrite`` allows it, or another process holds it.
+        ConfigError: the directory is a file or a broken link, holds another run or files
+            no run wrote and the flags do not allow it, or another process holds it.
+        CheckpointError: ``run.json`` is there but unreadable.
 
     A run that fails before writing anything but its bookkeeping files leaves nothing
     behind: if the directory did not exist before, it is removed again. Temporary files
@@ -86,22 +117,31 @@ class RunDir:
     LOCK = ".cdprune.lock"
     CONFIG = "config.yaml"
     MANIFEST = "run.json"
+    LAST = "last.pth"  # fine-tuning's checkpoint (cdprune.trainckpt.LAST)
 
     def __init__(self, path: str | os.PathLike, *, resume: bool = False,
                  overwrite: bool = False, stage: str | None = None,
                  config: Mapping[str, Any] | None = None,
-                 keep: Iterable[str | os.PathLike] = (), replaces: str | None = None):
+                 inputs: Mapping[str, str | os.PathLike | None] | None = None,
+                 replaces: str | None = None):
         self.path = Path(path)
         self.resume = resume
         self.overwrite = overwrite
         self.stage = stage
         self.identity = config_identity(config) if config is not None else None
-        self.keep = [Path(p) for p in keep if p]
+        self.config = dict(config or {})
+        self.inputs = {flag: Path(p) for flag, p in (inputs or {}).items() if p}
         self.replaces = replaces
         self.main = is_main_process()  # under torchrun only rank 0 owns (and writes) the run
         self._fh = None
         self._created: Path | None = None
         self._replace = False  # set by _check_existing: clear the old run on entry
+        self._files: set[str] = set()  # what this run owns, relative to the directory
+        self._old: set[str] = set()  # what the run it replaces owned
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other: --resume continues "
+                              "the run in the output directory, --overwrite removes it; give "
+                              "one of them")
         if not self.main:
             return
         if self.path.is_symlink() and not self.path.exists():
@@ -125,25 +165,61 @@ class RunDir:
             return []
         return sorted(p for p in self.path.iterdir() if p.name != self.LOCK)
 
+    def _walk(self) -> Iterator[str]:
+        """Every file, link and empty folder under the directory, relative, lock left out."""
+        for root, dirs, files in os.walk(self.path):
+            rel = Path(root).relative_to(self.path)
+            for d in list(dirs):
+                if os.path.islink(os.path.join(root, d)):  # a link is an entry, not followed
+                    dirs.remove(d)
+                    files.append(d)
+            if not dirs and not files and rel != Path("."):
+                yield rel.as_posix() + "/"
+            for name in sorted(files):
+                if rel == Path(".") and name == self.LOCK:
+                    continue
+                yield (rel / name).as_posix()
+
+    def _foreign(self, owned: set[str], limit: int = 20) -> list[str]:
+        """Entries the marker does not list (a killed write's temporaries of listed files
+        count as listed); at most ``limit``."""
+        found = []
+        for rel in self._walk():
+            parent, _, name = rel.rpartition("/")
+            temp = _TEMP_NAME.match(name)
+            if rel in owned or (temp and f"{parent}/{temp['name']}".lstrip("/") in owned):
+                continue
+            if rel.endswith("/") and any(o.startswith(rel) for o in owned):
+                continue
+            found.append(rel)
+            if len(found) >= limit:
+                break
+        return found
+
     def manifest(self) -> dict[str, Any] | None:
         """``run.json`` of the run in the directory, or ``None`` if there is none.
 
         Raises:
-            CheckpointError: the file is there but unreadable.
+            CheckpointError: the file is there but unreadable, or not a record of a run.
         """
         path = self.path / self.MANIFEST
         if not path.is_file():
             return None
+        fix = ("cdprune cannot tell which files there it wrote, so it touches none of them: "
+               "choose another --output-dir (or remove the directory yourself)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"'{path}' is corrupt ({exc}); pass --overwrite to replace "
-                                  "the run") from None
+            raise CheckpointError(f"'{path}' is corrupt ({exc}); {fix}") from None
+        if isinstance(data, dict) and data.get("format") == "cdprune.run/1":
+            raise CheckpointError(f"'{path}' was written by an older cdprune that did not list "
+                                  f"its files; {fix}")
         if not (isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
                 and isinstance(data.get("stage"), str)
-                and isinstance(data.get("config"), dict)):
-            raise CheckpointError(f"'{path}' is not a cdprune run record; pass --overwrite to "
-                                  "replace the run")
+                and isinstance(data.get("config"), dict)
+                and isinstance(data.get("files"), list)
+                and all(isinstance(f, str) for f in data["files"])):
+            raise CheckpointError(f"'{path}' is not a cdprune run record; {fix}")
         return data
 
     def _check_existing(self) -> None:
@@ -152,28 +228,35 @@ class RunDir:
             return
         record = self.manifest()
         where = f"output directory '{self.path}'"
-        ours = record is not None or any((self.path / n).is_file()
-                                         for n in (self.CONFIG, self.LOCK))
-        if not ours:
-            if self.overwrite or self.resume:
-                raise ConfigError(f"{where} holds files that no cdprune run wrote "
-                                  f"({existing[0].name}, ...); it is left alone: choose "
-                                  "another --output-dir")
-            raise ConfigError(f"{where} is not empty ({existing[0].name}, ...); choose "
-                              "another --output-dir")
-        if self.overwrite or (record and self.replaces and record["stage"] == self.replaces):
-            self._replace = True
+        if record is None:
+            names = _shown([p.name for p in existing])
+            raise ConfigError(f"{where} is not empty ({names}) and holds no cdprune run "
+                              f"(no {self.MANIFEST}): files no cdprune run wrote are left "
+                              "alone, with or without --overwrite; choose another "
+                              "--output-dir")
+        owned = {self.MANIFEST, *record["files"]}
+        if self.overwrite or (self.replaces and record["stage"] == self.replaces):
+            self._check_inputs()
+            foreign = self._foreign(owned)
+            if foreign:
+                raise ConfigError(
+                    f"{where} holds files that no cdprune run wrote ({_shown(foreign)}) "
+                    f"beside the run: --overwrite removes only the files its "
+                    f"{self.MANIFEST} lists and never a folder holding others; move them "
+                    "out, or choose another --output-dir")
+            self._replace, self._old = True, owned
             return
-        written = f" (written by `cdprune {record['stage']}`)" if record else ""
         if not self.resume:
-            raise ConfigError(f"{where} already holds a run{written}; {self._flag_hint()}, "
-                              "or choose another --output-dir")
+            raise ConfigError(f"{where} already holds a run (written by `cdprune "
+                              f"{record['stage']}`); {self._flag_hint()}, or choose another "
+                              "--output-dir")
+        self._files = set(owned)
+        if record.get("clearing"):
+            raise ConfigError(f"{where} holds a run whose --overwrite was interrupted while "
+                              "removing the old run's files; run the command again with "
+                              "--overwrite (without --resume)")
         if self.stage is None:
             return
-        if record is None:
-            raise ConfigError(f"{where} holds a run without {self.MANIFEST} (an older cdprune "
-                              "wrote it); it cannot be resumed safely: pass --overwrite to "
-                              "start again, or choose another --output-dir")
         if record["stage"] != self.stage:
             raise ConfigError(f"{where} was written by `cdprune {record['stage']}`, not "
                               f"`cdprune {self.stage}`; --resume continues only the same "
@@ -187,6 +270,53 @@ class RunDir:
             raise ConfigError(f"{where} holds a run with another configuration ({shown}); "
                               "--resume needs the same options: repeat them, or pass "
                               "--overwrite to start again")
+        self._check_workers(record)
+        self._check_epochs()
+
+    def _check_inputs(self) -> None:
+        """--overwrite clears the directory: nothing this command reads may lie inside it."""
+        for flag, path in self.inputs.items():
+            if (path.exists() or path.is_symlink()) and _inside(path, self.path):
+                raise ConfigError(f"{flag} '{path}' lies inside --output-dir '{self.path}', "
+                                  "which --overwrite would clear; move it out of the "
+                                  "directory, or choose another --output-dir")
+
+    def _workers_free(self) -> bool:
+        """Whether another -j leaves the result unchanged: fine-tuning data held in memory
+        (no DataLoader workers draw the augmentation), in a single process."""
+        c = self.config
+        return (c.get("fast_data", True) is not False
+                and str(c.get("dataset") or "").lower() in _IN_MEMORY
+                and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1)
+
+    def _check_workers(self, record: Mapping[str, Any]) -> None:
+        before, now = record.get("workers"), self.config.get("workers")
+        if before is None or now is None or int(before) == int(now) or self._workers_free():
+            return
+        why = ("--no-fast-data" if self.config.get("fast_data") is False
+               else f"dataset '{self.config.get('dataset')}'")
+        raise ConfigError(f"--resume with -j {now}, but the run in '{self.path}' was started "
+                          f"with -j {before}: with {why} every DataLoader worker draws its "
+                          "own augmentation stream, so another -j would change the result; "
+                          f"resume with -j {before}")
+
+    def _check_epochs(self) -> None:
+        """A finished run's record is never rewritten by a resume with fewer epochs."""
+        epochs = self.config.get("epochs")
+        last = self.path / self.LAST
+        if self.stage not in RESUMABLE or epochs is None or not last.is_file():
+            return
+        from .checkpoint import safe_torch_load
+
+        try:
+            done = safe_torch_load(last).get("epoch")
+        except (CheckpointError, AttributeError):
+            return  # a damaged last.pth: fine-tuning refuses it in its own words
+        if isinstance(done, int) and not isinstance(done, bool) and epochs < done:
+            raise ConfigError(f"--epochs {epochs} is fewer than the {done} epochs the run in "
+                              f"'{self.path}' already finished; --resume continues a run and "
+                              f"never shortens its record: give --epochs {done} or more, or "
+                              "choose another --output-dir")
 
     def _busy(self) -> ConfigError:
         return ConfigError(f"another cdprune process is using '{self.path}' (lock file "
@@ -215,6 +345,36 @@ class RunDir:
             fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)
         return False
 
+    # ------------------------------------------------------------------ the marker
+    def _write_manifest(self, *, clearing: bool = False) -> None:
+        if self.stage is None:
+            return
+        doc = {"format": MANIFEST_FORMAT, "stage": self.stage,
+               "config_hash": _digest(self.identity or {}), "config": self.identity or {},
+               "files": sorted(self._files | (self._old if clearing else set()))}
+        if self.config.get("workers") is not None:
+            doc["workers"] = int(self.config["workers"])
+        if clearing:
+            doc["clearing"] = True
+        atomic_write_text(self.path / self.MANIFEST,
+                          json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+    def _own(self, path: Path) -> None:
+        """Write hook: list ``path`` in ``run.json`` before it is written (paths inside the
+        directory only); refuse to replace a file this run does not own."""
+        try:
+            rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(self.path))
+        except ValueError:
+            return
+        name = rel.as_posix()
+        if name in self._files or name == self.MANIFEST:
+            return
+        if os.path.lexists(path):
+            raise ConfigError(f"'{path}' exists and no cdprune run wrote it; it is left alone: "
+                              f"move it out of '{self.path}', or choose another --output-dir")
+        self._files.add(name)
+        self._write_manifest()
+
     # ------------------------------------------------------------------ life cycle
     def __enter__(self) -> RunDir:
         if not self.main:
@@ -241,46 +401,58 @@ class RunDir:
             fh.truncate()
             fh.write(f"{os.getpid()}\n")
             fh.flush()
+            if not self.resume:
+                self._files = set()
+            self._files |= {self.MANIFEST, self.CONFIG}
             if self._replace:
                 self._clear()
             self._remove_stale_temporaries()
-            if self.stage is not None and not (self.resume and self.manifest()):
-                atomic_write_text(self.path / self.MANIFEST, json.dumps({
-                    "format": MANIFEST_FORMAT, "stage": self.stage,
-                    "config_hash": _digest(self.identity or {}),
-                    "config": self.identity or {}}, indent=1, sort_keys=True) + "\n")
+            self._write_manifest()
+            add_write_hook(self._own)
         except BaseException:
             self._release()
             raise
         return self
 
     def _clear(self) -> None:
-        """Remove the old run's files (not the lock, not what this run reads)."""
-        keep = {p.resolve() for p in self.keep}
-        entries = self._existing()
-        # run.json goes first: a run killed half-way through clearing is never taken for
-        # the old run by --resume.
-        entries.sort(key=lambda p: p.name != self.MANIFEST)
-        logger.info("removing the previous run in %s (%d entries)", self.path, len(entries))
-        for entry in entries:
-            resolved = entry.resolve()
-            if any(k == resolved or resolved in k.parents for k in keep):
-                continue  # an input of this run, or a folder holding one
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        """Remove the old run's files: only those its ``run.json`` lists, nothing else.
+
+        The new run's marker comes first, flagged as clearing and still listing the old
+        files: a run killed half-way is never resumed from the old run's checkpoints, and
+        ``--overwrite`` can finish the job.
+        """
+        logger.info("removing the previous run in %s (%d files)", self.path, len(self._old))
+        self._write_manifest(clearing=True)
+        folders = set()
+        for rel in sorted(self._old - {self.MANIFEST, self.CONFIG}):
+            entry = self.path / rel
+            folders.update(p for p in Path(rel).parents if p != Path("."))
+            temps = entry.parent.glob(f".{entry.name}.*.tmp") if entry.parent.is_dir() else ()
+            for stale in [entry, *temps]:
+                if stale == entry or _TEMP_NAME.match(stale.name):
+                    if os.path.lexists(stale) and (stale.is_symlink() or not stale.is_dir()):
+                        stale.unlink()
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            try:
+                (self.path / folder).rmdir()  # only when empty: nothing unlisted goes
+            except OSError:
+                pass
+        (self.path / self.CONFIG).unlink(missing_ok=True)
 
     def _remove_stale_temporaries(self) -> None:
         for folder in (self.path, self.path / "pruned"):  # left by a writer that was killed
             for stale in folder.glob(".*.tmp"):
-                if _TEMP_NAME.match(stale.name) and stale.is_file():
+                match = _TEMP_NAME.match(stale.name)
+                rel = (stale.parent / match["name"]).relative_to(self.path).as_posix() \
+                    if match else None
+                if match and stale.is_file() and rel in self._files:
                     logger.info("removing %s, left by an interrupted write", stale)
                     stale.unlink(missing_ok=True)
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         if self._fh is None:
             return
+        remove_write_hook(self._own)
         if exc_type is not None and self._created is not None:
             self._remove_if_untouched()
         self._release()
@@ -288,6 +460,7 @@ class RunDir:
     def _release(self) -> None:
         if self._fh is None:
             return
+        remove_write_hook(self._own)
         fcntl.lockf(self._fh.fileno(), fcntl.LOCK_UN)
         self._fh.close()
         self._fh = None
@@ -318,3 +491,70 @@ class RunDir:
         clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
         return atomic_write_text(self.path / self.CONFIG,
                                  yaml.safe_dump(clean, sort_keys=True))
+
+
+@contextmanager
+def adopt_writes(folder: str | os.PathLike) -> Iterator[None]:
+    """List files written meanwhile into the run directory that holds ``folder``.
+
+    For commands that add to a finished run without being one (``cdprune export`` writes
+    ``model.onnx`` beside the weights): their files join the run's ``run.json``, so a later
+    ``--overwrite`` removes them too instead of refusing the directory. ``folder`` is the
+    run directory or one below it (``pruned/``). Nothing happens outside a run directory,
+    or while another process holds the run (a warning says so).
+    """
+    folder = Path(folder)
+    run_path = next((d for d in (folder, folder.parent)
+                     if (d / RunDir.MANIFEST).is_file()), None)
+    if run_path is None or not is_main_process():
+        yield
+        return
+    try:
+        fh = open(run_path / RunDir.LOCK, "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        yield
+        return
+    with fh:
+        try:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.warning("another process is using '%s': the files written now are not "
+                           "listed in its %s, and --overwrite will refuse the directory "
+                           "until they are moved", run_path, RunDir.MANIFEST)
+            yield
+            return
+        try:
+            record = RunDir.__new__(RunDir)
+            record.path = run_path
+            try:
+                doc = record.manifest()
+            except CheckpointError:
+                doc = None
+            if doc is None:
+                yield
+                return
+            files = set(doc["files"])
+
+            def own(path: Path) -> None:
+                try:
+                    rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(run_path))
+                except ValueError:
+                    return
+                name = rel.as_posix()
+                if name in files or name == RunDir.MANIFEST:
+                    return
+                if os.path.lexists(path):
+                    raise ConfigError(f"'{path}' exists and no cdprune run wrote it; it is "
+                                      "left alone: move it, or choose another output path")
+                files.add(name)
+                doc["files"] = sorted(files)
+                atomic_write_text(run_path / RunDir.MANIFEST,
+                                  json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+            add_write_hook(own)
+            try:
+                yield
+            finally:
+                remove_write_hook(own)
+        finally:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)

@@ -55,6 +55,9 @@ def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn
     from .models import create_model
 
     model = create_model(config["model"], num_classes=num_classes)
+    from .config_io import check_coe
+
+    check_coe(config, model)
     if config.get("dataset"):
         from .config_io import check_input_channels
 

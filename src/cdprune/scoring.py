@@ -42,17 +42,30 @@ __all__ = ["CDPImportance", "balance_factor", "document_counts", "term_frequency
 REDUCTIONS = ("mean", "sum", "max", "min", "first")
 
 
-def balance_factor(channels: int, coe: float = 0.0) -> float:
+def balance_factor(channels: int, coe: float = 0.0, *, name: str | None = None) -> float:
     """The paper's balance factor b: 1 when ``coe`` is falsy, else ``ln(channels/coe) + 1``.
 
     It scales a layer's TF by the layer's width so that scores of wide and narrow layers
-    can share one global ranking.
+    can share one global ranking. It must stay positive: at ``coe >= e * channels`` it is
+    zero or negative, every score of the layer flips sign and the least discriminative
+    filters would be kept. Such a ``coe`` is refused (rather than clamped, which would
+    silently change the method), with the bound.
+
+    Raises:
+        ConfigError: ``coe`` negative, not finite, or at least ``e * channels``.
     """
     if coe is None or coe == 0:
         return 1.0
     if not math.isfinite(coe) or coe < 0:
         raise ConfigError(f"coe must be 0 (no balancing) or a positive number, got {coe}")
-    return math.log(channels / coe) + 1.0
+    b = math.log(channels / coe) + 1.0
+    if b <= 0:
+        layer = f"layer '{name}'" if name else "a layer"
+        raise ConfigError(f"coe={coe:g} gives {layer} of {channels} channels the balance factor "
+                          f"ln({channels}/{coe:g}) + 1 = {b:.3g}, which would reverse its "
+                          f"ranking; coe must be below e x {channels} = "
+                          f"{math.e * channels:.4g} (e times the narrowest layer's width)")
+    return b
 
 
 def term_frequency(features: torch.Tensor, coe: float = 0.0, *,
@@ -66,7 +79,7 @@ def term_frequency(features: torch.Tensor, coe: float = 0.0, *,
     f = _checked(features, name).double()
     column = f.sum(dim=0, keepdim=True)
     share = torch.where(column != 0, f / torch.where(column != 0, column, 1.0), 0.0)
-    return balance_factor(features.shape[0], coe) * share
+    return balance_factor(features.shape[0], coe, name=name) * share
 
 
 def document_counts(features: torch.Tensor, *, mean: torch.Tensor | None = None,
@@ -124,7 +137,8 @@ def tfidf(features: torch.Tensor, coe: float = 0.0, *, name: str | None = None) 
         DataError: the matrix contains NaN or inf (the message names the layer).
     """
     df, tf_sum = document_counts(features, name=name)
-    return _from_counts(features.shape[1], df, tf_sum, balance_factor(features.shape[0], coe))
+    b = balance_factor(features.shape[0], coe, name=name)
+    return _from_counts(features.shape[1], df, tf_sum, b)
 
 
 NORMALIZATIONS = (None, "none", "max", "mean")
@@ -148,12 +162,17 @@ def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
     if variant not in (None, "published"):
         raise ConfigError(f"variant={variant!r} is not valid; use 'published' or None")
     if variant == "published":
+        if normalize not in (None, "none"):
+            raise ConfigError(f"variant='published' scores raw (normalize=None), but "
+                              f"normalize={normalize!r} was given too; leave out one of them")
         normalize = None
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"normalize={normalize!r} is not valid; use None ('none'), 'max' "
                           "or 'mean'")
     normalize = None if normalize == "none" else normalize
-    balance_factor(1, coe)  # validate once
+    if stats.layers:  # the narrowest layer bounds coe: refused before any layer is scored
+        narrowest = min(stats.layers, key=lambda layer: stats.channels[layer])
+        balance_factor(stats.channels[narrowest], coe, name=narrowest)
     if stats.num_samples < FEW_IMAGES:
         logger.warning("CDP scores from only %d image%s are noise more than signal: the "
                        "pruned layers are close to arbitrary; sample more images (a larger "
@@ -164,7 +183,8 @@ def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
         if num_docs < 1:
             raise DataError(f"statistics of layer '{layer}' cover no documents; collect the "
                             "statistics again")
-        score = _from_counts(num_docs, df, tf_sum, balance_factor(stats.channels[layer], coe))
+        score = _from_counts(num_docs, df, tf_sum,
+                             balance_factor(stats.channels[layer], coe, name=layer))
         if normalize is not None:
             scale = score.max() if normalize == "max" else score.mean()
             score = score / scale if scale > 0 else score

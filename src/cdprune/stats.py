@@ -187,6 +187,13 @@ def collect_stats(
     if variant not in (None, "published"):
         raise ConfigError(f"variant={variant!r} is not valid; use 'published' or None")
     if variant == "published":
+        from .options import published_conflicts
+
+        given = {"tap": tap, "documents": documents}
+        clash = [f"{k}={given[k]!r}" for k in published_conflicts(given)]
+        if clash:
+            raise ConfigError(f"variant='published' uses the published code's options, but "
+                              f"{', '.join(clash)} was given too; leave out one of them")
         tap, documents = "conv", "sample"
     tap = tap or "conv"
     if tap not in TAPS:

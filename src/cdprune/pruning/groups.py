@@ -287,6 +287,20 @@ def _merge(cands: list[_Candidate]) -> _Candidate:
                       {k: torch.cat(v) for k, v in grouped.items()})
 
 
+def _keep_in_every_part(cand: _Candidate, max_layer_pruning: float) -> None:
+    """Every layer of a merged candidate keeps its share, not only the candidate as a whole.
+
+    Cells lose channels in step across the parts; without this a cell lying inside one
+    narrow part (one branch of a concatenation) could empty that layer. The most important
+    channels of each part, as many as ``max_layer_pruning`` leaves it, are kept.
+    """
+    for part in cand.parts:
+        span = torch.arange(part.offset, part.offset + part.width)
+        keep = max(1, math.ceil((1.0 - max_layer_pruning) * part.width - 1e-9))
+        ranked = span[torch.argsort(cand.importance[span], descending=True, stable=True)]
+        cand.allowed[ranked[:keep]] = False
+
+
 def _cells(cand: _Candidate) -> list[torch.Tensor] | None:
     """Split a grouped candidate into cells that lose channels one each, in step.
 
@@ -380,6 +394,7 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
                     "channels feeding them are pruned; those channels are left unpruned",
                     ", ".join(sorted(names.get(m, "?") for m, _ in cand.grouped)))
                 continue
+            _keep_in_every_part(cand, max_layer_pruning)
             rounds = min(
                 min(int(cand.allowed[cell].sum()),
                     len(cell) - max(1, math.ceil((1.0 - max_layer_pruning) * len(cell) - 1e-9)))

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["PLAN_FORMAT", "load_pruned", "read_plan", "save_pruned"]
 
 PLAN_FORMAT = "cdprune.plan/1"
+# More classes than any dataset has: a larger number in plan.json is damage, not data.
+MAX_CLASSES = 1_000_000
 
 
 def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],
@@ -102,8 +104,7 @@ def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
         input_size: ``(C, H, W)`` of one input, so loading can trace without arguments.
         extra: more plain data to store in ``plan.json`` (e.g. dataset, normalisation).
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(directory)  # created by the first write (a run directory records it first)
     save_weights(result.model, directory / "model.safetensors")
     doc = dict(result.plan)
     doc.update(
@@ -148,21 +149,41 @@ def _plan_problem(plan: Mapping[str, Any]) -> str | None:
     for i, step in enumerate(plan["steps"]):
         if not isinstance(step, dict):
             return f"step {i} is a {type(step).__name__}, not a mapping"
-        if not isinstance(step.get("module"), str) or not step["module"]:
-            return f"step {i} names no module"
-        idxs = step.get("idxs")
-        if not isinstance(idxs, list) or not idxs or not all(is_int(x) and x >= 0
-                                                              for x in idxs):
-            return f"step {i} ('{step['module']}') must list channel indices"
+        # A step is one layer's removal, or {"parts": [...]}: one removal spread over the
+        # layers a concatenation joined (each part in its own layer's numbering).
+        records = step["parts"] if "parts" in step else [step]
+        if not isinstance(records, list) or not records:
+            return f"step {i} must list its parts"
+        for record in records:
+            if not isinstance(record, dict):
+                return f"step {i} has a part that is a {type(record).__name__}, not a mapping"
+            if not isinstance(record.get("module"), str) or not record["module"]:
+                return f"step {i} names no module"
+            idxs = record.get("idxs")
+            if not isinstance(idxs, list) or not idxs or not all(is_int(x) and x >= 0
+                                                                  for x in idxs):
+                return f"step {i} ('{record['module']}') must list channel indices"
     size = plan.get("input_size")
     if size is not None and (not isinstance(size, list) or not 1 <= len(size) <= 4
                              or not all(is_int(x) and 0 < x <= 65536 for x in size)):
         return f"input_size must be a list of positive sizes such as [3, 32, 32], got {size!r}"
     if not isinstance(plan.get("extra", {}), dict):
         return f"extra must be a mapping, got a {type(plan['extra']).__name__}"
-    classes = (plan.get("extra") or {}).get("num_classes")
-    if classes is not None and not (is_int(classes) and classes > 0):
-        return f"extra.num_classes must be a positive integer, got {classes!r}"
+    extra = plan.get("extra") or {}
+    classes = extra.get("num_classes")
+    if classes is not None and not (is_int(classes) and 0 < classes <= MAX_CLASSES):
+        return (f"extra.num_classes must be a positive integer, got {classes!r} (at most "
+                f"{MAX_CLASSES})")
+    from ..config_io import normalisation_problem
+
+    channels = size[0] if isinstance(size, list) and size else None
+    problem = normalisation_problem(extra.get("mean"), extra.get("std"), channels,
+                                    where="extra.")
+    if problem:
+        return problem
+    for key in ("macs_before", "macs_after", "params_before", "params_after"):
+        if plan.get(key) is not None and not (is_int(plan[key]) and plan[key] >= 0):
+            return f"{key} must be a count, got {plan[key]!r}"
     for key in ("zoo_model", "model"):
         if plan.get(key) is not None and not isinstance(plan[key], str):
             return f"{key} must be a name, got a {type(plan[key]).__name__}"
@@ -193,4 +214,29 @@ def load_pruned(directory: str | os.PathLike, base_model: nn.Module, *,
         raise CheckpointError(f"plan in '{directory}' does not fit the base model "
                               f"({type(exc).__name__}: {exc}); use the base architecture it "
                               "was made from") from None
+    _check_macs(model, plan, directory)
     return load_weights(model, Path(directory) / "model.safetensors")
+
+
+def _check_macs(model: nn.Module, plan: Mapping[str, Any], directory: Any) -> None:
+    """The rebuilt model must have the MACs the plan recorded, at the recorded input size.
+
+    Both were measured on one sample when the model was pruned; an ``input_size`` edited
+    since (which export and evaluation would then trust) gives other MACs and is refused.
+    """
+    from ..macs import count_macs
+
+    recorded, size = plan.get("macs_after"), plan.get("input_size")
+    if not isinstance(recorded, int) or not size:
+        return
+    try:
+        found = count_macs(model, input_size=size)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"the model of '{directory}' does not run at its recorded "
+                              f"input_size {size} ({str(exc).splitlines()[0][:200]}); "
+                              "plan.json was changed: prune again") from None
+    if found != recorded:
+        raise CheckpointError(f"the model of '{directory}' has {found} MACs at its recorded "
+                              f"input_size {size}, but plan.json records {recorded} (measured "
+                              "when it was pruned): input_size or the steps were changed since; "
+                              "prune again, or restore plan.json")
