@@ -27,6 +27,7 @@ __all__ = [
     "WEIGHT_SUFFIXES",
     "apply_weights",
     "atomic_torch_save",
+    "check_state_dict",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_weights",
@@ -161,6 +162,27 @@ def _unnest(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         f"{', '.join(repr(k) for k in _NEST_KEYS)}")
 
 
+def check_state_dict(state: Any, source: str | os.PathLike) -> None:
+    """Refuse anything but a mapping of parameter names to tensors, naming ``source``.
+
+    Raises:
+        CheckpointError: not a mapping, a key that is no name, or a value that is no tensor.
+    """
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"'{source}' holds no state dict (a {type(state).__name__}); "
+                              "re-save the weights with model.state_dict()")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"'{source}' is not a state dict: key {odd!r} "
+                              f"({type(odd).__name__}) is not a parameter name; re-save the "
+                              "weights with model.state_dict()")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"'{source}' is not a state dict: '{bad}' holds a "
+                              f"{type(state[bad]).__name__}, not a tensor; re-save the "
+                              "weights with model.state_dict()")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from any supported weights file, safely.
 
@@ -174,11 +196,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = _read_safetensors(path)
     else:
         state = _unnest(safe_torch_load(path), path)
-    odd = next((k for k in state if not isinstance(k, str)), None)
-    if odd is not None:
-        raise CheckpointError(f"'{path}' is not a state dict: key {odd!r} "
-                              f"({type(odd).__name__}) is not a parameter name; re-save the "
-                              "weights with model.state_dict()")
+    check_state_dict(state, path)
     prefix = "module."
     if all(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items()}
@@ -278,6 +296,7 @@ def apply_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *,
     Checks as :func:`load_weights` does; ``source`` names the file in error messages.
     """
     path = Path(source)
+    check_state_dict(state, path)
     message = _mismatch_message(model, state, path, strict)
     if message:
         raise CheckpointError(message)

@@ -139,7 +139,9 @@ def read_finetuned(found: RunModel, plan: dict[str, Any]) -> dict[str, torch.Ten
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise CheckpointError(f"'{found.weights}' is not a cdprune fine-tuning checkpoint "
                               "(no 'model' entry); fine-tune again")
-    made_from = ((obj.get("extra") or {}).get("plan") or {}).get("steps")
+    extra = obj.get("extra")
+    plan_there = extra.get("plan") if isinstance(extra, dict) else None
+    made_from = plan_there.get("steps") if isinstance(plan_there, dict) else None
     if made_from is not None and made_from != plan.get("steps"):
         raise CheckpointError(f"'{found.weights}' was fine-tuned from another pruned model "
                               f"than '{found.pruned_dir}'; point --model-dir at the run that "
