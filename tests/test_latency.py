@@ -26,9 +26,9 @@ class FakeTimer:
 
     __qualname__ = "FakeTimer"
 
-    def __init__(self, penalty: float = 0.0):
+    def __init__(self, penalty: float = 0.0, multiple: int = 4):
         self.calls = 0
-        self.penalty = penalty
+        self.penalty, self.multiple = penalty, multiple
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
         self.calls += 1
@@ -41,7 +41,7 @@ class FakeTimer:
             else:
                 macs = out.numel() * m.in_features
                 width = m.out_features
-            total.append(1e-9 * macs * (1 + (self.penalty if width % 4 else 0.0)))
+            total.append(1e-9 * macs * (1 + (self.penalty if width % self.multiple else 0.0)))
 
         hooks = [m.register_forward_hook(hook) for m in module.modules()
                  if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -256,3 +256,77 @@ def test_timing_outliers_are_smoothed_out(tmp_path):
     full, near = table.predict(shape, 16, 16), table.predict(shape, 12, 12)
     assert near <= full <= 2 * 16 * 16 * 16 / 12  # the spike is capped
     assert table.predict(shape, ins[0], outs[0]) <= ins[0] * outs[1]  # and lowered
+
+
+class LyingTimer(FakeTimer):
+    """Honest about single layers; about a pruned whole network it doubles the time saved
+    until told to be honest."""
+
+    __qualname__ = "LyingTimer"
+
+    def __init__(self):
+        super().__init__()
+        self.honest, self.base = False, None
+
+    def __call__(self, module, x):
+        seconds = super().__call__(module, x)
+        if sum(1 for m in module.modules() if isinstance(m, nn.Conv2d)) < 2:
+            return seconds  # a single layer of the table
+        if self.base is None:
+            self.base = seconds  # the unpruned network is timed first
+        if not self.honest and seconds < self.base:
+            return self.base - 2 * (self.base - seconds)
+        return seconds
+
+
+def test_latency_hit_only_when_the_re_measurement_confirms_it(tmp_path, monkeypatch):
+    import cdprune.pruning.latency as pruning_latency
+    from cdprune import prune
+
+    model, scores, x = _net_and_scores()
+    lying = LyingTimer()
+    real = pruning_latency.compare_networks
+
+    def compare(base, pruned, example, settings, rounds=5):
+        lying.honest = rounds == settings.confirm_rounds  # the re-measurement
+        return real(base, pruned, example, settings, rounds=rounds)
+
+    monkeypatch.setattr(pruning_latency, "compare_networks", compare)
+    result = prune(model, scores, example_inputs=x, latency_reduction=0.4,
+                   latency=settings(tmp_path / "a", lying, round_to=None, confirm_rounds=3))
+    info = result.extra["latency"]
+    xb = x[:1].expand(2, 3, 32, 32)
+    truth = 1 - FakeTimer()(result.model, xb) / FakeTimer()(model, xb)
+    # The search believed it hit -40%; re-measured, the network saves about half that.
+    assert abs(info["search_measured"] - 0.4) <= 0.05 * 0.4
+    assert info["measured"] == pytest.approx(truth, abs=1e-6)
+    assert info["measured"] == pytest.approx(info["search_measured"] / 2, abs=1e-6)
+    assert not info["hit"]
+    assert result.extra["latency_target_missed"]["reached"] == pytest.approx(truth, abs=1e-6)
+    # An honest timer: hit, and the report carries the re-measured figure.
+    honest = prune(model, scores, example_inputs=x, latency_reduction=0.4,
+                   latency=settings(tmp_path / "b", FakeTimer(), round_to=None))
+    assert honest.extra["latency"]["hit"]
+    assert honest.extra["latency"]["measured"] == pytest.approx(
+        1 - FakeTimer()(honest.model, xb) / FakeTimer()(model, xb), abs=1e-6)
+
+
+def test_a_timed_width_multiple_never_makes_a_target_unreachable(tmp_path):
+    from cdprune import prune
+
+    model, scores, x = _net_and_scores()
+    # Widths off a multiple of 8 run slowly: the timed multiple is 8, and a small latency
+    # target is closer to no block of 8 channels at all than to one.
+    timer = FakeTimer(penalty=5.0, multiple=8)
+    result = prune(model, scores, example_inputs=x, latency_reduction=0.003,
+                   latency=settings(tmp_path, timer))
+    assert result.removed_filters > 0 and result.plan["round_to"] is None
+
+
+def test_default_clock_is_cpu_time_on_the_cpu():
+    from cdprune.latency import LatencySettings
+
+    assert LatencySettings().clock_name() == "cpu"
+    assert LatencySettings(device="cuda").clock_name() == "wall"
+    with pytest.raises(Exception, match="clock"):
+        LatencySettings(clock="sundial")

@@ -79,6 +79,25 @@ def wall_clock(warmup: int = 3, repeats: int = 9) -> Timer:
     return timer
 
 
+def cpu_clock(warmup: int = 3, repeats: int = 9) -> Timer:
+    """A timer on the CPU time of the whole process (every PyTorch thread counted).
+
+    A run on a shared machine that waits for a core is not charged for the wait, so a
+    busy moment moves CPU time far less than wall time; ``warmup`` untimed runs, then the
+    median of ``repeats`` timed ones. For the CPU only (a GPU's work is not CPU time).
+    """
+    def timer(module: nn.Module, x: torch.Tensor) -> float:
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                start = time.process_time()
+                module(x)
+                if i >= warmup:
+                    times.append(time.process_time() - start)
+        return statistics.median(times)
+    return timer
+
+
 def device_name(device: str | torch.device = "cpu") -> str:
     """What the timings belong to: the CPU model (or the GPU's name) and core count."""
     device = torch.device(device)
@@ -122,6 +141,11 @@ class LatencySettings:
             fastest (at most half the narrowest prunable layer); an int fixes it; None
             leaves widths free.
         warmup, repeats: untimed and timed runs of each timing (the median is kept).
+        clock: what the default timer reads: "auto" (CPU time of the process on the CPU,
+            wall time on a GPU), "cpu" or "wall".
+        confirm_rounds: alternate base/pruned pairs of the independent re-measurement that
+            decides whether a latency target was hit (the search's own rounds choose the
+            pruning, so their best is biased towards the target).
     """
 
     batch_size: int = 1
@@ -134,9 +158,28 @@ class LatencySettings:
     round_to: int | str | None = "auto"
     warmup: int = 2
     repeats: int = 7
+    clock: str = "auto"
+    confirm_rounds: int = 9
+
+    def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ConfigError(f"clock={self.clock!r} is not valid; use one of "
+                              f"{', '.join(CLOCKS)}")
+
+    def clock_name(self) -> str:
+        """The clock the default timer reads: "cpu" or "wall"."""
+        if self.clock == "auto":
+            return "wall" if str(self.device).startswith("cuda") else "cpu"
+        return self.clock
 
     def get_timer(self) -> Timer:
-        return self.timer or wall_clock(self.warmup, self.repeats)
+        if self.timer is not None:
+            return self.timer
+        clock = cpu_clock if self.clock_name() == "cpu" else wall_clock
+        return clock(self.warmup, self.repeats)
+
+
+CLOCKS = ("auto", "cpu", "wall")
 
 
 class _Threads:
@@ -278,7 +321,7 @@ class LatencyTable:
         key = {"format": CACHE_FORMAT, "device": device_name(settings.device),
                "batch_size": settings.batch_size, "threads": settings.threads or
                torch.get_num_threads(), "torch": torch.__version__, "timer": getattr(
-                   settings.timer, "__qualname__", "wall_clock"),
+                   settings.timer, "__qualname__", f"{settings.clock_name()}_clock"),
                "layers": hashlib.sha256("\n".join(
                    [signature] + [s.key() for s in shapes]).encode()).hexdigest()[:16]}
         path = None

@@ -220,6 +220,7 @@ def prune(
     ignored_named = list(ignored_layers or ())
     _resolve_modules(model, ignored_named, "ignored layer")
     timed = None
+    auto_round = False  # round_to chosen by timing, not by the caller
     if latency_reduction is not None or allocation == "latency":
         if inplace and latency_reduction is not None:
             raise ConfigError("a latency target prunes and times several copies of the model; "
@@ -228,7 +229,8 @@ def prune(
         if not isinstance(example, torch.Tensor):
             raise ConfigError("latency targets need example_inputs to be one tensor batch")
         timed = LatencyModel(model, example, latency or LatencySettings())
-        if round_to is None and timed.settings.round_to == "auto":
+        auto_round = round_to is None and timed.settings.round_to == "auto"
+        if auto_round:
             round_to = timed.round_to(min(m.out_channels for n, m in model.named_modules()
                                           if n in scores))
         elif round_to is None and timed.settings.round_to is not None:
@@ -239,6 +241,7 @@ def prune(
         scope = auto_scope(model)
 
     ignored_extra: list[str] = []
+    chosen = {"round_to": round_to}  # a timed width multiple may be given up (below)
 
     def run(goal: float | None) -> PruneResult:
         for attempt in range(3):
@@ -246,8 +249,17 @@ def prune(
             try:
                 return _prune_once(work, scores, example_inputs, sparsity, macs_reduction,
                                    ignored_named + ignored_extra, scope, max_layer_pruning,
-                                   round_to, group_reduction, allocation,
+                                   chosen["round_to"], group_reduction, allocation,
                                    None if timed is None else (timed, goal))
+            except _NoChannel:
+                if not (auto_round and chosen["round_to"]):
+                    raise
+                # The multiple came from timing, not from the user: a reachable target
+                # must not become unreachable through it.
+                logger.warning("with the timed width multiple %d no channel can go for this "
+                               "target; pruning without a width multiple",
+                               chosen["round_to"])
+                chosen["round_to"] = None
             except _Misread as exc:
                 if inplace or attempt == 2:
                     raise UnsupportedModelError(
@@ -286,6 +298,10 @@ def prune(
                 result.removed_filters, result.candidate_filters, result.macs_before / 1e6,
                 result.macs_after / 1e6, 100 * result.macs_reduction)
     return result
+
+
+class _NoChannel(ConfigError):
+    """The target removes no channel (with ``round_to``, the blocks may be too large)."""
 
 
 class _Misread(Exception):
@@ -333,7 +349,7 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     else:
         removals = _by_macs(search, macs_reduction, scope, max_layer_pruning)
     if not any(removals):
-        raise ConfigError(
+        raise _NoChannel(
             "the pruning target removes no channel" + (
                 f": with round_to={round_to} the smallest block any layer can lose is too "
                 "large; use a smaller round_to" if round_to else

@@ -195,19 +195,33 @@ def hit_latency(run: Any, base: nn.Module, example: torch.Tensor, timed: Latency
         if not short < goal < over:  # the estimate left the bracket: halve it instead
             goal = (short + over) / 2
     assert best is not None
-    result, measured = best
+    result, searched = best
+    # The round closest to the target was chosen by its own timing, so that timing leans
+    # towards the target; only an independent re-measurement may say the target was hit.
+    t_base, t_pruned, ratio = compare_networks(base, result.model, example, settings,
+                                               rounds=settings.confirm_rounds)
+    measured = 1.0 - ratio
     hit = abs(measured - target) <= settings.tolerance * target
+    logger.info("latency re-measured over %d alternating pairs: -%.1f%% (%.3g -> %.3g ms; "
+                "the search's round said -%.1f%%)", settings.confirm_rounds, 100 * measured,
+                1e3 * t_base, 1e3 * t_pruned, 100 * searched)
     result.plan["target"]["latency_reduction"] = target
     result.extra["latency"] = {
         "target": target, "measured": round(measured, 6), "hit": hit,
+        "search_measured": round(searched, 6), "confirm_rounds": settings.confirm_rounds,
+        "base_ms": round(1e3 * t_base, 4), "pruned_ms": round(1e3 * t_pruned, 4),
         "tolerance": settings.tolerance, "batch_size": settings.batch_size,
         "threads": settings.threads or torch.get_num_threads(), "device": settings.device,
+        "clock": "custom" if settings.timer is not None else settings.clock_name(),
         "round_to": result.plan.get("round_to"), "rounds": history}
     if not hit:
-        logger.warning("a latency reduction of %s was not reached within %.0f%% in %d rounds: "
-                       "the closest measured was %.4f (timings on a busy machine are noisy; "
-                       "more rounds or a quieter machine help)", target,
-                       100 * settings.tolerance, len(history), measured)
+        close = abs(searched - target) <= settings.tolerance * target
+        logger.warning("a latency reduction of %s was not reached within %.0f%%: re-measured, "
+                       "the pruned network saves %.4f%s (timings on a busy machine are "
+                       "noisy; more rounds or a quieter machine help)", target,
+                       100 * settings.tolerance, measured,
+                       f", although the search's round measured {searched:.4f}" if close
+                       else f" after {len(history)} rounds")
         result.extra["latency_target_missed"] = {"target": target,
                                                  "reached": round(measured, 6)}
     return result
