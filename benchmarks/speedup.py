@@ -166,7 +166,8 @@ def latency_main(args) -> None:
     torch.set_num_threads(args.threads)
     header = ["case", "method", "batch", "round_to", "macs_ratio", "base_ms", "pruned_ms",
               "speedup", "efficiency", "speedup_spread", "latency_target", "latency_reduction_bench",
-              "latency_reduction_prune", "target_hit", "acc_base", "acc_pruned", "acc_recal",
+              "latency_reduction_prune", "latency_reduction_search", "prune_says_hit",
+              "target_hit", "acc_base", "acc_pruned", "acc_recal",
               "onnx_base_ms", "onnx_pruned_ms", "onnx_speedup", "load_avg"]
     print(",".join(header), flush=True)
     out = open(args.csv, "w", newline="") if args.csv else None
@@ -238,6 +239,8 @@ def latency_main(args) -> None:
                        f"{speedup / ratio:.3f}", f"{spread:.2f}", target if target else "-",
                        f"{measured:.3f}",
                        f"{info['measured']:.3f}" if info else "-",
+                       f"{info['search_measured']:.3f}" if "search_measured" in info else "-",
+                       info.get("hit", "-"),
                        (abs(measured - target) <= 0.05 * target) if target else "-",
                        f"{acc_base:.2f}" if acc_base is not None else "-",
                        f"{acc[0]:.2f}" if acc[0] is not None else "-",
