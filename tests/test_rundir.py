@@ -226,12 +226,21 @@ def test_an_interrupted_overwrite_is_not_resumed(tmp_path, assets, capsys, monke
 STATES = ("user files only", "run + user files", "run + input inside", "run")
 
 
-def _prepare(state: str, out: Path, assets: Path) -> tuple[dict[str, bytes], list[str]]:
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory) -> Path:
+    """A finished fine-tuning run, copied for each combination."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(_finetune(assets, out)) == 0
+    return out
+
+
+def _prepare(state: str, out: Path, assets: Path, finished: Path
+             ) -> tuple[dict[str, bytes], list[str]]:
     """Fill ``out``; return the user's files (never to be touched) and extra flags."""
-    out.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
     if state != "user files only":
-        assert main(_finetune(assets, out)) == 0
+        shutil.copytree(finished, out)
+    out.mkdir(parents=True, exist_ok=True)
     if state in ("user files only", "run + user files"):
         _user_files(out)
         (out / "config.yaml").write_text("epochs: 1\n") if state == "user files only" else None
@@ -253,11 +262,11 @@ def _listed(out: Path, path: Path) -> bool:
 
 
 @pytest.mark.parametrize("state", STATES)
-def test_no_flag_combination_deletes_a_user_file(state, tmp_path, assets, capsys):
+def test_no_flag_combination_deletes_a_user_file(state, tmp_path, assets, finished, capsys):
     outcomes = {}
     for overwrite, resume in itertools.product((False, True), repeat=2):
         out = tmp_path / f"{overwrite}-{resume}"
-        user, extra = _prepare(state, out, assets)
+        user, extra = _prepare(state, out, assets, finished)
         flags = ["--overwrite"] * overwrite + ["--resume"] * resume
         argv = _finetune(assets, out, *flags)
         if extra:
