@@ -223,7 +223,8 @@ def test_an_interrupted_overwrite_is_not_resumed(tmp_path, assets, capsys, monke
 
 
 # ------------------------------------------------------------------ every combination
-STATES = ("user files only", "run + user files", "run + input inside", "run")
+STATES = ("user files only", "run + user files", "run + input inside",
+          "run + its own file as input", "run")
 
 
 @pytest.fixture(scope="module")
@@ -248,14 +249,18 @@ def _prepare(state: str, out: Path, assets: Path, finished: Path
         shutil.copytree(assets / "pruned", out / "mine")
         (out / "recipe.yaml").write_text("lr: 0.05\n")
         extra = ["--model-dir", str(out / "mine"), "-c", str(out / "recipe.yaml")]
+    if state == "run + its own file as input":  # listed in run.json, and read by the command
+        extra = ["--model-dir", str(assets / "pruned"), "--checkpoint", str(out / "best.pth")]
     user = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
             if p.is_file() and p.name != RunDir.LOCK and not _listed(out, p)}
+    if state == "run + its own file as input":
+        user["best.pth"] = (out / "best.pth").read_bytes()
     return user, extra
 
 
 def _listed(out: Path, path: Path) -> bool:
     try:
-        files = json.loads((out / "run.json").read_text())["files"]
+        files = json.loads((out / "run.json").read_text()).get("files", [])
     except FileNotFoundError:
         return False
     return path.relative_to(out).as_posix() in files
