@@ -66,13 +66,19 @@ def test_two_step_workflow_and_eval_and_export(tmp_path, capsys):
     assert "latency" in capsys.readouterr().out
 
 
-def test_cdp_options_reach_every_stage_and_published_wins(tmp_path):
+def test_cdp_options_reach_every_stage_and_published_pins_them(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from cdprune import ActivationStats, tfidf_scores
 
     variant_flags = ["--tap", "act", "--normalize", "mean", "--allocation", "uniform"]
-    for name, extra in (("v", variant_flags), ("p", [*variant_flags, "--variant", "published"])):
+    # published with explicit other options: refused with them named, never replaced
+    assert run_cli("prune", *FAST, *variant_flags, "--variant", "published", "--stats",
+                   tmp_path / "none.safetensors", "--sparsity", "0.5", "--output-dir",
+                   tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "--tap act, --normalize mean, --allocation uniform were given too" in err
+    for name, extra in (("v", variant_flags), ("p", ["--variant", "published"])):
         out = tmp_path / name
         assert run_cli("stats", *FAST, *extra[:4], *extra[6:], "--output-dir", out / "s") == 0
         assert run_cli("prune", *FAST, *extra, "--stats", out / "s" / "stats.safetensors",

@@ -752,10 +752,13 @@ def test_bad_input(case: Case, tmp_path, assets, capsys, caplog):
 
 def test_failure_keeps_an_existing_run_untouched(tmp_path, assets, capsys):
     """--overwrite with bad input: the earlier run's files are still all there."""
+    from cdprune.fileio import atomic_write_bytes
+    from cdprune.rundir import RunDir
+
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "config.yaml").write_text("earlier run\n")
-    (out / "last.pth").write_bytes(b"earlier weights")
+    with RunDir(out, stage="stats", config={}) as run:
+        run.write_config({"earlier": "run"})
+        atomic_write_bytes(out / "last.pth", b"earlier weights")
     before = _snapshot(out)
     argv = _fill(("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/missing.pth", *DATA,
                   *OUT, "--overwrite"), tmp_path, assets)

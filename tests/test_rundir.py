@@ -223,15 +223,25 @@ def test_an_interrupted_overwrite_is_not_resumed(tmp_path, assets, capsys, monke
 
 
 # ------------------------------------------------------------------ every combination
-STATES = ("user files only", "run + user files", "run + input inside", "run")
+STATES = ("user files only", "run + user files", "run + input inside",
+          "run + its own file as input", "run")
 
 
-def _prepare(state: str, out: Path, assets: Path) -> tuple[dict[str, bytes], list[str]]:
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory) -> Path:
+    """A finished fine-tuning run, copied for each combination."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(_finetune(assets, out)) == 0
+    return out
+
+
+def _prepare(state: str, out: Path, assets: Path, finished: Path
+             ) -> tuple[dict[str, bytes], list[str]]:
     """Fill ``out``; return the user's files (never to be touched) and extra flags."""
-    out.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
     if state != "user files only":
-        assert main(_finetune(assets, out)) == 0
+        shutil.copytree(finished, out)
+    out.mkdir(parents=True, exist_ok=True)
     if state in ("user files only", "run + user files"):
         _user_files(out)
         (out / "config.yaml").write_text("epochs: 1\n") if state == "user files only" else None
@@ -239,25 +249,29 @@ def _prepare(state: str, out: Path, assets: Path) -> tuple[dict[str, bytes], lis
         shutil.copytree(assets / "pruned", out / "mine")
         (out / "recipe.yaml").write_text("lr: 0.05\n")
         extra = ["--model-dir", str(out / "mine"), "-c", str(out / "recipe.yaml")]
+    if state == "run + its own file as input":  # listed in run.json, and read by the command
+        extra = ["--model-dir", str(assets / "pruned"), "--checkpoint", str(out / "best.pth")]
     user = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
             if p.is_file() and p.name != RunDir.LOCK and not _listed(out, p)}
+    if state == "run + its own file as input":
+        user["best.pth"] = (out / "best.pth").read_bytes()
     return user, extra
 
 
 def _listed(out: Path, path: Path) -> bool:
     try:
-        files = json.loads((out / "run.json").read_text())["files"]
+        files = json.loads((out / "run.json").read_text()).get("files", [])
     except FileNotFoundError:
         return False
     return path.relative_to(out).as_posix() in files
 
 
 @pytest.mark.parametrize("state", STATES)
-def test_no_flag_combination_deletes_a_user_file(state, tmp_path, assets, capsys):
+def test_no_flag_combination_deletes_a_user_file(state, tmp_path, assets, finished, capsys):
     outcomes = {}
     for overwrite, resume in itertools.product((False, True), repeat=2):
         out = tmp_path / f"{overwrite}-{resume}"
-        user, extra = _prepare(state, out, assets)
+        user, extra = _prepare(state, out, assets, finished)
         flags = ["--overwrite"] * overwrite + ["--resume"] * resume
         argv = _finetune(assets, out, *flags)
         if extra:

@@ -34,8 +34,8 @@ from .options import (
 from .suggest import did_you_mean
 from .train import TrainConfig
 
-__all__ = ["KEY_TYPES", "flag", "normalisation_problem", "check_coe", "check_input_channels", "check_round_to",
-           "check_types", "load_yaml", "validate"]
+__all__ = ["KEY_TYPES", "check_coe", "check_input_channels", "check_round_to", "check_types",
+           "flag", "load_yaml", "max_workers", "normalisation_problem", "validate"]
 
 # The most bytes and aliases a config file may hold: a flat mapping of flags needs few,
 # and a small file of nested aliases ("billion laughs") would otherwise expand to gigabytes.

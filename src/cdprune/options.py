@@ -264,8 +264,9 @@ class StatsConfig:
                              "BatchNorm (default), or after BatchNorm and ReLU", choices=TAPS)
     normalize: str | None = option(None, "per-layer score scaling before the global ranking "
                                    "(default: none)", choices=NORMALIZE)
-    variant: str | None = option(None, "force every CDP option (tap, documents, normalize, "
-                                 "allocation) to the published code's", choices=("published",))
+    variant: str | None = option(None, "set every CDP option (tap, documents, normalize, "
+                                 "allocation) to the published code's; another value given "
+                                 "for one of them is refused", choices=("published",))
 
     def validate(self) -> None:
         """Check every value; raise :class:`OptionError` naming the first bad one."""

@@ -67,7 +67,8 @@ def cdp_options(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The CDP options a config sets, per stage: ``stats``, ``scores`` and ``prune``.
 
     Options the config leaves unset are omitted, so the library's defaults apply.
-    ``variant: published`` reaches every stage and wins over the individual options.
+    ``variant: published`` reaches every stage; an individual option set to another value
+    beside it is refused when the configuration is validated, so nothing is overridden.
     """
     variant = config.get("variant") or None
     # The cdp_class criterion is CDP with one document per class.

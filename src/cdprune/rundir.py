@@ -84,6 +84,33 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run.json`` of a run directory, checked field by field; ``None`` if absent.
+
+    Raises:
+        CheckpointError: the file is there but unreadable, or not a record of a run.
+    """
+    path = Path(folder) / RunDir.MANIFEST
+    if not path.is_file():
+        return None
+    fix = ("cdprune cannot tell which files there it wrote, so it touches none of them: "
+           "choose another --output-dir (or remove the directory yourself)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"'{path}' is corrupt ({exc}); {fix}") from None
+    if isinstance(data, dict) and data.get("format") == "cdprune.run/1":
+        raise CheckpointError(f"'{path}' was written by an older cdprune that did not list "
+                              f"its files; {fix}")
+    if not (isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+            and isinstance(data.get("stage"), str)
+            and isinstance(data.get("config"), dict)
+            and isinstance(data.get("files"), list)
+            and all(isinstance(f, str) for f in data["files"])):
+        raise CheckpointError(f"'{path}' is not a cdprune run record; {fix}")
+    return data
+
+
 class RunDir:
     """An output directory owned by one run: never silently overwritten, locked while used.
 
@@ -202,25 +229,7 @@ class RunDir:
         Raises:
             CheckpointError: the file is there but unreadable, or not a record of a run.
         """
-        path = self.path / self.MANIFEST
-        if not path.is_file():
-            return None
-        fix = ("cdprune cannot tell which files there it wrote, so it touches none of them: "
-               "choose another --output-dir (or remove the directory yourself)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"'{path}' is corrupt ({exc}); {fix}") from None
-        if isinstance(data, dict) and data.get("format") == "cdprune.run/1":
-            raise CheckpointError(f"'{path}' was written by an older cdprune that did not list "
-                                  f"its files; {fix}")
-        if not (isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
-                and isinstance(data.get("stage"), str)
-                and isinstance(data.get("config"), dict)
-                and isinstance(data.get("files"), list)
-                and all(isinstance(f, str) for f in data["files"])):
-            raise CheckpointError(f"'{path}' is not a cdprune run record; {fix}")
-        return data
+        return read_manifest(self.path)
 
     def _check_existing(self) -> None:
         existing = self._existing()
@@ -524,10 +533,8 @@ def adopt_writes(folder: str | os.PathLike) -> Iterator[None]:
             yield
             return
         try:
-            record = RunDir.__new__(RunDir)
-            record.path = run_path
             try:
-                doc = record.manifest()
+                doc = read_manifest(run_path)
             except CheckpointError:
                 doc = None
             if doc is None:
