@@ -242,3 +242,55 @@ def test_compacted_tiny_resnet_trains_like_any_model(tmp_path):
     result = fine_tune(small, loader, loader, TrainConfig(epochs=1, lr=0.01),
                        output_dir=tmp_path, progress=False)
     assert result.epochs_run == 1 and (tmp_path / "last.pth").is_file()
+
+
+@pytest.mark.slow
+def test_cli_compacts_recalibrates_fine_tunes_and_the_run_reloads(tmp_path, capsys):
+    import json
+
+    from cdprune import save_weights
+    from cdprune.cli import main
+
+    torch.manual_seed(0)
+    model = randomize_bn(create_model("resnet20", num_classes=10))
+    masks = random_masks(model, conv_names(model))
+    weights = tmp_path / "masked.safetensors"
+    save_weights(mask_filters(model, masks), weights)
+    (tmp_path / "report.json").write_text(json.dumps({"removed_filters": masks}))
+    data = ["--dataset", "synthetic", "-b", "32", "-j", "0", "--no-progress"]
+    out = tmp_path / "c"
+    assert main(["compact", "--model", "resnet20", "--checkpoint", str(weights),
+                 "--removed-filters", str(tmp_path / "report.json"), *data,
+                 "--train-subset", "64", "--bn-recalibrate", "64", "--compact-epochs", "1",
+                 "--lr", "0.01",
+                 "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "folded with border effects" in printed and "after 1 epochs" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert {"masked", "compacted", "recalibrated", "finetuned"} <= set(report["accuracy"])
+    assert report["pruning"]["compact"]["macs"] < report["pruning"]["compact"]["macs_masked"]
+    plan = json.loads((out / "pruned" / "plan.json").read_text())
+    assert plan["compact"]["removed_filters"] == masks
+    assert (out / "last.pth").is_file()
+    assert main(["eval", *data, "--model-dir", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(
+        report["accuracy"]["finetuned"], abs=1e-6)
+    assert main(["export", "--model-dir", str(out), "--format", "onnx"]) == 0
+    assert (out / "model.onnx").is_file()  # the fine-tuned model, at the run
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--compact-epochs", "-1"], "--compact-epochs -1 is invalid"),
+    ([], "--removed-filters is required"),
+])
+def test_cli_refuses_bad_compact_options(tmp_path, capsys, argv, needle):
+    from cdprune.cli import main
+
+    args = ["compact", "--model", "resnet20", "--random-init", "--dataset", "digits",
+            "--output-dir", str(tmp_path / "c"), *argv]
+    if argv:
+        (tmp_path / "m.json").write_text('{"conv1": [0]}')
+        args += ["--removed-filters", str(tmp_path / "m.json")]
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
