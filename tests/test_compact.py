@@ -279,18 +279,17 @@ def test_cli_compacts_recalibrates_fine_tunes_and_the_run_reloads(tmp_path, caps
     assert (out / "model.onnx").is_file()  # the fine-tuned model, at the run
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--compact-epochs", "-1"], "--compact-epochs -1 is invalid"),
-    ([], "--removed-filters is required"),
+@pytest.mark.parametrize("model,argv,needle", [
+    ("resnet20", ["--compact-epochs", "-1"], "--compact-epochs -1 is invalid"),
+    ("resnet20", [], "--removed-filters is required"),
+    ("digits_cnn", [], "cannot compact a DigitsCNN"),
 ])
-def test_cli_refuses_bad_compact_options(tmp_path, capsys, argv, needle):
+def test_cli_refuses_bad_compact_options(tmp_path, capsys, model, argv, needle):
     from cdprune.cli import main
 
-    args = ["compact", "--model", "resnet20", "--random-init", "--dataset", "digits",
-            "--output-dir", str(tmp_path / "c"), *argv]
-    if argv:
-        (tmp_path / "m.json").write_text('{"conv1": [0]}')
-        args += ["--removed-filters", str(tmp_path / "m.json")]
-    assert main(args) == 2
+    (tmp_path / "m.json").write_text('{"conv1": [0]}')
+    masks = [] if "required" in needle else ["--removed-filters", str(tmp_path / "m.json")]
+    assert main(["compact", "--model", model, "--random-init", "--dataset", "digits",
+                 "-j", "0", "--output-dir", str(tmp_path / "c"), *argv, *masks]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
