@@ -55,6 +55,9 @@ ROWS = [
     ("ResNet-20 A, 20.76M", "resnet20-optionA-akamaster.th", "resnet20", None, 20.76, 0),
     ("ResNet-20 A, 20.76M, masked fine-tune", "resnet20-optionA-akamaster.th", "resnet20",
      None, 20.76, 1),
+    # A light masking that leaves the pretrained network working without training.
+    ("ResNet-20 A, s=0.1", "resnet20-optionA-akamaster.th", "resnet20", 0.1, None, 0),
+    ("ResNet-56 A, s=0.1", "resnet56-optionA-akamaster.th", "resnet56", 0.1, None, 0),
 ]
 
 
@@ -159,8 +162,8 @@ def latency(model: torch.nn.Module, batch: int, threads: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights-dir", type=Path, required=True)
-    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--weights-dir", type=Path)
+    parser.add_argument("--data-root", type=Path)
     parser.add_argument("--stats-images", type=int, default=1280)
     parser.add_argument("--recal-images", type=int, default=1280)
     parser.add_argument("--finetune-images", type=int, default=50000,
@@ -170,9 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, nargs="*", help="row indices, in the order to run "
                         "(default: all)")
     parser.add_argument("--out", type=Path, required=True, help="folder for CSV + Markdown")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="DIR",
+                        help="write the rows of these earlier --out folders (in this order) "
+                        "as one table into --out, and measure nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        records = [{k: _value(v) for k, v in row.items()} for folder in args.combine
+                   for row in csv.DictReader(open(folder / "compact.csv", newline=""))]
+        write(args, records)
+        return 0
+    if args.weights_dir is None or args.data_root is None:
+        parser.error("--weights-dir and --data-root are required to measure")
 
     test_x, test_y = read_test_batch(args.data_root)
     stats_x, stats_y = read_train(args.data_root, args.stats_images, seed=0)
@@ -233,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         print(record, flush=True)
         write(args, records)
     return 0
+
+
+def _value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def write(args: argparse.Namespace, records: list[dict]) -> None:
