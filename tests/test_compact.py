@@ -293,3 +293,22 @@ def test_cli_refuses_bad_compact_options(tmp_path, capsys, model, argv, needle):
                  "-j", "0", "--output-dir", str(tmp_path / "c"), *argv, *masks]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_masks_file_is_a_mapping_or_a_report_holding_one(tmp_path):
+    import json
+
+    from cdprune.pipeline import load_masks
+
+    masks = {"conv1": [0, 3], "layer1.0.conv1": [1]}
+    (tmp_path / "m.json").write_text(json.dumps(masks))
+    (tmp_path / "report.json").write_text(json.dumps({"removed_filters": masks, "x": 1}))
+    assert load_masks(tmp_path / "m.json") == masks == load_masks(tmp_path / "report.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"conv1": 3}))
+    with pytest.raises(CheckpointError, match="lists of filter indices"):
+        load_masks(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not a JSON file"):
+        load_masks(tmp_path / "broken.json")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_masks(tmp_path / "none.json")
