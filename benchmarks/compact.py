@@ -14,7 +14,10 @@ training images, and CPU latency at batch 1 and 64. No fine-tuning anywhere: the
 the pretrained weights with filters masked.
 
     python benchmarks/compact.py --weights-dir ../shared/weights/cifar10 \\
-        --data-root ../shared/data --out benchmarks/results/compact
+        --data-root ../shared/data --out benchmarks/results/compact --finetune-images 20000
+
+Rows can run in separate processes (``--rows 3 0 --out A``, ``--rows 2 4 1 5 --out B``)
+and be joined afterwards (``--combine A B --out benchmarks/results/compact``).
 """
 
 from __future__ import annotations
@@ -277,7 +280,8 @@ def write(args: argparse.Namespace, records: list[dict]) -> None:
         "# The published (masked) network and its compaction",
         "",
         "`python benchmarks/compact.py --weights-dir ../shared/weights/cifar10 --data-root "
-        "../shared/data --out benchmarks/results/compact`",
+        "../shared/data --out benchmarks/results/compact --finetune-images 20000` (rows run "
+        "in two processes, `--rows 3 0` and `--rows 2 4 1 5`, joined with `--combine`)",
         "",
         f"Selection: published CDP scores from {args.stats_images} un-augmented training "
         "images (seeded draw), one global ranking of all conv filters, the `int(N*s)+1` "
