@@ -177,14 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: all)")
     parser.add_argument("--out", type=Path, required=True, help="folder for CSV + Markdown")
     parser.add_argument("--combine", type=Path, nargs="+", metavar="DIR",
-                        help="write the rows of these earlier --out folders (in this order) "
-                        "as one table into --out, and measure nothing")
+                        help="write the rows of these earlier --out folders as one table "
+                        "(in the order of the rows) into --out, and measure nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.combine:
         records = [{k: _value(v) for k, v in row.items()} for folder in args.combine
                    for row in csv.DictReader(open(folder / "compact.csv", newline=""))]
+        labels = [row[0] for row in ROWS]
+        records.sort(key=lambda r: labels.index(r["row"]) if r["row"] in labels else len(labels))
         write(args, records)
         return 0
     if args.weights_dir is None or args.data_root is None:
