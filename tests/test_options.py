@@ -11,6 +11,7 @@ from cdprune.cli import DEFAULTS, build_parser, main, resolve_config, yaml_names
 from cdprune.config_io import CHOICES, KEY_TYPES, load_yaml
 from cdprune.errors import ConfigError
 from cdprune.options import (
+    CompactConfig,
     OptionError,
     PruneConfig,
     StatsConfig,
@@ -24,7 +25,7 @@ from cdprune.train import TrainConfig
 
 # The commands whose flags include every option of a stage.
 STAGES = [(StatsConfig, ("stats", "prune", "run")), (PruneConfig, ("prune", "run")),
-          (TrainConfig, ("finetune", "run", "compare"))]
+          (CompactConfig, ("compact",)), (TrainConfig, ("finetune", "run", "compare"))]
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:

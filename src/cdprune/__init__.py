@@ -2,7 +2,8 @@
 
 The pipeline: collect activation statistics (:func:`collect_stats`), score filters with
 TF-IDF (:func:`tfidf_scores`), remove the lowest-scoring channels physically
-(:func:`prune`), fine-tune (:func:`fine_tune`).
+(:func:`prune`), fine-tune (:func:`fine_tune`). A network pruned by masking, as the
+published code does, becomes a physically smaller one with :func:`compact`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from .evaluate import evaluate  # noqa: E402
 from .latency import LatencySettings  # noqa: E402
 from .macs import count_macs, count_params, paper_macs  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
-from .pruning import PruneResult, load_pruned, prune, save_pruned  # noqa: E402
+from .pruning import (  # noqa: E402
+    CompactInfo,
+    PruneResult,
+    compact,
+    load_pruned,
+    mask_filters,
+    prune,
+    save_compact,
+    save_pruned,
+)
 from .scoring import CDPImportance, tfidf, tfidf_scores  # noqa: E402
 from .stats import ActivationStats, collect_stats  # noqa: E402
 from .train import TrainConfig, fine_tune  # noqa: E402
@@ -37,6 +47,7 @@ __all__ = [
     "ActivationStats",
     "CDPImportance",
     "CdpruneError",
+    "CompactInfo",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -45,6 +56,7 @@ __all__ = [
     "PruneResult",
     "TrainConfig",
     "collect_stats",
+    "compact",
     "count_macs",
     "count_params",
     "create_model",
@@ -55,11 +67,13 @@ __all__ = [
     "load_pruned",
     "load_run_model",
     "load_weights",
+    "mask_filters",
     "models",
     "paper_macs",
     "prune",
     "read_state_dict",
     "recalibrate_bn",
+    "save_compact",
     "save_pruned",
     "save_weights",
     "tfidf",

@@ -18,6 +18,7 @@ from typing import Any
 from .cli_commands import _OUTPUT, COMMANDS
 from .errors import CdpruneError, ConfigError
 from .options import (
+    CompactConfig,
     OptionError,
     PruneConfig,
     StatsConfig,
@@ -38,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "model": None, "checkpoint": None, "dataset": "cifar10", "data_root": "data",
     "download": False, "batch_size": 128, "eval_batch_size": None, "workers": 2,
     "mean": None, "std": None, "cutout": False, "val_split": None,
-    **defaults(StatsConfig, PruneConfig, TrainConfig),
+    **defaults(StatsConfig, PruneConfig, CompactConfig, TrainConfig),
     "train_subset": None, "seed": 0, "device": None,
     "output_dir": None, "resume": False, "overwrite": False, "no_progress": False,
     "log_interval": 30.0,
@@ -161,6 +162,17 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    "--checkpoint")
 
 
+def _add_compact(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compaction")
+    g.add_argument("--removed-filters", metavar="JSON", help="the masked filters: a JSON file "
+                   "{conv name: [filter indices]}, or a report.json holding removed_filters "
+                   "(--checkpoint holds the masked network's weights)")
+    add_options(g, CompactConfig)
+    add_options(g, PruneConfig, only=_AFTER_PRUNING)
+    g = p.add_argument_group("fine-tuning (with --compact-epochs)")
+    add_options(g, TrainConfig, skip=("epochs",))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cdprune`` command."""
     parser = _Parser(
@@ -185,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                  ("device",)),
         "run": ("statistics, pruning and fine-tuning in one go",
                 (_add_model, _add_stats, _add_prune, _add_train), train, everything),
+        "compact": ("turn a masked network (filters zeroed, as the published CDP code "
+                    "prunes) into a physically smaller one", (_add_model, _add_compact), train,
+                    everything),
         "export": ("export a pruned model to ONNX or TorchScript, verified", (), None, ()),
         "compare": ("prune with several criteria at equal MACs and compare accuracy",
                     (_add_model, _add_stats, _add_train), train, everything),
@@ -286,7 +301,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     from .export import ExportConfig
 
     # Options of one command only, kept out of the defaults (and of every run's identity).
-    for key in ("model_dir", "stats", "quick", "macs_targets", "criteria", "random_seeds",
+    for key in ("model_dir", "stats", "removed_filters", "quick", "macs_targets", "criteria", "random_seeds",
                 *(f.name for f in dataclasses.fields(ExportConfig))):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)

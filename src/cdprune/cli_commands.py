@@ -206,6 +206,36 @@ def _cmd_run(config: dict[str, Any]) -> None:
     _say(f"fine-tuned: {_accuracy_line(accuracy)}\nreport: {run.path / 'report.md'}")
 
 
+def _cmd_compact(config: dict[str, Any]) -> None:
+    from .pipeline import finish_report, load_masks, run_compact
+    from .report import format_count as n
+
+    run = _run_dir(config)
+    masks = load_masks(config["removed_filters"])
+    epochs = bool(config.get("compact_epochs"))
+    data, model = build_inputs(config, need_train=bool(config.get("bn_recalibrate")) or epochs,
+                               need_stats=False)
+    with run:
+        run.write_config(config)
+        summary = run_compact(config, run, data=data, model=model, masks=masks)
+        finetuned = summary.pop("finetuned", None)
+        finish_report(run, config, summary, finetuned=finetuned)
+    info = summary["compact"]
+    _say(f"MACs {n(info['macs_masked'])} masked ({n(info['macs_paper'])} in the paper's mask "
+         f"convention) -> {n(info['macs'])} compact, params {n(info['params_masked'])} -> "
+         f"{n(info['params'])}; filters removed exactly {info['removed_exact']}, folded with "
+         f"border effects {info['removed_border']}, kept {info['kept_masked']}; max output "
+         f"difference {info['max_abs_error']:.3g}")
+    if "acc_masked" in summary:
+        _say(f"accuracy: masked {summary['acc_masked']:.2f}%, compact "
+             f"{summary['acc_compacted']:.2f}%" + (
+                 f", after BatchNorm recalibration {summary['acc_recalibrated']:.2f}%"
+                 if "acc_recalibrated" in summary else ""))
+    if finetuned:
+        _say(f"after {config['compact_epochs']} epochs: {_accuracy_line(finetuned)}")
+    _say(f"compact model: {run.path / 'pruned'}\nreport: {run.path / 'report.md'}")
+
+
 def _compare_line(r: dict[str, Any]) -> str:
     name = f"{r['criterion']:>9s}{'' if r['seed'] is None else r['seed']}"
     head = f"{name} -{100 * r['macs_target']:.0f}% MACs: "
@@ -326,6 +356,6 @@ def _stage(cls: type, config: dict[str, Any]) -> Any:
 
 
 COMMANDS = {"stats": _cmd_stats, "prune": _cmd_prune, "finetune": _cmd_finetune,
-            "eval": _cmd_eval, "run": _cmd_run, "export": _cmd_export,
+            "eval": _cmd_eval, "run": _cmd_run, "compact": _cmd_compact, "export": _cmd_export,
             "compare": _cmd_compare, "demo": _cmd_demo, "models": _cmd_models}
 

@@ -24,6 +24,7 @@ from .options import (
     INTS,
     STR,
     STRS,
+    CompactConfig,
     PruneConfig,
     StatsConfig,
     flag,
@@ -47,7 +48,7 @@ _BOOL, _INT, _FLOAT, _STR, _INTS, _FLOATS, _STRS = BOOL, INT, FLOAT, STR, INTS, 
 _SIZE = "size"  # a count with an optional K/M/G suffix: 60.02M, or a plain number
 # The stages' options bring their own types and choices; the rest are listed here.
 KEY_TYPES: dict[str, str] = {
-    **key_types(StatsConfig, PruneConfig, TrainConfig),
+    **key_types(StatsConfig, PruneConfig, CompactConfig, TrainConfig),
     **dict.fromkeys(("download", "cutout", "resume", "overwrite", "no_progress",
                      "random_init"), _BOOL),
     **dict.fromkeys(("batch_size", "eval_batch_size", "workers", "train_subset", "seed",
@@ -57,7 +58,7 @@ KEY_TYPES: dict[str, str] = {
     "mean": _FLOATS, "std": _FLOATS, "log_interval": _FLOAT,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    **key_choices(StatsConfig, PruneConfig, TrainConfig),
+    **key_choices(StatsConfig, PruneConfig, CompactConfig, TrainConfig),
     "weights": ("final", "best", "last", "pruned"),
 }
 _WORDS = {_BOOL: "true or false", _INT: "an integer", _FLOAT: "a number",
@@ -291,14 +292,19 @@ def validate(config: dict[str, Any]) -> None:
                           " given too; drop --variant published to use "
                           f"{'it' if len(conflicts) == 1 else 'them'}, or drop "
                           f"{'it' if len(conflicts) == 1 else 'them'}")
+    CompactConfig.from_config(config).validate()
     device = get("device")
     if device is not None and not _DEVICE.match(device):
         raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
     _check_normalisation(config)
-    if command in ("stats", "prune", "run") and not get("model"):
+    if command in ("stats", "prune", "run", "compact") and not get("model"):
         raise ConfigError("--model is required (see `cdprune models`)")
-    if command in ("stats", "prune", "run", "compare") and not get("checkpoint") and not get(
-            "random_init"):
+    if command == "compact" and not get("removed_filters"):
+        raise ConfigError("--removed-filters is required: a JSON file mapping conv names to "
+                          "the masked filters' indices (or a report.json holding "
+                          "removed_filters)")
+    if command in ("stats", "prune", "run", "compare", "compact") and not get(
+            "checkpoint") and not get("random_init"):
         raise ConfigError(f"--checkpoint is missing: {command} needs the trained weights of the "
                           "base model; pass --checkpoint FILE, or --random-init to use randomly "
                           "initialised weights on purpose")

@@ -140,13 +140,21 @@ def read_finetuned(found: RunModel, plan: dict[str, Any]) -> dict[str, torch.Ten
         raise CheckpointError(f"'{found.weights}' is not a cdprune fine-tuning checkpoint "
                               "(no 'model' entry); fine-tune again")
     extra = obj.get("extra")
-    plan_there = extra.get("plan") if isinstance(extra, dict) else None
-    made_from = plan_there.get("steps") if isinstance(plan_there, dict) else None
-    if made_from is not None and made_from != plan.get("steps"):
+    origin = extra.get("plan") if isinstance(extra, dict) else None
+    origin = origin if isinstance(origin, dict) else {}
+    made_from = origin.get("steps")
+    if made_from is not None and (made_from != plan.get("steps") or _masks(origin)
+                                  != _masks(plan)):
         raise CheckpointError(f"'{found.weights}' was fine-tuned from another pruned model "
                               f"than '{found.pruned_dir}'; point --model-dir at the run that "
                               "wrote it")
     return obj["model"]
+
+
+def _masks(plan: dict[str, Any]) -> Any:
+    """The masks a compact network was made from (None for a channel plan)."""
+    packed = plan.get("compact")
+    return packed.get("removed_filters") if isinstance(packed, dict) else None
 
 
 def load_run_model(path: str | os.PathLike, weights: str = "final", *,

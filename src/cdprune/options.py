@@ -1,7 +1,7 @@
 """Typed options of the stages, and the flags and config keys made from them.
 
 Every option of a stage is one field of that stage's dataclass (:class:`StatsConfig`,
-:class:`PruneConfig`): its type, its default and its help live there, together with the
+:class:`PruneConfig`, :class:`CompactConfig`): its type, its default and its help live there, together with the
 stage's :meth:`validate`. The command line's flags, the YAML config's keys and types and
 the table of defaults are all read off these fields, so adding an option is adding a
 field.
@@ -22,7 +22,7 @@ from typing import Any
 from .criteria import criterion_names
 from .errors import ConfigError
 
-__all__ = ["OptionError", "OptionSpec", "PruneConfig", "StatsConfig", "add_options",
+__all__ = ["CompactConfig", "OptionError", "OptionSpec", "PruneConfig", "StatsConfig", "add_options",
            "flag", "option", "option_specs"]
 
 # The kinds of value an option holds, as the YAML config checks them.
@@ -62,7 +62,7 @@ def flag(key: str) -> str:
 def _stage_classes() -> list[type]:
     from .train import TrainConfig
 
-    return [StatsConfig, PruneConfig, TrainConfig]
+    return [StatsConfig, PruneConfig, CompactConfig, TrainConfig]
 
 
 def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Sequence[str] = (),
@@ -347,5 +347,30 @@ class PruneConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PruneConfig:
+        """From a merged configuration (unset keys take the defaults)."""
+        return _from(cls, config)
+
+
+@dataclass
+class CompactConfig:
+    """Options of compaction: what follows turning a masked network into a compact one.
+
+    BatchNorm recalibration after compaction is :attr:`PruneConfig.bn_recalibrate`, the
+    same option as after pruning; the fine-tuning hyper-parameters other than the number
+    of epochs are :class:`~cdprune.train.TrainConfig`'s.
+    """
+
+    compact_epochs: int = option(0, "fine-tune the compact network this many epochs after "
+                                 "compaction (and recalibration); the fine-tuning flags set "
+                                 "the rest", metavar="N")
+
+    def validate(self) -> None:
+        """Check every value; raise :class:`OptionError` naming the first bad one."""
+        epochs = self.compact_epochs
+        _check("compact_epochs", epochs, isinstance(epochs, int) and not isinstance(
+            epochs, bool) and epochs >= 0, "0 (no fine-tuning) or a number of epochs")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> CompactConfig:
         """From a merged configuration (unset keys take the defaults)."""
         return _from(cls, config)

@@ -48,8 +48,8 @@ if TYPE_CHECKING:
 # The noqa imports above are re-exported: callers import the run's inputs (runsetup) and
 # the model directories (modeldir) from this module too.
 __all__ = ["RunDir", "build_data", "build_model", "check_ignore_layers", "criterion_scores",
-           "gather_stats", "load_stats", "needs_batches", "needs_stats", "run_finetune",
-           "run_prune", "run_stats", "write_stats"]
+           "gather_stats", "load_masks", "load_stats", "needs_batches", "needs_stats",
+           "run_compact", "run_finetune", "run_prune", "run_stats", "write_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +329,84 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
     return result
 
 
+def load_masks(path: str | os.PathLike) -> dict[str, list[int]]:
+    """The masked filters of ``--removed-filters``: ``{conv name: [indices]}``, as a JSON
+    file of its own or under ``removed_filters`` in a run's ``report.json``."""
+    from .errors import CheckpointError
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--removed-filters '{path}' does not exist; give the JSON file of "
+                          "the masked filters (or the masked run's report.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
+        raise CheckpointError(f"--removed-filters '{path}' is not a JSON file ({exc})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("removed_filters"), dict):
+        doc = doc["removed_filters"]
+    if not isinstance(doc, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) for k, v in doc.items()):
+        raise CheckpointError(f"--removed-filters '{path}' must map conv names to lists of "
+                              "filter indices, e.g. {\"layer1.0.conv1\": [0, 5]}")
+    return doc
+
+
+def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn.Module,
+                masks: Mapping[str, list[int]]) -> dict[str, Any]:
+    """Compact the masked ``model``; recalibrate, fine-tune and evaluate as configured.
+
+    Writes the compact network to ``pruned/`` (a compact plan: ``eval``/``export
+    --model-dir`` read it) and, with ``--compact-epochs``, the fine-tuning checkpoints to
+    the run directory, as ``cdprune run`` does.
+
+    Returns:
+        The summary: what :func:`cdprune.compact` reported (MACs in both conventions,
+        parameters, filters per kind, output error) and the accuracies.
+    """
+    from .batchnorm import recalibrate_bn
+    from .evaluate import evaluate
+    from .options import CompactConfig
+    from .pruning import compact, read_plan, save_compact
+
+    device = _device(config)
+    images = next(iter(data.val))[0][:64]
+    small, info = compact(model.to(device), masks, example_inputs=images.to(device))
+    summary: dict[str, Any] = {
+        "compact": info.to_dict(), "macs_before": info.macs_masked, "macs_after": info.macs,
+        "macs_reduction": 1 - info.macs / info.macs_masked,
+        "macs_paper_before": info.macs_masked, "macs_paper_after": info.macs_paper,
+        "params_before": info.params_masked, "params_after": info.params}
+    progress = not config.get("no_progress")
+    evaluated = not config.get("no_eval")
+    if evaluated:
+        from .pruning import mask_filters
+
+        masked = mask_filters(model, masks)
+        summary["acc_masked"] = _metric(evaluate(masked, data.val, device=device,
+                                                 progress=progress))
+        summary["acc_compacted"] = _metric(evaluate(small, data.val, device=device,
+                                                    progress=progress))
+    if config.get("bn_recalibrate"):
+        summary["bn_recalibrate_images"] = recalibrate_bn(
+            small, data.recal, int(config["bn_recalibrate"]), device=device)
+        if evaluated:
+            summary["acc_recalibrated"] = _metric(evaluate(small, data.val, device=device,
+                                                           progress=progress))
+    if run.main:
+        extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
+                 "mean": list(data.mean) if data.mean else config.get("mean"),
+                 "std": list(data.std) if data.std else config.get("std")}
+        save_compact(run.path / "pruned", small, masks, info, model_name=config["model"],
+                     input_size=data.input_size, extra=extra)
+        atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
+    barrier()
+    epochs = CompactConfig.from_config(config).compact_epochs
+    if epochs:
+        result = run_finetune({**config, "epochs": epochs}, run, data=data, model=small,
+                              plan=read_plan(run.path / "pruned"))
+        summary["finetuned"] = finetune_accuracy(config, data, small, result)
+    return summary
+
+
 def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | None,
                       result: Any, *, run_path: str | os.PathLike | None = None
                       ) -> dict[str, float]:
@@ -382,6 +460,7 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
     accuracy = {}
     if summary:
         for key, src in (("base", "acc_base"), ("pruned", "acc_pruned"),
+                         ("masked", "acc_masked"), ("compacted", "acc_compacted"),
                          ("recalibrated", "acc_recalibrated")):
             if summary.get(src) is not None:
                 accuracy[key] = summary[src]

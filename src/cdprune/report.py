@@ -99,6 +99,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
         recal = prune.get("bn_recalibrate_images")
         recal_label = ("after BatchNorm recalibration" + (f" ({recal} images)" if recal else ""))
         for key, label in (("base", "base model"), ("pruned", "right after pruning"),
+                           ("masked", "masked network"),
+                           ("compacted", "compact network, right after compaction"),
                            ("recalibrated", recal_label),
                            ("finetuned", "after fine-tuning (final epoch)"),
                            ("finetuned_best_on_test",

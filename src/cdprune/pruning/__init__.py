@@ -20,14 +20,18 @@ module types taught to it), :mod:`.layouts` (the splits and reshapes it misreads
 again from the traced forward pass), :mod:`.groups` (candidates of coupled channels),
 :mod:`.search` (the ranking and the target search), :mod:`.surgery` (cutting channels
 out), :mod:`.plan` (the plan and pruned models on disk), :mod:`.core` (:func:`prune`).
+:mod:`.compact` turns a masked network (filters zeroed, as the published code prunes)
+into a physically smaller one.
 """
 
 from __future__ import annotations
 
+from .compact import CompactInfo, ScatterBatchNorm2d, compact, mask_filters
 from .core import ALLOCATIONS, SCOPES, PruneResult, conv_widths, prune
 from .graph import ChannelPruner, custom_pruners, register_pruner
-from .plan import PLAN_FORMAT, load_pruned, read_plan, save_pruned
+from .plan import PLAN_FORMAT, load_pruned, read_plan, save_compact, save_pruned
 
-__all__ = ["ALLOCATIONS", "PLAN_FORMAT", "SCOPES", "ChannelPruner", "PruneResult",
-           "conv_widths", "custom_pruners", "load_pruned", "prune", "read_plan",
-           "register_pruner", "save_pruned"]
+__all__ = ["ALLOCATIONS", "PLAN_FORMAT", "SCOPES", "ChannelPruner", "CompactInfo",
+           "PruneResult", "ScatterBatchNorm2d", "compact", "conv_widths", "custom_pruners",
+           "load_pruned", "mask_filters", "prune", "read_plan", "register_pruner",
+           "save_compact", "save_pruned"]

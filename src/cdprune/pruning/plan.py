@@ -3,6 +3,10 @@
 A pruned model is saved as ``model.safetensors`` plus ``plan.json``: which channels of
 which layer were removed, in the base model's numbering. Loading replays the plan on a
 fresh base model and loads the weights into it: no pickle anywhere.
+
+A compact network (:mod:`.compact`) is saved the same way: its plan records the masks
+under ``compact``, and loading compacts a fresh base model with them (the structure
+depends on the masks alone) before loading the weights.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch_pruning as tp
 from torch import nn
 
 from ..checkpoint import atomic_write_text, load_weights, save_weights
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..version import __version__
+from .compact import CompactInfo, compact_structure
 from .graph import _build_graph
 from .groups import _Candidate
 from .surgery import _prune_together
@@ -27,7 +32,7 @@ from .surgery import _prune_together
 if TYPE_CHECKING:
     from .core import PruneResult
 
-__all__ = ["PLAN_FORMAT", "load_pruned", "read_plan", "save_pruned"]
+__all__ = ["PLAN_FORMAT", "load_pruned", "read_plan", "save_compact", "save_pruned"]
 
 PLAN_FORMAT = "cdprune.plan/1"
 # More classes than any dataset has: a larger number in plan.json is damage, not data.
@@ -59,6 +64,8 @@ def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[li
 def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> nn.Module:
     if not isinstance(plan, Mapping) or plan.get("format") != PLAN_FORMAT:
         raise CheckpointError(f"not a cdprune plan (expected format {PLAN_FORMAT!r})")
+    if plan.get("compact") is not None:
+        return _replay_compact(model, plan)
     graph = _build_graph(model, example_inputs)
     named = dict(model.named_modules())
     parts = []
@@ -83,6 +90,17 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
             parts.append((module, fn, idxs))
     _prune_together(graph, parts)  # every step's indices are in the base model's numbering
     return model
+
+
+def _replay_compact(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+    if plan["steps"]:
+        raise CheckpointError("plan both removes channels and compacts masks; a compact "
+                              "network is made from the masked base architecture only")
+    try:
+        return compact_structure(model, plan["compact"]["removed_filters"])[0]
+    except (ConfigError, UnsupportedModelError) as exc:
+        raise CheckpointError(f"the compaction in the plan does not fit the base model "
+                              f"({exc}); use the base architecture it was made from") from None
 
 
 def _example_for(plan: Mapping[str, Any]) -> torch.Tensor:
@@ -113,6 +131,41 @@ def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
         macs_before=result.macs_before, macs_after=result.macs_after,
         params_before=result.params_before, params_after=result.params_after,
         cdprune_version=__version__, extra=dict(extra or {}))
+    atomic_write_text(directory / "plan.json", json.dumps(doc, indent=1) + "\n")
+    return directory
+
+
+def save_compact(directory: str | os.PathLike, model: nn.Module,
+                 removed_filters: Mapping[str, Sequence[int]], info: CompactInfo, *,
+                 model_name: str | None = None, input_size: Sequence[int] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a compact network as ``model.safetensors`` + ``plan.json`` into ``directory``.
+
+    The plan records the masks (``compact.removed_filters``) and what compaction reported;
+    :func:`load_pruned` rebuilds the network by compacting a fresh base model with the
+    same masks, then loads the weights.
+
+    Args:
+        directory: created if missing.
+        model: the compact network from :func:`cdprune.compact` (after recalibration or
+            fine-tuning if they ran).
+        removed_filters: the masks it was compacted with.
+        info: what :func:`cdprune.compact` returned with it.
+        model_name: zoo name of the base architecture, or None for a user model.
+        input_size: ``(C, H, W)`` of one input.
+        extra: more plain data to store in ``plan.json`` (dataset, normalisation, ...).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(model, directory / "model.safetensors")
+    masks = {str(k): sorted(int(i) for i in v) for k, v in removed_filters.items() if v}
+    doc = {"format": PLAN_FORMAT, "steps": [], "kept": {},
+           "compact": {"removed_filters": masks, **info.to_dict()},
+           "model": model_name or "user model (pass the same base model to load_pruned)",
+           "zoo_model": model_name, "input_size": list(input_size) if input_size else None,
+           "macs_before": info.macs_masked, "macs_after": info.macs,
+           "params_before": info.params_masked, "params_after": info.params,
+           "cdprune_version": __version__, "extra": dict(extra or {})}
     atomic_write_text(directory / "plan.json", json.dumps(doc, indent=1) + "\n")
     return directory
 
@@ -163,6 +216,14 @@ def _plan_problem(plan: Mapping[str, Any]) -> str | None:
             if not isinstance(idxs, list) or not idxs or not all(is_int(x) and x >= 0
                                                                   for x in idxs):
                 return f"step {i} ('{record['module']}') must list channel indices"
+    packed = plan.get("compact")
+    if packed is not None:
+        masks = packed.get("removed_filters") if isinstance(packed, dict) else None
+        if not isinstance(masks, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and all(is_int(x) and x >= 0
+                                                                   for x in v)
+                for k, v in masks.items()):
+            return "compact.removed_filters must map conv names to filter indices"
     size = plan.get("input_size")
     if size is not None and (not isinstance(size, list) or not 1 <= len(size) <= 4
                              or not all(is_int(x) and 0 < x <= 65536 for x in size)):
@@ -205,7 +266,9 @@ def load_pruned(directory: str | os.PathLike, base_model: nn.Module, *,
             not fit the rebuilt model.
     """
     plan = read_plan(directory)
-    example = example_inputs if example_inputs is not None else _example_for(plan)
+    example = example_inputs
+    if example is None and plan.get("compact") is None:  # only a channel plan traces
+        example = _example_for(plan)
     try:
         model = _replay(base_model, plan, example)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
