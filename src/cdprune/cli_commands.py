@@ -117,7 +117,7 @@ def _cmd_finetune(config: dict[str, Any]) -> None:
         run.write_config(config)
         result = run_finetune(config, run, data=data, model=model, plan=plan)
         accuracy = finetune_accuracy(config, data, model, result)
-        finish_report(run, config, None, finetuned=accuracy)
+        finish_report(run, config, None, finetuned=accuracy, plan=plan)
     _say(f"{_accuracy_line(accuracy)} after {result.epochs_run} epochs; "
           f"checkpoints in {run.path}")
 

@@ -137,8 +137,10 @@ def read_finetuned(found: RunModel, plan: dict[str, Any]) -> dict[str, torch.Ten
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise CheckpointError(f"'{found.weights}' is not a cdprune fine-tuning checkpoint "
                               "(no 'model' entry); fine-tune again")
-    made_from = ((obj.get("extra") or {}).get("plan") or {}).get("steps")
-    if made_from is not None and made_from != plan.get("steps"):
+    origin = (obj.get("extra") or {}).get("plan") or {}
+    made_from = origin.get("steps")
+    if (made_from is not None and made_from != plan.get("steps")) \
+            or origin.get("masked") != plan.get("masked"):
         raise CheckpointError(f"'{found.weights}' was fine-tuned from another pruned model "
                               f"than '{found.pruned_dir}'; point --model-dir at the run that "
                               "wrote it")

@@ -232,6 +232,7 @@ TAPS = ("conv", "act")
 NORMALIZE = ("none", "max", "mean")
 SCOPES = ("auto", "internal", "all")
 ALLOCATIONS = ("global", "uniform", "latency")
+PRUNE_MODES = ("mask", "remove")
 
 
 @dataclass
@@ -252,7 +253,9 @@ class StatsConfig:
     normalize: str | None = option(None, "per-layer score scaling before the global ranking "
                                    "(default: none)", choices=NORMALIZE)
     variant: str | None = option(None, "force every CDP option (tap, documents, normalize, "
-                                 "allocation) to the published code's", choices=("published",))
+                                 "allocation) to the published code's, and select as it does: "
+                                 "one ranking of every Conv2d filter, masked (--prune-mode)",
+                                 choices=("published",))
 
     def validate(self) -> None:
         """Check every value; raise :class:`OptionError` naming the first bad one."""
@@ -299,6 +302,15 @@ class PruneConfig:
         None, "re-estimate BatchNorm statistics on N training images after pruning (before "
         "fine-tuning); reported as its own accuracy row", positive=True, metavar="N")
     no_eval: bool = option(False, "do not evaluate the base and pruned models after pruning")
+    prune_mode: str | None = option(
+        None, "remove: cut the filters out physically (default); mask: keep the architecture "
+        "and hold the removed filters' weights at zero through fine-tuning, the published "
+        "code's network (default with --variant published)", choices=PRUNE_MODES)
+
+    def resolved_mode(self, variant: str | None) -> str:
+        """The prune mode in force: the one given, else ``mask`` for the published variant
+        and ``remove`` for every other."""
+        return self.prune_mode or ("mask" if variant == "published" else "remove")
 
     def validate(self, *, need_target: bool = False) -> None:
         """Check every value; raise :class:`OptionError` naming the first bad one.

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .distributed import barrier
-from .errors import ConfigError
+from .errors import CdpruneError, ConfigError
 from .fileio import atomic_write_text
 from .modeldir import (  # noqa: F401
     load_model_dir,
@@ -178,22 +178,34 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     kwargs = dict(ignored_layers=stage.ignore_layers or None, scope=stage.scope,
                   max_layer_pruning=stage.max_layer_pruning, round_to=stage.round_to,
                   **options["prune"])
-    reduction = stage.macs_reduction
-    if stage.macs_target is not None:
-        reduction = _reduction_for_target(config, model, scores, example, kwargs)
-    latency = None
-    if stage.latency_reduction is not None or options["prune"].get("allocation") == "latency":
-        from .latency import LatencySettings
+    mode = stage.resolved_mode(config.get("variant"))
+    if config.get("variant") == "published":
+        result, extra = _published_prune(config, stage, model, scores, example, mode)
+    else:
+        reduction = stage.macs_reduction
+        if stage.macs_target is not None:
+            reduction = _reduction_for_target(config, model, scores, example, kwargs)
+        latency = None
+        if stage.latency_reduction is not None or options["prune"].get("allocation") == "latency":
+            from .latency import LatencySettings
 
-        latency = LatencySettings(batch_size=stage.latency_batch,
-                                  device="cuda" if device.type == "cuda" else "cpu")
-    result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
-                   macs_reduction=reduction, latency_reduction=stage.latency_reduction,
-                   latency=latency, **kwargs)
+            latency = LatencySettings(batch_size=stage.latency_batch,
+                                      device="cuda" if device.type == "cuda" else "cpu")
+        result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
+                       macs_reduction=reduction, latency_reduction=stage.latency_reduction,
+                       latency=latency, **kwargs)
+        extra = {}
+        if mode == "mask":  # the same filters, masked in the whole architecture
+            from .pruning.masking import masked_result, removed_by_plan
+
+            result = masked_result(model, removed_by_plan(result.plan, result.widths_before),
+                                   example_inputs=example, target=result.plan.get("target"))
     summary = result.summary()
+    summary.update(extra)
     if "latency" in result.extra:
         summary["latency"] = result.extra["latency"]
     summary.update(macs_conventions(model, result, example))
+    summary.update(_mask_costs(model, result, example, mode))
     progress = not config.get("no_progress")
     evaluated = not (config.get("skip_eval") or config.get("no_eval"))
     if evaluated:
@@ -213,6 +225,10 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
         if evaluated:
             summary["acc_recalibrated"] = _metric(evaluate(result.model, data.val,
                                                            device=device, progress=progress))
+    from .pruning.masking import removed_by_plan
+
+    result.plan["removed_filters"] = removed_by_plan(result.plan, result.widths_before)
+    summary["removed_by_layer"] = result.plan["removed_filters"]
     if save_stats:
         write_stats(run, config, stats)
     if run.main:
@@ -229,6 +245,76 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
         atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
     barrier()
     return summary
+
+
+def _published_prune(config: Mapping[str, Any], stage: PruneConfig, model: nn.Module,
+                     scores: Mapping[str, torch.Tensor], example: torch.Tensor, mode: str
+                     ) -> tuple[Any, dict[str, Any]]:
+    """The published code's selection (one ranking of every Conv2d filter), masked or cut.
+
+    ``--sparsity`` is the published fraction of all filters; ``--macs-target`` (paper
+    convention) and ``--macs-reduction`` search that sparsity on the paper's count.
+    """
+    from .macs import paper_macs
+    from .pruning.masking import (
+        channel_cut,
+        masked_result,
+        published_search,
+        published_selection,
+    )
+    from .targets import parse_macs
+
+    if stage.latency_reduction is not None:
+        raise ConfigError("--variant published selects by sparsity or MACs, not by latency; "
+                          "drop --variant published or give --sparsity/--macs-target")
+    if stage.macs_target is not None and (config.get("macs_convention") or "physical") \
+            != "paper":
+        raise ConfigError("--variant published counts --macs-target as the published code "
+                          "does; add --macs-convention paper (or give --sparsity)")
+    if stage.sparsity is not None:
+        sparsity = stage.sparsity
+        removed = published_selection(scores, sparsity)
+    else:
+        if stage.macs_target is not None:
+            target = parse_macs(stage.macs_target)
+        else:
+            target = round(paper_macs(model, {}, example_inputs=example)
+                           * (1 - float(stage.macs_reduction)))
+        sparsity, removed = published_search(model, scores, target, example_inputs=example)
+    goal = {"sparsity": stage.sparsity, "macs_target": stage.macs_target,
+            "macs_reduction": stage.macs_reduction, "published_sparsity": sparsity}
+    if mode == "mask":
+        result = masked_result(model, removed, example_inputs=example, target=goal)
+    else:
+        result = channel_cut(model, removed, example_inputs=example)
+        result.plan["target"] = goal
+        result.plan["published_masks"] = removed
+    return result, {"published_sparsity": sparsity, "prune_mode": mode,
+                    "selected_filters": sum(map(len, removed.values()))}
+
+
+def _mask_costs(model: nn.Module, result: Any, example: torch.Tensor, mode: str
+                ) -> dict[str, Any]:
+    """For a masked network: what a plain channel cut of its masks would run at, and the
+    slot of the compact network's numbers (filled where compaction exists)."""
+    if mode != "mask":
+        return {"prune_mode": mode}
+    from .pruning.masking import channel_cut
+
+    cut = channel_cut(model, result.plan["masked"], example_inputs=example)
+    return {"prune_mode": "mask", "macs_masked_runs": result.macs_after,
+            "macs_channel_cut": cut.macs_after, "params_channel_cut": cut.params_after,
+            "compact": compact_summary(model, result)}
+
+
+def compact_summary(model: nn.Module, result: Any) -> dict[str, Any] | None:
+    """Numbers of the compact (deployable) network of a masked pruning, or None.
+
+    The compact network removes every masked filter physically and carries the masked
+    channels' constants in biases. This version has no compaction, so the report says so
+    instead of showing figures.
+    """
+    return None
 
 
 def _reduction_for_target(config: Mapping[str, Any], model: nn.Module, scores: Any,
@@ -272,7 +358,8 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                        output_dir=run.path,
                        device=_device(config), resume=bool(config.get("resume")),
                        extra_state={"plan": dict(plan)} if plan else None,
-                       progress=not config.get("no_progress"))
+                       progress=not config.get("no_progress"),
+                       masks=(plan or {}).get("masked"))
     if result.history and run.main:
         plot_training(run.path / "training.png", result.history)
     return result
@@ -321,10 +408,14 @@ def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | 
 
 def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,
                   finetuned: float | Mapping[str, float] | None = None,
-                  latency: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+                  latency: Mapping[str, Any] | None = None,
+                  plan: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``report.json``/``report.md`` for what the run did (rank 0 only).
 
-    ``finetuned`` is a top-1 or the mapping of :func:`finetune_accuracy`.
+    ``finetuned`` is a top-1 or the mapping of :func:`finetune_accuracy`. The filters
+    removed (or masked), ``{conv: original indices}``, go under ``removed_filters``: from
+    the pruning ``summary``, else from the pruned model's ``plan`` (or the run's
+    ``pruned/plan.json``).
     """
     if not run.main:
         return run.path / "report.json", run.path / "report.md"
@@ -339,12 +430,29 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
     elif finetuned is not None and not math.isnan(finetuned):
         accuracy["finetuned"] = finetuned
     plots = [p.name for p in sorted(run.path.glob("*.png"))]
+    pruning = dict(summary) if summary else None
+    removed = pruning.pop("removed_by_layer", None) if pruning else None
+    if removed is None:
+        removed = _removed_of_run(run, config, plan)
     return write_report(run.path, {
         "title": f"{config.get('model')} on {config.get('dataset')}",
-        "pruning": dict(summary) if summary else None, "accuracy": accuracy,
+        "pruning": pruning, "removed_filters": removed, "accuracy": accuracy,
         "latency": dict(latency or {}), "config": dict(config), "plots": plots,
         "environment": environment(), "seed": config.get("seed"),
     })
+
+
+def _removed_of_run(run: RunDir, config: Mapping[str, Any], plan: Mapping[str, Any] | None
+                    ) -> dict[str, list[int]] | None:
+    """The ``removed_filters`` a pruned model recorded, when the report has no summary."""
+    if plan is None:
+        from .pruning import read_plan
+
+        try:
+            plan = read_plan(pruned_dir(config.get("model_dir") or run.path))
+        except (OSError, CdpruneError):
+            return None
+    return plan.get("removed_filters")
 
 
 @contextmanager
