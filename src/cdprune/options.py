@@ -233,6 +233,7 @@ NORMALIZE = ("none", "max", "mean")
 SCOPES = ("auto", "internal", "all")
 ALLOCATIONS = ("global", "uniform", "latency")
 PRUNE_MODES = ("mask", "remove")
+STATS_SAMPLES = ("random", "first")
 
 
 @dataclass
@@ -252,6 +253,13 @@ class StatsConfig:
                              "BatchNorm (default), or after BatchNorm and ReLU", choices=TAPS)
     normalize: str | None = option(None, "per-layer score scaling before the global ranking "
                                    "(default: none)", choices=NORMALIZE)
+    stats_augment: bool = option(False, "read statistics from augmented training images "
+                                 "(random crop and flip, seeded), as the published code does")
+    stats_sample: str = option("random", "which training images the statistics read: a "
+                               "seeded random sample, or the first ones in dataset order (the "
+                               "published ImageNet code's class-limited sample: 200 unshuffled "
+                               "batches of class-sorted folders cover about 20 classes)",
+                               choices=STATS_SAMPLES)
     variant: str | None = option(None, "force every CDP option (tap, documents, normalize, "
                                  "allocation) to the published code's, and select as it does: "
                                  "one ranking of every Conv2d filter, masked (--prune-mode)",

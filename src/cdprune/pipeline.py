@@ -80,20 +80,30 @@ def cdp_options(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> ActivationStats:
     """Collect the activation statistics the config asks for; nothing is written."""
-    from .stats import collect_stats
-
     device = _device(config)
     model.to(device)
     started = time.perf_counter()
     # build_data already sampled stop_batch batches of images (split across ranks under
-    # torchrun), so the loader is used whole.
-    stats = collect_stats(model, data.stats, **cdp_options(config)["stats"],
+    # torchrun), so the loader is used whole. Augmented statistics (--stats-augment) draw
+    # their crops and flips from the seed, not from the generator's state so far.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(config.get("seed") or 0))
+        stats = _collect(config, data, model, device)
+    stats.meta.update(model=config["model"], dataset=config["dataset"],
+                      seconds=round(time.perf_counter() - started, 2),
+                      stats_augment=bool(config.get("stats_augment")),
+                      stats_sample=config.get("stats_sample") or "random")
+    return stats
+
+
+def _collect(config: Mapping[str, Any], data: Data, model: nn.Module, device: torch.device
+             ) -> ActivationStats:
+    from .stats import collect_stats
+
+    return collect_stats(model, data.stats, **cdp_options(config)["stats"],
                           num_classes=data.num_classes, device=device,
                           dtype=torch.float16 if config.get("stats_dtype") == "float16"
                           else torch.float32, progress=not config.get("no_progress"))
-    stats.meta.update(model=config["model"], dataset=config["dataset"],
-                      seconds=round(time.perf_counter() - started, 2))
-    return stats
 
 
 def write_stats(run: RunDir, config: Mapping[str, Any], stats: ActivationStats) -> Path:
