@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> None:
                "seconds_per_epoch": round(seconds / max(1, res.epochs_run), 1),
                "compact": None}
         if masks is not None and compact is not None:
-            small = compact(copy.deepcopy(net).eval(), masks)
+            out = compact(copy.deepcopy(net).eval(), masks, input_size=(3, 32, 32))
+            small = out[0] if isinstance(out, tuple) else out
             row["compact"] = {"macs": count_macs(small, input_size=(3, 32, 32)),
                               "params": count_params(small),
                               "acc": evaluate(small, val, progress=False).top1}

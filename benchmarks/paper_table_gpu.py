@@ -215,7 +215,8 @@ def compact_numbers(run: Path, data: Path) -> dict[str, Any] | None:
     from cdprune.macs import count_macs
 
     model = load_run_model(run, "final")
-    small = fn(model.eval(), report["removed_filters"])
+    out = fn(model.eval(), report["removed_filters"], input_size=(3, 32, 32))
+    small = out[0] if isinstance(out, tuple) else out
     cfg = report["config"]
     test = build_dataset("cifar10", data, train=False, mean=cfg.get("mean"),
                          std=cfg.get("std"))

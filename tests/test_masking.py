@@ -218,3 +218,29 @@ def test_remove_mode_reports_the_removed_filters_in_original_numbering(tmp_path,
         width = report["pruning"]["widths_before"][name]
         assert sorted(set(plan["kept"][name]) | set(idxs)) == list(range(width))
         assert report["pruning"]["widths_after"][name] == width - len(idxs)
+
+
+def test_the_compact_networks_numbers_come_from_compaction_where_it_exists(monkeypatch):
+    """The report's compact row: None (said as such) without compaction, measured with it."""
+    import cdprune.pruning as pruning
+    from cdprune.pipeline import compact_summary
+
+    model = SmallNet().eval()
+    example = torch.randn(2, 3, 8, 8)
+    result = masked_result(model, {"conv3": [0, 1, 2, 3]}, example_inputs=example)
+    monkeypatch.delattr(pruning, "compact", raising=False)
+    assert compact_summary(model, result, example) is None
+    seen = {}
+
+    def compact(masked, removed, *, example_inputs):
+        seen["removed"] = removed
+        small = copy.deepcopy(masked)
+        small.conv3 = nn.Conv2d(8, 12, 1, bias=False)
+        small.bn3 = nn.BatchNorm2d(12)
+        small.fc = nn.Linear(12, 4)
+        return small, None
+
+    monkeypatch.setattr(pruning, "compact", compact, raising=False)
+    numbers = compact_summary(model, result, example)
+    assert seen["removed"] == {"conv3": [0, 1, 2, 3]}
+    assert numbers["macs"] < result.macs_after and numbers["params"] < result.params_after

@@ -314,17 +314,33 @@ def _mask_costs(model: nn.Module, result: Any, example: torch.Tensor, mode: str
     cut = channel_cut(model, result.plan["masked"], example_inputs=example)
     return {"prune_mode": "mask", "macs_masked_runs": result.macs_after,
             "macs_channel_cut": cut.macs_after, "params_channel_cut": cut.params_after,
-            "compact": compact_summary(model, result)}
+            "compact": compact_summary(model, result, example)}
 
 
-def compact_summary(model: nn.Module, result: Any) -> dict[str, Any] | None:
-    """Numbers of the compact (deployable) network of a masked pruning, or None.
+def compact_summary(model: nn.Module, result: Any, example: torch.Tensor
+                    ) -> dict[str, Any] | None:
+    """MACs and parameters of the compact (deployable) network of a masked pruning.
 
     The compact network removes every masked filter physically and carries the masked
-    channels' constants in biases. This version has no compaction, so the report says so
-    instead of showing figures.
+    channels' constants in biases (``cdprune.pruning.compact``). Its size depends on the
+    masks alone, so it is measured here, before fine-tuning. Where this cdprune has no
+    compaction, None: the report then says the compact network was not built, and shows
+    no figure in its place.
     """
-    return None
+    from . import pruning
+
+    compact = getattr(pruning, "compact", None)
+    if not callable(compact):
+        return None
+    from .macs import count_macs, count_params
+
+    out = compact(result.model, result.plan["masked"], example_inputs=example)
+    small, info = out if isinstance(out, tuple) else (out, None)
+    summary: dict[str, Any] = {"macs": count_macs(small, example_inputs=example[:1]),
+                               "params": count_params(small)}
+    if info is not None and hasattr(info, "to_dict"):
+        summary["info"] = info.to_dict()
+    return summary
 
 
 def _reduction_for_target(config: Mapping[str, Any], model: nn.Module, scores: Any,
