@@ -244,3 +244,19 @@ def test_the_compact_networks_numbers_come_from_compaction_where_it_exists(monke
     numbers = compact_summary(model, result, example)
     assert seen["removed"] == {"conv3": [0, 1, 2, 3]}
     assert numbers["macs"] < result.macs_after and numbers["params"] < result.params_after
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"round_to": 8, "sparsity": 0.3}, "--round-to"),
+    ({"ignore_layers": ["conv2"], "sparsity": 0.3}, "--ignore-layers"),
+    ({"macs_target": "100K"}, "--macs-convention paper"),
+    ({"latency_reduction": 0.3}, "latency"),
+])
+def test_published_variant_refuses_options_it_cannot_honour(options, needle):
+    from cdprune.options import PruneConfig
+    from cdprune.pipeline import _published_prune
+
+    model = SmallNet().eval()
+    with pytest.raises(ConfigError, match=needle):
+        _published_prune({"macs_convention": "physical"}, PruneConfig(**options), model,
+                         random_scores(model), torch.randn(2, 3, 8, 8), "mask")

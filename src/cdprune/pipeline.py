@@ -29,7 +29,7 @@ from .modeldir import (  # noqa: F401
     model_dir_defaults,
     pruned_dir,
 )
-from .options import PruneConfig
+from .options import PruneConfig, flag
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
 from .runsetup import (  # noqa: F401
@@ -277,6 +277,11 @@ def _published_prune(config: Mapping[str, Any], stage: PruneConfig, model: nn.Mo
     if stage.latency_reduction is not None:
         raise ConfigError("--variant published selects by sparsity or MACs, not by latency; "
                           "drop --variant published or give --sparsity/--macs-target")
+    for key, value in (("ignore_layers", stage.ignore_layers), ("round_to", stage.round_to)):
+        if value:  # the published ranking has neither; silently dropping them would mislead
+            raise ConfigError(f"{flag(key)} does not apply to --variant published, which "
+                              "ranks every Conv2d filter as the published code does; drop "
+                              f"{flag(key)} or --variant published")
     if stage.macs_target is not None and (config.get("macs_convention") or "physical") \
             != "paper":
         raise ConfigError("--variant published counts --macs-target as the published code "
