@@ -252,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint is None or args.data_root is None:
             parser.error("--checkpoint and --data-root are required")
         torch.set_num_threads(args.threads)
-        meta = vars(args) | {"machine": machine(),
-                             "command": "python benchmarks/paper_network.py " + shlex.join(
-                                 argv if argv is not None else sys.argv[1:])}
+        command = "python benchmarks/paper_network.py " + shlex.join(
+            argv if argv is not None else sys.argv[1:])
+        meta = vars(args) | {"machine": machine(), "command": command}
+        old = args.out / "meta.json"
+        if old.is_file():  # configurations run as separate processes into one table
+            before = json.loads(old.read_text()).get("command", "")
+            if command not in before.splitlines():
+                meta["command"] = before + "\n" + command
         atomic_write_text(args.out / "meta.json",
                           json.dumps(meta, indent=1, default=str) + "\n")
         run(args)

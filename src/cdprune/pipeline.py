@@ -177,6 +177,9 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
 
     data = data or build_data(config, need_train=False, need_stats=False)
     model = model or build_model(config, data.num_classes)
+    # Pruning traces and counts on the CPU with a CPU example batch: a model the
+    # statistics left on a GPU comes back first (evaluation moves it again).
+    model.cpu()
     if stats is None:
         stats = load_stats(config, model, stats_path or config.get("stats")
                            or run.path / "stats.safetensors")

@@ -20,6 +20,8 @@ module types taught to it), :mod:`.layouts` (the splits and reshapes it misreads
 again from the traced forward pass), :mod:`.groups` (candidates of coupled channels),
 :mod:`.search` (the ranking and the target search), :mod:`.surgery` (cutting channels
 out), :mod:`.plan` (the plan and pruned models on disk), :mod:`.core` (:func:`prune`).
+:mod:`.masking` builds the published code's network instead: its selection over every
+convolution, masked rather than removed, and what a plain channel cut of the masks saves.
 """
 
 from __future__ import annotations
