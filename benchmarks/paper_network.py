@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
     test = build_dataset("cifar10", args.data_root, train=False, mean=mean, std=std)
     val = device_batches_from(test, 500, shuffle=False)
     train_set = build_dataset("cifar10", args.data_root, train=True, mean=mean, std=std)
-    if args.train_images:  # a quick look only; the study uses every training image
+    if args.train_images:  # fewer images than the protocol's 50,000: the table says so
         train_set = subset(train_set, args.train_images, args.seed)
     base_acc = evaluate(model, val, progress=False).top1
     pruned = prune_all(args, model, mean, std)
@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> None:
         acc_pruned = evaluate(net, val, progress=False).top1
         train = device_batches_from(train_set, args.batch_size, shuffle=True, seed=args.seed)
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
-                          batch_size=args.batch_size, weight_decay=args.weight_decay)
+                          batch_size=args.batch_size, weight_decay=args.weight_decay,
+                          eval_every=args.eval_every)
         masks = entry["removed"] if name == "published-masked" else None
         start = time.perf_counter()
         res = fine_tune(net, train, val, cfg, progress=False, masks=masks,
@@ -155,7 +156,8 @@ def run(args: argparse.Namespace) -> None:
                "published_sparsity": entry["sparsity"], "acc_base": base_acc,
                "acc_pruned": acc_pruned, "acc_final": res.final_acc,
                "acc_best_on_test": res.best_acc,
-               "curve": [round(h["val_top1"], 2) for h in res.history],
+               "curve": [round(h["val_top1"], 2) for h in res.history
+                         if h["val_top1"] is not None],
                "seconds": round(seconds, 1),
                "seconds_per_epoch": round(seconds / max(1, res.epochs_run), 1),
                "compact": None}
@@ -186,9 +188,12 @@ def summarise(out: Path) -> str:
              "",
              f"Base model top-1: {base.get('acc_base', float('nan')):.2f}%, "
              f"{base.get('macs_before', 0) / 1e6:.2f}M MACs. One run per row (seed "
-             f"{meta.get('seed', 0)}); accuracy is test top-1 after {meta.get('epochs')} "
-             "epochs over all 50,000 training images (final epoch; the best epoch, chosen on "
-             "the test set, in brackets).", "",
+             f"{meta.get('seed', 0)}); accuracy is test top-1 on all 10,000 test images after "
+             f"{meta.get('epochs')} epochs over "
+             + (f"a seeded sample of {meta['train_images']:,} training images (NOT the "
+                "50,000 of the protocol)" if meta.get("train_images")
+                else "all 50,000 training images")
+             + " (final epoch; the best epoch, chosen on the test set, in brackets).", "",
              "Recipe: CDP statistics as published (tap before BatchNorm, every image a "
              f"document) from {meta.get('stats_images')} seeded crop-and-flip training "
              "images; every configuration pruned to the same MACs in the paper's counting "
@@ -242,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-images", type=int, default=None,
-                        help="fine-tune on a sample of this many images (smoke test)")
+                        help="fine-tune on a seeded sample of this many training images "
+                        "(default: all 50,000)")
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="test every N epochs (and after the last)")
     parser.add_argument("--title", default=None)
     parser.add_argument("--summary", action="store_true",
                         help="only rewrite paper_network.md")
