@@ -92,7 +92,10 @@ def test_cdp_options_reach_every_stage_and_published_pins_them(tmp_path, capsys)
     assert all(torch.equal(published[k], expected[k]) for k in expected)
     plans = {n: json.loads((tmp_path / n / "p" / "pruned" / "plan.json").read_text())
              for n in "vp"}
-    assert plans["v"]["allocation"] == "uniform" and plans["p"]["allocation"] == "global"
+    assert plans["v"]["allocation"] == "uniform"
+    # published: the published code's network, every conv filter ranked and masked
+    assert plans["p"]["mode"] == "mask" and plans["p"]["steps"] == []
+    assert sum(map(len, plans["p"]["masked"].values())) == 80 - int(80 * 0.5) + 1
     # uniform: every layer keeps about half of its filters
     widths = {"conv1": 16, "conv2": 32, "conv3": 32}
     fractions = [len(plans["v"]["kept"][k]) / w for k, w in widths.items()]

@@ -33,10 +33,19 @@ def test_every_row_of_the_table_has_a_valid_recipe(name):
     assert config["model"] == model
     assert parse_macs(config["macs_target"]) == round(macs)
     assert config["macs_convention"] == "paper" and config["variant"] == "published"
+    assert config["prune_mode"] == "mask"  # the published code's network
     assert config["lr_schedule"] == "cosine" and config["momentum"] == 0.9
     if name.startswith("cifar10/"):
         assert (config["epochs"], config["lr"], config["weight_decay"], config["batch_size"],
                 config["cutout"]) == (300, 0.1, 5e-4, 512, True)
+        # The published statistics and normalisation, pinned.
+        assert config["stats_augment"] is True
+        assert (config["mean"], config["std"]) == ([0.4914, 0.4822, 0.4465],
+                                                   [0.2471, 0.2435, 0.2616])
+        assert "Lands on published sparsity" in (CONFIGS / name).read_text()
+    else:
+        assert config["stats_augment"] is False and config["stats_sample"] == "random"
+        assert "stats_sample: first" in (CONFIGS / name).read_text()
     assert sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")) \
         == sorted(TABLE)
 
@@ -66,3 +75,12 @@ def test_a_shortened_recipe_runs_end_to_end(tmp_path, monkeypatch, capsys):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["cutout"] is True and config["batch_size"] == 16
     assert "paper's mask convention" in (out / "report.md").read_text()
+    # The published network: masks over every kind of convolution, listed per layer.
+    assert pruning["prune_mode"] == "mask" and pruning["macs_after"] == pruning["macs_before"]
+    removed = report["removed_filters"]
+    assert sum(map(len, removed.values())) == pruning["removed_filters"]
+    assert any(n.endswith(".conv2") for n in removed) and any(n.endswith(".conv1")
+                                                              for n in removed)
+    from cdprune import ActivationStats
+
+    assert ActivationStats.load(out / "stats.safetensors").meta["stats_augment"] is True

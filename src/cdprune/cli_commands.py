@@ -69,6 +69,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
          f"{n(summary['params_before'])} -> {n(summary['params_after'])}")
     if summary.get("macs_paper_after"):
         _say(f"MACs in the paper's mask convention: {n(summary['macs_paper_after'])}")
+    if summary.get("prune_mode") == "mask":
+        sparsity = summary.get("published_sparsity")
+        _say(f"{summary['removed_filters']} filters masked"
+             + (f" (published sparsity {sparsity})" if sparsity is not None else "")
+             + f"; the masked network runs at {n(summary['macs_after'])} MACs, a plain "
+             f"channel cut of its masks at {n(summary.get('macs_channel_cut'))}")
     if "acc_base" in summary:
         _say(f"accuracy: base {summary['acc_base']:.2f}%, right after pruning "
              f"{summary['acc_pruned']:.2f}%" + (
@@ -118,7 +124,7 @@ def _cmd_finetune(config: dict[str, Any]) -> None:
         run.write_config(config)
         result = run_finetune(config, run, data=data, model=model, plan=plan)
         accuracy = finetune_accuracy(config, data, model, result)
-        finish_report(run, config, None, finetuned=accuracy)
+        finish_report(run, config, None, finetuned=accuracy, plan=plan)
     _say(f"{_accuracy_line(accuracy)} after {result.epochs_run} epochs; "
           f"checkpoints in {run.path}")
 

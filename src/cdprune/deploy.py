@@ -143,8 +143,9 @@ def read_finetuned(found: RunModel, plan: dict[str, Any]) -> dict[str, torch.Ten
     origin = extra.get("plan") if isinstance(extra, dict) else None
     origin = origin if isinstance(origin, dict) else {}
     made_from = origin.get("steps")
-    if made_from is not None and (made_from != plan.get("steps") or _masks(origin)
-                                  != _masks(plan)):
+    if (made_from is not None and (made_from != plan.get("steps")
+                                   or _masks(origin) != _masks(plan))) \
+            or origin.get("masked") != plan.get("masked"):
         raise CheckpointError(f"'{found.weights}' was fine-tuned from another pruned model "
                               f"than '{found.pruned_dir}'; point --model-dir at the run that "
                               "wrote it")

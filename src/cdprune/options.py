@@ -233,6 +233,8 @@ TAPS = ("conv", "act")
 NORMALIZE = ("none", "max", "mean")
 SCOPES = ("auto", "internal", "all")
 ALLOCATIONS = ("global", "uniform", "latency")
+PRUNE_MODES = ("mask", "remove")
+STATS_SAMPLES = ("random", "first")
 
 
 # What --variant published sets: an explicit other value is refused, never replaced.
@@ -264,9 +266,18 @@ class StatsConfig:
                              "BatchNorm (default), or after BatchNorm and ReLU", choices=TAPS)
     normalize: str | None = option(None, "per-layer score scaling before the global ranking "
                                    "(default: none)", choices=NORMALIZE)
+    stats_augment: bool = option(False, "read statistics from augmented training images "
+                                 "(random crop and flip, seeded), as the published code does")
+    stats_sample: str = option("random", "which training images the statistics read: a "
+                               "seeded random sample, or the first ones in dataset order (the "
+                               "published ImageNet code's class-limited sample: 200 unshuffled "
+                               "batches of class-sorted folders cover about 20 classes)",
+                               choices=STATS_SAMPLES)
     variant: str | None = option(None, "set every CDP option (tap, documents, normalize, "
-                                 "allocation) to the published code's; another value given "
-                                 "for one of them is refused", choices=("published",))
+                                 "allocation) to the published code's, and select as it does: "
+                                 "one ranking of every Conv2d filter, masked (--prune-mode); "
+                                 "another value given for one of them is refused",
+                                 choices=("published",))
 
     def validate(self) -> None:
         """Check every value; raise :class:`OptionError` naming the first bad one."""
@@ -315,6 +326,15 @@ class PruneConfig:
         None, "re-estimate BatchNorm statistics on N training images after pruning (before "
         "fine-tuning); reported as its own accuracy row", positive=True, metavar="N")
     no_eval: bool = option(False, "do not evaluate the base and pruned models after pruning")
+    prune_mode: str | None = option(
+        None, "remove: cut the filters out physically (default); mask: keep the architecture "
+        "and hold the removed filters' weights at zero through fine-tuning, the published "
+        "code's network (default with --variant published)", choices=PRUNE_MODES)
+
+    def resolved_mode(self, variant: str | None) -> str:
+        """The prune mode in force: the one given, else ``mask`` for the published variant
+        and ``remove`` for every other."""
+        return self.prune_mode or ("mask" if variant == "published" else "remove")
 
     def validate(self, *, need_target: bool = False) -> None:
         """Check every value; raise :class:`OptionError` naming the first bad one.

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .distributed import barrier
-from .errors import ConfigError
+from .errors import CdpruneError, ConfigError
 from .fileio import atomic_write_text
 from .modeldir import (  # noqa: F401
     load_model_dir,
@@ -28,7 +28,7 @@ from .modeldir import (  # noqa: F401
     model_dir_defaults,
     pruned_dir,
 )
-from .options import PruneConfig
+from .options import PruneConfig, flag
 from .progress import stage as logged_stage
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
@@ -120,21 +120,30 @@ def criterion_scores(config: Mapping[str, Any], model: nn.Module, data: Data,
 
 def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> ActivationStats:
     """Collect the activation statistics the config asks for; nothing is written."""
-    from .stats import collect_stats
-
     device = _device(config)
     model.to(device)
     started = time.perf_counter()
     # build_data already sampled stop_batch batches of images (split across ranks under
-    # torchrun), so the loader is used whole.
-    with logged_stage("statistics"):
-        stats = collect_stats(model, data.stats, **cdp_options(config)["stats"],
-                              num_classes=data.num_classes, device=device,
-                              dtype=torch.float16 if config.get("stats_dtype") == "float16"
-                              else torch.float32, progress=not config.get("no_progress"))
+    # torchrun), so the loader is used whole. Augmented statistics (--stats-augment) draw
+    # their crops and flips from the seed, not from the generator's state so far.
+    with torch.random.fork_rng(devices=[]), logged_stage("statistics"):
+        torch.manual_seed(int(config.get("seed") or 0))
+        stats = _collect(config, data, model, device)
     stats.meta.update(model=config["model"], dataset=config["dataset"],
-                      seconds=round(time.perf_counter() - started, 2))
+                      seconds=round(time.perf_counter() - started, 2),
+                      stats_augment=bool(config.get("stats_augment")),
+                      stats_sample=config.get("stats_sample") or "random")
     return stats
+
+
+def _collect(config: Mapping[str, Any], data: Data, model: nn.Module, device: torch.device
+             ) -> ActivationStats:
+    from .stats import collect_stats
+
+    return collect_stats(model, data.stats, **cdp_options(config)["stats"],
+                         num_classes=data.num_classes, device=device,
+                         dtype=torch.float16 if config.get("stats_dtype") == "float16"
+                         else torch.float32, progress=not config.get("no_progress"))
 
 
 def write_stats(run: RunDir, config: Mapping[str, Any], stats: ActivationStats) -> Path:
@@ -208,6 +217,9 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
 
     data = data or build_data(config, need_train=needs_batches(config), need_stats=False)
     model = model or build_model(config, data.num_classes)
+    # Pruning traces and counts on the CPU with a CPU example batch: a model the
+    # statistics left on a GPU comes back first (evaluation moves it again).
+    model.cpu()
     if stats is None and needs_stats(config):
         stats = load_stats(config, model, stats_path or config.get("stats")
                            or run.path / "stats.safetensors")
@@ -219,23 +231,36 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     kwargs = dict(ignored_layers=stage.ignore_layers or None, scope=stage.scope,
                   max_layer_pruning=stage.max_layer_pruning, round_to=stage.round_to,
                   **options["prune"])
-    reduction = stage.macs_reduction
-    if stage.macs_target is not None:
-        reduction = _reduction_for_target(config, model, scores, example, kwargs)
-    latency = None
-    if stage.latency_reduction is not None or options["prune"].get("allocation") == "latency":
-        from .latency import LatencySettings
+    mode = stage.resolved_mode(config.get("variant"))
+    if config.get("variant") == "published":
+        result, extra = _published_prune(config, stage, model, scores, example, mode)
+    else:
+        reduction = stage.macs_reduction
+        if stage.macs_target is not None:
+            reduction = _reduction_for_target(config, model, scores, example, kwargs)
+        latency = None
+        if stage.latency_reduction is not None or options["prune"].get("allocation") == "latency":
+            from .latency import LatencySettings
 
-        latency = LatencySettings(batch_size=stage.latency_batch,
-                                  device="cuda" if device.type == "cuda" else "cpu")
-    with logged_stage("pruning"):
-        result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
-                       macs_reduction=reduction, latency_reduction=stage.latency_reduction,
-                       latency=latency, **kwargs)
+            latency = LatencySettings(batch_size=stage.latency_batch,
+                                      device="cuda" if device.type == "cuda" else "cpu")
+        with logged_stage("pruning"):
+            result = prune(model, scores, example_inputs=example, sparsity=stage.sparsity,
+                           macs_reduction=reduction,
+                           latency_reduction=stage.latency_reduction, latency=latency,
+                           **kwargs)
+        extra = {}
+        if mode == "mask":  # the same filters, masked in the whole architecture
+            from .pruning.masking import masked_result, removed_by_plan
+
+            result = masked_result(model, removed_by_plan(result.plan, result.widths_before),
+                                   example_inputs=example, target=result.plan.get("target"))
     summary = {"criterion": stage.criterion, **result.summary()}
+    summary.update(extra)
     if "latency" in result.extra:
         summary["latency"] = result.extra["latency"]
     summary.update(macs_conventions(model, result, example))
+    summary.update(_mask_costs(model, result, example, mode))
     progress = not config.get("no_progress")
     evaluated = not (config.get("skip_eval") or config.get("no_eval"))
     if evaluated:
@@ -256,6 +281,10 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
         if evaluated:
             summary["acc_recalibrated"] = _metric(evaluate(result.model, data.val,
                                                            device=device, progress=progress))
+    from .pruning.masking import removed_by_plan
+
+    result.plan["removed_filters"] = removed_by_plan(result.plan, result.widths_before)
+    summary["removed_by_layer"] = result.plan["removed_filters"]
     if save_stats and stats is not None:
         write_stats(run, config, stats)
     if run.main:
@@ -278,6 +307,93 @@ def pruned_extra(config: Mapping[str, Any], data: Data) -> dict[str, Any]:
     if str(config["dataset"]).lower() == "folder" and data.classes:
         extra["classes"] = list(data.classes)
     return extra
+
+
+def _published_prune(config: Mapping[str, Any], stage: PruneConfig, model: nn.Module,
+                     scores: Mapping[str, torch.Tensor], example: torch.Tensor, mode: str
+                     ) -> tuple[Any, dict[str, Any]]:
+    """The published code's selection (one ranking of every Conv2d filter), masked or cut.
+
+    ``--sparsity`` is the published fraction of all filters; ``--macs-target`` (paper
+    convention) and ``--macs-reduction`` search that sparsity on the paper's count.
+    """
+    from .macs import paper_macs
+    from .pruning.masking import (
+        channel_cut,
+        masked_result,
+        published_search,
+        published_selection,
+    )
+    from .targets import parse_macs
+
+    if stage.latency_reduction is not None:
+        raise ConfigError("--variant published selects by sparsity or MACs, not by latency; "
+                          "drop --variant published or give --sparsity/--macs-target")
+    for key, value in (("ignore_layers", stage.ignore_layers), ("round_to", stage.round_to)):
+        if value:  # the published ranking has neither; silently dropping them would mislead
+            raise ConfigError(f"{flag(key)} does not apply to --variant published, which "
+                              "ranks every Conv2d filter as the published code does; drop "
+                              f"{flag(key)} or --variant published")
+    if stage.macs_target is not None and (config.get("macs_convention") or "physical") \
+            != "paper":
+        raise ConfigError("--variant published counts --macs-target as the published code "
+                          "does; add --macs-convention paper (or give --sparsity)")
+    if stage.sparsity is not None:
+        sparsity = stage.sparsity
+        removed = published_selection(scores, sparsity)
+    else:
+        if stage.macs_target is not None:
+            target = parse_macs(stage.macs_target)
+        else:
+            target = round(paper_macs(model, {}, example_inputs=example)
+                           * (1 - float(stage.macs_reduction)))
+        sparsity, removed = published_search(model, scores, target, example_inputs=example)
+    goal = {"sparsity": stage.sparsity, "macs_target": stage.macs_target,
+            "macs_reduction": stage.macs_reduction, "published_sparsity": sparsity}
+    if mode == "mask":
+        result = masked_result(model, removed, example_inputs=example, target=goal)
+    else:
+        result = channel_cut(model, removed, example_inputs=example)
+        result.plan["target"] = goal
+        result.plan["published_masks"] = removed
+    return result, {"published_sparsity": sparsity, "prune_mode": mode,
+                    "selected_filters": sum(map(len, removed.values()))}
+
+
+def _mask_costs(model: nn.Module, result: Any, example: torch.Tensor, mode: str
+                ) -> dict[str, Any]:
+    """For a masked network: what a plain channel cut of its masks would run at, and the
+    slot of the compact network's numbers (filled where compaction exists)."""
+    if mode != "mask":
+        return {"prune_mode": mode}
+    from .pruning.masking import channel_cut
+
+    cut = channel_cut(model, result.plan["masked"], example_inputs=example)
+    return {"prune_mode": "mask", "macs_masked_runs": result.macs_after,
+            "macs_channel_cut": cut.macs_after, "params_channel_cut": cut.params_after,
+            "compact": compact_summary(model, result, example)}
+
+
+def compact_summary(model: nn.Module, result: Any, example: torch.Tensor) -> dict[str, Any]:
+    """MACs and parameters of the compact (deployable) network of a masked pruning.
+
+    The compact network removes every masked filter physically and carries the masked
+    channels' constants in biases (:func:`~cdprune.pruning.compact`). Its size depends on
+    the masks alone, so it is measured here, before fine-tuning. A model compaction does
+    not know gives ``{"unsupported": reason}``, which the report shows instead of a figure.
+    """
+    from .errors import UnsupportedModelError
+    from .macs import count_macs, count_params
+    from .pruning import compact
+
+    try:
+        small, info = compact(result.model, result.plan["masked"], example_inputs=example)
+    except UnsupportedModelError as exc:
+        name = type(model).__name__
+        return {"unsupported": f"compaction does not know {name} (see `cdprune compact`)",
+                "reason": str(exc)}
+    return {"macs": count_macs(small, example_inputs=example[:1]),
+            "params": count_params(small), "info": info.to_dict()}
 
 
 def _reduction_for_target(config: Mapping[str, Any], model: nn.Module, scores: Any,
@@ -323,7 +439,8 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                            output_dir=run.path,
                            device=_device(config), resume=bool(config.get("resume")),
                            extra_state={"plan": dict(plan)} if plan else None,
-                           progress=not config.get("no_progress"))
+                           progress=not config.get("no_progress"),
+                           masks=(plan or {}).get("masked"))
     if result.history and run.main:
         plot_training(run.path / "training.png", result.history)
     return result
@@ -450,10 +567,14 @@ def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | 
 
 def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,
                   finetuned: float | Mapping[str, float] | None = None,
-                  latency: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+                  latency: Mapping[str, Any] | None = None,
+                  plan: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``report.json``/``report.md`` for what the run did (rank 0 only).
 
-    ``finetuned`` is a top-1 or the mapping of :func:`finetune_accuracy`.
+    ``finetuned`` is a top-1 or the mapping of :func:`finetune_accuracy`. The filters
+    removed (or masked), ``{conv: original indices}``, go under ``removed_filters``: from
+    the pruning ``summary``, else from the pruned model's ``plan`` (or the run's
+    ``pruned/plan.json``).
     """
     if not run.main:
         return run.path / "report.json", run.path / "report.md"
@@ -469,10 +590,27 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
     elif finetuned is not None and not math.isnan(finetuned):
         accuracy["finetuned"] = finetuned
     plots = [p.name for p in sorted(run.path.glob("*.png"))]
+    pruning = dict(summary) if summary else None
+    removed = pruning.pop("removed_by_layer", None) if pruning else None
+    if removed is None:
+        removed = _removed_of_run(run, config, plan)
     return write_report(run.path, {
         "title": f"{config.get('model')} on {config.get('dataset')}",
-        "pruning": dict(summary) if summary else None, "accuracy": accuracy,
+        "pruning": pruning, "removed_filters": removed, "accuracy": accuracy,
         "latency": dict(latency or {}), "config": dict(config), "plots": plots,
         "environment": environment(), "seed": config.get("seed"),
     })
+
+
+def _removed_of_run(run: RunDir, config: Mapping[str, Any], plan: Mapping[str, Any] | None
+                    ) -> dict[str, list[int]] | None:
+    """The ``removed_filters`` a pruned model recorded, when the report has no summary."""
+    if plan is None:
+        from .pruning import read_plan
+
+        try:
+            plan = read_plan(pruned_dir(config.get("model_dir") or run.path))
+        except (OSError, CdpruneError):
+            return None
+    return plan.get("removed_filters")
 

@@ -111,6 +111,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
             if key in acc:
                 lines.append(f"| {label} | {_fmt_acc(acc[key])} |")
         lines.append("")
+    if prune.get("prune_mode") == "mask":
+        lines += _masked_lines(prune)
     if prune.get("macs_paper_after"):
         lines += ["Physical MACs count the network that runs; the paper's mask convention "
                   "(the CDP code's own counter) credits masked outputs of convolutions "
@@ -133,6 +135,34 @@ def _markdown(report: Mapping[str, Any]) -> str:
     if report.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _masked_lines(prune: Mapping[str, Any]) -> list[str]:
+    """The three costs of a masked network: as it runs, by the paper's count, and cut."""
+    compact = prune.get("compact")
+    lines = ["## Masked network", "",
+             f"{prune.get('removed_filters')} filters are masked (weights held at zero; "
+             "BatchNorm kept and trained), as the published code does"
+             + (f" at sparsity {prune['published_sparsity']}"
+                if prune.get("published_sparsity") is not None else "") + ".", "",
+             "| network | MACs | parameters |", "| --- | --- | --- |",
+             f"| masked, as it runs | {_fmt_m(prune.get('macs_masked_runs'))} | "
+             f"{_fmt_m(prune.get('params_after'))} |",
+             f"| masked, paper's count (every masked filter and its next conv's inputs "
+             f"credited) | {_fmt_m(prune.get('macs_paper_after'))} | - |",
+             f"| plain channel cut of the masks (physical) | "
+             f"{_fmt_m(prune.get('macs_channel_cut'))} | "
+             f"{_fmt_m(prune.get('params_channel_cut'))} |"]
+    if compact and compact.get("unsupported"):
+        lines.append(f"| compact network (physical) | not built: {compact['unsupported']} "
+                     "| - |")
+    elif compact:
+        lines.append(f"| compact network (physical) | {_fmt_m(compact.get('macs'))} | "
+                     f"{_fmt_m(compact.get('params'))} |")
+    lines += ["", "A plain channel cut removes a masked filter only where no other "
+              "convolution writes its channel: residual-output filters stay, so it runs at "
+              "more MACs than the paper's count.", ""]
+    return lines
 
 
 def write_report(directory: str | os.PathLike, report: Mapping[str, Any]) -> tuple[Path, Path]:

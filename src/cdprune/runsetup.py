@@ -228,14 +228,18 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
         train = build_loader(train_set, config["batch_size"], shuffle=True, workers=workers,
                              seed=seed, drop_last=single, distributed=distributed)
     if need_stats:
-        # Statistics read un-augmented training images, a seeded random sample of them.
-        stats_set = build_dataset(name, root, train=True, augment=False, **common)
+        # Statistics read a seeded random sample of the training images (or the first ones,
+        # --stats-sample first), un-augmented unless --stats-augment.
+        stats_set = build_dataset(name, root, train=True,
+                                  augment=bool(config.get("stats_augment")), **common)
         batch = config.get("stats_batch_size") or config["batch_size"]
         stop = config.get("stop_batch")
         if stop and stop * batch > len(stats_set):
             logger.warning("--stop-batch %d asks for %d batches of %d images, but the training "
                            "set has only %d images (%d batches); using all of them", stop, stop,
                            batch, len(stats_set), math.ceil(len(stats_set) / batch))
+        elif stop and config.get("stats_sample") == "first":
+            stats_set = torch.utils.data.Subset(stats_set, range(stop * batch))
         elif stop:
             stats_set = subset(stats_set, stop * batch, seed)
         stats = build_loader(stats_set, batch, shuffle=False, workers=workers, seed=seed,

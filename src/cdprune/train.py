@@ -25,11 +25,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -61,6 +61,9 @@ from .trainckpt import (
     seed_epoch,
 )
 from .trainconfig import TrainConfig, build_optimizer, build_scheduler, lr_factor
+
+if TYPE_CHECKING:
+    from .pruning.masking import FilterMasks
 
 __all__ = [
     "TrainConfig",
@@ -168,8 +171,8 @@ def _fast_loader(loader: Any, device: torch.device, config: TrainConfig) -> Any:
 def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                  scheduler: LambdaLR, scaler: torch.amp.GradScaler,
                  criterion: nn.Module, device: torch.device, config: TrainConfig,
-                 epoch: int, iteration: int, limit: int | None, progress: bool
-                 ) -> tuple[torch.Tensor, int]:
+                 epoch: int, iteration: int, limit: int | None, progress: bool,
+                 masks: FilterMasks | None = None) -> tuple[torch.Tensor, int]:
     """One pass over ``loader``; returns ``[loss_sum, correct, count]`` and the new iteration."""
     amp_dtype = _amp_dtype(config, device)
     autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None
@@ -192,11 +195,15 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
             loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if masks is not None:
+            masks.zero_grads()
         if config.clip_grad_norm is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        if masks is not None:
+            masks.after_step(optimizer)
         scheduler.step()
         iteration += 1
         n = targets.numel()
@@ -231,8 +238,8 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
               config: TrainConfig, *, output_dir: str | Path,
               device: torch.device | str | None = None, resume: bool = False,
               extra_state: Mapping[str, Any] | None = None, progress: bool = True,
-              callback: Callable[[dict[str, Any]], bool | None] | None = None
-              ) -> TrainResult:
+              callback: Callable[[dict[str, Any]], bool | None] | None = None,
+              masks: Mapping[str, Sequence[int]] | None = None) -> TrainResult:
     """Train ``model`` in place and checkpoint every epoch into ``output_dir``.
 
     Writes (rank 0 only) ``last.pth`` each epoch, ``best.pth`` when validation top-1
@@ -261,6 +268,10 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         progress: show a progress bar per epoch (rank 0 only).
         callback: called on every rank with each epoch's record after it is saved;
             returning True stops training (early stopping, time budgets).
+        masks: ``{conv name: filter indices}`` held at zero throughout (a masked
+            network, see :mod:`cdprune.pruning.masking`): their weights and conv bias are
+            zeroed before training and after every step, their gradients and momentum
+            kept at zero. Stored under ``"masks"`` in both checkpoints.
 
     Raises:
         ConfigError: invalid config or non-plain ``extra_state``.
@@ -272,6 +283,9 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
     if extra_state is not None:
         _check_plain(extra_state)
         extra_state = dict(extra_state)
+    if masks:
+        extra_state = {**(extra_state or {}),
+                       "masks": {str(k): [int(i) for i in v] for k, v in masks.items()}}
     try:
         iters_per_epoch = len(train_loader)
     except TypeError:
@@ -332,6 +346,13 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         history = list(state["history"])
         _set_rng_state(state["rng"])
 
+    held = None
+    if masks:
+        from .pruning.masking import FilterMasks
+
+        held = FilterMasks(model, masks)
+    if held is not None:
+        held.after_step(optimizer)  # zero from the start, resumed buffers included
     net: nn.Module = model
     if is_distributed():
         net = nn.parallel.DistributedDataParallel(
@@ -350,7 +371,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
             started = time.perf_counter()
             sums, iteration = _train_epoch(net, train_loader, optimizer, scheduler, scaler,
                                            criterion, device, config, epoch, iteration,
-                                           config.max_iters, progress)
+                                           config.max_iters, progress, held)
             train_time = time.perf_counter() - started
             broadcast_buffers(model)  # identical BatchNorm statistics on every rank
             loss_sum, correct, count = all_reduce_sum(sums).tolist()

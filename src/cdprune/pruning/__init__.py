@@ -22,13 +22,16 @@ again from the traced forward pass), :mod:`.groups` (candidates of coupled chann
 out), :mod:`.plan` (the plan and pruned models on disk), :mod:`.core` (:func:`prune`).
 :mod:`.compact` turns a masked network (filters zeroed, as the published code prunes)
 into a physically smaller one.
+:mod:`.masking` builds the published code's network instead: its selection over every
+convolution, masked rather than removed, and what a plain channel cut of the masks saves.
 """
 
 from __future__ import annotations
 
-from .compact import CompactInfo, ScatterBatchNorm2d, compact, mask_filters
+from .compact import CompactInfo, ScatterBatchNorm2d, compact
 from .core import ALLOCATIONS, SCOPES, PruneResult, conv_widths, prune
 from .graph import ChannelPruner, custom_pruners, register_pruner
+from .masking import mask_filters
 from .plan import PLAN_FORMAT, load_pruned, read_plan, save_compact, save_pruned
 
 __all__ = ["ALLOCATIONS", "PLAN_FORMAT", "SCOPES", "ChannelPruner", "CompactInfo",

@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from .masking import mask_filters
 
-__all__ = ["CompactInfo", "ScatterBatchNorm2d", "compact", "compact_structure",
-           "mask_filters"]
+__all__ = ["CompactInfo", "ScatterBatchNorm2d", "compact", "compact_structure"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,28 +186,6 @@ def _check_masks(model: nn.Module, removed: Mapping[str, Sequence[int]],
 
 
 @torch.no_grad()
-def mask_filters(model: nn.Module, removed_filters: Mapping[str, Sequence[int]]
-                 ) -> nn.Module:
-    """Zero the weights (and bias) of the given conv filters, in place; BatchNorm untouched.
-
-    This is the masked network that :func:`compact` takes: the published code's pruning.
-
-    Returns:
-        ``model``.
-    """
-    modules = dict(model.named_modules())
-    for name, idxs in removed_filters.items():
-        conv = modules.get(name)
-        if not isinstance(conv, nn.Conv2d):
-            raise ConfigError(f"removed_filters names '{name}', which is not a Conv2d of the "
-                              "model")
-        rows = torch.tensor(list(idxs), dtype=torch.long)
-        conv.weight[rows] = 0
-        if conv.bias is not None:
-            conv.bias[rows] = 0
-    return model
-
-
 def _constants(bn: nn.BatchNorm2d) -> torch.Tensor:
     """What an eval-mode BatchNorm emits per channel for an all-zero input."""
     shift = bn.running_mean / torch.sqrt(bn.running_var + bn.eps)

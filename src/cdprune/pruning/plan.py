@@ -24,12 +24,12 @@ from torch import nn
 from ..checkpoint import atomic_write_text, load_weights, save_weights
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..version import __version__
-from .compact import CompactInfo, compact_structure
 from .graph import _build_graph
 from .groups import _Candidate
 from .surgery import _prune_together
 
 if TYPE_CHECKING:
+    from .compact import CompactInfo
     from .core import PruneResult
 
 __all__ = ["PLAN_FORMAT", "load_pruned", "read_plan", "save_compact", "save_pruned"]
@@ -93,6 +93,9 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
 
 
 def _replay_compact(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+    # Imported here: compaction builds on the masked network, whose plans this module reads.
+    from .compact import compact_structure
+
     if plan["steps"]:
         raise CheckpointError("plan both removes channels and compacts masks; a compact "
                               "network is made from the masked base architecture only")
