@@ -182,6 +182,40 @@ class ShuffleBlock(nn.Module):
         return self.head(self.g2(self.dw(y)))
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+
+
+class ShuffleV2Unit(nn.Module):
+    """ShuffleNetV2's units as torchvision writes them: a downsampling unit (two branches
+    concatenated), then two units whose input is chunked in two, one half passed through,
+    the other through 1x1 -> depthwise 3x3 -> 1x1; each ends in a channel shuffle. Where a
+    shuffle feeds the next unit's chunk, Torch-Pruning's shape inference finds zero
+    channels after its ``view(b, -1, h, w)`` and divides by them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.down1 = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1, groups=16, bias=False),
+                                   nn.BatchNorm2d(16), cbr(16, 8))
+        self.down2 = nn.Sequential(cbr(16, 8), nn.Conv2d(8, 8, 3, 2, 1, groups=8, bias=False),
+                                   nn.BatchNorm2d(8), cbr(8, 8))
+        self.branches = nn.ModuleList(
+            nn.Sequential(cbr(8, 8), nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),
+                          nn.BatchNorm2d(8), cbr(8, 8)) for _ in range(2))
+        self.last = cbr(16, 24)
+        self.head = Head(24)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = channel_shuffle(torch.cat((self.down1(x), self.down2(x)), 1), 2)
+        for branch in self.branches:
+            x1, x2 = x.chunk(2, dim=1)
+            x = channel_shuffle(torch.cat((x1, branch(x2)), 1), 2)
+        return self.head(self.last(x))
+
+
 class StdConv(nn.Conv2d):
     """Weight-standardised conv as in NF-Nets: each filter renormalised over its inputs,
     times a learned gain that passes through ``view(-1)``."""
@@ -301,7 +335,7 @@ class InceptionNeXtStage(nn.Module):
 NETS = {"grouped_after_concat": GroupedAfterConcat, "resnext": ResNeXtBlock,
         "res2net": Res2NetBlock, "csp": CSPBlock, "ghost": GhostBlock,
         "ghost_residual": GhostResidual, "ghost_odd_slice": GhostOddSlice, "dense": DenseBlock,
-        "se": SEBlock, "shuffle": ShuffleBlock, "selective_kernel": SKBlock,
+        "se": SEBlock, "shuffle": ShuffleBlock, "shuffle_v2": ShuffleV2Unit, "selective_kernel": SKBlock,
         "mixed_conv": MixNetBlock, "mixed_conv_pointwise": lambda: MixNetBlock(False),
         "inception_next": InceptionNeXtStage}
 

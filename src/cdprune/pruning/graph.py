@@ -20,7 +20,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..evaluate import eval_mode
-from .layouts import REGROUPING, SPLIT, _fix_splits, _mark_regroupings, _Tracer
+from .layouts import (
+    REGROUPING,
+    SPLIT,
+    _fix_splits,
+    _mark_regroupings,
+    _tolerant_reshape_mapping,
+    _Tracer,
+)
 
 __all__ = ["ChannelPruner", "custom_pruners", "register_pruner"]
 
@@ -79,7 +86,8 @@ def auto_scope(model: nn.Module) -> str:
 # ---------------------------------------------------------------------- dependency graph
 def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
-    with eval_mode(model), torch.enable_grad(), _Tracer() as tracer:
+    with eval_mode(model), torch.enable_grad(), _Tracer() as tracer, \
+            _tolerant_reshape_mapping():
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, customized_pruners=custom_pruners(),
             verbose=False)

@@ -11,6 +11,8 @@ scale, weight standardisation).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -66,6 +68,31 @@ class _Tracer(TorchFunctionMode):
         elif fn is not None and fn.name() in self.SPLITS and self.running:
             self.split_owner[fn] = self.running[-1]
         return out
+
+
+@contextmanager
+def _tolerant_reshape_mapping() -> Iterator[None]:
+    """Let Torch-Pruning's reshape index mapping skip what it cannot size.
+
+    Beyond the ``view(b, c, h, w)`` that closes a channel shuffle (ShuffleNetV2), its shape
+    inference finds zero channels and divides by them. Such a reshape keeps its default
+    mapping here; :func:`_mark_regroupings` then reads it from the traced shapes (a
+    regrouping: its channels are left unpruned).
+    """
+    module = tp.dependency.index_mapping
+    original = module.update_reshape_index_mapping
+
+    def tolerant(graph: tp.DependencyGraph, node: Any) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            pass  # raised before any mapping is written: the node is left as it was
+
+    module.update_reshape_index_mapping = tolerant
+    try:
+        yield
+    finally:
+        module.update_reshape_index_mapping = original
 
 
 class _GroupMajorMapping:
