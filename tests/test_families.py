@@ -216,6 +216,50 @@ class ShuffleV2Unit(nn.Module):
         return self.head(self.last(x))
 
 
+def bn_conv(cin: int, cout: int, k: int = 1) -> nn.Sequential:
+    """Pre-activation: BN -> ReLU -> conv (DPN's BnActConv2d)."""
+    return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(),
+                         nn.Conv2d(cin, cout, k, padding=k // 2, bias=False))
+
+
+class DualPath(nn.Module):
+    """DPN's dual-path block as timm writes it: the input (a tensor, or the residual and
+    dense paths concatenated) goes through 1x1 -> 3x3 -> 1x1, whose output is sliced into
+    a part added to the residual path and a part appended to the dense path."""
+
+    def __init__(self, cin: int, mid: int, res: int, inc: int, project: bool):
+        super().__init__()
+        self.project = bn_conv(cin, res + 2 * inc) if project else None
+        self.a, self.b, self.c = bn_conv(cin, mid), bn_conv(mid, mid, 3), bn_conv(mid, res + inc)
+        self.res = res
+
+    def forward(self, x):
+        x_in = torch.cat(x, dim=1) if isinstance(x, tuple) else x
+        if self.project is not None:
+            s = self.project(x_in)
+            s1, s2 = s[:, :self.res], s[:, self.res:]
+        else:
+            s1, s2 = x
+        y = self.c(self.b(self.a(x_in)))
+        return s1 + y[:, :self.res], torch.cat([s2, y[:, self.res:]], dim=1)
+
+
+class DPNStage(nn.Module):
+    """Three dual-path blocks: Torch-Pruning's shape inference finds no size for the
+    sliced dense path where it is concatenated, and adds None while mapping indices."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.blocks = nn.Sequential(DualPath(16, 8, 16, 4, True), DualPath(28, 8, 16, 4, False),
+                                    DualPath(32, 8, 16, 4, False))
+        self.norm = nn.BatchNorm2d(36)
+        self.head = Head(36)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(torch.cat(self.blocks(self.stem(x)), 1))))
+
+
 class StdConv(nn.Conv2d):
     """Weight-standardised conv as in NF-Nets: each filter renormalised over its inputs,
     times a learned gain that passes through ``view(-1)``."""
@@ -335,7 +379,7 @@ class InceptionNeXtStage(nn.Module):
 NETS = {"grouped_after_concat": GroupedAfterConcat, "resnext": ResNeXtBlock,
         "res2net": Res2NetBlock, "csp": CSPBlock, "ghost": GhostBlock,
         "ghost_residual": GhostResidual, "ghost_odd_slice": GhostOddSlice, "dense": DenseBlock,
-        "se": SEBlock, "shuffle": ShuffleBlock, "shuffle_v2": ShuffleV2Unit, "selective_kernel": SKBlock,
+        "se": SEBlock, "shuffle": ShuffleBlock, "shuffle_v2": ShuffleV2Unit, "dpn": DPNStage, "selective_kernel": SKBlock,
         "mixed_conv": MixNetBlock, "mixed_conv_pointwise": lambda: MixNetBlock(False),
         "inception_next": InceptionNeXtStage}
 
@@ -592,3 +636,16 @@ def _cli_end_to_end(name, tmp_path, capsys):
     pruned = load_file(str(out / "pruned" / "model.safetensors"))
     assert {k: v.shape for k, v in exported.state_dict().items()} == {
         k: v.shape for k, v in pruned.items()}
+
+
+def test_dpn_concat_of_unsized_paths(monkeypatch):
+    # In DPN-68 the dense path's slices and residual additions chain back through the whole
+    # network, past Torch-Pruning's recursion limit of shape inference: the last
+    # concatenation's sizes come out None. A low limit gives the tiny stage the same.
+    from torch_pruning.dependency import constants
+
+    monkeypatch.setattr(constants, "MAX_RECURSION_DEPTH", 3)
+    model, x = build("dpn")
+    result = prune(model, random_scores(model), example_inputs=x, sparsity=0.3)
+    assert result.macs_after < result.macs_before
+    assert_exact(model, result, x)

@@ -25,7 +25,7 @@ from .layouts import (
     SPLIT,
     _fix_splits,
     _mark_regroupings,
-    _tolerant_reshape_mapping,
+    _tolerant_index_mapping,
     _Tracer,
 )
 
@@ -87,7 +87,7 @@ def auto_scope(model: nn.Module) -> str:
 def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
     with eval_mode(model), torch.enable_grad(), _Tracer() as tracer, \
-            _tolerant_reshape_mapping():
+            _tolerant_index_mapping():
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, customized_pruners=custom_pruners(),
             verbose=False)

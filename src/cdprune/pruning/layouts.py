@@ -71,28 +71,42 @@ class _Tracer(TorchFunctionMode):
 
 
 @contextmanager
-def _tolerant_reshape_mapping() -> Iterator[None]:
-    """Let Torch-Pruning's reshape index mapping skip what it cannot size.
+def _tolerant_index_mapping() -> Iterator[None]:
+    """Let Torch-Pruning's index mapping skip the reshapes and concatenations it cannot size.
 
-    Beyond the ``view(b, c, h, w)`` that closes a channel shuffle (ShuffleNetV2), its shape
-    inference finds zero channels and divides by them. Such a reshape keeps its default
-    mapping here; :func:`_mark_regroupings` then reads it from the traced shapes (a
-    regrouping: its channels are left unpruned).
+    Its shape inference can find no size where the model is fine: zero channels beyond the
+    ``view(b, c, h, w)`` that closes a channel shuffle feeding a chunk (ShuffleNetV2; it
+    then divides by zero), or an unknown size for a concatenated slice of a layer's output
+    (DPN's dense path; it then adds None). Torch-Pruning leaves a node it cannot size
+    without a mapping anyway; here these two do the same instead of raising, and
+    :func:`_mark_regroupings`, :func:`_fix_splits` and the group checks read them from the
+    traced shapes (a regrouping or a fixed slice: left unpruned).
     """
     module = tp.dependency.index_mapping
-    original = module.update_reshape_index_mapping
+    reshape, concat = module.update_reshape_index_mapping, module.update_concat_index_mapping
 
-    def tolerant(graph: tp.DependencyGraph, node: Any) -> None:
+    def tolerant_reshape(graph: tp.DependencyGraph, node: Any) -> None:
         try:
-            original(graph, node)
+            reshape(graph, node)
         except ZeroDivisionError:
             pass  # raised before any mapping is written: the node is left as it was
 
-    module.update_reshape_index_mapping = tolerant
+    def tolerant_concat(graph: tp.DependencyGraph, node: Any) -> None:
+        try:
+            concat(graph, node)
+        except TypeError:
+            # sum() over the inferred sizes, one of them None: raised before any mapping
+            # is written, as Torch-Pruning itself returns on a None size a line later
+            if None not in (getattr(node.module, "concat_sizes", None) or ()):
+                raise
+
+    module.update_reshape_index_mapping = tolerant_reshape
+    module.update_concat_index_mapping = tolerant_concat
     try:
         yield
     finally:
-        module.update_reshape_index_mapping = original
+        module.update_reshape_index_mapping = reshape
+        module.update_concat_index_mapping = concat
 
 
 class _GroupMajorMapping:
