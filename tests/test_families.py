@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from cdprune.errors import ConfigError
 from cdprune.macs import count_macs
 from cdprune.pruning import load_pruned, prune, save_pruned
 
@@ -581,22 +582,6 @@ def test_coarse_macs_target_lands_below_with_warning(round_to, caplog):
     assert_exact(model, result, x)
 
 
-def _importable(package: str) -> None:
-    try:
-        __import__(package)
-    except Exception as exc:  # timm imports torchvision, which may be missing or broken
-        pytest.skip(f"{package} cannot be imported here ({type(exc).__name__}: {exc})")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["timm:regnetx_002", "torchvision:resnet18"])
-def test_cli_external_model_end_to_end(name, tmp_path, capsys):
-    """A timm (grouped convs) or torchvision model through run (statistics, prune, save,
-    load, fine-tune), eval and export."""
-    _importable(name.split(":")[0] + (".models" if name.startswith("torchvision") else ""))
-    _cli_end_to_end(name, tmp_path, capsys)
-
-
 def test_cli_torchvision_path_with_stand_in_package(tmp_path, capsys, monkeypatch):
     """The ``torchvision:NAME`` path of every stage, where torchvision itself cannot load:
     a stand-in ``torchvision.models`` whose get_model builds a small CNN of cdprune's zoo
@@ -649,3 +634,24 @@ def test_dpn_concat_of_unsized_paths(monkeypatch):
     result = prune(model, random_scores(model), example_inputs=x, sparsity=0.3)
     assert result.macs_after < result.macs_before
     assert_exact(model, result, x)
+
+
+class TinyViT(nn.Module):
+    """Patch embedding (the only convolution) -> tokens -> one encoder layer -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.fc(self.encoder(tokens).mean(1))
+
+
+def test_transformer_refused_with_reason():
+    model = TinyViT().eval()
+    with pytest.raises(ConfigError, match=r"transformer \(MultiheadAttention\).*use a CNN"):
+        prune(model, random_scores(model), example_inputs=torch.randn(2, 3, 12, 12),
+              macs_reduction=0.3)

@@ -83,6 +83,13 @@ def auto_scope(model: nn.Module) -> str:
     return "all"
 
 
+def attention_modules(model: nn.Module) -> list[str]:
+    """Type names of the attention layers of ``model`` (a transformer's blocks), sorted."""
+    return sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.MultiheadAttention)
+                   or type(m).__name__.endswith("Attention")})
+
+
 # ---------------------------------------------------------------------- dependency graph
 def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
