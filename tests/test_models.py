@@ -274,3 +274,31 @@ def test_digits_cnn_learns_digits():
     with torch.no_grad():
         accuracy = (model(x[test]).argmax(1) == y[test]).float().mean().item()
     assert accuracy > 0.95
+
+
+def test_torchvision_detector_backbone_left_random(monkeypatch):
+    """Detectors default to an ImageNet backbone downloaded on first use: cdprune asks for
+    none (random weights, nothing fetched) unless told otherwise; classifiers, whose
+    builders take no such option, get none."""
+    calls = []
+
+    def get_model(name, weights=None, **kwargs):
+        calls.append((name, kwargs))
+        return nn.Linear(2, 2)
+
+    def detector(*, weights=None, weights_backbone="IMAGENET1K_V1", num_classes=None):
+        raise AssertionError("built through get_model")
+
+    def classifier(*, weights=None, num_classes=1000):
+        raise AssertionError("built through get_model")
+
+    stand_in_torchvision(monkeypatch, get_model, names=("fasterrcnn_x", "resnet18"))
+    builders = {"fasterrcnn_x": detector, "resnet18": classifier}
+    monkeypatch.setattr(sys.modules["torchvision.models"], "get_model_builder",
+                        builders.__getitem__, raising=False)
+    create_model("torchvision:fasterrcnn_x", num_classes=3)
+    create_model("torchvision:resnet18", num_classes=3)
+    create_model("torchvision:fasterrcnn_x", weights_backbone="DEFAULT")
+    assert calls == [("fasterrcnn_x", {"num_classes": 3, "weights_backbone": None}),
+                     ("resnet18", {"num_classes": 3}),
+                     ("fasterrcnn_x", {"weights_backbone": "DEFAULT"})]
