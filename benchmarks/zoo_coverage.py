@@ -99,7 +99,8 @@ def _build(source: str, name: str):
         # ViT's position embedding is sized for one image size: build it for ours.
         extra = {"image_size": SIZE} if name.startswith("vit_") else {}
         model = torchvision.models.get_model(name, weights=None, num_classes=10, **extra)
-        shape = (3, SIZE, SIZE)
+        # MaxViT's window partition fits its design size only.
+        shape = (3, 224, 224) if name.startswith("maxvit") else (3, SIZE, SIZE)
     else:
         from cdprune.models import create_model, model_spec
 
@@ -347,23 +348,36 @@ def _table(rows: list[dict], machine: str, target: float = 0.3) -> str:
         return (r.get("status") == "ok" and not exact(r) and bool(r.get("roundtrip"))
                 and bool(r.get("channel_mixing_norms")))
 
+    def refused(r: dict) -> bool:  # a clean refusal saying why, not a crash
+        return r.get("status") != "ok" and "ConfigError: nothing can be pruned" in r.get(
+            "error", "")
+
+    def summary(label: str, fams: list[dict]) -> str:
+        tp_ok = [r for r in fams if r.get("tp_status") == "ok"]
+        return (
+            f"{label}: **{sum(map(exact, fams))} of {len(fams)} pruned exactly** (save/load "
+            f"round trip included): {sum(map(plain, fams))} equal the original with the "
+            f"removed channels zeroed, {sum(map(norm_aware, fams))} equal it once LayerNorm "
+            f"or weight-standardised convolutions take their statistics over the kept "
+            f"channels only (*norm-aware*); {sum(map(unverifiable, fams))} pruned but "
+            f"matching neither reference, {sum(map(refused, fams))} refused with the reason, "
+            f"{sum(r.get('status') != 'ok' and not refused(r) for r in fams)} errors. "
+            + (f"Torch-Pruning's MetaPruner runs on {len(tp_ok)} of them; cdprune prunes "
+               f"exactly {sum(map(exact, tp_ok))} of those." if any("tp_status" in r
+                                                                   for r in fams)
+               else "Torch-Pruning's MetaPruner was not run."))
+
+    tv = [r for r in rows if r["source"] == "torchvision"]
     fams = [r for r in rows if r["source"] == "timm" and r["family"] in TIMM_FAMILIES]
-    tp_ok = [r for r in fams if r.get("tp_status") == "ok"]
     lines = [
         f"# Zoo coverage: prune to -{100 * target:g}% MACs (random weights, 96x96 inputs)", "",
-        f"Machine: {machine}", "",
-        f"timm CNN families (one model each): **{sum(map(exact, fams))} of {len(fams)} pruned "
-        f"exactly** ({100 * sum(map(exact, fams)) / max(1, len(fams)):.1f}%; save/load round "
-        f"trip included): {sum(map(plain, fams))} equal the original with the removed "
-        f"channels zeroed, and {sum(map(norm_aware, fams))} whose LayerNorm or "
-        f"weight-standardised convolutions mix channels equal it once those norms take "
-        f"their statistics over the kept channels only (marked *norm-aware*). "
-        f"{sum(map(unverifiable, fams))} more pruned but matching neither reference, "
-        f"{sum(r.get('status') != 'ok' for r in fams)} errors. "
-        + (f"Torch-Pruning's MetaPruner runs on {len(tp_ok)} of them; cdprune prunes exactly "
-           f"{sum(map(exact, tp_ok))} of those. " if any("tp_status" in r for r in rows)
-           else "Torch-Pruning's MetaPruner was not run. ")
-        + f"All rows: {sum(map(exact, rows))} exact of {len(rows)}.", "",
+        f"Machine: {machine}", ""]
+    if tv:
+        lines += [summary("torchvision classification families (one model each)", tv), ""]
+    if fams:
+        lines += [summary("timm CNN families (one model each)", fams), ""]
+    lines += [
+        f"All rows: {sum(map(exact, rows))} exact of {len(rows)}.", "",
         "| source | family | model | cdprune | MACs -% | exact (max rel. err) | save/load | "
         "prune s | warnings | auto-ignored | Torch-Pruning | TP MACs -% | TP s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -401,8 +415,16 @@ def _machine() -> str:
         pass
     import torch
 
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = [f"torch {torch.__version__}"]
+    for package in ("torchvision", "timm", "torch-pruning"):
+        try:  # the installed distribution's version (torch_pruning.__version__ lags it)
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:  # not installed: its rows are errors
+            versions.append(f"{package} not importable")
     return (f"{time.strftime('%Y-%m-%d')} {model}, {os.cpu_count()} cores (shared), "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+            f"{', '.join(versions)}, Python {platform.python_version()}")
 
 
 def main() -> None:
@@ -417,6 +439,8 @@ def main() -> None:
                         help="the MACs reduction every model is pruned to")
     parser.add_argument("--no-torch-pruning", action="store_true",
                         help="leave out Torch-Pruning's MetaPruner beside each model")
+    parser.add_argument("--sources", nargs="*", default=["torchvision", "timm", "cdprune"],
+                        help="which rows to run: torchvision, timm and/or cdprune (the zoo)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -431,7 +455,7 @@ def main() -> None:
             row = json.loads(line)
             done[(row["source"], row["model"])] = row
     for source, family, name in ([] if args.table_only else cases()):
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or source not in args.sources:
             continue
         if not args.only and (source, name) in done:
             continue
