@@ -413,9 +413,9 @@ def _machine() -> str:
                      if line.startswith("Model name"))
     except (OSError, StopIteration):
         pass
-    import torch
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     versions = [f"torch {torch.__version__}"]
     for package in ("torchvision", "timm", "torch-pruning"):
