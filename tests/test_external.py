@@ -38,8 +38,9 @@ TARGET = 0.3
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 # Inception v3 needs 75x75 inputs or more.
 SIZES = {"inception_v3": 96}
-# Torchvision's classification CNNs run in the fast part of the tier only as the smallest
-# model of each family: the rest (up to 640M parameters) are marked slow.
+# Torchvision's classification CNNs run in the fast part of the tier (the one CI runs) as
+# the smallest model of each family; the other 51 (up to 640M parameters, about an hour
+# on one thread) are marked slow: `pytest -m external` runs them too.
 FAST_TORCHVISION = {
     "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s",
     "googlenet", "inception_v3", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_large",
@@ -155,7 +156,6 @@ def test_transformers_refused(name):
               macs_reduction=TARGET)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["timm:regnetx_002", "torchvision:resnet18"])
 def test_cli_external_model_end_to_end(name, tmp_path, capsys):
     """A timm (grouped convs) or torchvision model through run (statistics, prune, save,
