@@ -256,28 +256,3 @@ def test_spec_input_runs_after_loading(tmp_path):
     x = torch.randn(2, *model_spec("digits_cnn").input_size)
     with torch.no_grad():
         assert torch.equal(target.eval()(x), source(x))
-
-
-class Versioned(nn.Module):
-    """Reads its format version from the state dict's metadata, as torchvision's MNASNet
-    does, and refuses to load without one."""
-
-    _version = 2
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
-        if local_metadata.get("version") not in (1, 2):
-            raise ValueError(f"version should be 1 or 2, not {local_metadata.get('version')}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_weights_of_a_versioned_module_load_back(tmp_path, suffix):
-    torch.manual_seed(0)
-    model = Versioned()
-    save_weights(model, tmp_path / f"w{suffix}")
-    fresh = load_weights(Versioned(), tmp_path / f"w{suffix}")
-    assert torch.equal(fresh.conv.weight, model.conv.weight)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from cdprune.checkpoint import load_weights, save_weights
 from cdprune.errors import ConfigError
 from cdprune.models import ModelSpec, create_model, list_models, model_spec, register_model
 from cdprune.models.cifar_resnet import PadShortcut
@@ -302,3 +303,28 @@ def test_torchvision_detector_backbone_left_random(monkeypatch):
     assert calls == [("fasterrcnn_x", {"num_classes": 3, "weights_backbone": None}),
                      ("resnet18", {"num_classes": 3}),
                      ("fasterrcnn_x", {"weights_backbone": "DEFAULT"})]
+
+
+class Versioned(nn.Module):
+    """Reads its format version from the state dict's metadata, as torchvision's MNASNet
+    does, and refuses to load without one."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be 1 or 2, not {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_of_a_versioned_module_load_back(tmp_path, suffix):
+    torch.manual_seed(0)
+    model = Versioned()
+    save_weights(model, tmp_path / f"w{suffix}")
+    fresh = load_weights(Versioned(), tmp_path / f"w{suffix}")
+    assert torch.equal(fresh.conv.weight, model.conv.weight)
