@@ -144,7 +144,7 @@ def test_timm_cnn_prunes_exactly(name, tmp_path):
     _check(model, build, random_scores(model), SIZES.get(name, SIZE), tmp_path)
 
 
-@pytest.mark.parametrize("name", ["vit_b_16", "swin_t"])
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "swin_v2_t"])
 def test_transformers_refused(name):
     """ViT and Swin: only the patch embedding is a convolution, and its channels are the
     residual stream that LayerNorm normalises; nothing is pruned, and the error says why."""

@@ -87,7 +87,7 @@ def attention_modules(model: nn.Module) -> list[str]:
     """Type names of the attention layers of ``model`` (a transformer's blocks), sorted."""
     return sorted({type(m).__name__ for m in model.modules()
                    if isinstance(m, nn.MultiheadAttention)
-                   or type(m).__name__.endswith("Attention")})
+                   or "Attention" in type(m).__name__})  # ShiftedWindowAttentionV2 too
 
 
 # ---------------------------------------------------------------------- dependency graph
