@@ -1,4 +1,4 @@
-"""Which CNN families cdprune prunes exactly: one model per timm CNN family, plus our zoo.
+"""Which CNN families cdprune prunes exactly: torchvision's and timm's, plus our zoo.
 
 Every model gets random weights with varied BatchNorm statistics, norm affines and
 layer scales, CDP statistics on 16 random images, then ``prune(..., macs_reduction=0.3)``.
@@ -14,11 +14,9 @@ graph handles.
 Each model runs in its own process (a hang or a crash costs one row, not the run) and its
 row is appended to ``rows.jsonl`` as soon as it is done, so a long run can be resumed.
 
-    PYTHONPATH=src:../shared/tools/tvstub python benchmarks/zoo_coverage.py \\
-        --out benchmarks/results/zoo_coverage
+    PYTHONPATH=src python benchmarks/zoo_coverage.py --out benchmarks/results/zoo_coverage
 
-timm imports torchvision; where the real one cannot load, the stand-in under
-``shared/tools/tvstub`` lets timm's model definitions import (random weights only).
+It needs the real torchvision and timm (random weights only: nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -54,6 +52,19 @@ TIMM_FAMILIES = {
     "tresnet": "tresnet_m", "vgg": "vgg11_bn", "vovnet": "ese_vovnet19b_dw",
     "xception": "legacy_xception", "xception_aligned": "xception41",
 }
+# One model per family of torchvision's classification models (the smallest of each).
+TORCHVISION_FAMILIES = {
+    "AlexNet": "alexnet", "ConvNeXt": "convnext_tiny", "DenseNet": "densenet121",
+    "EfficientNet": "efficientnet_b0", "EfficientNetV2": "efficientnet_v2_s",
+    "GoogLeNet": "googlenet", "Inception v3": "inception_v3", "MaxViT": "maxvit_t",
+    "MNASNet": "mnasnet0_5", "MobileNetV2": "mobilenet_v2",
+    "MobileNetV3 large": "mobilenet_v3_large", "MobileNetV3 small": "mobilenet_v3_small",
+    "RegNetX": "regnet_x_400mf", "RegNetY": "regnet_y_400mf", "ResNet": "resnet18",
+    "ResNet (bottleneck)": "resnet50", "ResNeXt": "resnext50_32x4d",
+    "ShuffleNetV2": "shufflenet_v2_x0_5", "SqueezeNet": "squeezenet1_0",
+    "SqueezeNet 1.1": "squeezenet1_1", "VGG": "vgg11_bn", "Wide ResNet": "wide_resnet50_2",
+    "ViT": "vit_b_16", "Swin": "swin_t", "Swin V2": "swin_v2_t",
+}
 # Families users bring most often, beyond their module's representative.
 TIMM_EXTRA = {"resnet (ResNeXt)": "resnext50_32x4d", "regnet (RegNetX)": "regnetx_002",
               "efficientnet (MixNet)": "mixnet_s"}
@@ -65,7 +76,8 @@ def cases() -> list[tuple[str, str, str]]:
     """(source, family, model name) of every row."""
     from cdprune.models import list_models
 
-    rows = [("timm", fam, name) for fam, name in TIMM_FAMILIES.items()]
+    rows = [("torchvision", fam, name) for fam, name in TORCHVISION_FAMILIES.items()]
+    rows += [("timm", fam, name) for fam, name in TIMM_FAMILIES.items()]
     rows += [("timm", fam, name) for fam, name in TIMM_EXTRA.items()]
     rows += [("cdprune", "cdprune zoo", name) for name in list_models()]
     return rows
@@ -74,7 +86,6 @@ def cases() -> list[tuple[str, str, str]]:
 # ---------------------------------------------------------------------- one model
 def _build(source: str, name: str):
     import torch
-    from torch import nn
 
     torch.manual_seed(0)
     if source == "timm":
@@ -82,14 +93,32 @@ def _build(source: str, name: str):
 
         model = timm.create_model(name, num_classes=10)
         shape = (3, SIZE, SIZE)
+    elif source == "torchvision":
+        import torchvision
+
+        # ViT's position embedding is sized for one image size: build it for ours.
+        extra = {"image_size": SIZE} if name.startswith("vit_") else {}
+        model = torchvision.models.get_model(name, weights=None, num_classes=10, **extra)
+        # MaxViT's window partition fits its design size only.
+        shape = (3, 224, 224) if name.startswith("maxvit") else (3, SIZE, SIZE)
     else:
         from cdprune.models import create_model, model_spec
 
         model = create_model(name, num_classes=10)
         spec = model_spec(name).input_size
         shape = spec if spec[-1] < SIZE else (spec[0], SIZE, SIZE)
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():  # varied BN statistics: random weights alone give BN = id
+    vary(model)
+    return model.eval(), shape
+
+
+def vary(model, seed: int = 1):
+    """Random norms and layer scales, in place: freshly built, BatchNorm is the identity
+    and layer scales are near zero, which would hide any pruning error behind them."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             n = m.num_features
             m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
@@ -104,9 +133,9 @@ def _build(source: str, name: str):
         for pname, param in m.named_parameters(recurse=False):
             # Layer scales start near zero (1e-6 in ConvNeXt, RDNet): a block then barely
             # reaches the output and any pruning error in it would go unseen.
-            if "gamma" in pname:
+            if "gamma" in pname or "layer_scale" in pname:
                 param.data.copy_(torch.rand(param.shape, generator=g) + 0.5)
-    return model.eval(), shape
+    return model
 
 
 def _masked(model, plan):
@@ -319,23 +348,36 @@ def _table(rows: list[dict], machine: str, target: float = 0.3) -> str:
         return (r.get("status") == "ok" and not exact(r) and bool(r.get("roundtrip"))
                 and bool(r.get("channel_mixing_norms")))
 
+    def refused(r: dict) -> bool:  # a clean refusal saying why, not a crash
+        return r.get("status") != "ok" and "ConfigError: nothing can be pruned" in r.get(
+            "error", "")
+
+    def summary(label: str, fams: list[dict]) -> str:
+        tp_ok = [r for r in fams if r.get("tp_status") == "ok"]
+        return (
+            f"{label}: **{sum(map(exact, fams))} of {len(fams)} pruned exactly** (save/load "
+            f"round trip included): {sum(map(plain, fams))} equal the original with the "
+            f"removed channels zeroed, {sum(map(norm_aware, fams))} equal it once LayerNorm "
+            f"or weight-standardised convolutions take their statistics over the kept "
+            f"channels only (*norm-aware*); {sum(map(unverifiable, fams))} pruned but "
+            f"matching neither reference, {sum(map(refused, fams))} refused with the reason, "
+            f"{sum(r.get('status') != 'ok' and not refused(r) for r in fams)} errors. "
+            + (f"Torch-Pruning's MetaPruner runs on {len(tp_ok)} of them; cdprune prunes "
+               f"exactly {sum(map(exact, tp_ok))} of those." if any("tp_status" in r
+                                                                   for r in fams)
+               else "Torch-Pruning's MetaPruner was not run."))
+
+    tv = [r for r in rows if r["source"] == "torchvision"]
     fams = [r for r in rows if r["source"] == "timm" and r["family"] in TIMM_FAMILIES]
-    tp_ok = [r for r in fams if r.get("tp_status") == "ok"]
     lines = [
         f"# Zoo coverage: prune to -{100 * target:g}% MACs (random weights, 96x96 inputs)", "",
-        f"Machine: {machine}", "",
-        f"timm CNN families (one model each): **{sum(map(exact, fams))} of {len(fams)} pruned "
-        f"exactly** ({100 * sum(map(exact, fams)) / max(1, len(fams)):.1f}%; save/load round "
-        f"trip included): {sum(map(plain, fams))} equal the original with the removed "
-        f"channels zeroed, and {sum(map(norm_aware, fams))} whose LayerNorm or "
-        f"weight-standardised convolutions mix channels equal it once those norms take "
-        f"their statistics over the kept channels only (marked *norm-aware*). "
-        f"{sum(map(unverifiable, fams))} more pruned but matching neither reference, "
-        f"{sum(r.get('status') != 'ok' for r in fams)} errors. "
-        + (f"Torch-Pruning's MetaPruner runs on {len(tp_ok)} of them; cdprune prunes exactly "
-           f"{sum(map(exact, tp_ok))} of those. " if any("tp_status" in r for r in rows)
-           else "Torch-Pruning's MetaPruner was not run. ")
-        + f"All rows: {sum(map(exact, rows))} exact of {len(rows)}.", "",
+        f"Machine: {machine}", ""]
+    if tv:
+        lines += [summary("torchvision classification families (one model each)", tv), ""]
+    if fams:
+        lines += [summary("timm CNN families (one model each)", fams), ""]
+    lines += [
+        f"All rows: {sum(map(exact, rows))} exact of {len(rows)}.", "",
         "| source | family | model | cdprune | MACs -% | exact (max rel. err) | save/load | "
         "prune s | warnings | auto-ignored | Torch-Pruning | TP MACs -% | TP s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -371,10 +413,18 @@ def _machine() -> str:
                      if line.startswith("Model name"))
     except (OSError, StopIteration):
         pass
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
+    versions = [f"torch {torch.__version__}"]
+    for package in ("torchvision", "timm", "torch-pruning"):
+        try:  # the installed distribution's version (torch_pruning.__version__ lags it)
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:  # not installed: its rows are errors
+            versions.append(f"{package} not importable")
     return (f"{time.strftime('%Y-%m-%d')} {model}, {os.cpu_count()} cores (shared), "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+            f"{', '.join(versions)}, Python {platform.python_version()}")
 
 
 def main() -> None:
@@ -389,6 +439,8 @@ def main() -> None:
                         help="the MACs reduction every model is pruned to")
     parser.add_argument("--no-torch-pruning", action="store_true",
                         help="leave out Torch-Pruning's MetaPruner beside each model")
+    parser.add_argument("--sources", nargs="*", default=["torchvision", "timm", "cdprune"],
+                        help="which rows to run: torchvision, timm and/or cdprune (the zoo)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -403,7 +455,7 @@ def main() -> None:
             row = json.loads(line)
             done[(row["source"], row["model"])] = row
     for source, family, name in ([] if args.table_only else cases()):
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or source not in args.sources:
             continue
         if not args.only and (source, name) in done:
             continue

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from cdprune.checkpoint import load_weights, save_weights
 from cdprune.errors import ConfigError
 from cdprune.models import ModelSpec, create_model, list_models, model_spec, register_model
 from cdprune.models.cifar_resnet import PadShortcut
@@ -274,3 +275,56 @@ def test_digits_cnn_learns_digits():
     with torch.no_grad():
         accuracy = (model(x[test]).argmax(1) == y[test]).float().mean().item()
     assert accuracy > 0.95
+
+
+def test_torchvision_detector_backbone_left_random(monkeypatch):
+    """Detectors default to an ImageNet backbone downloaded on first use: cdprune asks for
+    none (random weights, nothing fetched) unless told otherwise; classifiers, whose
+    builders take no such option, get none."""
+    calls = []
+
+    def get_model(name, weights=None, **kwargs):
+        calls.append((name, kwargs))
+        return nn.Linear(2, 2)
+
+    def detector(*, weights=None, weights_backbone="IMAGENET1K_V1", num_classes=None):
+        raise AssertionError("built through get_model")
+
+    def classifier(*, weights=None, num_classes=1000):
+        raise AssertionError("built through get_model")
+
+    stand_in_torchvision(monkeypatch, get_model, names=("fasterrcnn_x", "resnet18"))
+    builders = {"fasterrcnn_x": detector, "resnet18": classifier}
+    monkeypatch.setattr(sys.modules["torchvision.models"], "get_model_builder",
+                        builders.__getitem__, raising=False)
+    create_model("torchvision:fasterrcnn_x", num_classes=3)
+    create_model("torchvision:resnet18", num_classes=3)
+    create_model("torchvision:fasterrcnn_x", weights_backbone="DEFAULT")
+    assert calls == [("fasterrcnn_x", {"num_classes": 3, "weights_backbone": None}),
+                     ("resnet18", {"num_classes": 3}),
+                     ("fasterrcnn_x", {"weights_backbone": "DEFAULT"})]
+
+
+class Versioned(nn.Module):
+    """Reads its format version from the state dict's metadata, as torchvision's MNASNet
+    does, and refuses to load without one."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be 1 or 2, not {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_of_a_versioned_module_load_back(tmp_path, suffix):
+    torch.manual_seed(0)
+    model = Versioned()
+    save_weights(model, tmp_path / f"w{suffix}")
+    fresh = load_weights(Versioned(), tmp_path / f"w{suffix}")
+    assert torch.equal(fresh.conv.weight, model.conv.weight)

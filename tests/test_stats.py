@@ -244,3 +244,27 @@ def test_act_tap_without_batchnorm_falls_back_to_conv_output(loader):
     act = collect_stats(net, loader, tap="act", progress=False)
     conv = collect_stats(net, loader, progress=False)
     assert torch.allclose(act.features, conv.features)
+
+
+class AuxNet(nn.Module):
+    """An auxiliary classifier that runs only in training, as in GoogLeNet/Inception v3."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.aux = nn.Conv2d(4, 2, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        out = self.fc(y.mean((2, 3)))
+        return (out, self.aux(y).mean((1, 2, 3))) if self.training else out
+
+
+def test_layer_that_does_not_run_in_eval_counts_as_inactive():
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 0]))] * 2
+    stats = collect_stats(AuxNet(), batches, progress=False)
+    rows = stats.features
+    assert stats.layers == ["conv", "aux"] and rows.shape == (8, 6)
+    assert torch.count_nonzero(rows[:, 4:]) == 0 and torch.count_nonzero(rows[:, :4]) > 0

@@ -304,6 +304,13 @@ def apply_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *,
     state = _exact_dtypes(own, state, path)
     fitting = {k: v for k, v in state.items() if k in own}
     fitting.update({k: v for k, v in own.items() if k not in state and _fillable(k)})
+    # Modules read their format version from the state dict's metadata, which safetensors
+    # and plain dicts do not keep (torchvision's MNASNet refuses to load without it): a
+    # state dict without it gets the model's own, that of the architecture it fits.
+    metadata = getattr(state, "_metadata", None) or getattr(own, "_metadata", None)
+    if metadata is not None:
+        fitting = type(own)(fitting)
+        fitting._metadata = metadata  # type: ignore[attr-defined]
     model.load_state_dict(fitting, strict=strict)
     logger.info("loaded %d tensors from %s", len(state), path)
     return model

@@ -6,6 +6,13 @@ a linear layer ``out_features x in_features`` per output row; biases, BN, activa
 and pooling are free. Shapes are taken from forward hooks rather than from the layer
 configuration, so physically pruned (narrower) models and any input size count right.
 Counts are per sample: the forward runs at batch size 1.
+
+Two-stage detectors (torchvision's Faster/Mask/Keypoint R-CNN) run their region heads once
+per proposal, and how many proposals survive non-maximum suppression depends on the image
+and the weights: counted as they run, the MACs of a model would change with its input and
+go *up* after pruning when more proposals survive. Layers inside such region heads (a
+module whose type is named ``RoIHeads``) are therefore counted for one region, a fixed
+number: the count is of the network at a fixed input size, not of one image's proposals.
 """
 
 from __future__ import annotations
@@ -58,11 +65,15 @@ def profile(model: nn.Module, input_size: Sequence[int] | None = None,
     """
     inputs = _example(model, input_size, example_inputs)
     names = {m: name for name, m in model.named_modules()}
+    per_region = region_layers(model)
     per_layer: dict[str, int] = {}
 
     def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         name = names[module]
-        per_layer[name] = per_layer.get(name, 0) + _layer_macs(module, args[0], out)
+        macs = _layer_macs(module, args[0], out)
+        if module in per_region and out.dim() > 0 and out.shape[0] > 0:
+            macs //= out.shape[0]  # rows are proposals: one region's cost
+        per_layer[name] = per_layer.get(name, 0) + macs
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
     try:
@@ -78,6 +89,14 @@ def profile(model: nn.Module, input_size: Sequence[int] | None = None,
         for h in hooks:
             h.remove()
     return {"macs": sum(per_layer.values()), "params": count_params(model), "layers": per_layer}
+
+
+def region_layers(model: nn.Module) -> set[nn.Module]:
+    """The layers of ``model`` that run once per detection proposal (inside a module whose
+    type is named ``RoIHeads``, as torchvision's two-stage detectors have): counted for one
+    region, since the number of proposals depends on the data."""
+    return {m for head in model.modules() if type(head).__name__ == "RoIHeads"
+            for m in head.modules() if isinstance(m, _COUNTED)}
 
 
 def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:

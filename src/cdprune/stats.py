@@ -58,6 +58,7 @@ class _Collector:
 
     def __init__(self, modules: Sequence[nn.Module], model: nn.Module, tap: str = "conv"):
         self.pooled: list[torch.Tensor | None] = [None] * len(modules)
+        self.widths = [m.out_channels for m in modules]
         self.scratch = torch.empty(0)
         self.tap = tap
         if tap == "conv":
@@ -102,7 +103,13 @@ class _Collector:
             for index, output in self.pending.values():
                 self.pooled[index] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
             self.pending.clear()
-        rows = torch.cat(self.pooled, dim=1)
+        ran = next((p for p in self.pooled if p is not None), None)
+        if ran is None:
+            raise ConfigError("none of the scored layers ran in the model's forward pass")
+        # A layer that does not run in eval mode (GoogLeNet's and Inception v3's auxiliary
+        # classifiers) is never active: zeros. It is outside the traced graph, so never pruned.
+        rows = torch.cat([ran.new_zeros(ran.shape[0], w) if p is None else p
+                          for p, w in zip(self.pooled, self.widths)], dim=1)
         self.pooled = [None] * len(self.pooled)
         return rows
 

@@ -186,6 +186,12 @@ def _create_torchvision(models: Any, name: str, options: dict[str, Any]) -> nn.M
         hint = did_you_mean(name, available, n=4, cutoff=0.5, before=" ")
         raise ConfigError(f"torchvision has no model {name!r};{hint} list them with "
                           "torchvision.models.list_models()")
+    if hasattr(models, "get_model_builder"):
+        builder = models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            # Detectors and segmenters default to an ImageNet backbone, downloaded on first
+            # use: random weights throughout unless asked (load weights with cdprune).
+            options.setdefault("weights_backbone", None)
     if hasattr(models, "get_model"):
         return models.get_model(name, weights=None, **options)
     return getattr(models, name)(**options)

@@ -23,7 +23,7 @@ from ..latency import LatencySettings
 from ..macs import count_macs, count_params
 from ..scoring import CDPImportance
 from ..suggest import did_you_mean
-from .graph import _first_sample, _trace, auto_scope
+from .graph import _first_sample, _trace, attention_modules, auto_scope
 from .groups import _candidates
 from .latency import LatencyModel, by_latency, hit_latency, order_by_latency
 from .plan import _apply
@@ -333,6 +333,13 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     search = _Search(cands, trace.geometry, round_to, allocation)
     candidate_filters = sum(int(c.scored[c.allowed].sum()) for c in cands)
     if not cands:
+        attention = attention_modules(work)
+        if attention:  # ViT, Swin: their convolutions only embed patches into the stream
+            raise ConfigError(
+                f"nothing can be pruned: the model is a transformer ({', '.join(attention)}); "
+                "cdprune prunes convolution filters, and here they only feed the token "
+                "stream that attention and LayerNorm read whole (MLP hidden units and "
+                "attention heads are not pruned); use a CNN")
         raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
                           "free of ignored layers; try scope='all' or fewer ignored layers")
 

@@ -20,7 +20,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..evaluate import eval_mode
-from .layouts import REGROUPING, SPLIT, _fix_splits, _mark_regroupings, _Tracer
+from .layouts import (
+    REGROUPING,
+    SPLIT,
+    _fix_splits,
+    _mark_regroupings,
+    _tolerant_index_mapping,
+    _Tracer,
+)
 
 __all__ = ["ChannelPruner", "custom_pruners", "register_pruner"]
 
@@ -76,10 +83,18 @@ def auto_scope(model: nn.Module) -> str:
     return "all"
 
 
+def attention_modules(model: nn.Module) -> list[str]:
+    """Type names of the attention layers of ``model`` (a transformer's blocks), sorted."""
+    return sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.MultiheadAttention)
+                   or "Attention" in type(m).__name__})  # ShiftedWindowAttentionV2 too
+
+
 # ---------------------------------------------------------------------- dependency graph
 def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
-    with eval_mode(model), torch.enable_grad(), _Tracer() as tracer:
+    with eval_mode(model), torch.enable_grad(), _Tracer() as tracer, \
+            _tolerant_index_mapping():
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, customized_pruners=custom_pruners(),
             verbose=False)
@@ -118,29 +133,57 @@ class _Trace:
 
 
 def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
-    geo: dict[nn.Module, _Geometry] = {}
     last: list[nn.Module] = []
 
     def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
-        if isinstance(m, nn.Conv2d):
-            geo[m] = _Geometry(m.in_channels, m.out_channels, m.groups,
-                               m.kernel_size[0] * m.kernel_size[1],
-                               out.shape[-1] * out.shape[-2])
-        elif isinstance(m, nn.Linear):
-            geo[m] = _Geometry(m.in_features, m.out_features, 1, 1,
-                               out.numel() // out.shape[0] // m.out_features)
         last[:] = [m]
 
     # Torch-Pruning traces with a forward pass (and runs the first layer once more on
-    # its own, hence no MACs counting here); the hooks read it too.
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    # its own, hence no MACs counting here); the hooks read the last layer it runs.
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(hook) for m in layers]
     try:
         graph = _build_graph(model, _first_sample(example_inputs))
     finally:
         for h in hooks:
             h.remove()
-    return _Trace(graph, geo, last)
+    return _Trace(graph, _geometry(model, layers, _first_sample(example_inputs)), last)
+
+
+def _geometry(model: nn.Module, layers: list[nn.Module], example: Any
+              ) -> dict[nn.Module, _Geometry]:
+    """Every layer's shapes from one plain forward pass. A layer that runs several times
+    (a detection head shared by every FPN level) adds up its output positions; a layer in
+    a two-stage detector's region heads counts one region (its rows are regions), as
+    :func:`cdprune.macs.region_layers` says."""
+    geo: dict[nn.Module, _Geometry] = {}
+
+    def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            # per sample (the batch is one) or, in region heads, per region
+            new = _Geometry(m.in_channels, m.out_channels, m.groups,
+                            m.kernel_size[0] * m.kernel_size[1], out.shape[-1] * out.shape[-2])
+        else:
+            new = _Geometry(m.in_features, m.out_features, 1, 1,
+                            out.numel() // max(1, out.shape[0]) // m.out_features)
+        if m in geo:
+            geo[m].positions += new.positions
+        else:
+            geo[m] = new
+
+    hooks = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with eval_mode(model), torch.no_grad():
+            if isinstance(example, dict):
+                model(**example)
+            elif isinstance(example, (list, tuple)):
+                model(*example)
+            else:
+                model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return geo
 
 
 def _first_sample(example_inputs: Any) -> Any:

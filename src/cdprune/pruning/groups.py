@@ -20,6 +20,7 @@ from torch import nn
 
 from ..scoring import CDPImportance
 from .graph import ChannelPruner, _fixed_layout, _is_grouped, _kind, _misread
+from .layouts import _tolerant_index_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,8 @@ class _FrozenIndexMapping:
     def __enter__(self) -> _FrozenIndexMapping:
         module = tp.dependency.index_mapping
         self.original = module.update_index_mapping
-        self.original(self.graph)
+        with _tolerant_index_mapping():
+            self.original(self.graph)
         module.update_index_mapping = lambda graph: None
         return self
 

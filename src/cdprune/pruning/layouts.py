@@ -11,6 +11,8 @@ scale, weight standardisation).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -66,6 +68,45 @@ class _Tracer(TorchFunctionMode):
         elif fn is not None and fn.name() in self.SPLITS and self.running:
             self.split_owner[fn] = self.running[-1]
         return out
+
+
+@contextmanager
+def _tolerant_index_mapping() -> Iterator[None]:
+    """Let Torch-Pruning's index mapping skip the reshapes and concatenations it cannot size.
+
+    Its shape inference can find no size where the model is fine: zero channels beyond the
+    ``view(b, c, h, w)`` that closes a channel shuffle feeding a chunk (ShuffleNetV2; it
+    then divides by zero), or an unknown size for a concatenated slice of a layer's output
+    (DPN's dense path; it then adds None). Torch-Pruning leaves a node it cannot size
+    without a mapping anyway; here these two do the same instead of raising, and
+    :func:`_mark_regroupings`, :func:`_fix_splits` and the group checks read them from the
+    traced shapes (a regrouping or a fixed slice: left unpruned).
+    """
+    module = tp.dependency.index_mapping
+    reshape, concat = module.update_reshape_index_mapping, module.update_concat_index_mapping
+
+    def tolerant_reshape(graph: tp.DependencyGraph, node: Any) -> None:
+        try:
+            reshape(graph, node)
+        except ZeroDivisionError:
+            pass  # raised before any mapping is written: the node is left as it was
+
+    def tolerant_concat(graph: tp.DependencyGraph, node: Any) -> None:
+        try:
+            concat(graph, node)
+        except TypeError:
+            # sum() over the inferred sizes, one of them None: raised before any mapping
+            # is written, as Torch-Pruning itself returns on a None size a line later
+            if None not in (getattr(node.module, "concat_sizes", None) or ()):
+                raise
+
+    module.update_reshape_index_mapping = tolerant_reshape
+    module.update_concat_index_mapping = tolerant_concat
+    try:
+        yield
+    finally:
+        module.update_reshape_index_mapping = reshape
+        module.update_concat_index_mapping = concat
 
 
 class _GroupMajorMapping:
