@@ -354,3 +354,23 @@ def test_one_shot_loader_keeps_every_vector_and_scores_the_same(small_net, loade
     assert once.features is None and once.reduced is not None
     for name, score in tfidf_scores(streamed).items():
         assert torch.allclose(tfidf_scores(once)[name], score, rtol=1e-6, atol=0), name
+
+
+@pytest.mark.parametrize("tap", ["conv", "act"])
+def test_pooled_values_are_bit_identical_to_relu_then_mean(small_net, tap):
+    """The hooks pool into reused buffers: the same bits as a fresh ReLU and mean."""
+    loader = make_loader(n=44, batch_size=16)  # a short last batch reuses the buffer
+    stats = collect_stats(small_net, loader, tap=tap, progress=False, keep_features=True)
+    outs = {n: [] for n in stats.layers}
+    taps = {"conv1": small_net.bn1, "conv2": small_net.bn2, "conv3": small_net.bn3} \
+        if tap == "act" else {n: getattr(small_net, n) for n in stats.layers}
+    hooks = [m.register_forward_hook(
+        lambda m, i, o, n=n: outs[n].append(o.relu().mean((2, 3), dtype=torch.float32)))
+        for n, m in taps.items()]
+    with torch.inference_mode():
+        for x, _ in loader:
+            small_net(x)
+    for h in hooks:
+        h.remove()
+    for name in stats.layers:
+        assert torch.equal(stats.matrix(name), torch.cat(outs[name]).T), name

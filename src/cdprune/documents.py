@@ -18,8 +18,8 @@ mean is known costs 4 bytes per image per channel (406 MB for ResNet-56 on CIFAR
 At the end each channel whose final mean lies in its interval gets ``df`` and ``tf_sum``
 exactly: the counts above plus the kept entries at or above the mean. The mean of images
 in a random order stays within a few standard errors of its running value, so with
-``z = 6`` the kept entries are a few percent of the images (about ``5 / sqrt(n)`` of
-them) and a channel falls outside its interval about once in 10^9. A channel that does
+``z = 7`` the kept entries are a few percent of the images (about ``6 / sqrt(n)`` of
+them) and a channel falls outside its interval about once in 10^11. A channel that does
 (images in a strongly ordered sequence can move the mean that far) is counted again by a
 second pass over the images with the mean known (:class:`MeanCounts`), so the result is
 exact either way.
@@ -35,11 +35,9 @@ import torch
 __all__ = ["MeanCounts", "SampleCounts", "shares"]
 
 # Standard errors of the running mean the certified interval spans on each side.
-Z_WIDTH = 6.0
+Z_WIDTH = 7.0
 # Images seen before the interval first narrows (its width needs a spread estimate).
 WARMUP_IMAGES = 256
-# Images of each batch whose squares estimate a channel's spread.
-_SPREAD_ROWS = 16
 
 
 def shares(values: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -120,7 +118,8 @@ class SampleCounts:
         self.images = 0
         self.sums = torch.zeros(total, dtype=torch.float64)
         self.squares = torch.zeros(total, dtype=torch.float64)
-        self.spread_images = 0
+        self.warm: list[torch.Tensor] | None = []  # rows of the first images, as they are
+        self.offsets = list(offsets)
         self.nonzero = torch.zeros(total, dtype=torch.long)
         self.low = torch.full((total,), -math.inf, dtype=torch.float64)
         self.high = torch.full((total,), math.inf, dtype=torch.float64)
@@ -132,24 +131,40 @@ class SampleCounts:
         self.value: list[torch.Tensor] = []
         self.share: list[torch.Tensor] = []
         self.kept = 0
-        self._next_compaction = (self.warmup, 0)  # (images, entries) that trigger the next one
+        self._next_compaction = (0, 0)  # (images, entries) that trigger the next compaction
 
     def add(self, rows: torch.Tensor) -> None:
         """Count one batch: ``[images, channels]`` pooled values (non-negative, on the CPU).
 
-        Values are compared in float32 against thresholds rounded up to float32 (exact, see
-        :func:`_up32`); only the images above or inside the interval need their shares.
+        The first :attr:`warmup` images are kept as they are (the interval needs a spread
+        estimate first); later ones are classified at once.
         """
         rows = rows.float()
         values = rows.double()
         self.images += rows.shape[0]
         self.sums += values.sum(dim=0)
-        # The spread only sets the interval's width (never a result), so a few images
-        # of every batch estimate it well enough at a fraction of the cost.
-        few = values[:_SPREAD_ROWS]
-        self.squares += (few * few).sum(dim=0)
-        self.spread_images += few.shape[0]
+        self.squares += (values * values).sum(dim=0)
         self.nonzero += torch.count_nonzero(rows, dim=0)
+        if self.warm is not None:
+            self.warm.append(rows.clone())
+            if self.images >= self.warmup:
+                self._narrow()
+                warm, self.warm = self.warm, None
+                for block in warm:
+                    self._classify(block, block.double())
+                self._next_compaction = (2 * self.images, max(2 * self.kept, 1 << 16))
+            return
+        self._classify(rows, values)
+        images, entries = self._next_compaction
+        if self.images >= images or self.kept >= entries:
+            self._compact()
+
+    def _classify(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Count the images above the intervals and keep those inside them.
+
+        Values are compared in float32 against thresholds rounded up to float32 (exact, see
+        :func:`_up32`). ``values`` (``rows`` in float64) is overwritten.
+        """
         above = rows >= self.high32
         inside = (rows >= self.low32) ^ above  # low32 <= high32, and low32 > 0
         totals = self.layout.totals(values)
@@ -161,13 +176,9 @@ class SampleCounts:
             self.value.append(value)
             self.share.append(value.double() / totals[doc, self.layer_of[col]])
             self.kept += int(col.numel())
-        if self.narrowed:
-            self.above_df += torch.count_nonzero(above, dim=0)
-            share = self.layout.divide_(values, totals)
-            self.above_tf += share.masked_fill_(above.logical_not_(), 0.0).sum(dim=0)
-        images, entries = self._next_compaction
-        if self.images >= images or (self.images >= self.warmup and self.kept >= entries):
-            self._compact()
+        self.above_df += torch.count_nonzero(above, dim=0)
+        share = self.layout.divide_(values, totals)
+        self.above_tf += share.masked_fill_(above.logical_not_(), 0.0).sum(dim=0)
 
     def memory_bytes(self) -> int:
         """Bytes the kept entries take now (the per-channel vectors aside)."""
@@ -177,7 +188,7 @@ class SampleCounts:
         """Shrink every interval towards ``mean +- z * std / sqrt(images)``."""
         n = self.images
         mean = self.sums / n
-        std = (self.squares / self.spread_images - mean * mean).clamp_min(0).sqrt()
+        std = (self.squares / n - mean * mean).clamp_min(0).sqrt()
         half = self.z * std / math.sqrt(n)
         low = torch.maximum(self.low, mean - half)
         high = torch.minimum(self.high, mean + half)
@@ -193,7 +204,6 @@ class SampleCounts:
         self.low32 = _up32(self.low).clamp_min(torch.finfo(torch.float32).smallest_normal
                                                / 2**23)
         self.high32 = _up32(self.high)
-        self.narrowed = bool(torch.isfinite(self.high).any())
 
     def _compact(self) -> None:
         self._narrow()
@@ -216,6 +226,11 @@ class SampleCounts:
         its ``df`` and ``tf_sum`` must then be counted again (:class:`MeanCounts`).
         """
         mean = mean.double()
+        if self.warm is not None:  # too few images to narrow anything: count them all
+            counts = MeanCounts(self.offsets, mean)
+            for block in self.warm:
+                counts.add(block)
+            return counts.df, counts.tf, torch.ones_like(mean, dtype=torch.bool)
         zeros = (self.images - self.nonzero).double()
         df = self.above_df + torch.where(mean <= 0, zeros, 0.0)
         tf = self.above_tf.clone()

@@ -240,8 +240,11 @@ class StatsConfig:
     """Options of the statistics stage: which images, how they are read and scored."""
 
     stop_batch: int | None = option(
-        None, "batches of training images to sample for statistics (default: all)",
-        flags=("--stop-batch", "--stop_batch"))
+        None, "batches of training images to sample for statistics (default: "
+        "--stats-images images)", flags=("--stop-batch", "--stop_batch"))
+    stats_images: int = option(
+        10240, "training images, a seeded sample, the statistics read when --stop-batch is "
+        "not given; the training set's size or more reads all of it", positive=True)
     stats_batch_size: int = option(128, "batch size of the statistics pass", positive=True)
     documents: str = option("sample", "TF-IDF documents: every image (published code) or "
                             "every class", choices=DOCUMENTS)
@@ -261,6 +264,8 @@ class StatsConfig:
                "a positive number of batches")
         _check("stats_batch_size", self.stats_batch_size, self.stats_batch_size > 0,
                "a positive integer")
+        _check("stats_images", self.stats_images, self.stats_images > 0,
+               "a positive number of images")
         _check("coe", self.coe, self.coe >= 0, "0 (no balancing) or a positive number")
 
     @classmethod

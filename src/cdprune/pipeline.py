@@ -232,6 +232,10 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
                    macs_reduction=reduction, latency_reduction=stage.latency_reduction,
                    latency=latency, **kwargs)
     summary = {"criterion": stage.criterion, **result.summary()}
+    if stats is not None:  # how many images the scores rest on, and how they were chosen
+        summary["stats_images"] = stats.num_samples
+        summary["stats_sample"] = (f"--stop-batch {config['stop_batch']}"
+                                   if config.get("stop_batch") else "--stats-images")
     if "latency" in result.extra:
         summary["latency"] = result.extra["latency"]
     summary.update(macs_conventions(model, result, example))

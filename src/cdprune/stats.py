@@ -57,10 +57,24 @@ class _Collector:
     With ``tap="act"`` the value pooled is the output of the BatchNorm that reads the conv
     output (found by tensor identity while the model runs); a conv without one falls back
     to its own output.
+
+    The pass should cost little more than plain inference, so nothing is allocated per
+    batch: each hook writes the ReLU into one reused scratch and its layer's pooled block
+    straight into a reused ``[B, channels]`` row buffer. The pooled values are
+    bit-identical to ``output.relu().mean((2, 3))``. (Writing the ReLU a few images at a
+    time, to keep the scratch in cache, measured no faster on a 2-core CPU.)
     """
 
     def __init__(self, modules: Sequence[nn.Module], model: nn.Module, tap: str = "conv"):
-        self.pooled: list[torch.Tensor | None] = [None] * len(modules)
+        self.spans: list[tuple[int, int]] = []
+        start = 0
+        for m in modules:
+            self.spans.append((start, start + m.out_channels))
+            start += m.out_channels
+        self.total = start
+        self.rows = torch.empty(0, start)
+        self.written = [False] * len(modules)
+        self.batch = 0
         self.scratch = torch.empty(0)
         self.tap = tap
         if tap == "conv":
@@ -81,38 +95,55 @@ class _Collector:
     def _bn_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         entry = self.pending.pop(id(inputs[0]), None)
         if entry is not None:
-            self.pooled[entry[0]] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
-
-    def _relu(self, output: torch.Tensor) -> torch.Tensor:
-        # Hooks run one after another, so one scratch buffer serves them all. Writing the
-        # ReLU into reused memory instead of a fresh tensor avoids the page faults of a
-        # large allocation per layer, which cost more than the ReLU itself on a CPU.
-        n = output.numel()
-        if (self.scratch.numel() < n or self.scratch.dtype != output.dtype
-                or self.scratch.device != output.device):
-            self.scratch = torch.empty(n, dtype=output.dtype, device=output.device)
-        buf = self.scratch[:n].view(output.shape)
-        return torch.clamp_min(output, 0, out=buf)
+            self._pool(entry[0], output)
 
     def _hook(self, index: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            # ReLU then spatial mean; float32 even under autocast so sums stay accurate.
-            self.pooled[index] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
+            self._pool(index, output)
         return hook
 
+    def _pool(self, index: int, output: torch.Tensor) -> None:
+        """ReLU then spatial mean of one layer's output into its block of the row buffer;
+        float32 even under autocast so the sums stay accurate."""
+        n = output.shape[0]
+        if self.rows.shape[0] < n or self.rows.device != output.device:
+            self.rows = torch.empty(n, self.total, device=output.device)
+        lo, hi = self.spans[index]
+        self.batch = n
+        target = self.rows[:n, lo:hi]
+        relu = torch.clamp_min(output, 0, out=self._scratch(output.numel(), output)[
+            :output.numel()].view(output.shape))
+        torch.mean(relu, dim=(2, 3), dtype=torch.float32, out=target)
+        self.written[index] = True
+
+    def _scratch(self, size: int, output: torch.Tensor) -> torch.Tensor:
+        # Hooks run one after another, so one scratch buffer serves them all. Writing the
+        # ReLU into reused memory instead of a fresh tensor avoids the page faults of a
+        # large allocation per layer, which cost more than the ReLU itself on a CPU.
+        if (self.scratch.numel() < size or self.scratch.dtype != output.dtype
+                or self.scratch.device != output.device):
+            self.scratch = torch.empty(size, dtype=output.dtype, device=output.device)
+        return self.scratch
+
     def take(self) -> torch.Tensor:
+        """The ``[images, channels]`` pooled rows of the batch just run (a view of the
+        reused buffer: consume it before the next batch)."""
         if self.tap == "act":  # convs no BatchNorm read: their own output
             for index, output in self.pending.values():
-                self.pooled[index] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
+                self._pool(index, output)
             self.pending.clear()
-        rows = torch.cat(self.pooled, dim=1)
-        self.pooled = [None] * len(self.pooled)
-        return rows
+        if not all(self.written):
+            missing = self.written.index(False)
+            raise DataError(f"scored layer number {missing + 1} produced no output in the "
+                            "forward pass; score only layers the model runs")
+        self.written = [False] * len(self.written)
+        return self.rows[:self.batch]
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.scratch = torch.empty(0)
+        self.rows = torch.empty(0, self.total)
 
 
 def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
