@@ -248,8 +248,8 @@ class StatsConfig:
     stats_batch_size: int = option(128, "batch size of the statistics pass", positive=True)
     documents: str = option("sample", "TF-IDF documents: every image (published code) or "
                             "every class", choices=DOCUMENTS)
-    stats_dtype: str = option("float32", "storage of per-image values; float16 halves "
-                              "memory", choices=("float32", "float16"))
+    stats_dtype: str = option("float32", "precision per-image values are rounded to before "
+                              "they are counted", choices=("float32", "float16"))
     coe: float = option(0.0, "balance coefficient (0: none)")
     tap: str | None = option(None, "where a filter's activation is read: conv output before "
                              "BatchNorm (default), or after BatchNorm and ReLU", choices=TAPS)
