@@ -182,7 +182,7 @@ class SampleCounts:
 
     def memory_bytes(self) -> int:
         """Bytes the kept entries take now (the per-channel vectors aside)."""
-        return self.kept * (4 + 8 + 8)
+        return self.kept * (4 + 4 + 8)
 
     def _narrow(self) -> None:
         """Shrink every interval towards ``mean +- z * std / sqrt(images)``."""
