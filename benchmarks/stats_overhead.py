@@ -47,8 +47,9 @@ def timed(fn, model, batches, threads: int) -> tuple[float, float]:
     return clock() - cpu, time.perf_counter() - wall
 
 
-def measure(name: str, threads: int, repeats: int) -> dict:
+def measure(name: str, threads: int, repeats: int, batches: int | None = None) -> dict:
     model_name, size, batch, count = CASES[name]
+    count = batches or count
     torch.manual_seed(0)
     model = create_model(model_name).eval()
     batches = [torch.randn(batch, 3, size, size) for _ in range(count)]
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--batches", type=int, help="batches per pass (default: the case's)")
     args = parser.parse_args()
     print(f"# machine: {platform.machine()} {platform.processor()}, torch {torch.__version__};"
           f" {args.repeats} interleaved rounds; CPU time (thread at 1 thread, process above)")
@@ -83,7 +85,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name in args.cases:
-            r = measure(name, threads, args.repeats)
+            r = measure(name, threads, args.repeats, args.batches)
             print(f"{r['case']},{r['threads']},{r['images']},{r['plain_cpu_s']:.3f},"
                   f"{r['stats_cpu_s']:.3f},{r['ratio_cpu']:.3f},{r['ratio_cpu_min']:.3f},"
                   f"{r['ratio_cpu_max']:.3f},{r['ratio_wall']:.3f}", flush=True)
