@@ -258,6 +258,9 @@ def _documents(kind: str, n: int = 3000) -> torch.Tensor:
         rows[7] = 0.0  # a document with no activation at all
     if kind == "ordered":  # the mean keeps moving: streamed intervals cannot hold it
         rows = rows * torch.linspace(0.1, 3.0, n)[:, None]
+    if kind == "sparse":  # channels that fire in a few images only, late more than early
+        rare = torch.rand(n, 6, generator=g) < torch.linspace(0.001, 0.02, n)[:, None]
+        rows[:, 10:16] = rare * torch.rand(n, 6, generator=g) * 50
     return rows
 
 
@@ -279,7 +282,7 @@ def _streamed(rows: torch.Tensor, batch: int = 64, warmup: int = 128):
             counts)
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "ordered"])
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse", "ordered"])
 def test_streamed_counts_equal_the_full_matrix(kind):
     from cdprune.scoring import _from_counts, document_counts
 

@@ -38,6 +38,8 @@ __all__ = ["MeanCounts", "SampleCounts", "shares"]
 Z_WIDTH = 7.0
 # Images seen before the interval first narrows (its width needs a spread estimate).
 WARMUP_IMAGES = 256
+# Non-zero values a channel needs before its spread is trusted to narrow its interval.
+MIN_NONZERO = 128
 
 
 def shares(values: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -192,9 +194,11 @@ class SampleCounts:
         half = self.z * std / math.sqrt(n)
         low = torch.maximum(self.low, mean - half)
         high = torch.minimum(self.high, mean + half)
-        # A channel without spread yet (all values alike so far), or whose estimate left
-        # the interval it already has, keeps that interval: narrowing it would be a guess.
-        ok = (std > 0) & (low <= high)
+        # A channel without spread yet (all values alike so far), with few non-zero values
+        # (a rarely firing channel: its spread is not known yet, and only its non-zero
+        # values are kept anyway), or whose estimate left the interval it already has,
+        # keeps that interval: narrowing it would be a guess.
+        ok = (std > 0) & (low <= high) & (self.nonzero >= MIN_NONZERO)
         self.low = torch.where(ok, low, self.low)
         self.high = torch.where(ok, high, self.high)
         self._thresholds()
