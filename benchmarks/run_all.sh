@@ -10,7 +10,8 @@ out=benchmarks/results
 mkdir -p "$out"
 threads=${THREADS:-2}
 { echo "# $(date -u +%Y-%m-%d) $(uname -m), $(nproc) cores, $(python3 -c 'import importlib.metadata as m; print("torch", m.version("torch"), "torch-pruning", m.version("torch-pruning"))')"; } > "$out/machine.txt"
-python3 benchmarks/stats_overhead.py --threads "$threads" | tee "$out/stats_overhead.csv"
+python3 benchmarks/stats_overhead.py --threads 1 2 | tee "$out/stats_overhead.csv"
+python3 benchmarks/stats_memory.py --threads 1 | tee "$out/stats_memory.csv"
 python3 benchmarks/prune_time.py --threads "$threads" | tee "$out/prune_time.csv"
 python3 benchmarks/stats_scaling.py --threads "$threads" | tee "$out/stats_scaling.csv"
 if [ -d "$shared/weights/cifar10" ] && [ -d "$shared/data/cifar-10-batches-py" ]; then

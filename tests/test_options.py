@@ -98,6 +98,8 @@ def test_an_option_is_one_field():
     (StatsConfig(stop_batch=0), "stop_batch", "--stop-batch 0 is invalid; it must be a "
      "positive number of batches"),
     (StatsConfig(coe=-1.0), "coe", "--coe -1.0 is invalid"),
+    (StatsConfig(stats_images=0), "stats_images", "--stats-images 0 is invalid; it must be a "
+     "positive number of images"),
     (PruneConfig(sparsity=1.0), "sparsity", "--sparsity 1.0 is invalid; it must be a fraction"),
     (PruneConfig(max_layer_pruning=0.0), "max_layer_pruning", "--max-layer-pruning 0.0 is "
      "invalid; it must be a fraction in (0, 1]"),

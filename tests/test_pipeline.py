@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -67,6 +68,7 @@ def test_run_prune_from_the_statistics_file(stats_run, tmp_path):
     assert summary["macs_after"] < summary["macs_before"]
     assert abs(summary["sparsity"] - 0.3) < 0.05
     assert 0 <= summary["acc_pruned"] <= 100 and 0 <= summary["acc_base"] <= 100
+    assert summary["stats_images"] == 128 and summary["stats_sample"] == "--stop-batch 2"
     assert json.loads((tmp_path / "prune_summary.json").read_text()) == summary
     assert (tmp_path / "widths.png").is_file() and not (tmp_path / "stats.safetensors").exists()
     pruned, plan = pipeline.load_pruned_dir(tmp_path, {**config, "checkpoint": None}, 10)
@@ -125,3 +127,28 @@ def test_run_finetune_trains_the_pruned_model(stats_run, tmp_path):
 ])
 def test_cdp_options_per_stage(overrides, expected):
     assert pipeline.cdp_options({**DEFAULTS, **overrides}) == expected
+
+
+def _stats_images(data) -> int:
+    return sum(len(batch[0]) for batch in data.stats)
+
+
+def test_statistics_read_a_seeded_sample_unless_stop_batch_is_given(tmp_path, caplog):
+    from cdprune.options import StatsConfig
+
+    assert StatsConfig().stats_images == 10240 and DEFAULTS["stop_batch"] is None
+    with caplog.at_level(logging.INFO, logger="cdprune.runsetup"):
+        data = pipeline.build_data(_config(tmp_path, stop_batch=None, stats_images=100),
+                                   need_train=False)
+    assert _stats_images(data) == 100
+    assert "a seeded sample of 100 of the" in caplog.text  # the log says what is read
+    again = pipeline.build_data(_config(tmp_path, stop_batch=None, stats_images=100),
+                                need_train=False)
+    assert list(again.stats.dataset.indices) == list(data.stats.dataset.indices)
+    # An explicit --stop-batch reads what it asks, whatever --stats-images says.
+    data = pipeline.build_data(_config(tmp_path, stop_batch=1, stats_images=100),
+                               need_train=False)
+    assert _stats_images(data) == 64
+    # The default sample is larger than the digits training set: all of it is read.
+    data = pipeline.build_data(_config(tmp_path, stop_batch=None), need_train=False)
+    assert _stats_images(data) == len(data.stats.dataset) > 1000

@@ -28,7 +28,7 @@ def manual_pooled(model, loader):
 
 
 def test_sample_features_match_manual(small_net, loader):
-    stats = collect_stats(small_net, loader, progress=False)
+    stats = collect_stats(small_net, loader, progress=False, keep_features=True)
     ref = manual_pooled(small_net, loader)
     assert stats.layers == ["conv1", "conv2", "conv3"]
     assert stats.num_samples == 48 and stats.features.shape == (48, 8 + 8 + 16)
@@ -85,8 +85,9 @@ def test_uses_eval_mode_batchnorm(small_net, loader):
 
 
 def test_float16_halves_memory(small_net, loader):
-    s32 = collect_stats(small_net, loader, progress=False)
-    s16 = collect_stats(small_net, loader, dtype=torch.float16, progress=False)
+    s32 = collect_stats(small_net, loader, progress=False, keep_features=True)
+    s16 = collect_stats(small_net, loader, dtype=torch.float16, progress=False,
+                        keep_features=True)
     assert s16.features.dtype == torch.float16
     assert s16.features.nbytes * 2 == s32.features.nbytes
     for name in s32.layers:
@@ -97,7 +98,7 @@ def test_chunked_buffer_spans_chunks(small_net, monkeypatch):
     import cdprune.stats as stats_mod
 
     monkeypatch.setattr(stats_mod, "_CHUNK_ROWS", 5)  # batches of 16 straddle chunks
-    stats = collect_stats(small_net, make_loader(n=48), progress=False)
+    stats = collect_stats(small_net, make_loader(n=48), progress=False, keep_features=True)
     ref = manual_pooled(small_net, make_loader(n=48))
     assert torch.allclose(stats.matrix("conv1"), ref["conv1"].T, atol=1e-6)
 
@@ -217,7 +218,7 @@ def test_distributed_statistics_equal_single_process(tmp_path):
 
 
 def test_act_tap_reads_the_batchnorm_output(small_net, loader):
-    stats = collect_stats(small_net, loader, tap="act", progress=False)
+    stats = collect_stats(small_net, loader, tap="act", progress=False, keep_features=True)
     outs = []
     h = small_net.bn2.register_forward_hook(lambda m, i, o: outs.append(o.relu().mean((2, 3))))
     with torch.no_grad():
@@ -226,9 +227,10 @@ def test_act_tap_reads_the_batchnorm_output(small_net, loader):
     h.remove()
     assert torch.allclose(stats.matrix("conv2"), torch.cat(outs).T, atol=1e-6)
     assert stats.meta["tap"] == "act"
-    conv = collect_stats(small_net, loader, progress=False)
+    conv = collect_stats(small_net, loader, progress=False, keep_features=True)
     assert not torch.allclose(stats.matrix("conv2"), conv.matrix("conv2"))
-    published = collect_stats(small_net, loader, variant="published", progress=False)
+    published = collect_stats(small_net, loader, variant="published", progress=False,
+                              keep_features=True)
     assert published.documents == "sample" and published.meta["tap"] == "conv"
     with pytest.raises(ConfigError, match="tap='act', documents='class' was given too"):
         collect_stats(small_net, loader, tap="act", documents="class", variant="published",
@@ -241,8 +243,8 @@ def test_act_tap_reads_the_batchnorm_output(small_net, loader):
 def test_act_tap_without_batchnorm_falls_back_to_conv_output(loader):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten())
-    act = collect_stats(net, loader, tap="act", progress=False)
-    conv = collect_stats(net, loader, progress=False)
+    act = collect_stats(net, loader, tap="act", progress=False, keep_features=True)
+    conv = collect_stats(net, loader, progress=False, keep_features=True)
     assert torch.allclose(act.features, conv.features)
 
 
@@ -264,7 +266,141 @@ class AuxNet(nn.Module):
 def test_layer_that_does_not_run_in_eval_counts_as_inactive():
     torch.manual_seed(0)
     batches = [(torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 0]))] * 2
-    stats = collect_stats(AuxNet(), batches, progress=False)
+    stats = collect_stats(AuxNet(), batches, progress=False, keep_features=True)
     rows = stats.features
     assert stats.layers == ["conv", "aux"] and rows.shape == (8, 6)
     assert torch.count_nonzero(rows[:, 4:]) == 0 and torch.count_nonzero(rows[:, :4]) > 0
+
+
+# ---------------------------------------------------------------- streamed sample counts
+def _documents(kind: str, n: int = 3000) -> torch.Tensor:
+    """``[n, 16]`` pooled-like values (three layers of 5, 7 and 4 channels) of one kind."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.rand(n, 16, generator=g) * (torch.rand(n, 16, generator=g) > 0.3)
+    if kind == "ties":  # values 0, 1, 2 equally often: every mean is exactly 1
+        rows = (torch.arange(n * 16) % 3).float().view(16, n).T.contiguous()
+        rows = rows[torch.randperm(n, generator=g)]
+        rows[:, 5] = 0.5  # a constant channel: every document ties with the mean
+        rows[:, 6] = 0.0  # a dead channel
+        rows[7] = 0.0  # a document with no activation at all
+    if kind == "ordered":  # the mean keeps moving: streamed intervals cannot hold it
+        rows = rows * torch.linspace(0.1, 3.0, n)[:, None]
+    if kind == "sparse":  # channels that fire in a few images only, late more than early
+        rare = torch.rand(n, 6, generator=g) < torch.linspace(0.001, 0.02, n)[:, None]
+        rows[:, 10:16] = rare * torch.rand(n, 6, generator=g) * 50
+    return rows
+
+
+SPANS = [(0, 5), (5, 12), (12, 16)]
+
+
+def _streamed(rows: torch.Tensor, batch: int = 64, warmup: int = 128):
+    from cdprune.documents import MeanCounts, SampleCounts
+
+    counts = SampleCounts(SPANS, warmup=warmup)
+    for start in range(0, len(rows), batch):
+        counts.add(rows[start:start + batch])
+    mean = counts.sums / len(rows)
+    df, tf_sum, exact = counts.finish(mean)
+    again = MeanCounts(SPANS, mean)
+    for start in range(0, len(rows), batch):
+        again.add(rows[start:start + batch])
+    return (torch.where(exact, df, again.df), torch.where(exact, tf_sum, again.tf), exact,
+            counts)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse", "ordered"])
+def test_streamed_counts_equal_the_full_matrix(kind):
+    from cdprune.scoring import _from_counts, document_counts
+
+    rows = _documents(kind)
+    df, tf_sum, exact, counts = _streamed(rows)
+    for lo, hi in SPANS:
+        ref_df, ref_tf = document_counts(rows[:, lo:hi].T)
+        assert torch.equal(df[lo:hi], ref_df)  # counts are exact, ties included
+        assert torch.allclose(tf_sum[lo:hi], ref_tf, rtol=1e-12, atol=0)
+        assert torch.allclose(_from_counts(len(rows), df[lo:hi], tf_sum[lo:hi], 1.0),
+                              tfidf(rows[:, lo:hi].T), rtol=1e-6, atol=0)
+    assert exact.all() == (kind != "ordered")  # else a second reading settled them
+    if kind == "random":  # only images near each running mean are kept, not all 48,000
+        assert counts.kept < 0.25 * rows.numel()
+
+
+def test_default_statistics_do_not_grow_with_the_images(small_net, tmp_path):
+    sizes = []
+    for n in (48, 480):
+        loader = make_loader(n=n)
+        stats = collect_stats(small_net, loader, progress=False)
+        full = collect_stats(small_net, loader, progress=False, keep_features=True)
+        assert stats.features is None and full.features.shape == (n, 32)
+        for name, score in tfidf_scores(full).items():
+            assert torch.allclose(tfidf_scores(stats)[name], score, rtol=1e-6, atol=0), name
+        path = stats.save(tmp_path / f"stats{n}.safetensors")
+        sizes.append(path.stat().st_size)
+        back = ActivationStats.load(path, model=small_net)
+        assert all(torch.equal(tfidf_scores(back)[k], v) for k, v in tfidf_scores(stats).items())
+        old = ActivationStats.load(full.save(tmp_path / f"full{n}.safetensors"), model=small_net)
+        assert all(torch.equal(tfidf_scores(old)[k], v) for k, v in tfidf_scores(full).items())
+    assert sizes[0] == sizes[1]  # 10x the images, the same file
+
+
+def _ordered_loader(n: int = 640):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 8, 8, generator=g) * torch.linspace(0.2, 3.0, n)[:, None, None,
+                                                                               None]
+    return DataLoader(TensorDataset(images, torch.zeros(n, dtype=torch.long)), batch_size=32)
+
+
+def test_images_in_a_strong_order_are_read_twice_and_stay_exact(small_net, monkeypatch,
+                                                                 caplog):
+    import cdprune.documents as documents
+
+    monkeypatch.setattr(documents, "WARMUP_IMAGES", 64)
+    loader = _ordered_loader()
+    with caplog.at_level(logging.INFO, logger="cdprune.stats"):
+        stats = collect_stats(small_net, loader, progress=False)
+    assert "a second time" in caplog.text
+    full = collect_stats(small_net, loader, progress=False, keep_features=True)
+    for name, score in tfidf_scores(full).items():
+        assert torch.allclose(tfidf_scores(stats)[name], score, rtol=1e-6, atol=0), name
+
+    class Reshuffled:  # yields other images on the second reading
+        def __init__(self):
+            self.readings = 0
+
+        def __iter__(self):
+            self.readings += 1
+            return iter(_ordered_loader() if self.readings == 1 else make_loader(n=640))
+
+    with pytest.raises(DataError, match="other images when read a second time"):
+        collect_stats(small_net, Reshuffled(), progress=False)
+
+
+def test_one_shot_loader_keeps_every_vector_and_scores_the_same(small_net, loader):
+    once = collect_stats(small_net, iter(list(loader)), progress=False)
+    streamed = collect_stats(small_net, loader, progress=False)
+    assert once.features is None and once.reduced is not None
+    for name, score in tfidf_scores(streamed).items():
+        assert torch.allclose(tfidf_scores(once)[name], score, rtol=1e-6, atol=0), name
+
+
+@pytest.mark.parametrize("tap", ["conv", "act"])
+def test_pooled_values_are_bit_identical_to_relu_then_mean(small_net, tap):
+    """The hooks pool into reused buffers: the same bits as a fresh ReLU and mean."""
+    loader = make_loader(n=44, batch_size=16)  # a short last batch reuses the buffer
+    stats = collect_stats(small_net, loader, tap=tap, progress=False, keep_features=True)
+    outs = {n: [] for n in stats.layers}
+    taps = {"conv1": small_net.bn1, "conv2": small_net.bn2, "conv3": small_net.bn3} \
+        if tap == "act" else {n: getattr(small_net, n) for n in stats.layers}
+    hooks = [m.register_forward_hook(
+        lambda m, i, o, n=n: outs[n].append(o.relu().mean((2, 3), dtype=torch.float32)))
+        for n, m in taps.items()]
+    with torch.inference_mode():
+        for x, _ in loader:
+            small_net(x)
+    for h in hooks:
+        h.remove()
+    for name in stats.layers:
+        assert torch.equal(stats.matrix(name), torch.cat(outs[name]).T), name

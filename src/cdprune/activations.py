@@ -52,12 +52,15 @@ class ActivationStats:
         layers: scored layer names, in model order.
         channels: channel count of each layer.
         num_samples: images seen (over all ranks).
-        features: sample mode on one process: ``[num_samples, sum(channels)]`` pooled
-            values, layer blocks side by side in ``layers`` order. ``None`` otherwise.
+        features: sample mode collected with ``keep_features=True`` on one process (or a
+            file written before the streamed form): ``[num_samples, sum(channels)]``
+            pooled values, layer blocks side by side in ``layers`` order. ``None``
+            otherwise.
         class_sums: class mode: ``[num_classes, sum(channels)]`` float64 sums.
         class_counts: class mode: ``[num_classes]`` images per class.
-        reduced: sample mode under ``torch.distributed``: per layer ``(df, tf_sum)``
-            already aggregated over all ranks (see :meth:`sufficient`).
+        reduced: sample mode otherwise: per layer ``(df, tf_sum)`` already aggregated
+            over all documents (and ranks), all the scores need (see :meth:`sufficient`);
+            a few kilobytes whatever the number of images.
         fingerprint: :func:`model_fingerprint` of the model the statistics came from.
         meta: free-form facts (model name, sampled images, versions).
     """
@@ -100,8 +103,9 @@ class ActivationStats:
             return means.T.float()
         if self.features is None:
             raise ConfigError(
-                "per-sample features were reduced across processes and are not kept; "
-                "use sufficient() or tfidf_scores(), which work on the reduced form")
+                "per-sample features were reduced to what the scores need and are not kept; "
+                "use sufficient() or tfidf_scores(), which work on the reduced form, or "
+                "collect with keep_features=True")
         return self.features[:, lo:hi].T.float()
 
     def num_documents(self) -> int:

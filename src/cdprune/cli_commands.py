@@ -279,7 +279,8 @@ def _cmd_compare(config: dict[str, Any]) -> None:
         _say(f"resuming: {len(done)} finished rows in {previous} are kept", flush=True)
     meta = {k: config.get(k) for k in ("model", "checkpoint", "dataset", "epochs",
                                          "max_iters", "lr", "train_subset", "val_subset",
-                                         "stop_batch", "stats_batch_size", "seed", "scope",
+                                         "stop_batch", "stats_images", "stats_batch_size",
+                                         "seed", "scope",
                                          "tap", "normalize", "allocation", "variant",
                                          "bn_recalibrate")}
     # The values used, not the unset ones (None leaves the choice to the library).

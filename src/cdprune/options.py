@@ -254,13 +254,16 @@ class StatsConfig:
     """Options of the statistics stage: which images, how they are read and scored."""
 
     stop_batch: int | None = option(
-        None, "batches of training images to sample for statistics (default: all)",
-        flags=("--stop-batch", "--stop_batch"))
+        None, "batches of training images to sample for statistics (default: "
+        "--stats-images images)", flags=("--stop-batch", "--stop_batch"))
+    stats_images: int = option(
+        10240, "training images, a seeded sample, the statistics read when --stop-batch is "
+        "not given; the training set's size or more reads all of it", positive=True)
     stats_batch_size: int = option(128, "batch size of the statistics pass", positive=True)
     documents: str = option("sample", "TF-IDF documents: every image (published code) or "
                             "every class", choices=DOCUMENTS)
-    stats_dtype: str = option("float32", "storage of per-image values; float16 halves "
-                              "memory", choices=("float32", "float16"))
+    stats_dtype: str = option("float32", "precision per-image values are rounded to before "
+                              "they are counted", choices=("float32", "float16"))
     coe: float = option(0.0, "balance coefficient (0: none)")
     tap: str | None = option(None, "where a filter's activation is read: conv output before "
                              "BatchNorm (default), or after BatchNorm and ReLU", choices=TAPS)
@@ -285,6 +288,8 @@ class StatsConfig:
                "a positive number of batches")
         _check("stats_batch_size", self.stats_batch_size, self.stats_batch_size > 0,
                "a positive integer")
+        _check("stats_images", self.stats_images, self.stats_images > 0,
+               "a positive number of images")
         _check("coe", self.coe, self.coe >= 0, "0 (no balancing) or a positive number")
 
     @classmethod

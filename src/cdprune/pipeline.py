@@ -257,6 +257,10 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
                                    example_inputs=example, target=result.plan.get("target"))
     summary = {"criterion": stage.criterion, **result.summary()}
     summary.update(extra)
+    if stats is not None:  # how many images the scores rest on, and how they were chosen
+        summary["stats_images"] = stats.num_samples
+        summary["stats_sample"] = (f"--stop-batch {config['stop_batch']}"
+                                   if config.get("stop_batch") else "--stats-images")
     if "latency" in result.extra:
         summary["latency"] = result.extra["latency"]
     summary.update(macs_conventions(model, result, example))

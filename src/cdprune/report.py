@@ -81,6 +81,9 @@ def _markdown(report: Mapping[str, Any]) -> str:
         ratio = prune["macs_before"] / max(1, prune["macs_after"])
         if prune.get("criterion"):
             lines += [f"Filters ranked by the `{prune['criterion']}` criterion.", ""]
+        if prune.get("stats_images"):
+            lines += [f"Statistics from {prune['stats_images']:,} training images (chosen "
+                      f"by `{prune.get('stats_sample', '--stats-images')}`).", ""]
         lines += [
             "| | before | after | change |", "| --- | --- | --- | --- |",
             f"| MACs | {_fmt_m(prune['macs_before'])} | {_fmt_m(prune['macs_after'])} | "

@@ -20,6 +20,7 @@ from torch import nn
 
 from .checkpoint import apply_weights, read_state_dict
 from .errors import CheckpointError, ConfigError, DataError
+from .options import StatsConfig
 from .suggest import did_you_mean
 
 __all__ = ["Data", "build_data", "build_inputs", "build_model", "check_base_accuracy",
@@ -242,6 +243,8 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
             stats_set = torch.utils.data.Subset(stats_set, range(stop * batch))
         elif stop:
             stats_set = subset(stats_set, stop * batch, seed)
+        else:
+            stats_set = _default_sample(config, stats_set, seed)
         stats = build_loader(stats_set, batch, shuffle=False, workers=workers, seed=seed,
                              distributed=distributed)
     recal = None
@@ -253,6 +256,21 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
                              shuffle=True, workers=workers, seed=seed + 1)
     return Data(num_classes, tuple(input_size), train, val, stats, recal, classes, mean, std,
                 select)
+
+
+def _default_sample(config: Mapping[str, Any], stats_set: Any, seed: int) -> Any:
+    """The seeded sample of ``--stats-images`` training images read without ``--stop-batch``."""
+    from .data import subset
+
+    images = StatsConfig.from_config(config).stats_images
+    if images >= len(stats_set):
+        logger.info("statistics read all %d training images (--stats-images %d)",
+                    len(stats_set), images)
+        return stats_set
+    logger.info("statistics read a seeded sample of %d of the %d training images "
+                "(--stats-images; --stop-batch N reads N batches instead)", images,
+                len(stats_set))
+    return subset(stats_set, images, seed)
 
 
 def _model_input_size(config: Mapping[str, Any]) -> tuple[int, ...]:

@@ -4,18 +4,20 @@ For every scored Conv2d the output (before BatchNorm) goes through ReLU and a sp
 giving one value per channel per image. Two kinds of *documents* are supported:
 
 * ``"sample"`` (the published code): every sampled image is a document. The TF-IDF needs
-  the mean over all documents before anything can be counted, so the pooled values of
-  every image are kept: **4 bytes per sample per channel** in float32 (2 with
-  ``dtype=torch.float16``). ResNet-56 has 2,032 scored channels, so 10,000 images cost
-  81 MB; ResNet-50 has 26,560, so 50,000 images cost 5.3 GB (2.7 GB in float16).
+  each channel's mean over all documents before any document can be counted; instead of
+  keeping every image's vector until then (4 bytes per image per channel: 406 MB for
+  ResNet-56 on 50,000 images), the pass streams them through
+  :class:`~cdprune.documents.SampleCounts`, which keeps per channel only running sums and
+  the few images near the running mean, and yields the exact ``(df, tf_sum)`` the scores
+  need (a second reading of the images settles the rare channel whose mean moved too far).
+  ``keep_features=True``, or a loader that can be read only once, keeps every vector.
 * ``"class"`` (the paper's wording): every class is a document, the mean pooled vector of
   its images. Only per-class sums and counts are kept: **8 bytes per class per channel**
   (float64 sums), whatever the number of images.
 
-The pass is streaming: all scored layers of a batch are gathered into one ``[B, channels]``
-row block and copied once into a chunked buffer, so memory grows linearly and nothing is
-re-concatenated batch after batch. Under ``torch.distributed`` each rank reads its shard and
-the result is reduced exactly (see :meth:`ActivationStats.sufficient`).
+The hooks pool each scored layer of a batch into one ``[B, channels]`` row block. Under
+``torch.distributed`` each rank reads its shard and the result is reduced exactly (see
+:meth:`ActivationStats.sufficient`).
 
 This module collects; the statistics themselves, their views and their file are
 :class:`~cdprune.activations.ActivationStats` (also importable from here).
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ from torch import nn
 
 from .activations import DOCUMENTS, ActivationStats, conv_layer_names, model_fingerprint
 from .distributed import all_reduce_sum, is_distributed
+from .documents import MeanCounts, SampleCounts
 from .errors import ConfigError, DataError
 from .evaluate import eval_mode
 from .progress import progress as progress_bar
@@ -54,11 +57,24 @@ class _Collector:
     With ``tap="act"`` the value pooled is the output of the BatchNorm that reads the conv
     output (found by tensor identity while the model runs); a conv without one falls back
     to its own output.
+
+    The pass should cost little more than plain inference, so nothing is allocated per
+    batch: each hook writes the ReLU into one reused scratch and its layer's pooled block
+    straight into a reused ``[B, channels]`` row buffer. The pooled values are
+    bit-identical to ``output.relu().mean((2, 3))``. (Writing the ReLU a few images at a
+    time, to keep the scratch in cache, measured no faster on a 2-core CPU.)
     """
 
     def __init__(self, modules: Sequence[nn.Module], model: nn.Module, tap: str = "conv"):
-        self.pooled: list[torch.Tensor | None] = [None] * len(modules)
-        self.widths = [m.out_channels for m in modules]
+        self.spans: list[tuple[int, int]] = []
+        start = 0
+        for m in modules:
+            self.spans.append((start, start + m.out_channels))
+            start += m.out_channels
+        self.total = start
+        self.rows = torch.empty(0, start)
+        self.written = [False] * len(modules)
+        self.batch = 0
         self.scratch = torch.empty(0)
         self.tap = tap
         if tap == "conv":
@@ -79,44 +95,59 @@ class _Collector:
     def _bn_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         entry = self.pending.pop(id(inputs[0]), None)
         if entry is not None:
-            self.pooled[entry[0]] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
-
-    def _relu(self, output: torch.Tensor) -> torch.Tensor:
-        # Hooks run one after another, so one scratch buffer serves them all. Writing the
-        # ReLU into reused memory instead of a fresh tensor avoids the page faults of a
-        # large allocation per layer, which cost more than the ReLU itself on a CPU.
-        n = output.numel()
-        if (self.scratch.numel() < n or self.scratch.dtype != output.dtype
-                or self.scratch.device != output.device):
-            self.scratch = torch.empty(n, dtype=output.dtype, device=output.device)
-        buf = self.scratch[:n].view(output.shape)
-        return torch.clamp_min(output, 0, out=buf)
+            self._pool(entry[0], output)
 
     def _hook(self, index: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            # ReLU then spatial mean; float32 even under autocast so sums stay accurate.
-            self.pooled[index] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
+            self._pool(index, output)
         return hook
 
+    def _pool(self, index: int, output: torch.Tensor) -> None:
+        """ReLU then spatial mean of one layer's output into its block of the row buffer;
+        float32 even under autocast so the sums stay accurate."""
+        n = output.shape[0]
+        if self.rows.shape[0] < n or self.rows.device != output.device:
+            self.rows = torch.empty(n, self.total, device=output.device)
+        lo, hi = self.spans[index]
+        self.batch = n
+        target = self.rows[:n, lo:hi]
+        relu = torch.clamp_min(output, 0, out=self._scratch(output.numel(), output)[
+            :output.numel()].view(output.shape))
+        torch.mean(relu, dim=(2, 3), dtype=torch.float32, out=target)
+        self.written[index] = True
+
+    def _scratch(self, size: int, output: torch.Tensor) -> torch.Tensor:
+        # Hooks run one after another, so one scratch buffer serves them all. Writing the
+        # ReLU into reused memory instead of a fresh tensor avoids the page faults of a
+        # large allocation per layer, which cost more than the ReLU itself on a CPU.
+        if (self.scratch.numel() < size or self.scratch.dtype != output.dtype
+                or self.scratch.device != output.device):
+            self.scratch = torch.empty(size, dtype=output.dtype, device=output.device)
+        return self.scratch
+
     def take(self) -> torch.Tensor:
+        """The ``[images, channels]`` pooled rows of the batch just run (a view of the
+        reused buffer: consume it before the next batch)."""
         if self.tap == "act":  # convs no BatchNorm read: their own output
             for index, output in self.pending.values():
-                self.pooled[index] = self._relu(output).mean(dim=(2, 3), dtype=torch.float32)
+                self._pool(index, output)
             self.pending.clear()
-        ran = next((p for p in self.pooled if p is not None), None)
-        if ran is None:
+        if not any(self.written):
             raise ConfigError("none of the scored layers ran in the model's forward pass")
-        # A layer that does not run in eval mode (GoogLeNet's and Inception v3's auxiliary
-        # classifiers) is never active: zeros. It is outside the traced graph, so never pruned.
-        rows = torch.cat([ran.new_zeros(ran.shape[0], w) if p is None else p
-                          for p, w in zip(self.pooled, self.widths)], dim=1)
-        self.pooled = [None] * len(self.pooled)
-        return rows
+        for (lo, hi), written in zip(self.spans, self.written):
+            # A layer that does not run in eval mode (GoogLeNet's and Inception v3's
+            # auxiliary classifiers) is never active: zeros. It is outside the traced
+            # graph, so it is never pruned.
+            if not written:
+                self.rows[:self.batch, lo:hi] = 0
+        self.written = [False] * len(self.written)
+        return self.rows[:self.batch]
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.scratch = torch.empty(0)
+        self.rows = torch.empty(0, self.total)
 
 
 def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
@@ -162,6 +193,7 @@ def collect_stats(
     tap: str | None = None,
     variant: str | None = None,
     progress: bool = True,
+    keep_features: bool = False,
 ) -> ActivationStats:
     """Run images through ``model`` and gather the pooled activations CDP scores.
 
@@ -175,13 +207,18 @@ def collect_stats(
         num_classes: number of classes for class documents; inferred from the labels
             seen (over all ranks) when omitted.
         device: where to run; defaults to the device of the model's parameters.
-        dtype: storage of per-sample values, ``torch.float32`` or ``torch.float16``.
+        dtype: precision of per-sample values, ``torch.float32`` or ``torch.float16``
+            (values are rounded to it before they are counted, and stored in it with
+            ``keep_features``).
         tap: where a filter's activation is read: ``"conv"``, the conv output before
             BatchNorm (published), or ``"act"``, the output of the BatchNorm that follows,
             i.e. what the next layer receives after its ReLU. Default ``"conv"``.
         variant: ``"published"`` forces every option to the published code's
             (``tap="conv"``, ``documents="sample"``) whatever else is passed.
         progress: show a progress bar.
+        keep_features: sample documents: keep every image's pooled vector
+            (:attr:`ActivationStats.features`, 4 bytes per image per channel) instead of
+            only what the scores need. The scores are the same either way.
 
     Returns:
         The statistics; under ``torch.distributed`` identical on every rank.
@@ -222,62 +259,60 @@ def collect_stats(
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
 
-    expected = None
-    if max_batches is not None:
-        expected = max_batches
-    elif hasattr(loader, "__len__"):
-        expected = len(loader)
-
-    collector = _Collector([modules[n] for n in names], model, tap)
+    offsets = list(ActivationStats(documents, names, channels, 1)._offsets().items())
+    full_store = documents == "sample" and (keep_features or isinstance(loader, Iterator))
+    counts = SampleCounts([span for _, span in offsets]) \
+        if documents == "sample" and not full_store else None
+    if documents == "sample" and full_store and not keep_features:
+        logger.info("the loader can be read only once: keeping every image's pooled values "
+                    "(%d bytes per image) until the means are known", total * dtype.itemsize)
     chunks: list[torch.Tensor] = []
     filled = 0
-    sums = counts = None
+    sums = class_counts = None
     labels_max = -1
-    seen = 0
-    batches = 0
+
+    def consume(rows: torch.Tensor, labels: torch.Tensor | None) -> None:
+        nonlocal filled, sums, class_counts, labels_max
+        _check_finite(rows, offsets)
+        n = rows.shape[0]
+        if documents == "sample":
+            rows = rows.to("cpu", dtype)
+            if counts is not None:
+                counts.add(rows)
+                return
+            pos = 0
+            while pos < n:  # fill fixed-size chunks; no growing tensor is re-copied
+                if filled == 0 or filled == chunks[-1].shape[0]:
+                    chunks.append(torch.empty(_CHUNK_ROWS, total, dtype=dtype))
+                    filled = 0
+                take = min(n - pos, _CHUNK_ROWS - filled)
+                chunks[-1][filled:filled + take] = rows[pos:pos + take]
+                filled += take
+                pos += take
+            return
+        if labels is None:
+            raise DataError("documents='class' needs labels: the loader must yield "
+                            "(images, labels) pairs")
+        labels = labels.to(device).long()
+        labels_max = max(labels_max, int(labels.max()))
+        if num_classes is not None and labels_max >= num_classes:
+            raise DataError(f"label {labels_max} is out of range for num_classes="
+                            f"{num_classes}; pass the dataset's class count")
+        width = num_classes or labels_max + 1
+        if sums is None:
+            sums = torch.zeros(width, total, dtype=torch.float64, device=device)
+            class_counts = torch.zeros(width, dtype=torch.float64, device=device)
+        elif width > sums.shape[0]:  # classes grow rarely; pad, do not re-cat rows
+            sums = torch.cat([sums, sums.new_zeros(width - sums.shape[0], total)])
+            class_counts = torch.cat([class_counts,
+                                      class_counts.new_zeros(width - class_counts.shape[0])])
+        sums.index_add_(0, labels, rows.double())
+        class_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+
+    collector = _Collector([modules[n] for n in names], model, tap)
     try:
-        with eval_mode(model), torch.inference_mode():
-            bar = progress_bar(expected, "statistics", bar=progress, items="images")
-            for batch in loader:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                images, labels = _split_batch(batch)
-                model(images.to(device, non_blocking=True))
-                rows = collector.take()
-                n = rows.shape[0]
-                if documents == "sample":
-                    rows = rows.to("cpu", dtype)
-                    pos = 0
-                    while pos < n:  # fill fixed-size chunks; no growing tensor is re-copied
-                        if filled == 0 or filled == chunks[-1].shape[0]:
-                            chunks.append(torch.empty(_CHUNK_ROWS, total, dtype=dtype))
-                            filled = 0
-                        take = min(n - pos, _CHUNK_ROWS - filled)
-                        chunks[-1][filled:filled + take] = rows[pos:pos + take]
-                        filled += take
-                        pos += take
-                else:
-                    if labels is None:
-                        raise DataError("documents='class' needs labels: the loader must yield "
-                                        "(images, labels) pairs")
-                    labels = labels.to(device).long()
-                    labels_max = max(labels_max, int(labels.max()))
-                    if num_classes is not None and labels_max >= num_classes:
-                        raise DataError(f"label {labels_max} is out of range for num_classes="
-                                        f"{num_classes}; pass the dataset's class count")
-                    width = num_classes or labels_max + 1
-                    if sums is None:
-                        sums = torch.zeros(width, total, dtype=torch.float64, device=device)
-                        counts = torch.zeros(width, dtype=torch.float64, device=device)
-                    elif width > sums.shape[0]:  # classes grow rarely; pad, do not re-cat rows
-                        sums = torch.cat([sums, sums.new_zeros(width - sums.shape[0], total)])
-                        counts = torch.cat([counts, counts.new_zeros(width - counts.shape[0])])
-                    sums.index_add_(0, labels, rows.double())
-                    counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-                seen += n
-                batches += 1
-                bar.update(1, items=n)
-            bar.close()
+        batches, seen = _read(model, loader, collector, consume, device=device,
+                              max_batches=max_batches, progress=progress)
     finally:
         collector.remove()
 
@@ -292,22 +327,90 @@ def collect_stats(
                             num_samples=total_seen, fingerprint=model_fingerprint(model),
                             meta={"batches": batches, "tap": tap})
     if documents == "class":
-        stats.class_sums, stats.class_counts = _reduce_classes(sums, counts, total, device,
-                                                               num_classes)
-        _check_finite(stats.class_sums, stats)
+        stats.class_sums, stats.class_counts = _reduce_classes(sums, class_counts, total,
+                                                               device, num_classes)
+        _check_finite(stats.class_sums, offsets)
+        return stats
+    if counts is not None:
+        stats.reduced = _settle(counts, stats, offsets, device, lambda c: _read(
+            model, loader, _Collector([modules[n] for n in names], model, tap), c.add,
+            device=device, max_batches=max_batches, progress=progress, second=True))
         return stats
 
     if chunks:
         chunks[-1] = chunks[-1][:filled]
     else:  # a rank with an empty shard
         chunks = [torch.empty(0, total, dtype=dtype)]
-    features = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-    _check_finite(features, stats)
-    if not is_distributed():
-        stats.features = features
+    if keep_features and not is_distributed():
+        stats.features = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
         return stats
-    stats.reduced = _reduce_samples(features, stats, device)
+    stats.reduced = _reduce_samples(chunks, stats, device)
     return stats
+
+
+def _read(model: nn.Module, loader: Iterable, collector: _Collector,
+          consume: Callable[..., None], *, device: torch.device, max_batches: int | None,
+          progress: bool, second: bool = False) -> tuple[int, int]:
+    """One statistics pass: every batch's pooled row block goes to ``consume``.
+
+    Returns ``(batches, images)`` read. The collector's hooks are removed on the way out.
+    """
+    expected = max_batches if max_batches is not None else (
+        len(loader) if hasattr(loader, "__len__") else None)
+    seen = batches = 0
+    try:
+        with eval_mode(model), torch.inference_mode():
+            bar = progress_bar(expected, "statistics (2nd reading)" if second
+                               else "statistics", bar=progress, items="images")
+            for batch in loader:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                images, labels = _split_batch(batch)
+                model(images.to(device, non_blocking=True))
+                rows = collector.take()
+                if second:
+                    consume(rows.to("cpu"))
+                else:
+                    consume(rows, labels)
+                seen += rows.shape[0]
+                batches += 1
+                bar.update(1, items=rows.shape[0])
+            bar.close()
+    finally:
+        collector.remove()
+    return batches, seen
+
+
+def _settle(counts: SampleCounts, stats: ActivationStats, offsets: list[tuple[str, tuple[int, int]]],
+            device: torch.device, reread: Callable[[MeanCounts], tuple[int, int]]
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(df, tf_sum)`` over all documents (and ranks) from the streamed counts.
+
+    Channels whose mean left the interval :class:`SampleCounts` certified are counted
+    again by a second reading of the images with the mean known.
+    """
+    sums = all_reduce_sum(counts.sums.to(device)).cpu()
+    mean = sums / stats.num_samples
+    df, tf_sum, exact = counts.finish(mean)
+    unsettled = int(all_reduce_sum(torch.tensor([int((~exact).sum())], device=device)).item())
+    if unsettled:
+        logger.info("%d channel mean%s moved outside the range kept while streaming (images "
+                    "in a strongly ordered sequence?); reading the images a second time to "
+                    "count %s exactly", unsettled, "" if unsettled == 1 else "s",
+                    "it" if unsettled == 1 else "them")
+        again = MeanCounts([span for _, span in offsets], mean)
+        reread(again)
+        if again.images != counts.images or not torch.allclose(again.sums, counts.sums,
+                                                                rtol=1e-6, atol=1e-9):
+            raise DataError("the loader yielded other images when read a second time (a "
+                            "shuffled or augmented loader?); statistics need the same images "
+                            "in every reading: pass a loader without shuffling or "
+                            "augmentation")
+        df = torch.where(exact, df, again.df)
+        tf_sum = torch.where(exact, tf_sum, again.tf)
+    packed = all_reduce_sum(torch.stack([df, tf_sum]).to(device)).cpu()
+    return {name: (packed[0, lo:hi].clone(), packed[1, lo:hi].clone())
+            for name, (lo, hi) in offsets}
 
 
 def _reduce_classes(sums: torch.Tensor | None, counts: torch.Tensor | None, total: int,
@@ -327,33 +430,35 @@ def _reduce_classes(sums: torch.Tensor | None, counts: torch.Tensor | None, tota
     return full_sums.cpu(), full_counts.cpu()
 
 
-def _reduce_samples(features: torch.Tensor, stats: ActivationStats, device: torch.device
+def _reduce_samples(chunks: list[torch.Tensor], stats: ActivationStats, device: torch.device
                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Exact distributed TF-IDF ingredients without gathering the N x C matrix.
+    """Exact TF-IDF ingredients from every image's stored values, layer by layer.
 
     The mean over all documents needs every rank's channel sums; with it, each rank counts
     its own documents at or above the mean and sums their TF shares; both are sums, so an
-    all-reduce of them equals the single-process result.
+    all-reduce of them equals the single-process result. One layer's block is gathered at
+    a time, so the full matrix is never copied.
     """
     from .scoring import document_counts
 
-    col = features.double().sum(dim=0).to(device)
+    col = torch.stack([c.double().sum(dim=0) for c in chunks]).sum(dim=0).to(device)
     all_reduce_sum(col)
     mean = (col / stats.num_samples).cpu()
     reduced = {}
     for name, (lo, hi) in stats._offsets().items():
-        df, tf_sum = document_counts(features[:, lo:hi].T, mean=mean[lo:hi], name=name)
+        block = torch.cat([c[:, lo:hi] for c in chunks])
+        df, tf_sum = document_counts(block.T, mean=mean[lo:hi], name=name)
         packed = torch.stack([df, tf_sum]).to(device)
         all_reduce_sum(packed)
         reduced[name] = (packed[0].cpu(), packed[1].cpu())
     return reduced
 
 
-def _check_finite(values: torch.Tensor, stats: ActivationStats) -> None:
+def _check_finite(values: torch.Tensor, offsets: list[tuple[str, tuple[int, int]]]) -> None:
     if bool(torch.isfinite(values).all()):
         return
     bad = torch.isfinite(values).all(dim=0).logical_not().nonzero().flatten().tolist()
-    for name, (lo, hi) in stats._offsets().items():
+    for name, (lo, hi) in offsets:
         if any(lo <= i < hi for i in bad):
             raise DataError(f"activations of layer '{name}' contain NaN or inf; check the "
                             "checkpoint (diverged weights?) and the input normalisation")
@@ -362,7 +467,8 @@ def _check_finite(values: torch.Tensor, stats: ActivationStats) -> None:
 
 def memory_bytes(channels: int, samples: int, documents: str = "sample",
                  dtype: torch.dtype = torch.float32, num_classes: int = 0) -> int:
-    """Bytes the statistics of ``channels`` scored channels take (see the module notes)."""
+    """Bytes the statistics of ``channels`` scored channels take when every image's vector
+    is kept (``keep_features``, or class documents; see the module notes)."""
     if documents == "class":
         return 8 * channels * num_classes
     return (2 if dtype == torch.float16 else 4) * channels * math.ceil(samples)
