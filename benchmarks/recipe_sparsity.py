@@ -28,8 +28,9 @@ from cdprune.checkpoint import atomic_write_text
 from cdprune.cli import DEFAULTS
 from cdprune.config_io import load_yaml
 from cdprune.macs import paper_macs
-from cdprune.pipeline import build_data, build_model, gather_stats
+from cdprune.pipeline import gather_stats
 from cdprune.pruning.masking import channel_cut, kept_of, published_search
+from cdprune.runsetup import build_data, build_model
 from cdprune.scoring import tfidf_scores
 from cdprune.targets import parse_macs
 

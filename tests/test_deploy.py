@@ -387,7 +387,7 @@ def test_bn_recalibration_is_its_own_report_row(tuned_run, capsys):
 
 # ---------------------------------------------------------------- 7: bounded evaluation
 def test_val_subset_is_seeded():
-    from cdprune.pipeline import build_data
+    from cdprune.runsetup import build_data
 
     config = {"dataset": "digits", "batch_size": 32, "val_subset": 50, "seed": 3}
     a = build_data(config, need_train=False, need_stats=False).val.dataset
@@ -419,7 +419,7 @@ def test_known_checkpoint_sets_and_checks_normalisation(tmp_path, monkeypatch, c
     import hashlib
 
     from cdprune.models import known
-    from cdprune.pipeline import build_data, check_base_accuracy, known_normalisation
+    from cdprune.runsetup import build_data, check_base_accuracy, known_normalisation
 
     ckpt = tmp_path / "w.pth"
     torch.save({"w": torch.ones(1)}, ckpt)

@@ -29,7 +29,7 @@ from cdprune.cli import main
 from cdprune.errors import ConfigError
 from cdprune.fileio import atomic_write_bytes
 from cdprune.models import create_model
-from cdprune.pipeline import RunDir
+from cdprune.rundir import RunDir
 
 DATA = ("--dataset", "digits", "-b", "64", "-j", "0", "--no-progress")
 TUNE = ("--train-subset", "256", "--lr", "0.05")

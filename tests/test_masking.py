@@ -193,7 +193,7 @@ def test_published_masked_run_reports_and_evaluates_the_masked_network(tmp_path,
     zeroed = mask_filters(copy.deepcopy(base), {k: v for k, v in removed.items()})
     test = build_loader(build_dataset("digits", train=False), 64, shuffle=False)
     assert evaluated["top1"] == pytest.approx(evaluate(zeroed, test, progress=False).top1)
-    from cdprune.pipeline import load_pruned_dir
+    from cdprune.modeldir import load_pruned_dir
 
     pruned, _ = load_pruned_dir(out, {"weights": "pruned"}, 10)
     images = next(iter(test))[0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdprune import pipeline
+from cdprune import modeldir, pipeline, runsetup
 from cdprune.cli import DEFAULTS
 from cdprune.errors import ConfigError
 from cdprune.rundir import RunDir
@@ -37,7 +37,7 @@ def stats_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stats")
     config = _config(out)
     torch.manual_seed(0)
-    model = pipeline.build_model(config, 10)
+    model = runsetup.build_model(config, 10)
     with RunDir(out, stage="stats", config=config) as run:
         path = pipeline.run_stats(config, run, model=model)
     return config, model, path
@@ -71,7 +71,7 @@ def test_run_prune_from_the_statistics_file(stats_run, tmp_path):
     assert summary["stats_images"] == 128 and summary["stats_sample"] == "--stop-batch 2"
     assert json.loads((tmp_path / "prune_summary.json").read_text()) == summary
     assert (tmp_path / "widths.png").is_file() and not (tmp_path / "stats.safetensors").exists()
-    pruned, plan = pipeline.load_pruned_dir(tmp_path, {**config, "checkpoint": None}, 10)
+    pruned, plan = modeldir.load_pruned_dir(tmp_path, {**config, "checkpoint": None}, 10)
     assert _convs(pruned) == summary["widths_after"]
     assert plan["steps"]
 
@@ -110,7 +110,7 @@ def test_run_finetune_trains_the_pruned_model(stats_run, tmp_path):
     assert not math.isnan(result.final_acc)
     assert {"last.pth", "best.pth", "metrics.jsonl", "training.png"} <= {
         p.name for p in out.iterdir()}
-    tuned, _, found = pipeline.load_model_dir(out, {**config, "checkpoint": None}, 10,
+    tuned, _, found = modeldir.load_model_dir(out, {**config, "checkpoint": None}, 10,
                                               weights="best")
     assert found.weights == out / "best.pth"
     assert _convs(tuned) == summary["widths_after"]
@@ -138,17 +138,17 @@ def test_statistics_read_a_seeded_sample_unless_stop_batch_is_given(tmp_path, ca
 
     assert StatsConfig().stats_images == 10240 and DEFAULTS["stop_batch"] is None
     with caplog.at_level(logging.INFO, logger="cdprune.runsetup"):
-        data = pipeline.build_data(_config(tmp_path, stop_batch=None, stats_images=100),
+        data = runsetup.build_data(_config(tmp_path, stop_batch=None, stats_images=100),
                                    need_train=False)
     assert _stats_images(data) == 100
     assert "a seeded sample of 100 of the" in caplog.text  # the log says what is read
-    again = pipeline.build_data(_config(tmp_path, stop_batch=None, stats_images=100),
+    again = runsetup.build_data(_config(tmp_path, stop_batch=None, stats_images=100),
                                 need_train=False)
     assert list(again.stats.dataset.indices) == list(data.stats.dataset.indices)
     # An explicit --stop-batch reads what it asks, whatever --stats-images says.
-    data = pipeline.build_data(_config(tmp_path, stop_batch=1, stats_images=100),
+    data = runsetup.build_data(_config(tmp_path, stop_batch=1, stats_images=100),
                                need_train=False)
     assert _stats_images(data) == 64
     # The default sample is larger than the digits training set: all of it is read.
-    data = pipeline.build_data(_config(tmp_path, stop_batch=None), need_train=False)
+    data = runsetup.build_data(_config(tmp_path, stop_batch=None), need_train=False)
     assert _stats_images(data) == len(data.stats.dataset) > 1000

@@ -7,7 +7,8 @@ import torch
 
 import cdprune.data as data_module
 from cdprune.models import create_model
-from cdprune.pipeline import build_data, gather_stats
+from cdprune.pipeline import gather_stats
+from cdprune.runsetup import build_data
 
 from .test_data import make_cifar10
 

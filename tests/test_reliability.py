@@ -969,7 +969,7 @@ def test_killed_statistics_stage_leaves_no_partial_file(tmp_path, assets, capsys
 
 _HOLD_RUN_DIR = r'''
 import sys, time
-from cdprune.pipeline import RunDir
+from cdprune.rundir import RunDir
 with RunDir(sys.argv[1]):
     print("LOCKED", flush=True)
     time.sleep(600)

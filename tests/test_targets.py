@@ -13,7 +13,7 @@ from cdprune.criteria import l1_scores
 from cdprune.errors import ConfigError
 from cdprune.macs import paper_macs
 from cdprune.models import create_model
-from cdprune.pipeline import build_data
+from cdprune.runsetup import build_data
 from cdprune.targets import parse_macs, reduction_for_target
 
 

@@ -30,7 +30,7 @@ def _say(*args: Any, **kwargs: Any) -> None:
 
 
 def _run_dir(config: dict[str, Any]):
-    from .pipeline import RunDir
+    from .rundir import RunDir
 
     if not config.get("output_dir"):
         raise ConfigError("--output-dir is required: every run writes a directory")
@@ -83,14 +83,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_prune(config: dict[str, Any]) -> None:
-    from .pipeline import (
-        check_ignore_layers,
-        finish_report,
-        load_stats,
-        needs_batches,
-        needs_stats,
-        run_prune,
-    )
+    from .pipeline import finish_report, load_stats, needs_batches, needs_stats, run_prune
+    from .runsetup import check_ignore_layers
 
     run = _run_dir(config)
     data, model = build_inputs(config, need_train=bool(config.get("bn_recalibrate"))
@@ -106,14 +100,9 @@ def _cmd_prune(config: dict[str, Any]) -> None:
 
 
 def _cmd_finetune(config: dict[str, Any]) -> None:
-    from .pipeline import (
-        build_data,
-        finetune_accuracy,
-        finish_report,
-        load_pruned_dir,
-        model_dir_defaults,
-        run_finetune,
-    )
+    from .modeldir import load_pruned_dir, model_dir_defaults
+    from .pipeline import finetune_accuracy, finish_report, run_finetune
+    from .runsetup import build_data
 
     run = _run_dir(config)
     config = model_dir_defaults(config)
@@ -145,13 +134,8 @@ def _accuracy_line(accuracy: dict[str, float]) -> str:
 
 def _cmd_eval(config: dict[str, Any]) -> None:
     from .evaluate import evaluate
-    from .pipeline import (
-        _device,
-        build_data,
-        check_base_accuracy,
-        load_model_dir,
-        model_dir_defaults,
-    )
+    from .modeldir import load_model_dir, model_dir_defaults
+    from .runsetup import _device, build_data, check_base_accuracy
 
     config = model_dir_defaults(config)
     found = None
@@ -177,8 +161,6 @@ def _cmd_eval(config: dict[str, Any]) -> None:
 
 def _cmd_run(config: dict[str, Any]) -> None:
     from .pipeline import (
-        build_data,
-        check_ignore_layers,
         finetune_accuracy,
         finish_report,
         gather_stats,
@@ -186,6 +168,7 @@ def _cmd_run(config: dict[str, Any]) -> None:
         run_finetune,
         run_prune,
     )
+    from .runsetup import build_data, check_ignore_layers
 
     run = _run_dir(config)
     summary_path = run.path / "prune_summary.json"
@@ -260,7 +243,8 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
     from .compare import compare_criteria, read_comparison, write_comparison
     from .criteria import criterion_names
-    from .pipeline import _device, cdp_options, pruned_extra
+    from .pipeline import cdp_options, pruned_extra
+    from .runsetup import _device
 
     targets = config.get("macs_targets")
     if not targets:

@@ -46,9 +46,10 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
     from .evaluate import evaluate, measure_latency
     from .macs import count_macs, count_params
     from .models import create_model
-    from .pipeline import RunDir, finish_report
+    from .pipeline import finish_report
     from .pruning import prune, save_pruned
     from .report import plot_scores, plot_training, plot_widths
+    from .rundir import RunDir
     from .scoring import tfidf_scores
     from .stats import collect_stats
     from .train import TrainConfig, fine_tune

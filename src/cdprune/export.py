@@ -329,7 +329,7 @@ def export_model_dir(model_dir: str | os.PathLike, config: ExportConfig | None =
         ConfigError: a user model (no zoo name) or a bad output path.
         ExportError: the exported model does not reproduce the PyTorch outputs.
     """
-    from .pipeline import load_model_dir
+    from .modeldir import load_model_dir
 
     config = config or ExportConfig()
     config.validate()

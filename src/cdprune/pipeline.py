@@ -22,34 +22,26 @@ from torch import nn
 from .distributed import barrier
 from .errors import CdpruneError, ConfigError
 from .fileio import atomic_write_text
-from .modeldir import (  # noqa: F401
-    load_model_dir,
-    load_pruned_dir,
-    model_dir_defaults,
-    pruned_dir,
-)
+from .modeldir import load_pruned_dir, pruned_dir
 from .options import PruneConfig, flag
 from .progress import stage as logged_stage
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
-from .runsetup import (  # noqa: F401
+from .runsetup import (
     Data,
     _device,
     build_data,
     build_model,
     check_base_accuracy,
-    check_ignore_layers,
-    known_normalisation,
 )
 
 if TYPE_CHECKING:
     from .stats import ActivationStats
 
-# The noqa imports above are re-exported: callers import the run's inputs (runsetup) and
-# the model directories (modeldir) from this module too.
-__all__ = ["RunDir", "build_data", "build_model", "check_ignore_layers", "criterion_scores",
+__all__ = ["compact_summary", "criterion_scores", "finetune_accuracy", "finish_report",
            "gather_stats", "load_masks", "load_stats", "needs_batches", "needs_stats",
-           "run_compact", "run_finetune", "run_prune", "run_stats", "write_stats"]
+           "pruned_extra", "run_compact", "run_finetune", "run_prune", "run_stats",
+           "write_stats"]
 
 logger = logging.getLogger(__name__)
 
