@@ -36,8 +36,9 @@ TARGET = 0.3
 
 # Transformers: only their patch embedding is a convolution (see test_transformers_refused).
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
-# Inception v3 needs 75x75 inputs or more.
-SIZES = {"inception_v3": 96}
+# Inception v3, v4 and Inception-ResNet need 75x75 inputs or more (their stems shrink the
+# image about 30x before the last 3x3 convolutions).
+SIZES = {"inception_v3": 96, "inception_v4": 96, "inception_resnet_v2": 96}
 # Torchvision's classification CNNs run in the fast part of the tier (the one CI runs) as
 # the smallest model of each family; the other 51 (up to 640M parameters, about an hour
 # on one thread) are marked slow: `pytest -m external` runs them too.
