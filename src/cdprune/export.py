@@ -10,6 +10,7 @@ threads, interleaved, as medians (:func:`compare_latency`).
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
@@ -94,8 +95,9 @@ class ExportResult:
 
 
 def _need_onnx() -> Any:
+    """onnxruntime, after checking that the exporter's onnx package imports too."""
     try:
-        import onnx  # noqa: F401
+        importlib.import_module("onnx")  # the exporter needs it; nothing here uses it
         import onnxruntime
     except ImportError as exc:
         raise ConfigError(f"ONNX export needs onnx and onnxruntime ({exc.name} is missing); "
