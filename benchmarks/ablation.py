@@ -38,11 +38,11 @@ import torch
 from torch import nn
 
 from cdprune import collect_stats, evaluate, fine_tune, load_weights, prune, tfidf_scores
-from cdprune.criteria import l1_scores, random_scores
 from cdprune.data import build_dataset, build_loader, subset
 from cdprune.fileio import atomic_write_text
+from cdprune.finetune.loop import TrainConfig
+from cdprune.importance.criteria import l1_scores, random_scores
 from cdprune.models import create_model
-from cdprune.train import TrainConfig
 
 NORMS = {"akamaster": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
          "chenyaofo": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}

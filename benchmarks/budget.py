@@ -35,11 +35,11 @@ from ablation import NORMS, read_rows, spec  # same configurations as the ablati
 
 from cdprune import collect_stats, evaluate, fine_tune, load_weights, prune, tfidf_scores
 from cdprune.checkpoint import atomic_write_text
-from cdprune.criteria import l1_scores, random_scores
 from cdprune.data import build_dataset, build_loader, subset
-from cdprune.fastdata import device_batches_from
+from cdprune.finetune.fastdata import device_batches_from
+from cdprune.finetune.loop import TrainConfig
+from cdprune.importance.criteria import l1_scores, random_scores
 from cdprune.models import create_model
-from cdprune.train import TrainConfig
 
 
 def prune_all(args: argparse.Namespace, model: torch.nn.Module, plain_train: Any
@@ -188,7 +188,7 @@ def plot(out: Path, rows: list[dict[str, Any]], configs: list[str], budgets: lis
 
 
 def machine() -> str:
-    from cdprune.latency import cpu_model
+    from cdprune.measure.latency import cpu_model
 
     return (f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}")

@@ -26,7 +26,7 @@ import torch
 
 from cdprune import load_weights
 from cdprune.fileio import atomic_write_text
-from cdprune.macs import count_macs, count_params
+from cdprune.measure.macs import count_macs, count_params
 from cdprune.models import create_model
 
 AKAMASTER = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -45,9 +45,9 @@ from cdprune import (
     recalibrate_bn,
     tfidf_scores,
 )
-from cdprune.evaluate import measure_latency
 from cdprune.fileio import atomic_write_text
-from cdprune.macs import paper_macs
+from cdprune.measure.evaluate import measure_latency
+from cdprune.measure.macs import paper_macs
 from cdprune.models import create_model
 
 # label, checkpoint, zoo model, paper sparsity or None, paper MACs target (M), masked

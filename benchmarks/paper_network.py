@@ -49,10 +49,11 @@ from cdprune import (
     tfidf_scores,
 )
 from cdprune.checkpoint import atomic_write_text
-from cdprune.criteria import l1_scores
 from cdprune.data import build_dataset, build_loader, subset
-from cdprune.fastdata import device_batches_from
-from cdprune.macs import count_macs, count_params, paper_macs
+from cdprune.finetune.fastdata import device_batches_from
+from cdprune.finetune.loop import TrainConfig
+from cdprune.importance.criteria import l1_scores
+from cdprune.measure.macs import count_macs, count_params, paper_macs
 from cdprune.models import create_model
 from cdprune.pruning.masking import (
     channel_cut,
@@ -60,8 +61,7 @@ from cdprune.pruning.masking import (
     published_search,
     removed_by_plan,
 )
-from cdprune.targets import parse_macs, reduction_for_target
-from cdprune.train import TrainConfig
+from cdprune.pruning.targets import parse_macs, reduction_for_target
 
 CONFIGS = ("published-masked", "cdp-block-internal", "l1-block-internal")
 

@@ -188,7 +188,7 @@ def versions(device: str) -> dict[str, str]:
         except (OSError, subprocess.SubprocessError):
             info["driver"] = "unknown"
     else:
-        from cdprune.latency import cpu_model
+        from cdprune.measure.latency import cpu_model
 
         info["gpu"] = f"none (CPU: {cpu_model()})"
     return info
@@ -210,9 +210,9 @@ def compact_numbers(run: Path, data: Path) -> dict[str, Any] | None:
     if fn is None or not report.get("removed_filters"):
         return None
     from cdprune.data import build_dataset, build_loader
-    from cdprune.deploy import load_run_model
-    from cdprune.evaluate import evaluate
-    from cdprune.macs import count_macs
+    from cdprune.measure.evaluate import evaluate
+    from cdprune.measure.macs import count_macs
+    from cdprune.runs.locate import load_run_model
 
     model = load_run_model(run, "final")
     out = fn(model.eval(), report["removed_filters"], input_size=(3, 32, 32))

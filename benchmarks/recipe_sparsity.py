@@ -25,14 +25,14 @@ import torch
 from budget import machine
 
 from cdprune.checkpoint import atomic_write_text
-from cdprune.cli import DEFAULTS
-from cdprune.config_io import load_yaml
-from cdprune.macs import paper_macs
-from cdprune.pipeline import gather_stats
+from cdprune.cli.main import DEFAULTS
+from cdprune.cli.config_io import load_yaml
+from cdprune.importance.scoring import tfidf_scores
+from cdprune.measure.macs import paper_macs
 from cdprune.pruning.masking import channel_cut, kept_of, published_search
-from cdprune.runsetup import build_data, build_model
-from cdprune.scoring import tfidf_scores
-from cdprune.targets import parse_macs
+from cdprune.pruning.targets import parse_macs
+from cdprune.runs.inputs import build_data, build_model
+from cdprune.runs.pipeline import gather_stats
 
 FIELDS = ["recipe", "checkpoint", "images", "sparsity", "masked", "filters", "stem",
           "block_first", "residual_output", "shortcut", "plain", "macs_base", "macs_paper",

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from cdprune import collect_stats, load_weights, prune, tfidf_scores
-from cdprune.macs import count_macs
+from cdprune.measure.macs import count_macs
 from cdprune.models import create_model
 
 NORMALISATION = {  # the checkpoints' own input normalisation (../shared/weights/README.md)

@@ -37,8 +37,8 @@ CASES = {  # name: (model, input size, images, batch size)
 COLLECT = """
 import json, resource, sys, time, torch
 from cdprune.models import create_model
-from cdprune.scoring import tfidf_scores
-from cdprune.stats import collect_stats
+from cdprune.importance.scoring import tfidf_scores
+from cdprune.importance.stats import collect_stats
 from safetensors.torch import save_file
 model_name, size, images, batch, mode, out, threads = sys.argv[1:8]
 torch.set_num_threads(int(threads))
@@ -70,9 +70,9 @@ print(json.dumps({"seconds": seconds, "base_mb": base / 1024, "peak_mb": peak / 
 
 LOAD = """
 import json, resource, sys, torch
-from cdprune.activations import ActivationStats
+from cdprune.importance.activations import ActivationStats
 from cdprune.models import create_model
-from cdprune.scoring import tfidf_scores
+from cdprune.importance.scoring import tfidf_scores
 model = create_model(sys.argv[1]).eval()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tfidf_scores(ActivationStats.load(sys.argv[2], model=model))

@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from cdprune.importance.stats import collect_stats
 from cdprune.models import create_model
-from cdprune.stats import collect_stats
 
 CASES = {  # name: (model, input size, batch size, batches)
     "resnet56-cifar": ("resnet56", 32, 128, 8),

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from cdprune import collect_stats, load_weights, prune, tfidf_scores
-from cdprune.activations import ActivationStats
 from cdprune.data import build_dataset, build_loader, subset
+from cdprune.importance.activations import ActivationStats
 from cdprune.models import create_model
 from cdprune.models.known import known_checkpoint
 

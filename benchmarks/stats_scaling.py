@@ -24,7 +24,7 @@ import torch
 CHILD = """
 import json, resource, sys, time, torch
 from cdprune.models import create_model
-from cdprune.stats import collect_stats
+from cdprune.importance.stats import collect_stats
 torch.set_num_threads(int(sys.argv[2]))
 n, batch = int(sys.argv[1]), 128
 model = create_model("resnet20").eval()
@@ -62,7 +62,7 @@ def main() -> None:
         prev = row["seconds"]
         print(f"statistics,{n} images,{row['seconds']:.2f},{ratio:.2f},{row['peak_mb']:.0f},"
               f"{row['feature_mb']:.3f}")
-    from cdprune.scoring import tfidf
+    from cdprune.importance.scoring import tfidf
 
     prev = None
     for c in args.channels:

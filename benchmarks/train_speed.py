@@ -4,7 +4,7 @@ Three ways to train the same pruned network on the same CIFAR-10 images, timed i
 interleaved rounds (A B C A B C ...) so that drift on a shared machine hits all alike:
 
 * ``bare``: a plain loop (forward, loss, backward, SGD step, scheduler step) over the
-  batches of :class:`cdprune.fastdata.DeviceBatches`; nothing else.
+  batches of :class:`cdprune.finetune.fastdata.DeviceBatches`; nothing else.
 * ``fine_tune``: :func:`cdprune.fine_tune` with the same batches (its default path for an
   in-memory dataset), stopped after the same number of iterations by ``max_iters``, timed
   by its own ``train_time`` (the training pass); the whole call, with the end-of-epoch
@@ -38,11 +38,11 @@ from budget import machine
 from torch import nn
 
 from cdprune import TrainConfig, fine_tune, prune
-from cdprune.criteria import l1_scores
 from cdprune.data import build_dataset, build_loader, subset
-from cdprune.fastdata import device_batches_from
+from cdprune.finetune.fastdata import device_batches_from
+from cdprune.finetune.loop import _amp_dtype, build_optimizer, build_scheduler, seed_epoch
+from cdprune.importance.criteria import l1_scores
 from cdprune.models import create_model
-from cdprune.train import _amp_dtype, build_optimizer, build_scheduler, seed_epoch
 
 
 def _sync(device: torch.device) -> None:

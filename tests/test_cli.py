@@ -103,7 +103,7 @@ def test_cdp_options_reach_every_stage_and_published_pins_them(tmp_path, capsys)
 
 
 def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
-    from cdprune.cli import build_parser, resolve_config
+    from cdprune.cli.main import build_parser, resolve_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: resnet20\nrandom-init: true\nlr: 0.05\nmacs-reduction: 0.4\nepochs: 3\n")
@@ -206,7 +206,7 @@ def test_two_process_gloo_run(tmp_path):
 def test_prune_to_latency_target_records_the_timings(tmp_path, monkeypatch):
     """--latency-reduction reaches prune() with --latency-batch; a fake timer stands in for
     the clock (the latency model's own tests cover real measurement logic)."""
-    from cdprune import latency
+    from cdprune.measure import latency
 
     def fake(module, x):  # seconds from the convolutions' weights: shrinks with pruning
         return sum(m.weight.numel() for m in module.modules()

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdprune import compact, mask_filters, recalibrate_bn
-from cdprune.deploy import load_run_model
 from cdprune.errors import CheckpointError, ConfigError, UnsupportedModelError
-from cdprune.macs import count_macs, paper_macs
+from cdprune.measure.macs import count_macs, paper_macs
 from cdprune.models import create_model
 from cdprune.pruning import ScatterBatchNorm2d, load_pruned, save_compact
+from cdprune.runs.locate import load_run_model
 
 from .helpers import SmallNet, make_loader, randomize_bn
 
@@ -298,7 +298,7 @@ def test_cli_refuses_bad_compact_options(tmp_path, capsys, model, argv, needle):
 def test_masks_file_is_a_mapping_or_a_report_holding_one(tmp_path):
     import json
 
-    from cdprune.pipeline import load_masks
+    from cdprune.runs.pipeline import load_masks
 
     masks = {"conv1": [0, 3], "layer1.0.conv1": [1]}
     (tmp_path / "m.json").write_text(json.dumps(masks))

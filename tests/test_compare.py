@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from cdprune.compare import compare_criteria, write_comparison
-from cdprune.criteria import (
+from cdprune.errors import ConfigError
+from cdprune.finetune.loop import TrainConfig
+from cdprune.importance.criteria import (
     CRITERIA,
     bn_scale_scores,
     fpgm_scores,
@@ -13,8 +14,7 @@ from cdprune.criteria import (
     random_scores,
     taylor_scores,
 )
-from cdprune.errors import ConfigError
-from cdprune.train import TrainConfig
+from cdprune.runs.compare import compare_criteria, write_comparison
 
 from .helpers import SmallNet, make_loader
 
@@ -72,9 +72,9 @@ def test_compare_rejects_bad_input(small_net, loader, tmp_path):
 
 
 def test_cdp_options_and_allocation_reach_every_criterion(tmp_path, monkeypatch):
-    import cdprune.compare as compare
-    import cdprune.scoring as scoring
-    import cdprune.stats as stats
+    import cdprune.importance.scoring as scoring
+    import cdprune.importance.stats as stats
+    import cdprune.runs.compare as compare
 
     seen: dict[str, list] = {"stats": [], "scores": [], "prune": []}
     real_stats, real_scores, real_prune = (stats.collect_stats, scoring.tfidf_scores,
@@ -107,7 +107,7 @@ def test_cdp_options_and_allocation_reach_every_criterion(tmp_path, monkeypatch)
 
 
 def test_comparison_json_is_strict_and_resumes_with_nan(tmp_path):
-    from cdprune.compare import read_comparison
+    from cdprune.runs.compare import read_comparison
 
     row = {"macs_target": 0.3, "criterion": "l1", "seed": None, "status": "done",
            "macs": 100, "macs_paper": 100, "params": 10, "macs_reduction": 0.3,

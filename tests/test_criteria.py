@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from cdprune import criteria
-from cdprune.cli import build_parser
-from cdprune.compare import compare_criteria, write_comparison
-from cdprune.criteria import (
+from cdprune.cli.main import build_parser
+from cdprune.errors import ConfigError
+from cdprune.importance import criteria
+from cdprune.importance.criteria import (
     CRITERIA,
     ScoreContext,
     criterion_names,
@@ -17,7 +17,7 @@ from cdprune.criteria import (
     l1_scores,
     register_criterion,
 )
-from cdprune.errors import ConfigError
+from cdprune.runs.compare import compare_criteria, write_comparison
 
 from .helpers import SmallNet, make_loader
 

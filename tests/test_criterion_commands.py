@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cdprune.cli import main
-from cdprune.criteria import criterion_names, get_criterion
+from cdprune.importance.criteria import criterion_names, get_criterion
 from cdprune.options import PruneConfig
 
 DATA = ["--dataset", "digits", "-b", "64", "-j", "0", "--no-progress"]
@@ -124,7 +124,7 @@ def test_models_says_what_the_b_suffix_means(capsys):
 
 
 def test_report_md_keeps_four_digits_of_macs():
-    from cdprune.report import _markdown
+    from cdprune.runs.report import _markdown
 
     text = _markdown({"pruning": {"macs_before": 125_485_706, "macs_after": 60_020_000,
                                   "params_before": 853_018, "params_after": 400_000}})
@@ -133,7 +133,7 @@ def test_report_md_keeps_four_digits_of_macs():
 
 @pytest.mark.parametrize("command, hint", [("run", "--resume"), ("stats", "--overwrite")])
 def test_interrupt_says_how_to_go_on(command, hint, monkeypatch, capsys, tmp_path):
-    from cdprune import cli_commands
+    from cdprune.cli import commands as cli_commands
 
     def interrupted(config):
         raise KeyboardInterrupt
@@ -170,7 +170,7 @@ def test_every_compare_result_is_a_model_directory(tmp_path, capsys):
 
 
 def test_orphaned_fine_tune_error_names_only_files_that_exist(tmp_path):
-    from cdprune.deploy import find_run_model
+    from cdprune.runs.locate import find_run_model
 
     (tmp_path / "last.pth").write_bytes(b"x")  # fine-tuned weights, no pruned model beside
     with pytest.raises(FileNotFoundError) as info:
@@ -202,7 +202,7 @@ def test_a_known_checkpoint_of_another_model_names_it(tmp_path):
 
     from cdprune.errors import CheckpointError
     from cdprune.models import create_model, known
-    from cdprune.runsetup import build_model
+    from cdprune.runs.inputs import build_model
 
     path = tmp_path / "b.pth"
     torch.save(create_model("resnet20b", num_classes=10).state_dict(), path)
@@ -223,7 +223,7 @@ def test_class_count_hint_is_computed_from_the_folders(folders, hint, tmp_path):
 
     from cdprune.errors import DataError
     from cdprune.models import create_model
-    from cdprune.runsetup import build_model
+    from cdprune.runs.inputs import build_model
 
     for i in range(folders):
         (tmp_path / "val" / f"class{i}").mkdir(parents=True)

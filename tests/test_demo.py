@@ -1,7 +1,7 @@
 import pytest
 
 from cdprune.cli import main
-from cdprune.demo import run_demo
+from cdprune.runs.demo import run_demo
 
 
 @pytest.mark.slow

@@ -309,7 +309,7 @@ def test_folder_dataset_any_number_of_classes(tmp_path, capsys):
 # ---------------------------------------------------------------- 5: compare
 @pytest.mark.slow
 def test_compare_records_unreachable_targets_and_resumes(tmp_path, capsys, monkeypatch):
-    import cdprune.compare as compare
+    import cdprune.runs.compare as compare
 
     out = tmp_path / "cmp"
     args = ["compare", "--model", "digits_cnn", "--random-init", *DATA, "--stop-batch", "2",
@@ -344,7 +344,7 @@ def test_compare_records_unreachable_targets_and_resumes(tmp_path, capsys, monke
 
 
 def test_compare_library_keeps_done_rows(tmp_path):
-    from cdprune.compare import compare_criteria
+    from cdprune.runs.compare import compare_criteria
 
     torch.manual_seed(0)
     net = SmallNet(width=32).eval()
@@ -387,7 +387,7 @@ def test_bn_recalibration_is_its_own_report_row(tuned_run, capsys):
 
 # ---------------------------------------------------------------- 7: bounded evaluation
 def test_val_subset_is_seeded():
-    from cdprune.runsetup import build_data
+    from cdprune.runs.inputs import build_data
 
     config = {"dataset": "digits", "batch_size": 32, "val_subset": 50, "seed": 3}
     a = build_data(config, need_train=False, need_stats=False).val.dataset
@@ -399,7 +399,7 @@ def test_val_subset_is_seeded():
 def test_prune_no_eval_skips_both_evaluations(tmp_path, capsys, monkeypatch):
     import importlib
 
-    module = importlib.import_module("cdprune.evaluate")  # the package exports the function
+    module = importlib.import_module("cdprune.measure.evaluate")  # the package exports the function
     stats = tmp_path / "s"
     assert cli(capsys, "stats", "--model", "digits_cnn", "--random-init", *DATA,
                "--stop-batch", "2", "--output-dir", stats)[0] == 0
@@ -419,7 +419,7 @@ def test_known_checkpoint_sets_and_checks_normalisation(tmp_path, monkeypatch, c
     import hashlib
 
     from cdprune.models import known
-    from cdprune.runsetup import build_data, check_base_accuracy, known_normalisation
+    from cdprune.runs.inputs import build_data, check_base_accuracy, known_normalisation
 
     ckpt = tmp_path / "w.pth"
     torch.save({"w": torch.ones(1)}, ckpt)
@@ -441,19 +441,19 @@ def test_known_checkpoint_sets_and_checks_normalisation(tmp_path, monkeypatch, c
 @pytest.mark.parametrize("value,text", [(853018, "853k"), (7140, "7.14k"), (412, "412"),
                                         (1_234_567, "1.23M"), (4.1e9, "4.1G")])
 def test_counts_keep_three_significant_digits(value, text):
-    from cdprune.report import format_count
+    from cdprune.runs.report import format_count
 
     assert format_count(value) == text
 
 
 def test_environment_names_the_installed_torch_pruning():
-    from cdprune.report import environment
+    from cdprune.runs.report import environment
 
     assert environment()["torch_pruning"] == metadata.version("torch-pruning")
 
 
 def test_one_epoch_training_plot_draws_bars(tmp_path, monkeypatch):
-    import cdprune.report as report
+    import cdprune.runs.report as report
 
     figures = []
     monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)

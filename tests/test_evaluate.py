@@ -1,4 +1,4 @@
-"""Tests for cdprune.evaluate: accuracy by hand, mode restoring, errors, latency."""
+"""Tests for cdprune.measure.evaluate: accuracy by hand, mode restoring, errors, latency."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cdprune.errors import ConfigError, DataError
-from cdprune.evaluate import EvalResult, evaluate, measure_latency
+from cdprune.measure.evaluate import EvalResult, evaluate, measure_latency
 
 torch.set_num_threads(1)
 

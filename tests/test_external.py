@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from benchmarks import zoo_coverage as zoo
-from cdprune.criteria import l1_scores
 from cdprune.errors import ConfigError
+from cdprune.importance.criteria import l1_scores
 from cdprune.pruning import load_pruned, prune, save_pruned
 
 from .helpers import random_scores

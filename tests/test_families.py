@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cdprune.errors import ConfigError
-from cdprune.macs import count_macs
+from cdprune.measure.macs import count_macs
 from cdprune.pruning import load_pruned, prune, save_pruned
 
 from .test_pruning import masked_copy, random_scores, randomize_bn

@@ -10,9 +10,9 @@ from torch import nn
 from cdprune import TrainConfig, fine_tune
 from cdprune.data import Compose, Normalize, RandomCrop, build_dataset, build_loader, subset
 from cdprune.errors import ConfigError
-from cdprune.fastdata import DeviceBatches, augment_batch, device_batches_from, draw_params
-from cdprune.report import plot_training
-from cdprune.train import seed_epoch
+from cdprune.finetune.fastdata import DeviceBatches, augment_batch, device_batches_from, draw_params
+from cdprune.finetune.loop import seed_epoch
+from cdprune.runs.report import plot_training
 
 from .test_data import make_cifar10
 
@@ -167,7 +167,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("fast_data", [True, False])
 def test_fine_tune_uses_the_fast_path_when_it_can_and_learns(tmp_path, monkeypatch,
                                                              fast_data):
-    import cdprune.fastdata as fastdata
+    import cdprune.finetune.fastdata as fastdata
 
     made = []
     real = fastdata.device_batches_from

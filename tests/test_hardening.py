@@ -29,7 +29,7 @@ from cdprune.cli import main
 from cdprune.errors import ConfigError
 from cdprune.fileio import atomic_write_bytes
 from cdprune.models import create_model
-from cdprune.rundir import RunDir
+from cdprune.runs.rundir import RunDir
 
 DATA = ("--dataset", "digits", "-b", "64", "-j", "0", "--no-progress")
 TUNE = ("--train-subset", "256", "--lr", "0.05")
@@ -110,8 +110,8 @@ def test_yaml_values_are_checked_per_key(yaml_text, needle, tmp_path, capsys):
                                         ("0.0005", 5e-4), ("3", 3.0)])
 def test_yaml_numbers_in_exponent_form_are_numbers(text, value, tmp_path):
     """YAML 1.1 reads 1e-5 as a string; a number written without quotes is a number."""
-    from cdprune.cli import DEFAULTS
-    from cdprune.config_io import load_yaml
+    from cdprune.cli.main import DEFAULTS
+    from cdprune.cli.config_io import load_yaml
 
     (tmp_path / "y.yaml").write_text(f"weight_decay: {text}\nlr: '1e-5'\n")
     with pytest.raises(ConfigError, match="lr must be a number, got the string '1e-5'"):
@@ -162,7 +162,7 @@ def test_prune_refuses_a_target_that_removes_nothing(small_net):
 def test_overwrite_clears_the_old_run_before_the_new_one_writes(tmp_path, base, capsys,
                                                                  monkeypatch):
     """Killed right after --overwrite started, a --resume must not fine-tune the old model."""
-    from cdprune import pipeline
+    from cdprune.runs import pipeline
 
     out = tmp_path / "run"
     assert main(_run(base, out, epochs="2")) == 0
@@ -294,7 +294,7 @@ def test_demo_with_overwrite_leaves_no_old_file(tmp_path, base):
 
 # ============================================================== resume
 def _tiny_training(tmp_path: Path):
-    from cdprune.train import TrainConfig
+    from cdprune.finetune.loop import TrainConfig
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 3, 8, 8, generator=g), torch.arange(64) % 4
@@ -309,7 +309,7 @@ def _tiny_training(tmp_path: Path):
 
 
 def test_resume_with_more_epochs_replans_the_schedule(tmp_path, caplog):
-    from cdprune.train import fine_tune, lr_factor
+    from cdprune.finetune.loop import fine_tune, lr_factor
 
     loader, model, cfg = _tiny_training(tmp_path)
     fine_tune(model(), loader, loader, cfg(2), output_dir=tmp_path, progress=False)
@@ -434,7 +434,7 @@ def test_disk_full_in_stats_suggests_a_flag_stats_has(tmp_path, base, capsys, mo
 
 
 def test_no_hint_names_an_option_the_command_lacks(tmp_path, capsys, monkeypatch):
-    from cdprune import pipeline
+    from cdprune.runs import pipeline
 
     def diverged(*args, **kwargs):
         raise FloatingPointError("training loss became nan at epoch 1, iteration 3; lower lr "

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdprune.latency import (
+from cdprune.measure.latency import (
     LatencySettings,
     LatencyTable,
     UnitChange,
@@ -280,7 +280,7 @@ class LyingTimer(FakeTimer):
 
 
 def test_latency_hit_only_when_the_re_measurement_confirms_it(tmp_path, monkeypatch):
-    import cdprune.pruning.latency as pruning_latency
+    import cdprune.pruning.by_latency as pruning_latency
     from cdprune import prune
 
     model, scores, x = _net_and_scores()
@@ -324,7 +324,7 @@ def test_a_timed_width_multiple_never_makes_a_target_unreachable(tmp_path):
 
 
 def test_default_clock_is_cpu_time_on_the_cpu():
-    from cdprune.latency import LatencySettings
+    from cdprune.measure.latency import LatencySettings
 
     assert LatencySettings().clock_name() == "cpu"
     assert LatencySettings(device="cuda").clock_name() == "wall"

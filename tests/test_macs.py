@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from cdprune.errors import ConfigError
-from cdprune.macs import count_macs, count_params, profile
+from cdprune.measure.macs import count_macs, count_params, profile
 from cdprune.models import create_model, model_spec
 
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from cdprune.cli import main
 from cdprune.errors import ConfigError
-from cdprune.macs import count_macs, paper_macs
+from cdprune.finetune.loop import TrainConfig, fine_tune
+from cdprune.measure.macs import count_macs, paper_macs
 from cdprune.models import create_model
 from cdprune.pruning.masking import (
     FilterMasks,
@@ -23,7 +24,6 @@ from cdprune.pruning.masking import (
     published_selection,
     removed_by_plan,
 )
-from cdprune.train import TrainConfig, fine_tune
 
 from .helpers import SmallNet, make_loader, random_scores
 
@@ -188,12 +188,12 @@ def test_published_masked_run_reports_and_evaluates_the_masked_network(tmp_path,
     assert main(["eval", *DATA, "--model-dir", str(out), "--weights", "pruned"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     from cdprune.data import build_dataset, build_loader
-    from cdprune.evaluate import evaluate
+    from cdprune.measure.evaluate import evaluate
 
     zeroed = mask_filters(copy.deepcopy(base), {k: v for k, v in removed.items()})
     test = build_loader(build_dataset("digits", train=False), 64, shuffle=False)
     assert evaluated["top1"] == pytest.approx(evaluate(zeroed, test, progress=False).top1)
-    from cdprune.modeldir import load_pruned_dir
+    from cdprune.runs.modeldir import load_pruned_dir
 
     pruned, _ = load_pruned_dir(out, {"weights": "pruned"}, 10)
     images = next(iter(test))[0]
@@ -223,10 +223,10 @@ def test_remove_mode_reports_the_removed_filters_in_original_numbering(tmp_path,
 def test_the_compact_networks_numbers_come_from_compaction():
     """The report's compact row: measured by compact() on a model it knows, a stated
     reason on one it does not."""
-    from cdprune.macs import count_macs
+    from cdprune.measure.macs import count_macs
     from cdprune.models import create_model
-    from cdprune.pipeline import compact_summary
     from cdprune.pruning import compact
+    from cdprune.runs.pipeline import compact_summary
 
     example = torch.randn(2, 3, 32, 32)
     model = create_model("resnet20", num_classes=10).eval()
@@ -250,7 +250,7 @@ def test_the_compact_networks_numbers_come_from_compaction():
 ])
 def test_published_variant_refuses_options_it_cannot_honour(options, needle):
     from cdprune.options import PruneConfig
-    from cdprune.pipeline import _published_prune
+    from cdprune.runs.pipeline import _published_prune
 
     model = SmallNet().eval()
     with pytest.raises(ConfigError, match=needle):

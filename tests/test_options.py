@@ -7,9 +7,10 @@ from dataclasses import dataclass, fields
 
 import pytest
 
-from cdprune.cli import DEFAULTS, build_parser, main, resolve_config, yaml_names
-from cdprune.config_io import CHOICES, KEY_TYPES, load_yaml
+from cdprune.cli.main import DEFAULTS, build_parser, main, resolve_config, yaml_names
+from cdprune.cli.config_io import CHOICES, KEY_TYPES, load_yaml
 from cdprune.errors import ConfigError
+from cdprune.finetune.loop import TrainConfig
 from cdprune.options import (
     CompactConfig,
     OptionError,
@@ -21,7 +22,6 @@ from cdprune.options import (
     option,
     option_specs,
 )
-from cdprune.train import TrainConfig
 
 # The commands whose flags include every option of a stage.
 STAGES = [(StatsConfig, ("stats", "prune", "run")), (PruneConfig, ("prune", "run")),

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from cdprune import count_macs, prune
-from cdprune.criteria import l1_scores
-from cdprune.macs import paper_macs
+from cdprune.importance.criteria import l1_scores
+from cdprune.measure.macs import paper_macs
 from cdprune.models import create_model
 
 from .conftest import SmallNet

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from cdprune import modeldir, pipeline, runsetup
-from cdprune.cli import DEFAULTS
+from cdprune.cli.main import DEFAULTS
 from cdprune.errors import ConfigError
-from cdprune.rundir import RunDir
-from cdprune.stats import ActivationStats
+from cdprune.importance.stats import ActivationStats
+from cdprune.runs import inputs as runsetup
+from cdprune.runs import modeldir, pipeline
+from cdprune.runs.rundir import RunDir
 
 pytest.importorskip("sklearn")  # the digits dataset
 
@@ -137,7 +138,7 @@ def test_statistics_read_a_seeded_sample_unless_stop_batch_is_given(tmp_path, ca
     from cdprune.options import StatsConfig
 
     assert StatsConfig().stats_images == 10240 and DEFAULTS["stop_batch"] is None
-    with caplog.at_level(logging.INFO, logger="cdprune.runsetup"):
+    with caplog.at_level(logging.INFO, logger="cdprune.runs.inputs"):
         data = runsetup.build_data(_config(tmp_path, stop_batch=None, stats_images=100),
                                    need_train=False)
     assert _stats_images(data) == 100

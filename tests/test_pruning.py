@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cdprune.errors import CheckpointError, ConfigError
-from cdprune.macs import count_macs
+from cdprune.measure.macs import count_macs
 from cdprune.models import create_model
 from cdprune.pruning import load_pruned, prune, read_plan, save_pruned
 

@@ -7,8 +7,8 @@ import torch
 
 import cdprune.data as data_module
 from cdprune.models import create_model
-from cdprune.pipeline import gather_stats
-from cdprune.runsetup import build_data
+from cdprune.runs.inputs import build_data
+from cdprune.runs.pipeline import gather_stats
 
 from .test_data import make_cifar10
 

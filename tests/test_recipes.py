@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 import cdprune.data as data_module
-from cdprune.cli import DEFAULTS, main
-from cdprune.config_io import load_yaml
-from cdprune.targets import parse_macs
+from cdprune.cli.main import DEFAULTS, main
+from cdprune.cli.config_io import load_yaml
+from cdprune.pruning.targets import parse_macs
 
 from .test_data import make_cifar10
 

@@ -131,7 +131,7 @@ def _truncated_stats(tmp: Path, assets: Path) -> None:
 
 
 def _foreign_stats(tmp: Path, assets: Path) -> None:
-    from cdprune.stats import collect_stats
+    from cdprune.importance.stats import collect_stats
 
     torch.manual_seed(0)
     model = create_model("tiny_cnn")
@@ -197,7 +197,7 @@ def _weights_beside(tmp: Path, assets: Path) -> None:
 
 
 def _no_conv(tmp: Path, assets: Path) -> None:
-    from cdprune.stats import collect_stats
+    from cdprune.importance.stats import collect_stats
 
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     collect_stats(mlp, [torch.randn(4, 1, 8, 8)], progress=False)
@@ -254,7 +254,7 @@ def _stats_bad_class_tensors(tmp: Path, assets: Path) -> None:
 def _reduced_stats(tmp: Path, assets: Path, tf_value: float | None = None,
                    num_samples: int | None = None) -> None:
     """The multi-process (reduced) form of the statistics, with one value spoilt."""
-    from cdprune.stats import ActivationStats
+    from cdprune.importance.stats import ActivationStats
 
     stats = ActivationStats.load(assets / "stats.safetensors")
     reduced = {}
@@ -676,9 +676,9 @@ def readme_section(text: str) -> str:
 def assets(tmp_path_factory) -> Path:
     """Good inputs shared by the cases: weights, statistics and a pruned model (digits_cnn)."""
     from cdprune.data import build_dataset, build_loader, subset
+    from cdprune.importance.scoring import tfidf_scores
+    from cdprune.importance.stats import collect_stats
     from cdprune.pruning import prune, save_pruned
-    from cdprune.scoring import tfidf_scores
-    from cdprune.stats import collect_stats
 
     folder = tmp_path_factory.mktemp("assets")
     torch.save(_good_state(), folder / "good.pth")
@@ -753,7 +753,7 @@ def test_bad_input(case: Case, tmp_path, assets, capsys, caplog):
 def test_failure_keeps_an_existing_run_untouched(tmp_path, assets, capsys):
     """--overwrite with bad input: the earlier run's files are still all there."""
     from cdprune.fileio import atomic_write_bytes
-    from cdprune.rundir import RunDir
+    from cdprune.runs.rundir import RunDir
 
     out = tmp_path / "out"
     with RunDir(out, stage="stats", config={}) as run:
@@ -940,7 +940,7 @@ def test_sigkill_mid_checkpoint_write_then_resume_matches(workers, tmp_path, ass
 
 @pytest.mark.slow
 def test_killed_statistics_stage_leaves_no_partial_file(tmp_path, assets, capsys):
-    from cdprune.stats import ActivationStats
+    from cdprune.importance.stats import ActivationStats
 
     out = tmp_path / "out"
     argv = _fill(("stats", *BASE, "--stop-batch", "4", "--stats-batch-size", "64", *OUT),
@@ -969,7 +969,7 @@ def test_killed_statistics_stage_leaves_no_partial_file(tmp_path, assets, capsys
 
 _HOLD_RUN_DIR = r'''
 import sys, time
-from cdprune.rundir import RunDir
+from cdprune.runs.rundir import RunDir
 with RunDir(sys.argv[1]):
     print("LOCKED", flush=True)
     time.sleep(600)

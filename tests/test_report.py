@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cdprune.report import (
+from cdprune.runs.report import (
     environment,
     format_count,
     plot_scores,

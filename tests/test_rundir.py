@@ -20,7 +20,7 @@ from cdprune.cli import main
 from cdprune.errors import ConfigError
 from cdprune.fileio import atomic_write_bytes
 from cdprune.models import create_model
-from cdprune.rundir import RunDir
+from cdprune.runs.rundir import RunDir
 
 DATA = ("--dataset", "digits", "-b", "64", "-j", "0", "--no-progress")
 TUNE = ("--train-subset", "64", "--lr", "0.05", "--epochs", "1")
@@ -294,7 +294,7 @@ def test_no_flag_combination_deletes_a_user_file(state, tmp_path, assets, finish
 # ------------------------------------------------------------------ resume
 def _interrupted(assets: Path, out: Path, monkeypatch, *extra: str) -> None:
     """Fine-tune for 2 epochs, stopped (as by a kill) once epoch 1 is saved."""
-    from cdprune import train
+    from cdprune.finetune import loop as train
 
     real = train._write_metrics
 

@@ -9,7 +9,7 @@ from hypothesis.extra.numpy import arrays
 from torch import nn
 
 from cdprune.errors import ConfigError, DataError
-from cdprune.scoring import (
+from cdprune.importance.scoring import (
     CDPImportance,
     balance_factor,
     term_frequency,
@@ -186,8 +186,8 @@ def test_importance_with_explicit_model_and_bad_sizes(small_net):
 
 
 def test_layer_normalisation_and_published_variant(small_net):
-    from cdprune.scoring import tfidf_scores
-    from cdprune.stats import collect_stats
+    from cdprune.importance.scoring import tfidf_scores
+    from cdprune.importance.stats import collect_stats
 
     from .helpers import make_loader
 

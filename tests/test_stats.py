@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from cdprune.errors import CheckpointError, ConfigError, DataError
-from cdprune.scoring import tfidf, tfidf_scores
-from cdprune.stats import ActivationStats, collect_stats, conv_layer_names
+from cdprune.importance.scoring import tfidf, tfidf_scores
+from cdprune.importance.stats import ActivationStats, collect_stats, conv_layer_names
 
 from .helpers import SmallNet, make_loader
 
@@ -53,7 +53,7 @@ def test_class_documents_are_class_means(small_net, loader):
 def test_max_batches_and_short_loader(small_net, loader, caplog):
     stats = collect_stats(small_net, loader, max_batches=2, progress=False)
     assert stats.num_samples == 32
-    with caplog.at_level(logging.WARNING, logger="cdprune.stats"):
+    with caplog.at_level(logging.WARNING, logger="cdprune.importance.stats"):
         stats = collect_stats(small_net, loader, max_batches=10, progress=False)
     assert stats.num_samples == 48
     assert "fewer than the 10 asked for" in caplog.text
@@ -95,7 +95,7 @@ def test_float16_halves_memory(small_net, loader):
 
 
 def test_chunked_buffer_spans_chunks(small_net, monkeypatch):
-    import cdprune.stats as stats_mod
+    import cdprune.importance.stats as stats_mod
 
     monkeypatch.setattr(stats_mod, "_CHUNK_ROWS", 5)  # batches of 16 straddle chunks
     stats = collect_stats(small_net, make_loader(n=48), progress=False, keep_features=True)
@@ -166,8 +166,8 @@ DIST_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from helpers import SmallNet, make_loader
     from torch.utils.data import DataLoader, Subset
-    from cdprune.stats import collect_stats
-    from cdprune.scoring import tfidf_scores
+    from cdprune.importance.stats import collect_stats
+    from cdprune.importance.scoring import tfidf_scores
 
     def model():
         torch.manual_seed(0)
@@ -295,7 +295,7 @@ SPANS = [(0, 5), (5, 12), (12, 16)]
 
 
 def _streamed(rows: torch.Tensor, batch: int = 64, warmup: int = 128):
-    from cdprune.documents import MeanCounts, SampleCounts
+    from cdprune.importance.documents import MeanCounts, SampleCounts
 
     counts = SampleCounts(SPANS, warmup=warmup)
     for start in range(0, len(rows), batch):
@@ -311,7 +311,7 @@ def _streamed(rows: torch.Tensor, batch: int = 64, warmup: int = 128):
 
 @pytest.mark.parametrize("kind", ["random", "ties", "sparse", "ordered"])
 def test_streamed_counts_equal_the_full_matrix(kind):
-    from cdprune.scoring import _from_counts, document_counts
+    from cdprune.importance.scoring import _from_counts, document_counts
 
     rows = _documents(kind)
     df, tf_sum, exact, counts = _streamed(rows)
@@ -355,11 +355,11 @@ def _ordered_loader(n: int = 640):
 
 def test_images_in_a_strong_order_are_read_twice_and_stay_exact(small_net, monkeypatch,
                                                                  caplog):
-    import cdprune.documents as documents
+    import cdprune.importance.documents as documents
 
     monkeypatch.setattr(documents, "WARMUP_IMAGES", 64)
     loader = _ordered_loader()
-    with caplog.at_level(logging.INFO, logger="cdprune.stats"):
+    with caplog.at_level(logging.INFO, logger="cdprune.importance.stats"):
         stats = collect_stats(small_net, loader, progress=False)
     assert "a second time" in caplog.text
     full = collect_stats(small_net, loader, progress=False, keep_features=True)

@@ -9,12 +9,12 @@ import torch
 
 from cdprune import count_macs, prune
 from cdprune.cli import main
-from cdprune.criteria import l1_scores
 from cdprune.errors import ConfigError
-from cdprune.macs import paper_macs
+from cdprune.importance.criteria import l1_scores
+from cdprune.measure.macs import paper_macs
 from cdprune.models import create_model
-from cdprune.runsetup import build_data
-from cdprune.targets import parse_macs, reduction_for_target
+from cdprune.pruning.targets import parse_macs, reduction_for_target
+from cdprune.runs.inputs import build_data
 
 
 @pytest.mark.parametrize("text,macs", [("60.02M", 60_020_000), ("2.089G", 2_089_000_000),

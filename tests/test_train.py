@@ -1,4 +1,4 @@
-"""Tests for cdprune.train: config, schedule, checkpoints, exact resume, metrics, DDP."""
+"""Tests for cdprune.finetune.loop: config, schedule, checkpoints, exact resume, metrics, DDP."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import cdprune.train as train_mod
+import cdprune.finetune.loop as train_mod
 from cdprune.checkpoint import load_weights
 from cdprune.errors import CheckpointError, ConfigError
-from cdprune.evaluate import EvalResult
-from cdprune.train import (
+from cdprune.finetune.loop import (
     TrainConfig,
     TrainResult,
     build_optimizer,
@@ -32,6 +31,7 @@ from cdprune.train import (
     lr_factor,
     seed_epoch,
 )
+from cdprune.measure.evaluate import EvalResult
 
 torch.set_num_threads(1)
 
@@ -272,7 +272,7 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path):
 
 def test_resume_without_checkpoint_starts_fresh_and_mismatch_is_an_error(tmp_path, caplog):
     train, val = _loaders()
-    with caplog.at_level("WARNING", logger="cdprune.train"):
+    with caplog.at_level("WARNING", logger="cdprune.finetune.loop"):
         result = fine_tune(_model(), train, val, _cfg(epochs=1), output_dir=tmp_path,
                            resume=True, progress=False)
     assert result.epochs_run == 1 and "starting from scratch" in caplog.text
@@ -381,7 +381,7 @@ def test_bad_inputs_are_refused(tmp_path):
 
 def test_amp_and_clipping_run_on_cpu(tmp_path, caplog):
     train, val = _loaders()
-    with caplog.at_level("WARNING", logger="cdprune.train"):
+    with caplog.at_level("WARNING", logger="cdprune.finetune.loop"):
         result = fine_tune(_model(), train, val,
                            _cfg(epochs=1, amp=True, channels_last=True, clip_grad_norm=1.0),
                            output_dir=tmp_path, progress=False)
@@ -416,9 +416,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, {test_dir!r})
 from test_train import ClassImages, TinyNet, _cfg
-from cdprune.distributed import cleanup, init_distributed
-from cdprune.evaluate import evaluate
-from cdprune.train import fine_tune
+from cdprune.finetune.distributed import cleanup, init_distributed
+from cdprune.measure.evaluate import evaluate
+from cdprune.finetune.loop import fine_tune
 
 torch.set_num_threads(1)
 info = init_distributed()

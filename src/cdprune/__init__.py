@@ -11,9 +11,7 @@ from __future__ import annotations
 import logging
 
 from . import models  # noqa: E402
-from .batchnorm import recalibrate_bn  # noqa: E402
 from .checkpoint import load_weights, read_state_dict, save_weights  # noqa: E402
-from .deploy import find_run_model, load_run_model  # noqa: E402
 from .errors import (  # noqa: E402
     CdpruneError,
     CheckpointError,
@@ -21,9 +19,13 @@ from .errors import (  # noqa: E402
     DataError,
     UnsupportedModelError,
 )
-from .evaluate import evaluate  # noqa: E402
-from .latency import LatencySettings  # noqa: E402
-from .macs import count_macs, count_params, paper_macs  # noqa: E402
+from .finetune.batchnorm import recalibrate_bn  # noqa: E402
+from .finetune.loop import TrainConfig, fine_tune  # noqa: E402
+from .importance.scoring import CDPImportance, tfidf, tfidf_scores  # noqa: E402
+from .importance.stats import ActivationStats, collect_stats  # noqa: E402
+from .measure.evaluate import evaluate  # noqa: E402
+from .measure.latency import LatencySettings  # noqa: E402
+from .measure.macs import count_macs, count_params, paper_macs  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .pruning import (  # noqa: E402
     CompactInfo,
@@ -35,9 +37,7 @@ from .pruning import (  # noqa: E402
     save_compact,
     save_pruned,
 )
-from .scoring import CDPImportance, tfidf, tfidf_scores  # noqa: E402
-from .stats import ActivationStats, collect_stats  # noqa: E402
-from .train import TrainConfig, fine_tune  # noqa: E402
+from .runs.locate import find_run_model, load_run_model  # noqa: E402
 from .version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -28,7 +28,7 @@ from torch import nn
 from .errors import CdpruneError, ConfigError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .options import OptionError, option
-from .rundir import adopt_writes
+from .runs.rundir import adopt_writes
 
 __all__ = ["ExportConfig", "ExportError", "ExportResult", "check_output", "compare_latency",
            "export", "export_latency", "export_model_dir"]
@@ -331,7 +331,7 @@ def export_model_dir(model_dir: str | os.PathLike, config: ExportConfig | None =
         ConfigError: a user model (no zoo name) or a bad output path.
         ExportError: the exported model does not reproduce the PyTorch outputs.
     """
-    from .modeldir import load_model_dir
+    from .runs.modeldir import load_model_dir
 
     config = config or ExportConfig()
     config.validate()

@@ -25,7 +25,7 @@ os.umask(_UMASK)
 
 
 # Called with every path about to be written, before anything is created: a run directory
-# records each file it owns before the file exists (see cdprune.rundir).
+# records each file it owns before the file exists (see cdprune.runs.rundir).
 _WRITE_HOOKS: list[Callable[[Path], None]] = []
 
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .criteria import criterion_names
 from .errors import ConfigError
+from .importance.criteria import criterion_names
 
 __all__ = ["CompactConfig", "OptionError", "OptionSpec", "PruneConfig", "StatsConfig", "add_options",
            "flag", "option", "option_specs"]
@@ -60,7 +60,7 @@ def flag(key: str) -> str:
 
 
 def _stage_classes() -> list[type]:
-    from .train import TrainConfig
+    from .finetune.loop import TrainConfig
 
     return [StatsConfig, PruneConfig, CompactConfig, TrainConfig]
 
@@ -361,7 +361,7 @@ class PruneConfig:
                self.bn_recalibrate is None or self.bn_recalibrate > 0,
                "a positive number of images")
         if self.macs_target is not None:
-            from .targets import parse_macs
+            from .pruning.targets import parse_macs
 
             parse_macs(self.macs_target)
         targets = [t for t in (self.sparsity, self.macs_reduction, self.macs_target,
@@ -382,7 +382,7 @@ class CompactConfig:
 
     BatchNorm recalibration after compaction is :attr:`PruneConfig.bn_recalibrate`, the
     same option as after pruning; the fine-tuning hyper-parameters other than the number
-    of epochs are :class:`~cdprune.train.TrainConfig`'s.
+    of epochs are :class:`~cdprune.finetune.loop.TrainConfig`'s.
     """
 
     compact_epochs: int = option(0, "fine-tune the compact network this many epochs after "

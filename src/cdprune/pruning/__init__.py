@@ -6,7 +6,7 @@ additions, concatenation, depthwise convolutions) shrink together and the pruned
 is genuinely smaller and faster.
 
 A *group* is a set of coupled channels; its importance per channel is the reduction of
-its members' CDP scores (:class:`~cdprune.scoring.CDPImportance`). Groups are ranked in
+its members' CDP scores (:class:`~cdprune.importance.scoring.CDPImportance`). Groups are ranked in
 one global list; the lowest are removed until a fraction of filters (``sparsity``) or of
 MACs (``macs_reduction``) is gone. MACs of a candidate pruning are computed analytically
 from the layer shapes, which makes the threshold search cheap; the final model is then

@@ -366,8 +366,8 @@ def compact(model: nn.Module, removed_filters: Mapping[str, Sequence[int]], *,
         ConfigError: bad ``removed_filters``, or neither ``example_inputs`` nor
             ``input_size`` given.
     """
-    from ..evaluate import eval_mode
-    from ..macs import count_macs, count_params, paper_macs
+    from ..measure.evaluate import eval_mode
+    from ..measure.macs import count_macs, count_params, paper_macs
 
     if example_inputs is None:
         if input_size is None:

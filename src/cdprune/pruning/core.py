@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..latency import LatencySettings
-from ..macs import count_macs, count_params
-from ..scoring import CDPImportance
+from ..importance.scoring import CDPImportance
+from ..measure.latency import LatencySettings
+from ..measure.macs import count_macs, count_params
 from ..suggest import did_you_mean
+from .by_latency import LatencyModel, by_latency, hit_latency, order_by_latency
 from .graph import _first_sample, _trace, attention_modules, auto_scope
 from .groups import _candidates
-from .latency import LatencyModel, by_latency, hit_latency, order_by_latency
 from .plan import _apply
 from .search import MACS_TOLERANCE, _by_macs, _by_sparsity, _Search
 
@@ -164,7 +164,7 @@ def prune(
     Args:
         model: the network to prune (left untouched unless ``inplace``).
         scores: per-filter scores keyed by Conv2d name, e.g. from
-            :func:`~cdprune.scoring.tfidf_scores`; higher is kept first.
+            :func:`~cdprune.importance.scoring.tfidf_scores`; higher is kept first.
         example_inputs: a batch the model accepts, used to trace dependencies and shapes.
         sparsity: fraction of candidate filters to remove, by one global ranking.
         macs_reduction: fraction of the model's MACs to remove; the result lands within
@@ -194,11 +194,11 @@ def prune(
             every group loses about the same fraction and scores only choose *which*
             channels go inside a layer; ``"latency"`` removes, group by group, the unit
             losing least score per second of latency saved, by a latency table timed on
-            this machine (:mod:`cdprune.latency`). Default: ``"latency"`` with a latency
+            this machine (:mod:`cdprune.measure.latency`). Default: ``"latency"`` with a latency
             target, ``"global"`` otherwise.
         inplace: prune ``model`` itself instead of a copy (not with a latency target,
             whose rounds prune fresh copies).
-        latency: how latency is timed and cached (:class:`~cdprune.latency.LatencySettings`;
+        latency: how latency is timed and cached (:class:`~cdprune.measure.latency.LatencySettings`;
             default batch 1, torch's threads, CPU, a cache in ``~/.cache/cdprune``).
 
     Returns:

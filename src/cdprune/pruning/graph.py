@@ -19,7 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import ConfigError
-from ..evaluate import eval_mode
+from ..measure.evaluate import eval_mode
 from .layouts import (
     REGROUPING,
     SPLIT,
@@ -155,7 +155,7 @@ def _geometry(model: nn.Module, layers: list[nn.Module], example: Any
     """Every layer's shapes from one plain forward pass. A layer that runs several times
     (a detection head shared by every FPN level) adds up its output positions; a layer in
     a two-stage detector's region heads counts one region (its rows are regions), as
-    :func:`cdprune.macs.region_layers` says."""
+    :func:`cdprune.measure.macs.region_layers` says."""
     geo: dict[nn.Module, _Geometry] = {}
 
     def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..scoring import CDPImportance
+from ..importance.scoring import CDPImportance
 from .graph import ChannelPruner, _fixed_layout, _is_grouped, _kind, _misread
 from .layouts import _tolerant_index_mapping
 

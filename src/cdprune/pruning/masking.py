@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..macs import count_macs, count_params, paper_macs
+from ..measure.macs import count_macs, count_params, paper_macs
 from .plan import PLAN_FORMAT
 
 __all__ = ["FilterMasks", "channel_cut", "mask_filters", "masked_result",
@@ -64,7 +64,7 @@ def published_selection(scores: Mapping[str, torch.Tensor], sparsity: float
 
     Args:
         scores: one score per output filter of every Conv2d to rank (higher kept first),
-            e.g. from :func:`~cdprune.scoring.tfidf_scores` with ``variant="published"``.
+            e.g. from :func:`~cdprune.importance.scoring.tfidf_scores` with ``variant="published"``.
         sparsity: the published ``--sparsity``, a fraction in (0, 1).
 
     Returns:
@@ -109,7 +109,7 @@ def published_search(model: nn.Module, scores: Mapping[str, torch.Tensor], targe
                      example_inputs: Any) -> tuple[float, dict[str, list[int]]]:
     """The published sparsity whose masks land on ``target`` MACs in the paper's convention.
 
-    The paper's MACs of the masked network (:func:`~cdprune.macs.paper_macs`) fall as the
+    The paper's MACs of the masked network (:func:`~cdprune.measure.macs.paper_macs`) fall as the
     sparsity rises, so the number of filters kept is bisected; the closest count wins.
 
     Args:
@@ -303,7 +303,7 @@ def masked_result(model: nn.Module, removed: Mapping[str, Sequence[int]], *,
     under ``masked``, ``mode: "mask"``; ``kept`` lists the unmasked filters of each
     masked convolution. ``macs_after`` is the MACs of the masked network as it runs
     (equal to ``macs_before``: masking saves no arithmetic); the paper's count is
-    :func:`~cdprune.macs.paper_macs`.
+    :func:`~cdprune.measure.macs.paper_macs`.
     """
     from .core import PruneResult, conv_widths
 
@@ -334,7 +334,7 @@ def channel_cut(model: nn.Module, removed: Mapping[str, Sequence[int]], *,
         A :class:`~cdprune.pruning.PruneResult` of the cut network (``plan["masked"]`` is
         not set; ``removed_by_plan`` gives the filters cut).
     """
-    from ..scoring import CDPImportance
+    from ..importance.scoring import CDPImportance
     from .core import PruneResult, conv_widths
     from .graph import _first_sample, _trace
     from .groups import _candidates

@@ -238,7 +238,7 @@ def _plan_problem(plan: Mapping[str, Any]) -> str | None:
     if classes is not None and not (is_int(classes) and 0 < classes <= MAX_CLASSES):
         return (f"extra.num_classes must be a positive integer, got {classes!r} (at most "
                 f"{MAX_CLASSES})")
-    from ..config_io import normalisation_problem
+    from ..cli.config_io import normalisation_problem
 
     channels = size[0] if isinstance(size, list) and size else None
     problem = normalisation_problem(extra.get("mean"), extra.get("std"), channels,
@@ -290,7 +290,7 @@ def _check_macs(model: nn.Module, plan: Mapping[str, Any], directory: Any) -> No
     Both were measured on one sample when the model was pruned; an ``input_size`` edited
     since (which export and evaluation would then trust) gives other MACs and is refused.
     """
-    from ..macs import count_macs
+    from ..measure.macs import count_macs
 
     recorded, size = plan.get("macs_after"), plan.get("input_size")
     if not isinstance(recorded, int) or not size:

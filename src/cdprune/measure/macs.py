@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .evaluate import eval_mode
 
 __all__ = ["count_macs", "count_params", "paper_macs", "profile"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_weights
+from ..checkpoint import save_weights
 
 __all__ = ["run_demo"]
 
@@ -38,21 +38,21 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
         progress: show progress bars.
         seed: seed for data order, initialisation and sampling.
         criterion: how filters are ranked, a registered criterion
-            (:func:`~cdprune.criteria.criterion_names`); CDP's by default.
+            (:func:`~cdprune.importance.criteria.criterion_names`); CDP's by default.
         printer: receives the lines of the before/after table (the CLI passes ``print``).
     """
-    from .criteria import ScoreContext, get_criterion
-    from .data import build_dataset, build_loader, subset
-    from .evaluate import evaluate, measure_latency
-    from .macs import count_macs, count_params
-    from .models import create_model
+    from ..data import build_dataset, build_loader, subset
+    from ..finetune.loop import TrainConfig, fine_tune
+    from ..importance.criteria import ScoreContext, get_criterion
+    from ..importance.scoring import tfidf_scores
+    from ..importance.stats import collect_stats
+    from ..measure.evaluate import evaluate, measure_latency
+    from ..measure.macs import count_macs, count_params
+    from ..models import create_model
+    from ..pruning import prune, save_pruned
     from .pipeline import finish_report
-    from .pruning import prune, save_pruned
     from .report import plot_scores, plot_training, plot_widths
     from .rundir import RunDir
-    from .scoring import tfidf_scores
-    from .stats import collect_stats
-    from .train import TrainConfig, fine_tune
 
     say = printer or (lambda line: logger.info("%s", line))
     ranking = get_criterion(criterion)  # an unknown name fails before any work

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .fileio import atomic_write_text
+from ..errors import ConfigError
+from ..fileio import atomic_write_text
 
 __all__ = ["LatencySettings", "LatencyTable", "Timer", "UnitChange", "cache_dir_default",
            "compare_networks",

@@ -1,6 +1,6 @@
 """Fine-tuning options and the learning-rate schedule they imply.
 
-:class:`TrainConfig` holds every hyper-parameter of :func:`cdprune.train.fine_tune` and
+:class:`TrainConfig` holds every hyper-parameter of :func:`cdprune.finetune.loop.fine_tune` and
 checks it on construction; :func:`lr_factor`, :func:`build_scheduler` and
 :func:`build_optimizer` turn it into SGD with a per-iteration schedule.
 """
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .errors import ConfigError
-from .options import OptionError, option
+from ..errors import ConfigError
+from ..options import OptionError, option
 
 __all__ = ["TrainConfig", "build_optimizer", "build_scheduler", "lr_factor"]
 
@@ -51,7 +51,7 @@ class TrainConfig:
         compile: train through ``torch.compile(model)`` (evaluation uses the plain model).
         fast_data: when the training and validation loaders read an in-memory dataset
             (CIFAR, digits, synthetic) with the standard transforms, replace them by
-            :class:`cdprune.fastdata.DeviceBatches`: the whole dataset on the training
+            :class:`cdprune.finetune.fastdata.DeviceBatches`: the whole dataset on the training
             device, augmented a batch at a time there, no loader workers. Same order and
             augmentation for the same seed and epoch on every device; not the same draws
             as the DataLoader path. Other loaders are used as given.

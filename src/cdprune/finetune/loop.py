@@ -15,7 +15,7 @@ Data order and augmentation therefore depend only on the seed and the epoch numb
 (Loaders with ``persistent_workers=True`` keep worker processes, and their random state,
 across epochs; random augmentations in such workers are not reproduced on resume.)
 
-Under ``torch.distributed`` (see :mod:`cdprune.distributed`) the model is wrapped in
+Under ``torch.distributed`` (see :mod:`cdprune.finetune.distributed`) the model is wrapped in
 DistributedDataParallel, metrics are summed over ranks so every rank reports global
 numbers, and only rank 0 writes files.
 """
@@ -36,7 +36,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_torch_save
+from ..checkpoint import atomic_torch_save
+from ..errors import ConfigError, DataError
+from ..measure.evaluate import evaluate, model_device
+from ..progress import progress as progress_bar
+from .config import TrainConfig, build_optimizer, build_scheduler, lr_factor
 from .distributed import (
     all_reduce_sum,
     barrier,
@@ -44,10 +48,7 @@ from .distributed import (
     is_distributed,
     is_main_process,
 )
-from .errors import ConfigError, DataError
-from .evaluate import evaluate, model_device
-from .progress import progress as progress_bar
-from .trainckpt import (
+from .resume import (
     BEST,
     CHECKPOINT_VERSION,
     LAST,
@@ -60,10 +61,9 @@ from .trainckpt import (
     _write_metrics,
     seed_epoch,
 )
-from .trainconfig import TrainConfig, build_optimizer, build_scheduler, lr_factor
 
 if TYPE_CHECKING:
-    from .pruning.masking import FilterMasks
+    from ..pruning.masking import FilterMasks
 
 __all__ = [
     "TrainConfig",
@@ -147,7 +147,7 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 def _fast_loader(loader: Any, device: torch.device, config: TrainConfig) -> Any:
-    """``loader`` as :class:`~cdprune.fastdata.DeviceBatches` when it can be, else itself."""
+    """``loader`` as :class:`~cdprune.finetune.fastdata.DeviceBatches` when it can be, else itself."""
     from torch.utils.data import RandomSampler, SequentialSampler
 
     from .fastdata import device_batches_from
@@ -256,7 +256,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         train_loader: training batches ``(images, labels)``; must have a length. Under
             torch.distributed give it a ``DistributedSampler``.
         val_loader: validation batches, evaluated after every epoch (sharded or not; see
-            :func:`cdprune.evaluate.evaluate`).
+            :func:`cdprune.measure.evaluate.evaluate`).
         config: hyper-parameters.
         output_dir: where checkpoints and metrics go (created if needed).
         device: where to train; by default the model's device. Under torch.distributed
@@ -348,7 +348,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
 
     held = None
     if masks:
-        from .pruning.masking import FilterMasks
+        from ..pruning.masking import FilterMasks
 
         held = FilterMasks(model, masks)
     if held is not None:

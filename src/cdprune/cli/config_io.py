@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .options import (
+from ..errors import ConfigError
+from ..finetune.loop import TrainConfig
+from ..options import (
     BOOL,
     FLOAT,
     FLOATS,
@@ -32,8 +33,7 @@ from .options import (
     key_types,
     published_conflicts,
 )
-from .suggest import did_you_mean
-from .train import TrainConfig
+from ..suggest import did_you_mean
 
 __all__ = ["KEY_TYPES", "check_coe", "check_input_channels", "check_round_to", "check_types",
            "flag", "load_yaml", "max_workers", "normalisation_problem", "validate"]
@@ -346,7 +346,7 @@ def _check_normalisation(config: dict[str, Any]) -> None:
     """``--mean``/``--std``: one value per input channel, or one value for all of them."""
     if config.get("mean") is None and config.get("std") is None:
         return
-    from .data import dataset_info
+    from ..data import dataset_info
 
     try:
         channels = int(dataset_info(config["dataset"])[1][0])
@@ -415,7 +415,7 @@ def check_input_channels(config: Mapping[str, Any], model: Any) -> None:
     dataset's images have (before a forward pass fails deep inside PyTorch)."""
     from torch import nn
 
-    from .data import dataset_info
+    from ..data import dataset_info
 
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     try:

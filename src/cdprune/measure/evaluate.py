@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from .distributed import all_reduce_sum, is_distributed, is_main_process
-from .errors import ConfigError, DataError
-from .progress import progress as progress_bar
+from ..errors import ConfigError, DataError
+from ..finetune.distributed import all_reduce_sum, is_distributed, is_main_process
+from ..progress import progress as progress_bar
 
 __all__ = ["EvalResult", "evaluate", "measure_latency", "model_device"]
 

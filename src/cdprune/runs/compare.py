@@ -24,15 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batchnorm import recalibrate_bn
-from .criteria import ScoreContext, criterion_names, get_criterion
-from .errors import ConfigError
-from .evaluate import evaluate
-from .fileio import atomic_write_text
-from .macs import paper_macs
-from .pruning import prune, save_pruned
+from ..errors import ConfigError
+from ..fileio import atomic_write_text
+from ..finetune.batchnorm import recalibrate_bn
+from ..finetune.loop import TrainConfig, fine_tune
+from ..importance.criteria import ScoreContext, criterion_names, get_criterion
+from ..measure.evaluate import evaluate
+from ..measure.macs import paper_macs
+from ..pruning import prune, save_pruned
 from .report import format_count
-from .train import TrainConfig, fine_tune
 
 __all__ = ["compare_criteria", "read_comparison", "write_comparison"]
 
@@ -79,7 +79,7 @@ def compare_criteria(
         stats_loader: images for CDP statistics.
         example_inputs: a batch for tracing.
         macs_reductions: MACs targets, each a fraction in (0, 1).
-        criteria: registered criterion names (:func:`~cdprune.criteria.criterion_names`,
+        criteria: registered criterion names (:func:`~cdprune.importance.criteria.criterion_names`,
             all of them by default).
         finetune: the fine-tuning budget given to every pruned model; ``None`` or
             ``epochs=0`` skips fine-tuning.
@@ -88,8 +88,8 @@ def compare_criteria(
         stats_max_batches, num_classes, coe: CDP statistics and scoring options.
         scope: pruning scope (see :func:`~cdprune.pruning.prune`).
         cdp_options: more options of the CDP criteria: ``tap`` and ``variant`` (for
-            :func:`~cdprune.stats.collect_stats`), ``normalize`` (for
-            :func:`~cdprune.scoring.tfidf_scores`). ``documents`` is set by the criterion.
+            :func:`~cdprune.importance.stats.collect_stats`), ``normalize`` (for
+            :func:`~cdprune.importance.scoring.tfidf_scores`). ``documents`` is set by the criterion.
         allocation: how every criterion's scores become per-layer removals (see
             :func:`~cdprune.pruning.prune`); one value for all, so that the columns differ
             by the criterion alone.

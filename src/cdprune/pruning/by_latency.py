@@ -2,8 +2,8 @@
 
 :func:`prune` calls these when given ``latency_reduction`` or ``allocation="latency"``.
 The criterion's scores still order the channels *inside* each group (lowest first); the
-table of :mod:`cdprune.latency` ranks the groups' next units by score lost per second of
-predicted latency saved (:func:`~cdprune.latency.greedy_order`). A latency target then
+table of :mod:`cdprune.measure.latency` ranks the groups' next units by score lost per second of
+predicted latency saved (:func:`~cdprune.measure.latency.greedy_order`). A latency target then
 takes the shortest prefix of that ranking whose predicted reduction reaches it, and
 :func:`prune` checks the result by timing the whole network, correcting the predicted
 target until the measured reduction lands within tolerance.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..latency import (
+from ..measure.latency import (
     MULTIPLES,
     LatencySettings,
     LatencyTable,
@@ -155,7 +155,7 @@ def hit_latency(run: Any, base: nn.Module, example: torch.Tensor, timed: Latency
     """Prune with ``run(goal)`` until the measured latency reduction is within tolerance.
 
     Each round prunes a fresh copy to a predicted reduction ``goal`` and times the pruned
-    network alternately with the original (:func:`~cdprune.latency.compare_networks`);
+    network alternately with the original (:func:`~cdprune.measure.latency.compare_networks`);
     the next goal corrects the last miss. The closest round is kept; when none lands
     within tolerance, a warning says so and ``extra["latency_target_missed"]`` records it.
     """

@@ -4,7 +4,7 @@ Papers state pruned models by absolute MACs, counted their own way. ``--macs-tar
 takes such a figure and says which convention it is in:
 
 * ``physical``: :func:`cdprune.count_macs` of the network that actually runs;
-* ``paper``: the CDP paper's own counter on masks (:func:`cdprune.macs.paper_macs`).
+* ``paper``: the CDP paper's own counter on masks (:func:`cdprune.measure.macs.paper_macs`).
 
 Both conventions agree on the unpruned model. A physical target is a fraction of the base
 MACs, which :func:`cdprune.prune` hits directly; a paper target is found by bisection on
@@ -19,8 +19,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ConfigError
-from .macs import paper_macs
+from ..errors import ConfigError
+from ..measure.macs import paper_macs
 
 __all__ = ["CONVENTIONS", "parse_macs", "reduction_for_target"]
 

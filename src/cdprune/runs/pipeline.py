@@ -19,24 +19,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .distributed import barrier
-from .errors import CdpruneError, ConfigError
-from .fileio import atomic_write_text
-from .modeldir import load_pruned_dir, pruned_dir
-from .options import PruneConfig, flag
-from .progress import stage as logged_stage
-from .report import environment, plot_scores, plot_training, plot_widths, write_report
-from .rundir import RunDir
-from .runsetup import (
+from ..errors import CdpruneError, ConfigError
+from ..fileio import atomic_write_text
+from ..finetune.distributed import barrier
+from ..options import PruneConfig, flag
+from ..progress import stage as logged_stage
+from .inputs import (
     Data,
     _device,
     build_data,
     build_model,
     check_base_accuracy,
 )
+from .modeldir import load_pruned_dir, pruned_dir
+from .report import environment, plot_scores, plot_training, plot_widths, write_report
+from .rundir import RunDir
 
 if TYPE_CHECKING:
-    from .stats import ActivationStats
+    from ..importance.stats import ActivationStats
 
 __all__ = ["compact_summary", "criterion_scores", "finetune_accuracy", "finish_report",
            "gather_stats", "load_masks", "load_stats", "needs_batches", "needs_stats",
@@ -75,14 +75,14 @@ def cdp_options(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def needs_stats(config: Mapping[str, Any]) -> bool:
     """Whether the run's criterion ranks filters by activation statistics (CDP's)."""
-    from .criteria import get_criterion
+    from ..importance.criteria import get_criterion
 
     return get_criterion(PruneConfig.from_config(config).criterion).statistics
 
 
 def needs_batches(config: Mapping[str, Any]) -> bool:
     """Whether the run's criterion reads labelled training batches (Taylor)."""
-    from .criteria import get_criterion
+    from ..importance.criteria import get_criterion
 
     return get_criterion(PruneConfig.from_config(config).criterion).batches
 
@@ -94,8 +94,8 @@ def criterion_scores(config: Mapping[str, Any], model: nn.Module, data: Data,
     CDP's criteria score the given statistics with the config's TF-IDF options; every
     other registered criterion scores ``model`` from what its :class:`ScoreContext` needs.
     """
-    from .criteria import ScoreContext, get_criterion
-    from .scoring import tfidf_scores
+    from ..importance.criteria import ScoreContext, get_criterion
+    from ..importance.scoring import tfidf_scores
 
     criterion = get_criterion(PruneConfig.from_config(config).criterion)
     if criterion.statistics:
@@ -130,7 +130,7 @@ def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> Act
 
 def _collect(config: Mapping[str, Any], data: Data, model: nn.Module, device: torch.device
              ) -> ActivationStats:
-    from .stats import collect_stats
+    from ..importance.stats import collect_stats
 
     return collect_stats(model, data.stats, **cdp_options(config)["stats"],
                          num_classes=data.num_classes, device=device,
@@ -140,7 +140,7 @@ def _collect(config: Mapping[str, Any], data: Data, model: nn.Module, device: to
 
 def write_stats(run: RunDir, config: Mapping[str, Any], stats: ActivationStats) -> Path:
     """Write ``stats.safetensors``, ``scores.safetensors`` and ``scores.png`` (rank 0 only)."""
-    from .scoring import tfidf_scores
+    from ..importance.scoring import tfidf_scores
 
     path = run.path / "stats.safetensors"
     if run.main:
@@ -174,7 +174,7 @@ def write_classes(run: RunDir, config: Mapping[str, Any], data: Data) -> Path | 
 
 
 def _save_scores(path: Path, scores: Mapping[str, torch.Tensor]) -> None:
-    from .checkpoint import save_weights
+    from ..checkpoint import save_weights
 
     save_weights({k: v.contiguous() for k, v in scores.items()}, path)
 
@@ -182,7 +182,7 @@ def _save_scores(path: Path, scores: Mapping[str, torch.Tensor]) -> None:
 def load_stats(config: Mapping[str, Any], model: nn.Module,
                path: str | os.PathLike | None = None) -> ActivationStats:
     """The statistics file of ``--stats`` (or ``path``), checked against ``model``."""
-    from .stats import ActivationStats
+    from ..importance.stats import ActivationStats
 
     if not path and not config.get("stats") and not config.get("output_dir"):
         raise ConfigError("--stats is required: the statistics file `cdprune stats` wrote")
@@ -204,8 +204,8 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     Returns the pruning summary (``PruneResult.summary()``, with the criterion) with
     accuracies added.
     """
-    from .evaluate import evaluate
-    from .pruning import prune, save_pruned
+    from ..measure.evaluate import evaluate
+    from ..pruning import prune, save_pruned
 
     data = data or build_data(config, need_train=needs_batches(config), need_stats=False)
     model = model or build_model(config, data.num_classes)
@@ -232,7 +232,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
             reduction = _reduction_for_target(config, model, scores, example, kwargs)
         latency = None
         if stage.latency_reduction is not None or options["prune"].get("allocation") == "latency":
-            from .latency import LatencySettings
+            from ..measure.latency import LatencySettings
 
             latency = LatencySettings(batch_size=stage.latency_batch,
                                       device="cuda" if device.type == "cuda" else "cpu")
@@ -243,7 +243,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
                            **kwargs)
         extra = {}
         if mode == "mask":  # the same filters, masked in the whole architecture
-            from .pruning.masking import masked_result, removed_by_plan
+            from ..pruning.masking import masked_result, removed_by_plan
 
             result = masked_result(model, removed_by_plan(result.plan, result.widths_before),
                                    example_inputs=example, target=result.plan.get("target"))
@@ -268,7 +268,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
                                                      device=device, progress=progress))
     if config.get("bn_recalibrate"):
         # Before fine-tuning and before saving: pruned/ holds the recalibrated model.
-        from .batchnorm import recalibrate_bn
+        from ..finetune.batchnorm import recalibrate_bn
 
         recal = data.recal or build_data({**config, "train_subset": None}, need_stats=False
                                          ).recal
@@ -277,7 +277,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
         if evaluated:
             summary["acc_recalibrated"] = _metric(evaluate(result.model, data.val,
                                                            device=device, progress=progress))
-    from .pruning.masking import removed_by_plan
+    from ..pruning.masking import removed_by_plan
 
     result.plan["removed_filters"] = removed_by_plan(result.plan, result.widths_before)
     summary["removed_by_layer"] = result.plan["removed_filters"]
@@ -313,14 +313,14 @@ def _published_prune(config: Mapping[str, Any], stage: PruneConfig, model: nn.Mo
     ``--sparsity`` is the published fraction of all filters; ``--macs-target`` (paper
     convention) and ``--macs-reduction`` search that sparsity on the paper's count.
     """
-    from .macs import paper_macs
-    from .pruning.masking import (
+    from ..measure.macs import paper_macs
+    from ..pruning.masking import (
         channel_cut,
         masked_result,
         published_search,
         published_selection,
     )
-    from .targets import parse_macs
+    from ..pruning.targets import parse_macs
 
     if stage.latency_reduction is not None:
         raise ConfigError("--variant published selects by sparsity or MACs, not by latency; "
@@ -362,7 +362,7 @@ def _mask_costs(model: nn.Module, result: Any, example: torch.Tensor, mode: str
     slot of the compact network's numbers (filled where compaction exists)."""
     if mode != "mask":
         return {"prune_mode": mode}
-    from .pruning.masking import channel_cut
+    from ..pruning.masking import channel_cut
 
     cut = channel_cut(model, result.plan["masked"], example_inputs=example)
     return {"prune_mode": "mask", "macs_masked_runs": result.macs_after,
@@ -378,9 +378,9 @@ def compact_summary(model: nn.Module, result: Any, example: torch.Tensor) -> dic
     the masks alone, so it is measured here, before fine-tuning. A model compaction does
     not know gives ``{"unsupported": reason}``, which the report shows instead of a figure.
     """
-    from .errors import UnsupportedModelError
-    from .macs import count_macs, count_params
-    from .pruning import compact
+    from ..errors import UnsupportedModelError
+    from ..measure.macs import count_macs, count_params
+    from ..pruning import compact
 
     try:
         small, info = compact(result.model, result.plan["masked"], example_inputs=example)
@@ -395,9 +395,9 @@ def compact_summary(model: nn.Module, result: Any, example: torch.Tensor) -> dic
 def _reduction_for_target(config: Mapping[str, Any], model: nn.Module, scores: Any,
                           example: torch.Tensor, kwargs: Mapping[str, Any]) -> float:
     """``--macs-target`` (absolute, in ``--macs-convention``) as a MACs-reduction fraction."""
-    from .macs import count_macs
-    from .pruning import prune
-    from .targets import parse_macs, reduction_for_target
+    from ..measure.macs import count_macs
+    from ..pruning import prune
+    from ..pruning.targets import parse_macs, reduction_for_target
 
     return reduction_for_target(
         parse_macs(config["macs_target"]), count_macs(model, example_inputs=example),
@@ -409,7 +409,7 @@ def _reduction_for_target(config: Mapping[str, Any], model: nn.Module, scores: A
 
 def macs_conventions(model: nn.Module, result: Any, example: torch.Tensor) -> dict[str, Any]:
     """The pruning's MACs in the paper's mask convention, beside the physical count."""
-    from .macs import paper_macs
+    from ..measure.macs import paper_macs
 
     return {"macs_paper_before": result.macs_before,
             "macs_paper_after": paper_macs(model, result.plan["kept"], example_inputs=example)}
@@ -419,7 +419,7 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                  model: nn.Module | None = None, plan: Mapping[str, Any] | None = None
                  ) -> Any:
     """Fine-tune ``model`` (by default the pruned model in ``run/pruned``)."""
-    from .train import TrainConfig, fine_tune
+    from ..finetune.loop import TrainConfig, fine_tune
 
     data = data or build_data(config, need_stats=False)
     if model is None:
@@ -445,7 +445,7 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
 def load_masks(path: str | os.PathLike) -> dict[str, list[int]]:
     """The masked filters of ``--removed-filters``: ``{conv name: [indices]}``, as a JSON
     file of its own or under ``removed_filters`` in a run's ``report.json``."""
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -475,10 +475,10 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
         The summary: what :func:`cdprune.compact` reported (MACs in both conventions,
         parameters, filters per kind, output error) and the accuracies.
     """
-    from .batchnorm import recalibrate_bn
-    from .evaluate import evaluate
-    from .options import CompactConfig
-    from .pruning import compact, read_plan, save_compact
+    from ..finetune.batchnorm import recalibrate_bn
+    from ..measure.evaluate import evaluate
+    from ..options import CompactConfig
+    from ..pruning import compact, read_plan, save_compact
 
     device = _device(config)
     images = next(iter(data.val))[0][:64]
@@ -491,7 +491,7 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
     progress = not config.get("no_progress")
     evaluated = not config.get("no_eval")
     if evaluated:
-        from .pruning import mask_filters
+        from ..pruning import mask_filters
 
         masked = mask_filters(model, masks)
         summary["acc_masked"] = _metric(evaluate(masked, data.val, device=device,
@@ -535,8 +535,8 @@ def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | 
     """
     import copy
 
-    from .checkpoint import safe_torch_load
-    from .evaluate import evaluate
+    from ..checkpoint import safe_torch_load
+    from ..measure.evaluate import evaluate
 
     if not result.history:
         return {}
@@ -602,7 +602,7 @@ def _removed_of_run(run: RunDir, config: Mapping[str, Any], plan: Mapping[str, A
                     ) -> dict[str, list[int]] | None:
     """The ``removed_filters`` a pruned model recorded, when the report has no summary."""
     if plan is None:
-        from .pruning import read_plan
+        from ..pruning import read_plan
 
         try:
             plan = read_plan(pruned_dir(config.get("model_dir") or run.path))

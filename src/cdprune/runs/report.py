@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .fileio import atomic_write_bytes, atomic_write_text
+from ..fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = ["environment", "format_count", "plot_scores", "plot_training", "plot_widths",
            "write_report"]
@@ -30,7 +30,7 @@ def environment() -> dict[str, str]:
     """Versions and machine facts recorded in every report."""
     import torch_pruning
 
-    from .version import __version__
+    from ..version import __version__
 
     return {
         "cdprune": __version__, "torch": torch.__version__,

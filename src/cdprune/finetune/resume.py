@@ -20,15 +20,15 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_write_text, safe_torch_load
+from ..checkpoint import atomic_write_text, safe_torch_load
+from ..errors import CheckpointError, ConfigError
+from .config import TrainConfig, lr_factor
 from .distributed import get_rank
-from .errors import CheckpointError, ConfigError
-from .trainconfig import TrainConfig, lr_factor
 
 __all__ = ["seed_epoch"]
 
 # Resume warnings belong to training, whose logger users already listen to.
-logger = logging.getLogger("cdprune.train")
+logger = logging.getLogger("cdprune.finetune.loop")
 
 LAST = "last.pth"
 BEST = "best.pth"

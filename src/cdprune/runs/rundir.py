@@ -32,9 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .distributed import is_main_process
-from .errors import CheckpointError, ConfigError
-from .fileio import add_write_hook, atomic_write_text, remove_write_hook
+from ..errors import CheckpointError, ConfigError
+from ..fileio import add_write_hook, atomic_write_text, remove_write_hook
+from ..finetune.distributed import is_main_process
 
 __all__ = ["RunDir", "adopt_writes", "config_identity"]
 
@@ -52,7 +52,7 @@ VOLATILE = frozenset({"command", "resume", "overwrite", "no_progress", "log_inte
                       "data_root", "download", "epochs", "max_iters", "eval_batch_size",
                       "output_dir", "config", "debug", "quick"})
 # Datasets that fine-tuning holds in memory and augments per batch without DataLoader
-# workers (cdprune.fastdata): there, -j cannot change what a run computes.
+# workers (cdprune.finetune.fastdata): there, -j cannot change what a run computes.
 _IN_MEMORY = ("cifar10", "cifar100", "digits")
 # How many entries a refusal names.
 _SHOWN = 3
@@ -144,7 +144,7 @@ class RunDir:
     LOCK = ".cdprune.lock"
     CONFIG = "config.yaml"
     MANIFEST = "run.json"
-    LAST = "last.pth"  # fine-tuning's checkpoint (cdprune.trainckpt.LAST)
+    LAST = "last.pth"  # fine-tuning's checkpoint (cdprune.finetune.resume.LAST)
 
     def __init__(self, path: str | os.PathLike, *, resume: bool = False,
                  overwrite: bool = False, stage: str | None = None,
@@ -315,7 +315,7 @@ class RunDir:
         last = self.path / self.LAST
         if self.stage not in RESUMABLE or epochs is None or not last.is_file():
             return
-        from .checkpoint import safe_torch_load
+        from ..checkpoint import safe_torch_load
 
         try:
             done = safe_torch_load(last).get("epoch")

@@ -1,6 +1,6 @@
 """What a run starts from: the device, the model and the data a config names.
 
-The stages of :mod:`cdprune.pipeline` call these; each refuses a bad value with an error
+The stages of :mod:`cdprune.runs.pipeline` call these; each refuses a bad value with an error
 that names it (a classifier of the wrong width, an unknown layer, a dataset the model does
 not fit) before anything is written.
 """
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import apply_weights, read_state_dict
-from .errors import CheckpointError, ConfigError, DataError
-from .options import StatsConfig
-from .suggest import did_you_mean
+from ..checkpoint import apply_weights, read_state_dict
+from ..errors import CheckpointError, ConfigError, DataError
+from ..options import StatsConfig
+from ..suggest import did_you_mean
 
 __all__ = ["Data", "build_data", "build_inputs", "build_model", "check_base_accuracy",
            "check_ignore_layers", "dataset_classes", "known_normalisation"]
@@ -53,14 +53,14 @@ def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn
         DataError: the checkpoint's classifier has another number of outputs than the
             dataset has classes (``num_classes``).
     """
-    from .models import create_model
+    from ..models import create_model
 
     model = create_model(config["model"], num_classes=num_classes)
-    from .config_io import check_coe
+    from ..cli.config_io import check_coe
 
     check_coe(config, model)
     if config.get("dataset"):
-        from .config_io import check_input_channels
+        from ..cli.config_io import check_input_channels
 
         check_input_channels(config, model)
     if config.get("checkpoint"):
@@ -70,7 +70,7 @@ def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn
         try:
             apply_weights(model, state, source=config["checkpoint"])
         except CheckpointError as exc:
-            from .models.known import known_checkpoint
+            from ..models.known import known_checkpoint
 
             known = known_checkpoint(config["checkpoint"])
             if known is None or known.model == str(config["model"]).lower():
@@ -87,7 +87,7 @@ def dataset_classes(config: Mapping[str, Any]) -> int | None:
     A named dataset's own count; for ``--dataset folder`` the class folders under
     ``DATA_ROOT/val`` (``None`` when there are none to count: building the data says why).
     """
-    from .data import dataset_info
+    from ..data import dataset_info
 
     name = str(config.get("dataset") or "")
     if name.lower() == "folder":
@@ -150,9 +150,9 @@ def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
     """Refuse ``--ignore-layers`` names that are not modules of the model (before any work).
 
     Also refuses a ``--round-to`` no layer is wide enough for (see
-    :func:`cdprune.config_io.check_round_to`).
+    :func:`cdprune.cli.config_io.check_round_to`).
     """
-    from .config_io import check_round_to
+    from ..cli.config_io import check_round_to
 
     check_round_to(config, model)
     named = [name for name, _ in model.named_modules() if name]
@@ -183,7 +183,7 @@ class Data:
 def build_data(config: Mapping[str, Any], *, need_train: bool = True,
                need_stats: bool = True) -> Data:
     """Datasets for statistics, fine-tuning and evaluation, as the config describes."""
-    from .data import build_dataset, build_loader, check_num_classes, dataset_info, subset
+    from ..data import build_dataset, build_loader, check_num_classes, dataset_info, subset
 
     name = config["dataset"]
     num_classes, input_size, mean, std = dataset_info(name)
@@ -260,7 +260,7 @@ def build_data(config: Mapping[str, Any], *, need_train: bool = True,
 
 def _default_sample(config: Mapping[str, Any], stats_set: Any, seed: int) -> Any:
     """The seeded sample of ``--stats-images`` training images read without ``--stop-batch``."""
-    from .data import subset
+    from ..data import subset
 
     images = StatsConfig.from_config(config).stats_images
     if images >= len(stats_set):
@@ -274,7 +274,7 @@ def _default_sample(config: Mapping[str, Any], stats_set: Any, seed: int) -> Any
 
 
 def _model_input_size(config: Mapping[str, Any]) -> tuple[int, ...]:
-    from .models import model_spec
+    from ..models import model_spec
 
     if not config.get("model"):
         raise ConfigError("--dataset folder needs --model (its input size sets the image "
@@ -288,7 +288,7 @@ def known_normalisation(config: Mapping[str, Any]) -> dict[str, Any] | None:
     Used when the config gives no ``--mean``/``--std`` and the checkpoint was trained on the
     config's dataset; ``None`` otherwise.
     """
-    from .models.known import known_checkpoint
+    from ..models.known import known_checkpoint
 
     if not config.get("checkpoint") or (config.get("mean") and config.get("std")):
         return None
@@ -306,7 +306,7 @@ def check_base_accuracy(config: Mapping[str, Any], top1: float, images: int) -> 
     "Far" is more than 1 point and three standard errors of ``images`` test images; the
     usual cause is another input normalisation than the checkpoint's. Returns the warning.
     """
-    from .models.known import known_checkpoint
+    from ..models.known import known_checkpoint
 
     known = known_checkpoint(config["checkpoint"]) if config.get("checkpoint") else None
     if known is None or str(config.get("dataset")).lower() != known.dataset or images <= 0:
@@ -332,7 +332,7 @@ def _hold_out(config: Mapping[str, Any], train_set: Any, name: str, root: Any,
     The held-out images are read without augmentation; ``--train-subset`` then samples
     from the rest. The split depends on the seed only.
     """
-    from .data import Subset, build_dataset, build_loader
+    from ..data import Subset, build_dataset, build_loader
 
     total, held = len(train_set), int(config["val_split"])
     if not 0 < held < total:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import apply_weights, safe_torch_load
-from .errors import CheckpointError, ConfigError
-from .train import BEST, LAST
+from ..checkpoint import apply_weights, safe_torch_load
+from ..errors import CheckpointError, ConfigError
+from ..finetune.loop import BEST, LAST
 
 __all__ = ["WEIGHTS", "RunModel", "find_run_model", "load_run_model"]
 
@@ -174,8 +174,8 @@ def load_run_model(path: str | os.PathLike, weights: str = "final", *,
         FileNotFoundError: no model under ``path``.
         CheckpointError: plan or weights do not fit.
     """
-    from .models import create_model
-    from .pruning import load_pruned, read_plan
+    from ..models import create_model
+    from ..pruning import load_pruned, read_plan
 
     found = find_run_model(path, weights)
     plan = read_plan(found.pruned_dir)

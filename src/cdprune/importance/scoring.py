@@ -29,7 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ NORMALIZATIONS = (None, "none", "max", "mean")
 
 def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
                  variant: str | None = None) -> dict[str, torch.Tensor]:
-    """Scores of every layer in an :class:`~cdprune.stats.ActivationStats`.
+    """Scores of every layer in an :class:`~cdprune.importance.stats.ActivationStats`.
 
     Works for both document modes and for statistics reduced across processes, which give
     the same scores as one process on the same data.

@@ -7,7 +7,7 @@ giving one value per channel per image. Two kinds of *documents* are supported:
   each channel's mean over all documents before any document can be counted; instead of
   keeping every image's vector until then (4 bytes per image per channel: 406 MB for
   ResNet-56 on 50,000 images), the pass streams them through
-  :class:`~cdprune.documents.SampleCounts`, which keeps per channel only running sums and
+  :class:`~cdprune.importance.documents.SampleCounts`, which keeps per channel only running sums and
   the few images near the running mean, and yields the exact ``(df, tf_sum)`` the scores
   need (a second reading of the images settles the rare channel whose mean moved too far).
   ``keep_features=True``, or a loader that can be read only once, keeps every vector.
@@ -20,7 +20,7 @@ The hooks pool each scored layer of a batch into one ``[B, channels]`` row block
 :meth:`ActivationStats.sufficient`).
 
 This module collects; the statistics themselves, their views and their file are
-:class:`~cdprune.activations.ActivationStats` (also importable from here).
+:class:`~cdprune.importance.activations.ActivationStats` (also importable from here).
 """
 
 
@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DataError
+from ..finetune.distributed import all_reduce_sum, is_distributed
+from ..measure.evaluate import eval_mode
+from ..progress import progress as progress_bar
+from ..suggest import did_you_mean
 from .activations import DOCUMENTS, ActivationStats, conv_layer_names, model_fingerprint
-from .distributed import all_reduce_sum, is_distributed
 from .documents import MeanCounts, SampleCounts
-from .errors import ConfigError, DataError
-from .evaluate import eval_mode
-from .progress import progress as progress_bar
-from .suggest import did_you_mean
 
 __all__ = ["ActivationStats", "collect_stats", "conv_layer_names", "model_fingerprint"]
 
@@ -163,7 +163,7 @@ def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]
         if name not in named:
             hint = did_you_mean(name, convs, before="; ")
             raise ConfigError(f"layer '{name}' does not exist in the model{hint} "
-                              "(list them with cdprune.stats.conv_layer_names(model))")
+                              "(list them with cdprune.importance.stats.conv_layer_names(model))")
         if not isinstance(named[name], nn.Conv2d):
             raise ConfigError(f"layer '{name}' is a {type(named[name]).__name__}, not a Conv2d; "
                               "only Conv2d layers can be scored")
@@ -231,7 +231,7 @@ def collect_stats(
     if variant not in (None, "published"):
         raise ConfigError(f"variant={variant!r} is not valid; use 'published' or None")
     if variant == "published":
-        from .options import published_conflicts
+        from ..options import published_conflicts
 
         given = {"tap": tap, "documents": documents}
         clash = [f"{k}={given[k]!r}" for k in published_conflicts(given)]

@@ -1,7 +1,7 @@
 """The ``cdprune`` command: statistics, pruning, fine-tuning, evaluation, the demo.
 
 This module parses the command line and is the one error boundary; what each subcommand
-does is in :mod:`cdprune.cli_commands`. Only these two modules print. Errors a user can
+does is in :mod:`cdprune.cli.commands`. Only these two modules print. Errors a user can
 cause become one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
 
@@ -15,9 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .cli_commands import _OUTPUT, COMMANDS
-from .errors import CdpruneError, ConfigError
-from .options import (
+from ..errors import CdpruneError, ConfigError
+from ..finetune.loop import TrainConfig
+from ..options import (
     CompactConfig,
     OptionError,
     PruneConfig,
@@ -27,7 +27,7 @@ from .options import (
     finite_float,
     positive_int,
 )
-from .train import TrainConfig
+from .commands import _OUTPUT, COMMANDS
 
 __all__ = ["build_parser", "main"]
 
@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cdprune", description="Prune convolutional networks with CDP "
         "(class-wise discriminative power): statistics, scores, physical pruning, fine-tuning.")
-    from .criteria import criterion_names
-    from .export import ExportConfig
-    from .version import __version__
+    from ..export import ExportConfig
+    from ..importance.criteria import criterion_names
+    from ..version import __version__
 
     parser.add_argument("--version", action="version", version=f"cdprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -298,7 +298,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if key in DEFAULTS and value is not None:
             config[key] = value
-    from .export import ExportConfig
+    from ..export import ExportConfig
 
     # Options of one command only, kept out of the defaults (and of every run's identity).
     for key in ("model_dir", "stats", "removed_filters", "quick", "macs_targets", "criteria", "random_seeds",
@@ -388,10 +388,10 @@ def _main(args: argparse.Namespace, debug: bool) -> int:
         config = resolve_config(args)
         if not sys.stderr.isatty():  # logs and pipes get plain log lines, no \r bars
             config["no_progress"] = True
-        from .progress import set_log_interval
+        from ..progress import set_log_interval
 
         set_log_interval(config["log_interval"])
-        from .distributed import cleanup, init_distributed
+        from ..finetune.distributed import cleanup, init_distributed
 
         info = init_distributed()  # a no-op unless started by torchrun
         _OUTPUT["rank"] = info.rank

@@ -9,7 +9,7 @@ DataLoader workers are needed.
 :class:`DeviceBatches` behaves like a loader to :func:`cdprune.fine_tune`: it has a length,
 yields ``(images, labels)`` batches, and draws all its randomness (order, crop offsets,
 flips, Cutout centres) from its own CPU ``generator``, which
-:func:`cdprune.train.seed_epoch` reseeds each epoch. An epoch therefore depends only on the
+:func:`cdprune.finetune.loop.seed_epoch` reseeds each epoch. An epoch therefore depends only on the
 seed and the epoch number, on any device, and resume stays exact.
 
 The augmentation is the one :func:`cdprune.data.cifar_transforms` applies image by image:
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import (
+from ..data import (
     Compose,
     Cutout,
     Normalize,
@@ -38,10 +38,10 @@ from .data import (
     RandomHorizontalFlip,
     ToFloat,
 )
-from .data import Subset as _Subset
-from .data.cifar import _CifarBase
-from .data.toy import _InMemoryImages
-from .errors import ConfigError, DataError
+from ..data import Subset as _Subset
+from ..data.cifar import _CifarBase
+from ..data.toy import _InMemoryImages
+from ..errors import ConfigError, DataError
 
 __all__ = ["AugmentParams", "DeviceBatches", "augment_batch", "device_batches_from",
            "draw_params"]

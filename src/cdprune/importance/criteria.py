@@ -1,6 +1,6 @@
 """Per-filter scores of the usual baseline criteria, comparable with CDP's.
 
-Every criterion here returns what :func:`~cdprune.scoring.tfidf_scores` returns: one score
+Every criterion here returns what :func:`~cdprune.importance.scoring.tfidf_scores` returns: one score
 per output channel of every Conv2d, higher meaning keep. Fed to the same
 :func:`~cdprune.pruning.prune`, all criteria then share the group reduction, the global
 ranking and the constraints, so a comparison measures the criterion and nothing else.
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .evaluate import eval_mode
-from .suggest import did_you_mean
+from ..errors import ConfigError
+from ..measure.evaluate import eval_mode
+from ..suggest import did_you_mean
 
 __all__ = ["CRITERIA", "Criterion", "ScoreContext", "bn_scale_scores", "criterion_names",
            "fpgm_scores", "get_criterion", "l1_scores", "random_scores", "register_criterion",

@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import apply_weights, read_state_dict
-from .errors import CheckpointError, ConfigError, DataError
-from .runsetup import build_model
+from ..checkpoint import apply_weights, read_state_dict
+from ..errors import CheckpointError, ConfigError, DataError
+from .inputs import build_model
 
 __all__ = ["check_model_dir", "load_model_dir", "load_pruned_dir", "model_dir_defaults",
            "pruned_dir"]
@@ -30,8 +30,8 @@ def model_dir_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     The values the user gave win; the run's own normalisation is the right default for
     evaluating, fine-tuning or exporting its model.
     """
-    from .deploy import find_run_model
-    from .pruning import read_plan
+    from ..pruning import read_plan
+    from .locate import find_run_model
 
     out = dict(config)
     if not config.get("model_dir"):
@@ -62,9 +62,9 @@ def check_model_dir(path: str | os.PathLike, config: Mapping[str, Any]) -> None:
         DataError: it does not fit, with the ``--dataset`` it was made for.
         FileNotFoundError, CheckpointError: ``path`` holds no readable pruned model.
     """
-    from .deploy import find_run_model
-    from .pruning import read_plan
-    from .runsetup import dataset_classes
+    from ..pruning import read_plan
+    from .inputs import dataset_classes
+    from .locate import find_run_model
 
     directory = find_run_model(path, config.get("weights") or "pruned").pruned_dir
     _check_fit(directory, read_plan(directory), config, dataset_classes(config))
@@ -74,7 +74,7 @@ def _check_fit(directory: Path, plan: Mapping[str, Any], config: Mapping[str, An
                num_classes: int | None) -> None:
     """Refuse a dataset with other classes or other image channels than the pruned model
     was made for (before a forward pass fails deep inside PyTorch)."""
-    from .data import dataset_info
+    from ..data import dataset_info
 
     planned = (plan.get("extra") or {}).get("num_classes")
     if num_classes is not None and isinstance(planned, int) and planned != num_classes:
@@ -104,7 +104,7 @@ def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
     """Rebuild the pruned model saved under ``path`` (a run or pruned-model directory).
 
     ``weights`` (default ``config["weights"]``, else ``"pruned"``) picks the fine-tuned or
-    pruned-only weights (see :func:`cdprune.deploy.find_run_model`); ``--checkpoint`` in
+    pruned-only weights (see :func:`cdprune.runs.locate.find_run_model`); ``--checkpoint`` in
     the config, when given, is loaded into the pruned architecture instead.
 
     Raises:
@@ -119,9 +119,9 @@ def load_pruned_dir(path: str | os.PathLike, config: Mapping[str, Any],
 def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
                    num_classes: int | None, weights: str | None = None
                    ) -> tuple[nn.Module, dict[str, Any], Any]:
-    """:func:`load_pruned_dir`, also returning the :class:`~cdprune.deploy.RunModel` used."""
-    from .deploy import find_run_model, read_finetuned
-    from .pruning import load_pruned, read_plan
+    """:func:`load_pruned_dir`, also returning the :class:`~cdprune.runs.locate.RunModel` used."""
+    from ..pruning import load_pruned, read_plan
+    from .locate import find_run_model, read_finetuned
 
     found = find_run_model(path, weights or config.get("weights") or "pruned")
     directory = found.pruned_dir
@@ -147,7 +147,7 @@ def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
                               "`cdprune prune`, or point --model-dir at a directory pruned "
                               f"from {name}") from None
     if config.get("checkpoint"):  # honoured, never ignored: weights of the pruned model
-        from .deploy import RunModel
+        from .locate import RunModel
 
         source = config["checkpoint"]
         try:

@@ -1,6 +1,6 @@
 """The statistics CDP scores: :class:`ActivationStats`, its views and its file.
 
-:func:`~cdprune.stats.collect_stats` fills one; :func:`~cdprune.scoring.tfidf_scores`
+:func:`~cdprune.importance.stats.collect_stats` fills one; :func:`~cdprune.importance.scoring.tfidf_scores`
 reads it. On disk it is one safetensors file with a JSON header; loading checks the
 header field by field and that the statistics fit the model they are used with.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write_bytes
+from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write_bytes
 
 __all__ = ["ActivationStats", "DOCUMENTS", "conv_layer_names", "model_fingerprint"]
 
@@ -151,7 +151,7 @@ class ActivationStats:
         """Write the statistics atomically as safetensors with JSON metadata."""
         from safetensors.torch import save
 
-        from .version import __version__
+        from ..version import __version__
 
         tensors: dict[str, torch.Tensor] = {}
         if self.features is not None:

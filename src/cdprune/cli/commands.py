@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .modeldir import check_model_dir
-from .runsetup import build_inputs
-from .train import TrainConfig
+from ..errors import ConfigError
+from ..finetune.loop import TrainConfig
+from ..runs.inputs import build_inputs
+from ..runs.modeldir import check_model_dir
 
 __all__ = ["COMMANDS"]
 
@@ -30,7 +30,7 @@ def _say(*args: Any, **kwargs: Any) -> None:
 
 
 def _run_dir(config: dict[str, Any]):
-    from .rundir import RunDir
+    from ..runs.rundir import RunDir
 
     if not config.get("output_dir"):
         raise ConfigError("--output-dir is required: every run writes a directory")
@@ -51,7 +51,7 @@ def _run_dir(config: dict[str, Any]):
 # Each command checks what it can (the output directory, data, model, checkpoint, input
 # files) before it enters the run directory, so bad input leaves no files behind.
 def _cmd_stats(config: dict[str, Any]) -> None:
-    from .pipeline import run_stats
+    from ..runs.pipeline import run_stats
 
     run = _run_dir(config)
     data, model = build_inputs(config, need_train=False)
@@ -62,7 +62,7 @@ def _cmd_stats(config: dict[str, Any]) -> None:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from .report import format_count as n
+    from ..runs.report import format_count as n
 
     _say(f"criterion {summary.get('criterion', 'cdp')}: MACs {n(summary['macs_before'])} -> {n(summary['macs_after'])} "
          f"(-{100 * summary['macs_reduction']:.1f}%), params "
@@ -83,8 +83,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_prune(config: dict[str, Any]) -> None:
-    from .pipeline import finish_report, load_stats, needs_batches, needs_stats, run_prune
-    from .runsetup import check_ignore_layers
+    from ..runs.inputs import check_ignore_layers
+    from ..runs.pipeline import finish_report, load_stats, needs_batches, needs_stats, run_prune
 
     run = _run_dir(config)
     data, model = build_inputs(config, need_train=bool(config.get("bn_recalibrate"))
@@ -100,9 +100,9 @@ def _cmd_prune(config: dict[str, Any]) -> None:
 
 
 def _cmd_finetune(config: dict[str, Any]) -> None:
-    from .modeldir import load_pruned_dir, model_dir_defaults
-    from .pipeline import finetune_accuracy, finish_report, run_finetune
-    from .runsetup import build_data
+    from ..runs.inputs import build_data
+    from ..runs.modeldir import load_pruned_dir, model_dir_defaults
+    from ..runs.pipeline import finetune_accuracy, finish_report, run_finetune
 
     run = _run_dir(config)
     config = model_dir_defaults(config)
@@ -133,9 +133,9 @@ def _accuracy_line(accuracy: dict[str, float]) -> str:
 
 
 def _cmd_eval(config: dict[str, Any]) -> None:
-    from .evaluate import evaluate
-    from .modeldir import load_model_dir, model_dir_defaults
-    from .runsetup import _device, build_data, check_base_accuracy
+    from ..measure.evaluate import evaluate
+    from ..runs.inputs import _device, build_data, check_base_accuracy
+    from ..runs.modeldir import load_model_dir, model_dir_defaults
 
     config = model_dir_defaults(config)
     found = None
@@ -160,7 +160,8 @@ def _cmd_eval(config: dict[str, Any]) -> None:
 
 
 def _cmd_run(config: dict[str, Any]) -> None:
-    from .pipeline import (
+    from ..runs.inputs import build_data, check_ignore_layers
+    from ..runs.pipeline import (
         finetune_accuracy,
         finish_report,
         gather_stats,
@@ -168,7 +169,6 @@ def _cmd_run(config: dict[str, Any]) -> None:
         run_finetune,
         run_prune,
     )
-    from .runsetup import build_data, check_ignore_layers
 
     run = _run_dir(config)
     summary_path = run.path / "prune_summary.json"
@@ -196,8 +196,8 @@ def _cmd_run(config: dict[str, Any]) -> None:
 
 
 def _cmd_compact(config: dict[str, Any]) -> None:
-    from .pipeline import finish_report, load_masks, run_compact
-    from .report import format_count as n
+    from ..runs.pipeline import finish_report, load_masks, run_compact
+    from ..runs.report import format_count as n
 
     run = _run_dir(config)
     masks = load_masks(config["removed_filters"])
@@ -241,10 +241,10 @@ def _compare_line(r: dict[str, Any]) -> str:
 def _cmd_compare(config: dict[str, Any]) -> None:
     import torch
 
-    from .compare import compare_criteria, read_comparison, write_comparison
-    from .criteria import criterion_names
-    from .pipeline import cdp_options, pruned_extra
-    from .runsetup import _device
+    from ..importance.criteria import criterion_names
+    from ..runs.compare import compare_criteria, read_comparison, write_comparison
+    from ..runs.inputs import _device
+    from ..runs.pipeline import cdp_options, pruned_extra
 
     targets = config.get("macs_targets")
     if not targets:
@@ -303,7 +303,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
 
 def _cmd_models(config: dict[str, Any]) -> None:
-    from .models import list_models, model_spec
+    from ..models import list_models, model_spec
 
     for name in list_models():
         spec = model_spec(name)
@@ -315,7 +315,7 @@ def _cmd_models(config: dict[str, Any]) -> None:
 
 
 def _cmd_demo(config: dict[str, Any]) -> None:
-    from .demo import run_demo
+    from ..runs.demo import run_demo
 
     run_demo(config.get("output_dir") or "runs/demo", quick=bool(config.get("quick")),
              overwrite=bool(config.get("overwrite")), progress=not config.get("no_progress"),
@@ -323,7 +323,7 @@ def _cmd_demo(config: dict[str, Any]) -> None:
 
 
 def _cmd_export(config: dict[str, Any]) -> None:
-    from .export import ExportConfig, export_model_dir
+    from ..export import ExportConfig, export_model_dir
 
     if not config.get("model_dir"):
         raise ConfigError("--model-dir is required: a run directory, or a pruned model "

@@ -1,0 +1,1 @@
+"""What a network costs and how well it does: MACs in both conventions, latency, accuracy."""
