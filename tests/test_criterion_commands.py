@@ -6,7 +6,7 @@ import pytest
 
 from cdprune.cli import main
 from cdprune.importance.criteria import criterion_names, get_criterion
-from cdprune.options import PruneConfig
+from cdprune.pruning.config import PruneConfig
 
 DATA = ["--dataset", "digits", "-b", "64", "-j", "0", "--no-progress"]
 FAST = ["--model", "digits_cnn", "--random-init", *DATA, "--stats-batch-size", "64",

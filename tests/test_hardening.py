@@ -94,7 +94,7 @@ def test_a_quoted_boolean_never_overwrites_a_run(yaml_text, key, tmp_path, base,
     ('eval_batch_size: "x"\n', "eval_batch_size must be an integer, got the string 'x'"),
     ("sparsity: yes\n", "sparsity must be a number, got True"),
     ("ignore_layers: conv1\n", "ignore_layers must be a list of names"),
-    ("documents: word\n", "--documents 'word' is invalid; choose one of sample, class"),
+    ("documents: word\n", "--documents 'word' is invalid; it must be one of sample, class"),
     ("1: 3\n", "keys must be flag names, got 1 (int)"),
 ])
 def test_yaml_values_are_checked_per_key(yaml_text, needle, tmp_path, capsys):
@@ -111,7 +111,7 @@ def test_yaml_values_are_checked_per_key(yaml_text, needle, tmp_path, capsys):
 def test_yaml_numbers_in_exponent_form_are_numbers(text, value, tmp_path):
     """YAML 1.1 reads 1e-5 as a string; a number written without quotes is a number."""
     from cdprune.cli.main import DEFAULTS
-    from cdprune.cli.config_io import load_yaml
+    from cdprune.cli.yamlfile import load_yaml
 
     (tmp_path / "y.yaml").write_text(f"weight_decay: {text}\nlr: '1e-5'\n")
     with pytest.raises(ConfigError, match="lr must be a number, got the string '1e-5'"):
@@ -434,11 +434,11 @@ def test_disk_full_in_stats_suggests_a_flag_stats_has(tmp_path, base, capsys, mo
 
 
 def test_no_hint_names_an_option_the_command_lacks(tmp_path, capsys, monkeypatch):
+    from cdprune.finetune.loop import DivergedError
     from cdprune.runs import pipeline
 
     def diverged(*args, **kwargs):
-        raise FloatingPointError("training loss became nan at epoch 1, iteration 3; lower lr "
-                                 "(now 0.1) or set clip_grad_norm")
+        raise DivergedError("training loss became nan at epoch 1, iteration 3", 0.1)
 
     monkeypatch.setattr(pipeline, "run_finetune", diverged)
     argv = ["run", "--model", "digits_cnn", "--random-init", *DATA, "--stop-batch", "1",
@@ -446,4 +446,4 @@ def test_no_hint_names_an_option_the_command_lacks(tmp_path, capsys, monkeypatch
             "--epochs", "1", "--output-dir", str(tmp_path / "out")]
     assert main(argv) == 2
     line = _one_line(capsys)
-    assert "lower --lr" in line and "clip_grad_norm" not in line
+    assert "lower --lr (now 0.1)" in line and "lower lr" not in line

@@ -243,13 +243,13 @@ def test_the_compact_networks_numbers_come_from_compaction():
 
 
 @pytest.mark.parametrize("options,needle", [
-    ({"round_to": 8, "sparsity": 0.3}, "--round-to"),
-    ({"ignore_layers": ["conv2"], "sparsity": 0.3}, "--ignore-layers"),
-    ({"macs_target": "100K"}, "--macs-convention paper"),
+    ({"round_to": 8, "sparsity": 0.3}, "round_to does not apply to variant published"),
+    ({"ignore_layers": ["conv2"], "sparsity": 0.3}, "ignore_layers does not apply"),
+    ({"macs_target": "100K"}, "macs_convention paper"),
     ({"latency_reduction": 0.3}, "latency"),
 ])
 def test_published_variant_refuses_options_it_cannot_honour(options, needle):
-    from cdprune.options import PruneConfig
+    from cdprune.pruning.config import PruneConfig
     from cdprune.runs.pipeline import _published_prune
 
     model = SmallNet().eval()

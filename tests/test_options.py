@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import pytest
 
+from cdprune.cli.flags import NEGATED, add_options, flags, help_text, render
 from cdprune.cli.main import DEFAULTS, build_parser, main, resolve_config, yaml_names
-from cdprune.cli.config_io import CHOICES, KEY_TYPES, load_yaml
+from cdprune.cli.yamlfile import load_yaml
 from cdprune.errors import ConfigError
-from cdprune.finetune.loop import TrainConfig
-from cdprune.options import (
-    CompactConfig,
-    OptionError,
-    PruneConfig,
-    StatsConfig,
-    add_options,
-    defaults,
-    key_types,
-    option,
-    option_specs,
-)
+from cdprune.finetune.config import TrainConfig
+from cdprune.importance.config import StatsConfig
+from cdprune.options import OptionError, option, option_specs
+from cdprune.pruning.config import CompactConfig, PruneConfig
+from cdprune.runs.config import DataConfig, ModelConfig, RunConfig, RunOptions
 
-# The commands whose flags include every option of a stage.
+# The commands whose flags include every option of a section.
 STAGES = [(StatsConfig, ("stats", "prune", "run")), (PruneConfig, ("prune", "run")),
-          (CompactConfig, ("compact",)), (TrainConfig, ("finetune", "run", "compare"))]
+          (CompactConfig, ("compact",)), (TrainConfig, ("finetune", "run", "compare")),
+          (ModelConfig, ("finetune",)), (DataConfig, ("run", "finetune")),
+          (RunOptions, ("run", "finetune"))]
+SPECS = RunConfig.specs()
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -45,23 +45,22 @@ def test_every_field_is_a_flag_a_yaml_key_and_a_default(cls, commands, tmp_path)
     assert [s.name for s in specs] == flagged and flagged
     for spec in specs:
         assert DEFAULTS[spec.name] == spec.default
-        assert KEY_TYPES[spec.name] == spec.kind
-        if spec.choices:
-            assert CHOICES[spec.name] == spec.choices
-        if spec.default not in (None, False) and not spec.negate:
+        assert SPECS[spec.name] == spec  # one field, one option of the run
+        if spec.default not in (None, False) and spec.name not in NEGATED:
             shown = " ".join(map(str, spec.default)) if isinstance(spec.default, list) \
                 else spec.default
             assert f"(default: {shown})" in spec.help
         for command in commands:
             dests = {a.dest: a for a in _subparser(command)._actions}
             assert spec.name in dests, (command, spec.name)
-            assert spec.flags[0] in dests[spec.name].option_strings
-            assert dests[spec.name].help == spec.help
+            assert flags(spec.name)[0] in dests[spec.name].option_strings
+            if spec.name not in ("batch_size", "weights"):  # said per command
+                assert dests[spec.name].help == help_text(spec)
         # The YAML key: the option's name, or its flag with dashes.
-        for key in (spec.name, spec.flags[0][2:]):
+        for key in (spec.name, flags(spec.name)[-1][2:]):
             value = {"bool": True, "int": 3, "float": 0.5, "str": spec.choices[0]
                      if spec.choices else "x", "strs": ["conv1"], "size": "60M",
-                     "ints": [3, 5]}[spec.kind]
+                     "ints": [3, 5], "floats": [0.5]}[spec.kind]
             path = tmp_path / "c.yaml"
             path.write_text(f"{key}: {value}\n")
             assert load_yaml(path, DEFAULTS, yaml_names(commands[0])) == {spec.name: value}
@@ -72,7 +71,7 @@ def test_export_options_are_the_export_flags():
 
     dests = {a.dest: a for a in _subparser("export")._actions}
     for spec in option_specs(ExportConfig):
-        assert spec.flags[0] in dests[spec.name].option_strings
+        assert flags(spec.name)[0] in dests[spec.name].option_strings
         assert dests[spec.name].default is None  # unset on the command line: the default
     args = build_parser().parse_args(["export", "--model-dir", "d", "--format", "torchscript"])
     config = resolve_config(args)
@@ -84,7 +83,8 @@ def test_an_option_is_one_field():
     class Wider(PruneConfig):
         new_knob: int = option(3, "a knob for the test", positive=True)
 
-    assert defaults(Wider)["new_knob"] == 3 and key_types(Wider)["new_knob"] == "int"
+    spec = {s.name: s for s in option_specs(Wider)}["new_knob"]
+    assert spec.default == 3 and spec.kind == "int"
     parser = argparse.ArgumentParser()
     add_options(parser, Wider)
     assert "a knob for the test (default: 3)" in " ".join(parser.format_help().split())
@@ -109,13 +109,16 @@ def test_validate_names_the_option_and_the_cli_names_the_flag(config, key, text)
     with pytest.raises(OptionError) as info:
         config.validate()
     assert info.value.key == key and f"{key}=" in str(info.value)
-    assert info.value.as_flag().startswith(text)
+    assert render(info.value).startswith(text)
 
 
 def test_prune_target_is_required_only_when_asked():
     PruneConfig().validate()
-    with pytest.raises(ConfigError, match="exactly one of --sparsity, --macs-reduction, --macs-target or --latency-reduction"):
+    with pytest.raises(ConfigError, match="exactly one of sparsity, macs_reduction, "
+                       "macs_target or latency_reduction") as info:
         PruneConfig().validate(need_target=True)
+    assert "exactly one of --sparsity, --macs-reduction, --macs-target or " \
+        "--latency-reduction" in render(info.value)
     with pytest.raises(ConfigError, match="exactly one"):
         PruneConfig(sparsity=0.3, macs_target="60M").validate(need_target=True)
     PruneConfig(macs_reduction=0.5).validate(need_target=True)
@@ -224,9 +227,135 @@ def test_lr_steps_set_the_step_milestones(tmp_path):
     assert _resolve("finetune", "--model-dir", "p", "-c", str(path))["milestones"] == [10, 20]
     with pytest.raises(OptionError, match="milestones=.* it must be increasing") as info:
         _resolve("finetune", "--model-dir", "p", "--lr-steps", "90", "30")
-    assert info.value.as_flag().startswith("--lr-steps [90, 30] is invalid")
+    assert render(info.value).startswith("--lr-steps [90, 30] is invalid")
 
 
 def test_no_fast_data_turns_the_option_off():
     assert _resolve("finetune", "--model-dir", "p")["fast_data"] is True
     assert _resolve("finetune", "--model-dir", "p", "--no-fast-data")["fast_data"] is False
+
+
+# Flags of the command line that are no option of a run: its own controls.
+CLI_ONLY = {"help", "version", "config", "gpus", "debug", "command"}
+
+
+def _all_actions():
+    for command, sub in next(a for a in build_parser()._actions
+                             if isinstance(a, argparse._SubParsersAction)).choices.items():
+        for action in sub._actions:
+            yield command, action
+
+
+def test_the_command_line_is_generated_from_run_config():
+    from cdprune.cli.main import COMMAND_INPUTS
+    from cdprune.export import ExportConfig
+
+    export = {s.name for s in option_specs(ExportConfig)}
+    seen = set()
+    for command, action in _all_actions():
+        if action.dest in CLI_ONLY:
+            continue
+        seen.add(action.dest)
+        # Every flag sets an option of the run, or is one command's own input.
+        assert action.dest in SPECS or action.dest in COMMAND_INPUTS, (command, action.dest)
+        if action.dest in SPECS:
+            assert tuple(action.option_strings) == flags(action.dest)
+            assert action.default is None  # unset: the YAML config and the defaults apply
+            assert action.choices in (None, list(SPECS[action.dest].choices)) or \
+                list(action.choices) == list(SPECS[action.dest].choices)
+    assert set(SPECS) <= seen, sorted(set(SPECS) - seen)  # every option has a flag
+    assert export <= seen
+
+
+def test_yaml_keys_are_exactly_the_flags():
+    for command, sub in next(a for a in build_parser()._actions
+                             if isinstance(a, argparse._SubParsersAction)).choices.items():
+        names = yaml_names(command)
+        long_flags = {f[2:].replace("-", "_"): a.dest for a in sub._actions
+                      for f in a.option_strings if f.startswith("--") and a.dest in SPECS}
+        assert names == long_flags, command
+    # and every option of the run can be set from YAML, under its own name
+    assert set(DEFAULTS) == set(SPECS)
+
+
+def test_the_resolved_config_round_trips_through_run_config(tmp_path):
+    config = _resolve("run", "--model", "resnet20", "--random-init", "--macs-reduction", "0.5",
+                      "--lr", "0.02", "--stats-images", "512", "--wd", "0.001", "-b", "64")
+    typed = RunConfig.from_flat(config, need_target=True)
+    assert typed.prune.macs_reduction == 0.5 and typed.train.lr == 0.02
+    assert typed.train.weight_decay == 0.001 and typed.stats.stats_images == 512
+    assert typed.data.batch_size == 64 and typed.train.batch_size == 64  # one key, two readers
+    assert typed.flat() == {k: config[k] for k in SPECS}
+    with pytest.raises(OptionError, match="lr=20.0 is invalid"):
+        RunConfig.from_flat({**config, "lr": 20.0})
+
+
+def test_no_option_is_defined_twice():
+    owners = {}
+    for name, cls in RunConfig.SECTIONS.items():
+        for spec in option_specs(cls):
+            assert spec.name not in owners, (spec.name, owners.get(spec.name), name)
+            owners[spec.name] = name
+
+
+def _source_files():
+    import cdprune
+
+    root = Path(cdprune.__file__).parent
+    return root, sorted(root.rglob("*.py"))
+
+
+def test_argparse_lives_in_the_cli_only():
+    root, files = _source_files()
+    users = [f.relative_to(root).as_posix() for f in files
+             if re.search(r"^\s*(import argparse|from argparse)", f.read_text(), re.M)]
+    assert users and all(u.startswith("cli/") for u in users), users
+
+
+def test_the_library_never_imports_the_cli():
+    root, files = _source_files()
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith("cli/"):
+            continue
+        text = f.read_text()
+        assert not re.search(r"from \.+cli\b|cdprune\.cli\b.*import|import cdprune\.cli", text), rel
+
+
+def test_no_import_cycles_between_modules():
+    """Module-level imports form no cycle (type-only imports aside)."""
+    root, files = _source_files()
+    modules = {}
+    for f in files:
+        parts = list(f.relative_to(root.parent).with_suffix("").parts)
+        package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if package else parts)] = (f, package)
+    graph = {}
+    for name, (f, package) in modules.items():
+        deps = set()
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = name.split(".") if package else name.split(".")[:-1]
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    full = f"{target}.{alias.name}"
+                    deps.add(full if full in modules else target)
+        graph[name] = {d for d in deps if d in modules and d != name}
+    # A package's __init__ importing its own modules is how packages work; a module
+    # importing back up into a package that imports it is a cycle.
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])

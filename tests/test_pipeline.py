@@ -69,7 +69,7 @@ def test_run_prune_from_the_statistics_file(stats_run, tmp_path):
     assert summary["macs_after"] < summary["macs_before"]
     assert abs(summary["sparsity"] - 0.3) < 0.05
     assert 0 <= summary["acc_pruned"] <= 100 and 0 <= summary["acc_base"] <= 100
-    assert summary["stats_images"] == 128 and summary["stats_sample"] == "--stop-batch 2"
+    assert summary["stats_images"] == 128 and summary["stats_sample"] == "stop_batch 2"
     assert json.loads((tmp_path / "prune_summary.json").read_text()) == summary
     assert (tmp_path / "widths.png").is_file() and not (tmp_path / "stats.safetensors").exists()
     pruned, plan = modeldir.load_pruned_dir(tmp_path, {**config, "checkpoint": None}, 10)
@@ -135,7 +135,7 @@ def _stats_images(data) -> int:
 
 
 def test_statistics_read_a_seeded_sample_unless_stop_batch_is_given(tmp_path, caplog):
-    from cdprune.options import StatsConfig
+    from cdprune.importance.config import StatsConfig
 
     assert StatsConfig().stats_images == 10240 and DEFAULTS["stop_batch"] is None
     with caplog.at_level(logging.INFO, logger="cdprune.runs.inputs"):

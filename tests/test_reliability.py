@@ -517,7 +517,7 @@ CASES: list[Case] = [
     Case("checkpoint-mismatch", "files", "checkpoint keys or shapes that do not fit `--model`",
          ("missing keys (1): conv3.weight", "unexpected keys (1): head.bias",
           "shape mismatches (1): conv1.weight: file (8, 1, 3, 3) vs model (16, 1, 3, 3)"),
-         "check --model and that the dataset has the checkpoint's number of classes",
+         "check the model name and that the dataset has the checkpoint's number of classes",
          ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/mismatch.pth", *DATA, *OUT),
          setup=_mismatched_ckpt),
     Case("stats-truncated", "files", "truncated statistics file (`--stats`)",
@@ -625,7 +625,7 @@ CASES: list[Case] = [
          ("stats", "--model", "digits_cnn", "--checkpoint", "{tmp}/nan.pth", *DATA, *OUT),
          setup=_nan_ckpt),
     Case("few-images", "data", "statistics from very few images (a warning; exit code 0)",
-         ("CDP scores from only 4 images",), "a larger --stop-batch",
+         ("CDP scores from only 4 images",), "a larger stop_batch",
          ("stats", *BASE, "--stop-batch", "1", "--stats-batch-size", "4", *OUT), exit_code=0),
     # ------------------------------------------------------------------ models
     Case("unknown-model", "models", "unknown model name (`--model resnet2O`)",

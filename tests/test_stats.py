@@ -57,7 +57,7 @@ def test_max_batches_and_short_loader(small_net, loader, caplog):
         stats = collect_stats(small_net, loader, max_batches=10, progress=False)
     assert stats.num_samples == 48
     assert "fewer than the 10 asked for" in caplog.text
-    with pytest.raises(ConfigError, match="stop-batch"):
+    with pytest.raises(ConfigError, match="max_batches must be a positive integer"):
         collect_stats(small_net, loader, max_batches=0, progress=False)
 
 

@@ -221,7 +221,7 @@ def _mismatch_message(model: nn.Module, state: Mapping[str, torch.Tensor], path:
         return None
     return (f"weights in '{path}' do not fit the model ({type(model).__name__}): "
             + "; ".join(parts)
-            + ". Build the model the checkpoint was saved from: check --model and that "
+            + ". Build the model the checkpoint was saved from: check the model name and that "
             "the dataset has the checkpoint's number of classes")
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import CdpruneError, ConfigError
 from .fileio import atomic_write_bytes, atomic_write_text
-from .options import OptionError, option
+from .options import OptionError, OptionsError, option
 from .runs.rundir import adopt_writes
 
 __all__ = ["ExportConfig", "ExportError", "ExportResult", "check_output", "compare_latency",
@@ -45,10 +45,8 @@ class ExportConfig:
 
     format: str = option("onnx", "file format", choices=FORMATS)
     opset: int = option(17, "ONNX opset")
-    dynamic_batch: bool = option(False, "exported model accepts any batch size (the default)",
-                                 exclusive="batch")
-    static_batch: bool = option(False, "exported ONNX model accepts batch size 1 only",
-                                exclusive="batch")
+    dynamic_batch: bool = option(False, "exported model accepts any batch size (the default)")
+    static_batch: bool = option(False, "exported ONNX model accepts batch size 1 only")
     output: str | None = option(None, "output file (default: model.onnx or model.pt next to "
                                 "the weights exported)")
     no_latency: bool = option(False, "skip the latency comparison with the unpruned "
@@ -169,18 +167,19 @@ def check_output(path: str | os.PathLike, format: str) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in _CHECKPOINT_SUFFIXES:
-        raise ConfigError(f"--output '{path}' is a weights file name ({suffix}); an "
-                          "export never replaces checkpoints: choose a name ending in "
-                          f"{SUFFIX[format]}")
+        raise OptionsError("{output} " + _braced(f"'{path}' is a weights file name ({suffix}); "
+                           "an export never replaces checkpoints: choose a name ending in "
+                           f"{SUFFIX[format]}"))
     if format == "onnx" and suffix != ".onnx":
-        raise ConfigError(f"--output '{path}' does not end in .onnx; choose a name "
-                          "ending in .onnx for --format onnx")
+        raise OptionsError("{output} " + _braced(f"'{path}'") + " does not end in .onnx; "
+                           "choose a name ending in .onnx for {format} onnx")
     if path.is_dir():
         raise ConfigError(f"cannot write export to '{path}': it is a directory; choose a file "
                           "path")
     if format == "torchscript" and path.is_file() and not _is_torchscript(path):
-        raise ConfigError(f"--output '{path}' exists and is not a TorchScript model (a "
-                          "checkpoint?); it is not replaced: choose another --output")
+        raise OptionsError("{output} " + _braced(f"'{path}'") + " exists and is not a "
+                           "TorchScript model (a checkpoint?); it is not replaced: choose "
+                           "another {output}")
     return path
 
 
@@ -255,8 +254,8 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "onnx",
         raise ExportError(f"the {format} export of the model differs from its PyTorch outputs "
                           f"by {worst:.2e} (allowed {atol:.0e}"
                           + (f" x {scale:.3g}, its largest output" if scale > 1 else "")
-                          + f"); nothing was written to '{path}'. Try another --opset or "
-                          "--format torchscript")
+                          + f"); nothing was written to '{path}'. Try another opset or "
+                          "the torchscript format")
     try:
         atomic_write_bytes(path, data)
     except OSError as exc:
@@ -386,3 +385,8 @@ def _export_and_time(model: nn.Module, plan: Mapping[str, Any], found: Any,
                    f"{repeats} interleaved runs after {warmup} warm-up runs")
     atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
     return {**summary, "base_model": name}
+
+
+def _braced(text: str) -> str:
+    """``text`` as a literal inside an :class:`~cdprune.options.OptionsError` template."""
+    return text.replace("{", "{{").replace("}", "}}")

@@ -16,35 +16,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CdpruneError, ConfigError
-from ..finetune.loop import TrainConfig
-from ..options import (
-    CompactConfig,
-    OptionError,
-    PruneConfig,
-    StatsConfig,
-    add_options,
-    defaults,
-    finite_float,
-    positive_int,
-)
+from ..export import ExportConfig
+from ..finetune.config import TrainConfig
+from ..importance.config import StatsConfig
+from ..options import OptionsError
+from ..pruning.config import CompactConfig, PruneConfig
+from ..runs.config import DataConfig, ModelConfig, RunConfig, RunOptions, validate
 from .commands import _OUTPUT, COMMANDS
+from .flags import add_options, finite_float, render
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("cdprune")
 
-# Every option's default: the stages' from their typed configs (training: the paper's
-# CIFAR recipe), the rest (model, data, the run) listed here.
-DEFAULTS: dict[str, Any] = {
-    "model": None, "checkpoint": None, "dataset": "cifar10", "data_root": "data",
-    "download": False, "batch_size": 128, "eval_batch_size": None, "workers": 2,
-    "mean": None, "std": None, "cutout": False, "val_split": None,
-    **defaults(StatsConfig, PruneConfig, CompactConfig, TrainConfig),
-    "train_subset": None, "seed": 0, "device": None,
-    "output_dir": None, "resume": False, "overwrite": False, "no_progress": False,
-    "log_interval": 30.0,
-    "random_init": False, "weights": None, "val_subset": None,
-}
+# Every option's default, from the run's typed configuration (training: the paper's CIFAR
+# recipe).
+DEFAULTS: dict[str, Any] = RunConfig.defaults()
+# A command's own inputs: not options of the run, so kept out of the defaults, of the YAML
+# config and of every run's identity.
+COMMAND_INPUTS = ("model_dir", "stats", "removed_filters", "quick", "macs_targets", "criteria",
+                  "random_seeds", *(f.name for f in dataclasses.fields(ExportConfig)))
 
 
 class UsageError(ConfigError):
@@ -64,78 +55,36 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, f"{message}; {hint}")
 
 
-def _shown(used: bool, text: str) -> str:
-    """Help for a flag the command reads; a flag it does not read is accepted (one set of
-    flags serves every step of a script) but left out of its ``--help``."""
-    return text if used else argparse.SUPPRESS
-
-
 def _add_common(p: argparse.ArgumentParser, uses: Sequence[str]) -> None:
     """The flags of the run; ``uses`` picks among "output" (the run directory), "seed"
-    and "device"."""
+    and "device". A flag the command does not read is accepted (one set of flags serves
+    every step of a script) but left out of its ``--help``."""
     g = p.add_argument_group("run")
     g.add_argument("-c", "--config", help="YAML file whose keys set defaults for these flags "
                    "(keys: flag names, with dashes or underscores)")
-    output = "output" in uses
-    g.add_argument("--output-dir", help=_shown(output, "run directory (refused if it holds "
-                                                       "another run)"))
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help=_shown(output, "reuse an output directory that holds another run"))
-    g.add_argument("--seed", type=int,
-                   help=_shown("seed" in uses, f"random seed (default: {DEFAULTS['seed']})"))
-    device = "device" in uses
-    g.add_argument("--device", help=_shown(device, "cpu, cuda or cuda:N (default: cuda if "
-                                                   "available)"))
-    g.add_argument("--gpus", metavar="N[,N...]", help=_shown(
-        device, "the CDP scripts' GPU list: one index is --device cuda:N; several GPUs run "
-        "under torchrun"))
-    g.add_argument("--no-progress", action="store_true", default=None,
-                   help="hide progress bars (long stages then log a line every "
-                   "--log-interval seconds, as when the output is not a terminal)")
-    g.add_argument("--log-interval", "--log-every", dest="log_interval", type=finite_float,
-                   metavar="SECONDS", help="seconds between progress log lines when no bar "
-                   f"is shown; 0: none (default: {DEFAULTS['log_interval']:g})")
+    hidden = [*(() if "output" in uses else ("output_dir", "overwrite")),
+              *(() if "seed" in uses else ("seed",)),
+              *(() if "device" in uses else ("device",))]
+    add_options(g, RunOptions, skip=("resume",), hidden=hidden)
+    g.add_argument("--gpus", metavar="N[,N...]", help=argparse.SUPPRESS if "device" not in uses
+                   else "the CDP scripts' GPU list: one index is --device cuda:N; several GPUs "
+                   "run under torchrun")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="zoo name (see `cdprune models`), torchvision:NAME or "
-                                   "timm:NAME")
-    g.add_argument("--checkpoint", "--pretrained_dir", "--pretrained-dir", dest="checkpoint",
-                   help="weights of the base model (.pth, .pth.tar, .th, .pt, .safetensors); "
-                   "with --model-dir: weights of the pruned model")
-    g.add_argument("--random-init", action="store_true", default=None,
-                   help="use randomly initialised weights when no --checkpoint is given "
-                   "(for tests; pruning random weights is meaningless otherwise)")
+    add_options(p.add_argument_group("model"), ModelConfig, skip=("weights",))
 
 
 def _add_data(p: argparse.ArgumentParser, uses: Sequence[str] = ("train", "val")) -> None:
     """The data flags; ``uses`` says which splits the command reads beyond the sampled
     statistics images: "train" (fine-tuning) and "val" (evaluation)."""
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="cifar10, cifar100, imagenet, folder (any class folders),"
-                   f" digits (default: {DEFAULTS['dataset']})")
-    g.add_argument("--data-root", "--dataroot", dest="data_root",
-                   help=f"dataset folder (default: {DEFAULTS['data_root']})")
-    g.add_argument("--download", action="store_true", default=None,
-                   help="download CIFAR if missing (verified by MD5)")
+    hidden = [*(() if uses else ("batch_size", "eval_batch_size")),
+              *(() if "train" in uses else ("train_subset", "val_split")),
+              *(() if "val" in uses else ("val_subset",))]
     what = "training" if "train" in uses else "evaluation"
-    g.add_argument("-b", "--batch-size", dest="batch_size", type=positive_int, help=_shown(
-        bool(uses), f"{what} batch size (default: {DEFAULTS['batch_size']})"))
-    g.add_argument("-j", "--workers", type=int,
-                   help=f"data loading workers (default: {DEFAULTS['workers']})")
-    g.add_argument("--mean", type=finite_float, nargs="+", help="input normalisation mean, one "
-                   "value per channel or one for all; the checkpoint's own (a wrong one "
-                   "silently costs accuracy)")
-    g.add_argument("--std", type=finite_float, nargs="+", help="input normalisation std")
-    g.add_argument("--train-subset", type=positive_int, help=_shown(
-        "train" in uses, "fine-tune on a seeded random subset of this many training images"))
-    g.add_argument("--val-subset", type=positive_int, help=_shown(
-        "val" in uses, "evaluate on a seeded random subset of this many validation images"))
-    g.add_argument("--val-split", type=positive_int, help=_shown(
-        "train" in uses, "hold this many training images out to choose the best epoch on, "
-        "so the test set is never used for it"))
+    add_options(p.add_argument_group("data"), DataConfig, skip=("cutout",), hidden=hidden,
+                help={"batch_size": f"{what} batch size (default: {DEFAULTS['batch_size']})"})
 
 
 def _add_stats(p: argparse.ArgumentParser) -> None:
@@ -155,11 +104,8 @@ _AFTER_PRUNING = ("bn_recalibrate", "no_eval")
 def _add_train(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     add_options(g, TrainConfig)
-    g.add_argument("--cutout", action="store_true", default=None, help="Cutout 16x16")
-    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue from <output-dir>/last.pth; with a PATH (the CDP scripts' "
-                   "meaning, finetune only): the pruned model's weights to fine-tune, as "
-                   "--checkpoint")
+    add_options(g, DataConfig, only=("cutout",))
+    add_options(g, RunOptions, only=("resume",))
 
 
 def _add_compact(p: argparse.ArgumentParser) -> None:
@@ -178,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cdprune", description="Prune convolutional networks with CDP "
         "(class-wise discriminative power): statistics, scores, physical pruning, fine-tuning.")
-    from ..export import ExportConfig
     from ..importance.criteria import criterion_names
     from ..version import __version__
 
@@ -219,14 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model-dir", help="run directory (its final model), fine-tune "
                            "directory, or pruned model directory (plan.json + weights)")
             final = "pruned" if name == "finetune" else "final"
-            p.add_argument("--weights", choices=["final", "best", "last", "pruned"],
-                           help="which weights of --model-dir: final (the last epoch, "
-                           "last.pth, when fine-tuning ran, else the pruned model), best "
-                           "(best.pth: chosen on the test set unless --val-split), last or "
-                           f"pruned (default {final})")
+            add_options(p, ModelConfig, only=("weights",), help={"weights": (
+                "which weights of --model-dir: final (the last epoch, last.pth, when "
+                "fine-tuning ran, else the pruned model), best (best.pth: chosen on the test "
+                f"set unless --val-split), last or pruned (default {final})")})
         if name == "export":
-            p.add_argument("--checkpoint", help="weights of the pruned model to export "
-                           "instead of the run's own")
+            add_options(p, ModelConfig, only=("checkpoint",), help={
+                "checkpoint": "weights of the pruned model to export instead of the run's own"})
             add_options(p, ExportConfig)
         if name == "compare":
             g = p.add_argument_group("comparison")
@@ -287,8 +231,8 @@ def _official_flags(args: argparse.Namespace) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, then the YAML config, then the flags given on the command line."""
-    from .config_io import load_yaml
+    """Defaults, then the YAML config, then the flags given on the command line; checked."""
+    from .yamlfile import load_yaml
 
     _official_flags(args)
     config = dict(DEFAULTS)
@@ -298,20 +242,29 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if key in DEFAULTS and value is not None:
             config[key] = value
-    from ..export import ExportConfig
-
-    # Options of one command only, kept out of the defaults (and of every run's identity).
-    for key in ("model_dir", "stats", "removed_filters", "quick", "macs_targets", "criteria", "random_seeds",
-                *(f.name for f in dataclasses.fields(ExportConfig))):
+    for key in COMMAND_INPUTS:
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
-    config["command"] = args.command
-    from .config_io import validate
-
-    validate(config)
+    config["command"] = command = args.command
+    validate(config, need_target=command in ("prune", "run"))
+    _check_command(config)
     return config
 
 
+def _check_command(config: dict[str, Any]) -> None:
+    """What each command needs beyond valid options."""
+    command, get = config["command"], config.get
+    if command in ("stats", "prune", "run", "compact") and not get("model"):
+        raise ConfigError("--model is required (see `cdprune models`)")
+    if command == "compact" and not get("removed_filters"):
+        raise ConfigError("--removed-filters is required: a JSON file mapping conv names to "
+                          "the masked filters' indices (or a report.json holding "
+                          "removed_filters)")
+    if command in ("stats", "prune", "run", "compare", "compact") and not get(
+            "checkpoint") and not get("random_init"):
+        raise ConfigError(f"--checkpoint is missing: {command} needs the trained weights of the "
+                          "base model; pass --checkpoint FILE, or --random-init to use randomly "
+                          "initialised weights on purpose")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -333,8 +286,8 @@ _OS_HINTS = {
 
 def _describe(exc: BaseException, command: str) -> str:
     """One line that says what went wrong and how to go on."""
-    if isinstance(exc, OptionError):  # the library names the option, the user typed a flag
-        return exc.as_flag()
+    if isinstance(exc, OptionsError):  # the library names the option, the user typed a flag
+        return " ".join(render(exc).split())
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" while writing '{exc.filename}'" if exc.filename else ""
         again = ("run the same command with --resume (fine-tuning continues from the last "
@@ -346,9 +299,6 @@ def _describe(exc: BaseException, command: str) -> str:
         where = f" '{exc.filename}'" if exc.filename else ""
         hint = _OS_HINTS.get(exc.errno, "check the path and the disk")
         return f"cannot use{where}: {exc.strerror}; {hint}"
-    if isinstance(exc, FloatingPointError):  # training diverged
-        # The library's advice names Python options; the command's flags replace it.
-        return f"{_one_line(exc).split('; lower lr')[0]}; lower --lr or check the data"
     if isinstance(exc, RecursionError):
         return "an input file is nested too deeply to be read; check the files given"
     if isinstance(exc, MemoryError):

@@ -100,8 +100,7 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
     std = tuple(std) if std is not None else info.std
     if key in ("cifar10", "cifar100", "imagenet", "folder"):
         if root is None:
-            raise ConfigError(f"dataset {key!r} needs a data root folder (root=... or "
-                              f"--data-root)")
+            raise ConfigError(f"dataset {key!r} needs a data root folder (root=...)")
         do_augment = train if augment is None else augment
     else:
         do_augment = bool(augment)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -334,3 +335,40 @@ def imagenet_transforms(train: bool, mean: Sequence[float] = IMAGENET_MEAN,
         steps += [Resize(resize_size), CenterCrop(crop_size)]
     steps.append(Normalize(mean, std))
     return Compose(steps)
+
+
+# Input normalisation in any pixel scale (0-1 or 0-255) lies well inside these bounds;
+# beyond them a value is a slip or damage, and the model would see garbage.
+MAX_MEAN = 1e3
+STD_RANGE = (1e-6, 1e3)
+
+
+def normalisation_problem(mean: Any, std: Any, channels: int | None = None,
+                          where: str = "") -> str | None:
+    """What is wrong with a mean and std read from a configuration or a file; ``None`` if
+    nothing.
+
+    Each must be a list of finite numbers, one per input channel (or one for all), the
+    mean within +-1000 and the std within 1e-6 and 1000.
+    """
+    for key, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        if not isinstance(values, list) or not values or not all(_is_number(v)
+                                                                 for v in values):
+            return f"{where}{key} must be a list of numbers, got {values!r}"[:200]
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        low, high = (-MAX_MEAN, MAX_MEAN) if key == "mean" else STD_RANGE
+        bad = bad if bad is not None else next((v for v in values if not low <= v <= high),
+                                               None)
+        if bad is not None:
+            return f"{where}{key} holds {bad}; each value must be a finite number in " \
+                   f"[{low:g}, {high:g}]"
+        if channels is not None and len(values) not in (1, channels):
+            return (f"{where}{key} has {len(values)} values for {channels}-channel inputs; "
+                    f"it needs 1 or {channels}")
+    return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

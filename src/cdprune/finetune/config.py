@@ -66,29 +66,26 @@ class TrainConfig:
         log_every: iterations between log lines.
     """
 
-    # Fields with a help are command-line flags too (see cdprune.options); the others are
-    # set from Python, or by another flag group (batch size, seed).
+    # Fields with a help are user-facing options too (see cdprune.options); the others are
+    # set from Python, or by the run's options of the same name (batch size, seed).
     epochs: int = option(300, "passes over the training data")
     lr: float = option(0.1, "initial learning rate")
     momentum: float = option(0.9, "SGD momentum (Nesterov)")
     nesterov: bool = True
-    weight_decay: float = option(5e-4, "weight decay", flags=("--wd", "--weight-decay"))
+    weight_decay: float = option(5e-4, "weight decay")
     batch_size: int = 128
-    lr_schedule: str = option("cosine", "learning-rate schedule", flags=("--lr-scheduler",),
-                              choices=SCHEDULES)
-    milestones: list[int] = option([150, 225], "epochs at which --lr-scheduler step "
-                                   "multiplies the rate by 0.1", flags=("--lr-steps",),
-                                   metavar="EPOCH")
+    lr_schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
+    milestones: list[int] = option([150, 225], "epochs at which {lr_schedule} step "
+                                   "multiplies the rate by 0.1")
     gamma: float = 0.1
-    lr_warmup_epochs: float = option(0.0, "linear warmup, per iteration",
-                                     flags=("--lr-warmup-epochs", "--warmup"))
+    lr_warmup_epochs: float = option(0.0, "linear warmup, per iteration")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing")
     amp: bool = option(False, "mixed precision (CUDA)")
     channels_last: bool = False
     compile: bool = option(False, "torch.compile the model for training")
-    fast_data: bool = option(True, "keep the DataLoader for in-memory datasets instead of "
-                             "holding them on the device and augmenting whole batches there",
-                             flags=("--no-fast-data",), negate=True, show_default=False)
+    fast_data: bool = option(True, "hold in-memory datasets on the device and augment whole "
+                             "batches there instead of using the DataLoader",
+                             show_default=False)
     eval_every: int = option(1, "evaluate every N epochs (and after the last)", positive=True)
     max_iters: int | None = option(None, "stop after this many iterations", positive=True)
     seed: int = 0
@@ -121,7 +118,7 @@ class TrainConfig:
         if (not isinstance(ms, list) or not all(_integer(m) and m >= 1 for m in ms)
                 or any(b <= a for a, b in zip(ms, ms[1:]))):
             raise OptionError("milestones", ms, "increasing epoch numbers from 1, e.g. "
-                              "--lr-steps 150 225")
+                              "[150, 225]")
         _number("gamma", self.gamma, 0 < self.gamma <= 1 if _real(self.gamma) else False,
                 "in (0, 1]")
         _number("lr_warmup_epochs", self.lr_warmup_epochs, _real(self.lr_warmup_epochs)

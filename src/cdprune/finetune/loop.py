@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import atomic_torch_save
 from ..errors import ConfigError, DataError
 from ..measure.evaluate import evaluate, model_device
+from ..options import OptionsError
 from ..progress import progress as progress_bar
 from .config import TrainConfig, build_optimizer, build_scheduler, lr_factor
 from .distributed import (
@@ -76,6 +77,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class DivergedError(OptionsError, FloatingPointError):
+    """The training loss stopped being a finite number: the learning rate is too high for
+    this model (or the data are broken). The message names the ``lr`` option."""
+
+    def __init__(self, what: str, lr: float):
+        super().__init__(what.replace("{", "{{").replace("}", "}}")
+                         + f"; lower {{lr}} (now {lr}) or check the data")
 
 
 
@@ -217,9 +227,8 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
             # Under torch.distributed these sums are this rank's only; the epoch-end check
             # (after all-reduce) is the one all ranks agree on, so none waits forever.
             if not math.isfinite(loss_sum) and not is_distributed():
-                raise FloatingPointError(
-                    f"training loss became {loss_sum} at epoch {epoch + 1}, iteration "
-                    f"{iteration}; lower lr (now {config.lr}) or set clip_grad_norm")
+                raise DivergedError(f"training loss became {loss_sum} at epoch {epoch + 1}, "
+                                    f"iteration {iteration}", config.lr)
             if show:
                 bar.set_postfix(loss=f"{loss_sum / count:.4f}",
                                 acc=f"{100 * correct / count:.2f}%",
@@ -376,9 +385,8 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
             broadcast_buffers(model)  # identical BatchNorm statistics on every rank
             loss_sum, correct, count = all_reduce_sum(sums).tolist()
             if not math.isfinite(loss_sum):
-                raise FloatingPointError(
-                    f"training loss became {loss_sum} in epoch {epoch + 1}; lower lr (now "
-                    f"{config.lr}) or set clip_grad_norm")
+                raise DivergedError(f"training loss became {loss_sum} in epoch {epoch + 1}",
+                                    config.lr)
             last = (epoch + 1 == config.epochs or (config.max_iters is not None
                                                    and iteration >= config.max_iters))
             val = (evaluate(model, val_loader, device=device, progress=progress)

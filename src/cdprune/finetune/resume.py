@@ -168,8 +168,8 @@ def _check_resume_state(state: Mapping[str, Any], path: Path) -> None:
         if key not in state or not ok(state[key]):
             what = "lacks" if key not in state else "has a malformed"
             raise CheckpointError(f"cannot resume from '{path}': it {what} '{key}' entry; "
-                                  "the file is damaged: start again without --resume (or "
-                                  "with --overwrite)")
+                                  "the file is damaged: start again without resuming (or "
+                                  "overwrite the run)")
     if len(state["history"]) != state["epoch"]:
         raise CheckpointError(f"cannot resume from '{path}': its history has "
                               f"{len(state['history'])} epochs but it says epoch "

@@ -176,7 +176,7 @@ def tfidf_scores(stats: Any, coe: float = 0.0, *, normalize: str | None = None,
     if stats.num_samples < FEW_IMAGES:
         logger.warning("CDP scores from only %d image%s are noise more than signal: the "
                        "pruned layers are close to arbitrary; sample more images (a larger "
-                       "--stop-batch)", stats.num_samples, "" if stats.num_samples == 1 else "s")
+                       "stop_batch / stats_images)", stats.num_samples, "" if stats.num_samples == 1 else "s")
     scores = {}
     for layer in stats.layers:
         num_docs, df, tf_sum = stats.sufficient(layer)

@@ -40,13 +40,13 @@ from ..measure.evaluate import eval_mode
 from ..progress import progress as progress_bar
 from ..suggest import did_you_mean
 from .activations import DOCUMENTS, ActivationStats, conv_layer_names, model_fingerprint
+from .config import TAPS, published_conflicts
 from .documents import MeanCounts, SampleCounts
 
 __all__ = ["ActivationStats", "collect_stats", "conv_layer_names", "model_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-TAPS = ("conv", "act")
 _CHUNK_ROWS = 4096
 
 
@@ -202,7 +202,7 @@ def collect_stats(
         loader: yields image batches or ``(images, labels)``; labels are needed for
             ``documents="class"``. Under ``torch.distributed`` each rank passes its shard.
         layers: Conv2d names to score; all Conv2d layers by default.
-        max_batches: stop after this many batches (the original ``--stop_batch``).
+        max_batches: stop after this many batches (the published ``stop_batch``).
         documents: ``"sample"`` (every image a document, as published) or ``"class"``.
         num_classes: number of classes for class documents; inferred from the labels
             seen (over all ranks) when omitted.
@@ -231,8 +231,6 @@ def collect_stats(
     if variant not in (None, "published"):
         raise ConfigError(f"variant={variant!r} is not valid; use 'published' or None")
     if variant == "published":
-        from ..options import published_conflicts
-
         given = {"tap": tap, "documents": documents}
         clash = [f"{k}={given[k]!r}" for k in published_conflicts(given)]
         if clash:
@@ -246,7 +244,7 @@ def collect_stats(
     if documents not in DOCUMENTS:
         raise ConfigError(f"documents={documents!r} is not valid; use 'sample' or 'class'")
     if max_batches is not None and max_batches <= 0:
-        raise ConfigError(f"max_batches (--stop-batch) must be a positive integer, got "
+        raise ConfigError(f"max_batches must be a positive integer, got "
                           f"{max_batches}; leave it unset to use the whole loader")
     if dtype not in (torch.float32, torch.float16):
         raise ConfigError(f"dtype {dtype} is not supported; use torch.float32 or torch.float16")
@@ -321,7 +319,7 @@ def collect_stats(
                        "%d images there are", batches, max_batches, seen)
     total_seen = int(all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device)).item())
     if total_seen == 0:
-        raise DataError("the loader yielded no images; check the dataset and --stop-batch")
+        raise DataError("the loader yielded no images; check the dataset and max_batches")
 
     stats = ActivationStats(documents=documents, layers=names, channels=channels,
                             num_samples=total_seen, fingerprint=model_fingerprint(model),

@@ -93,7 +93,7 @@ def _validate(sparsity: float | None, macs_reduction: float | None,
     if sum(t is not None for t in (sparsity, macs_reduction, latency_reduction)) != 1:
         raise ConfigError("give exactly one pruning target: sparsity (fraction of filters), "
                           "macs_reduction (fraction of MACs) or latency_reduction (fraction "
-                          "of measured latency), e.g. --macs-reduction 0.5")
+                          "of measured latency), e.g. macs_reduction=0.5")
     for name, value in (("sparsity", sparsity), ("macs_reduction", macs_reduction),
                         ("latency_reduction", latency_reduction)):
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):

@@ -65,7 +65,7 @@ def published_selection(scores: Mapping[str, torch.Tensor], sparsity: float
     Args:
         scores: one score per output filter of every Conv2d to rank (higher kept first),
             e.g. from :func:`~cdprune.importance.scoring.tfidf_scores` with ``variant="published"``.
-        sparsity: the published ``--sparsity``, a fraction in (0, 1).
+        sparsity: the published code's sparsity, a fraction in (0, 1).
 
     Returns:
         ``{conv name: sorted filter indices}`` of the masked filters (masked layers only).
@@ -119,7 +119,7 @@ def published_search(model: nn.Module, scores: Mapping[str, torch.Tensor], targe
         example_inputs: a batch the model takes.
 
     Returns:
-        The sparsity (as the published ``--sparsity`` would be given) and its selection.
+        The sparsity (as the published code's sparsity would be given) and its selection.
 
     When no count lands within 0.3 points (of the unpruned MACs) of the target, because
     one filter of a wide layer moves the count by more, the closest is taken, with a
@@ -132,7 +132,7 @@ def published_search(model: nn.Module, scores: Mapping[str, torch.Tensor], targe
     base = paper_macs(model, {}, example_inputs=example_inputs)
     if not 0 < target < base:
         raise ConfigError(f"MACs target {target / 1e6:.2f}M must be below the unpruned "
-                          f"model's {base / 1e6:.2f}M; give a smaller --macs-target")
+                          f"model's {base / 1e6:.2f}M; give a smaller MACs target")
     cache: dict[int, tuple[int, float, dict[str, list[int]]]] = {}
 
     def at(keep: int) -> tuple[int, float, dict[str, list[int]]]:

@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..checkpoint import atomic_write_text, load_weights, save_weights
+from ..data.transforms import normalisation_problem
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..version import __version__
 from .graph import _build_graph
@@ -238,8 +239,6 @@ def _plan_problem(plan: Mapping[str, Any]) -> str | None:
     if classes is not None and not (is_int(classes) and 0 < classes <= MAX_CLASSES):
         return (f"extra.num_classes must be a positive integer, got {classes!r} (at most "
                 f"{MAX_CLASSES})")
-    from ..cli.config_io import normalisation_problem
-
     channels = size[0] if isinstance(size, list) and size else None
     problem = normalisation_problem(extra.get("mean"), extra.get("std"), channels,
                                     where="extra.")

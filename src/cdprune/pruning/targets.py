@@ -1,6 +1,6 @@
 """Absolute MACs targets (``60.02M``) in either counting convention.
 
-Papers state pruned models by absolute MACs, counted their own way. ``--macs-target``
+Papers state pruned models by absolute MACs, counted their own way. ``macs_target``
 takes such a figure and says which convention it is in:
 
 * ``physical``: :func:`cdprune.count_macs` of the network that actually runs;
@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..measure.macs import paper_macs
+from ..options import OptionsError
 
 __all__ = ["CONVENTIONS", "parse_macs", "reduction_for_target"]
 
@@ -76,7 +77,7 @@ def reduction_for_target(target: int, base_macs: int, convention: str,
                           f"{', '.join(CONVENTIONS)}")
     if not 0 < target < base_macs:
         raise ConfigError(f"MACs target {target / 1e6:.2f}M must be below the unpruned "
-                          f"model's {base_macs / 1e6:.2f}M; give a smaller --macs-target")
+                          f"model's {base_macs / 1e6:.2f}M; give a smaller MACs target")
     fraction = 1.0 - target / base_macs
     if convention == "physical":
         return fraction
@@ -108,10 +109,10 @@ def reduction_for_target(target: int, base_macs: int, convention: str,
             break
         lo, hi = (mid, hi) if got < fraction else (lo, mid)
     if best is None or best_err > _TOLERANCE:
-        raise ConfigError(f"no pruning reaches {target / 1e6:.2f}M MACs in the paper "
-                          f"convention (closest: {best_err * 100:.2f} points away); try "
-                          "--scope all, a larger --max-layer-pruning or the physical "
-                          "convention")
+        raise OptionsError(f"no pruning reaches {target / 1e6:.2f}M MACs in the paper "
+                           f"convention (closest: {best_err * 100:.2f} points away); try "
+                           "{scope} all, a larger {max_layer_pruning} or the physical "
+                           "convention")
     logger.info("paper-convention target %.2fM: physical MACs reduction %.4f", target / 1e6,
                 best)
     return best

@@ -20,8 +20,9 @@ from torch import nn
 
 from ..checkpoint import apply_weights, read_state_dict
 from ..errors import CheckpointError, ConfigError, DataError
-from ..options import StatsConfig
+from ..importance.config import StatsConfig
 from ..suggest import did_you_mean
+from .config import check_coe, check_input_channels, check_round_to
 
 __all__ = ["Data", "build_data", "build_inputs", "build_model", "check_base_accuracy",
            "check_ignore_layers", "dataset_classes", "known_normalisation"]
@@ -56,12 +57,8 @@ def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn
     from ..models import create_model
 
     model = create_model(config["model"], num_classes=num_classes)
-    from ..cli.config_io import check_coe
-
     check_coe(config, model)
     if config.get("dataset"):
-        from ..cli.config_io import check_input_channels
-
         check_input_channels(config, model)
     if config.get("checkpoint"):
         state = read_state_dict(config["checkpoint"])
@@ -150,10 +147,8 @@ def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
     """Refuse ``--ignore-layers`` names that are not modules of the model (before any work).
 
     Also refuses a ``--round-to`` no layer is wide enough for (see
-    :func:`cdprune.cli.config_io.check_round_to`).
+    :func:`cdprune.runs.config.check_round_to`).
     """
-    from ..cli.config_io import check_round_to
-
     check_round_to(config, model)
     named = [name for name, _ in model.named_modules() if name]
     for name in config.get("ignore_layers") or ():

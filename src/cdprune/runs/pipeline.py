@@ -22,8 +22,9 @@ from torch import nn
 from ..errors import CdpruneError, ConfigError
 from ..fileio import atomic_write_text
 from ..finetune.distributed import barrier
-from ..options import PruneConfig, flag
+from ..options import OptionsError
 from ..progress import stage as logged_stage
+from ..pruning.config import CompactConfig, PruneConfig
 from .inputs import (
     Data,
     _device,
@@ -185,7 +186,7 @@ def load_stats(config: Mapping[str, Any], model: nn.Module,
     from ..importance.stats import ActivationStats
 
     if not path and not config.get("stats") and not config.get("output_dir"):
-        raise ConfigError("--stats is required: the statistics file `cdprune stats` wrote")
+        raise OptionsError("{stats} is required: the statistics file `cdprune stats` wrote")
     path = path or config.get("stats") or Path(config["output_dir"]) / "stats.safetensors"
     return ActivationStats.load(path, model=model)
 
@@ -251,8 +252,8 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     summary.update(extra)
     if stats is not None:  # how many images the scores rest on, and how they were chosen
         summary["stats_images"] = stats.num_samples
-        summary["stats_sample"] = (f"--stop-batch {config['stop_batch']}"
-                                   if config.get("stop_batch") else "--stats-images")
+        summary["stats_sample"] = (f"stop_batch {config['stop_batch']}"
+                                   if config.get("stop_batch") else "stats_images")
     if "latency" in result.extra:
         summary["latency"] = result.extra["latency"]
     summary.update(macs_conventions(model, result, example))
@@ -323,17 +324,17 @@ def _published_prune(config: Mapping[str, Any], stage: PruneConfig, model: nn.Mo
     from ..pruning.targets import parse_macs
 
     if stage.latency_reduction is not None:
-        raise ConfigError("--variant published selects by sparsity or MACs, not by latency; "
-                          "drop --variant published or give --sparsity/--macs-target")
+        raise OptionsError("{variant} published selects by sparsity or MACs, not by latency; "
+                           "drop {variant} published or give {sparsity}/{macs_target}")
     for key, value in (("ignore_layers", stage.ignore_layers), ("round_to", stage.round_to)):
         if value:  # the published ranking has neither; silently dropping them would mislead
-            raise ConfigError(f"{flag(key)} does not apply to --variant published, which "
-                              "ranks every Conv2d filter as the published code does; drop "
-                              f"{flag(key)} or --variant published")
+            raise OptionsError(f"{{{key}}} does not apply to {{variant}} published, which "
+                               "ranks every Conv2d filter as the published code does; drop "
+                               f"{{{key}}} or {{variant}} published")
     if stage.macs_target is not None and (config.get("macs_convention") or "physical") \
             != "paper":
-        raise ConfigError("--variant published counts --macs-target as the published code "
-                          "does; add --macs-convention paper (or give --sparsity)")
+        raise OptionsError("{variant} published counts {macs_target} as the published code "
+                           "does; add {macs_convention} paper (or give {sparsity})")
     if stage.sparsity is not None:
         sparsity = stage.sparsity
         removed = published_selection(scores, sparsity)
@@ -477,7 +478,6 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
     """
     from ..finetune.batchnorm import recalibrate_bn
     from ..measure.evaluate import evaluate
-    from ..options import CompactConfig
     from ..pruning import compact, read_plan, save_compact
 
     device = _device(config)
