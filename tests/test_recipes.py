@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import cdprune.data as data_module
@@ -84,3 +85,20 @@ def test_a_shortened_recipe_runs_end_to_end(tmp_path, monkeypatch, capsys):
     from cdprune import ActivationStats
 
     assert ActivationStats.load(out / "stats.safetensors").meta["stats_augment"] is True
+    # ... and the deployable network made from it, measured beside it.
+    deploy = report["deployable"]
+    assert deploy["macs"] < pruning["macs_before"] and deploy["params"] < deploy["params_masked"]
+    assert deploy["macs_paper"] == pruning["macs_paper_after"]
+    assert deploy["bn_recalibrate_images"] == 80  # all the training images there are
+    assert deploy["latency_compact_ms"] > 0 and deploy["latency_masked_ms"] > 0
+    assert "The masked network and the deployable network" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", "--model-dir", str(out / "compact"), "--data-root",
+                 str(tmp_path / "data"), "-j", "0", "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(
+        deploy["acc_recalibrated"])
+    # export of the run deploys the compact network, not the masks
+    assert main(["export", "--model-dir", str(out), "--format", "torchscript",
+                 "--no-latency", "--output", str(tmp_path / "m.pt")]) == 0
+    exported = torch.jit.load(str(tmp_path / "m.pt"))
+    assert sum(p.numel() for p in exported.parameters()) == deploy["params"]

@@ -340,10 +340,30 @@ def export_model_dir(model_dir: str | os.PathLike, config: ExportConfig | None =
     if not name or not plan.get("input_size"):
         raise ConfigError(f"'{found.pruned_dir}' holds a user model; export it from Python "
                           "with cdprune.export.export(model, path, input_size=...)")
+    if plan.get("masked"):  # the published network: deploy its compact form, never the masks
+        model, plan, found = _compact_of_masked(model, plan, found, checkpoint)
     folder = found.weights.parent if found.kind in ("best", "last") else found.pruned_dir
     out = check_output(config.output or folder / f"model{SUFFIX[config.format]}", config.format)
     with adopt_writes(out.parent):  # inside a run directory: listed in its run.json
         return _export_and_time(model, plan, found, config, out, warmup, repeats)
+
+
+def _compact_of_masked(model: nn.Module, plan: Mapping[str, Any], found: Any,
+                       checkpoint: str | os.PathLike | None) -> tuple[nn.Module, Any, Any]:
+    """A masked network's deployable form: the run's ``compact/`` network when it was made
+    from these very weights (a masked run's final model), else compacted here."""
+    from .pruning import compact
+    from .runs.modeldir import load_model_dir
+
+    saved = found.pruned_dir.parent / "compact"
+    if found.kind == "last" and checkpoint is None and (saved / "plan.json").is_file():
+        logger.info("exporting the run's compact network (%s) instead of its masks", saved)
+        return load_model_dir(saved, {"checkpoint": None, "model": None}, None, "pruned")
+    small, info = compact(model.eval(), plan["masked"], input_size=plan["input_size"])
+    logger.warning("exporting the compact network of the masked model, compacted now "
+                   "without BatchNorm recalibration (largest output difference %.2e); "
+                   "`cdprune compact` makes a recalibrated one", info.max_abs_error)
+    return small, plan, found
 
 
 def _export_and_time(model: nn.Module, plan: Mapping[str, Any], found: Any,

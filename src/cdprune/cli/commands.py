@@ -162,6 +162,7 @@ def _cmd_eval(config: dict[str, Any]) -> None:
 def _cmd_run(config: dict[str, Any]) -> None:
     from ..runs.inputs import build_data, check_ignore_layers
     from ..runs.pipeline import (
+        compact_finetuned,
         finetune_accuracy,
         finish_report,
         gather_stats,
@@ -169,6 +170,7 @@ def _cmd_run(config: dict[str, Any]) -> None:
         run_finetune,
         run_prune,
     )
+    from ..runs.report import format_count as n
 
     run = _run_dir(config)
     summary_path = run.path / "prune_summary.json"
@@ -191,8 +193,17 @@ def _cmd_run(config: dict[str, Any]) -> None:
             _print_summary(summary)
         result = run_finetune(config, run, data=data)
         accuracy = finetune_accuracy(config, data, None, result, run_path=run.path)
-        finish_report(run, config, summary, finetuned=accuracy)
-    _say(f"fine-tuned: {_accuracy_line(accuracy)}\nreport: {run.path / 'report.md'}")
+        deployable = compact_finetuned(config, run, data, result)
+        finish_report(run, config, summary, finetuned=accuracy, deployable=deployable)
+    _say(f"fine-tuned: {_accuracy_line(accuracy)}")
+    if deployable and not deployable.get("unsupported"):
+        acc = deployable.get("acc_recalibrated", deployable["acc_compacted"])
+        _say(f"compact network: {n(deployable['macs'])} MACs, {n(deployable['params'])} "
+             f"parameters, top-1 {acc:.2f}, {deployable['speedup']:.2f}x faster than the "
+             f"masked network ({run.path / 'compact'})")
+    elif deployable:
+        _say(f"compact network: not built ({deployable['unsupported']})")
+    _say(f"report: {run.path / 'report.md'}")
 
 
 def _cmd_compact(config: dict[str, Any]) -> None:

@@ -104,6 +104,9 @@ class CompactConfig:
     compact_epochs: int = option(0, "fine-tune the compact network this many epochs after "
                                  "compaction (and recalibration); the fine-tuning options set "
                                  "the rest")
+    compact_recalibrate: int = option(
+        2048, "after a masked run: training images the compact network's BatchNorm "
+        "statistics are re-estimated on (absorbs the folds' border differences); 0: none")
 
     def validate(self) -> None:
         """Check every value; raise :class:`~cdprune.options.OptionError` naming the first
@@ -111,6 +114,9 @@ class CompactConfig:
         epochs = self.compact_epochs
         check("compact_epochs", epochs, isinstance(epochs, int) and not isinstance(
             epochs, bool) and epochs >= 0, "0 (no fine-tuning) or a number of epochs")
+        images = self.compact_recalibrate
+        check("compact_recalibrate", images, isinstance(images, int) and not isinstance(
+            images, bool) and images >= 0, "0 (no recalibration) or a number of images")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CompactConfig:

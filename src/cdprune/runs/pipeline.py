@@ -520,6 +520,77 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
     return summary
 
 
+def compact_finetuned(config: Mapping[str, Any], run: RunDir, data: Data, result: Any
+                      ) -> dict[str, Any] | None:
+    """After a masked run's fine-tuning: the deployable network, measured beside the masked.
+
+    The fine-tuned masked network (its last epoch) is compacted (every masked filter
+    removed, the masked channels' constants carried in biases), its BatchNorm statistics
+    re-estimated on ``compact_recalibrate`` plain training images, and it is evaluated and
+    timed against the masked network (which runs at the full architecture's cost), both
+    at batch 1 on the run's device, alternately. The compact network is saved to
+    ``compact/`` (``eval``/``export --model-dir`` read it).
+
+    Returns:
+        None for a run that did not mask or did not fine-tune; ``{"unsupported": reason}``
+        for an architecture compaction does not know; else MACs, parameters, the output
+        error of compaction, accuracies (``acc_compacted`` straight after compaction,
+        ``acc_recalibrated`` after recalibration) and latencies.
+    """
+    from ..checkpoint import safe_torch_load
+    from ..errors import UnsupportedModelError
+    from ..finetune.batchnorm import recalibrate_bn
+    from ..measure.evaluate import evaluate
+    from ..measure.latency import LatencySettings, compare_networks
+    from ..pruning import compact, read_plan, save_compact
+
+    plan = read_plan(run.path / "pruned")
+    masks = plan.get("masked")
+    if not masks or not result.history or result.last_checkpoint is None:
+        return None
+    model, _ = load_pruned_dir(run.path, config, data.num_classes)
+    model.load_state_dict(safe_torch_load(result.last_checkpoint)["model"])
+    device = _device(config)
+    model = model.to(device).eval()
+    images = next(iter(data.val))[0][:64].to(device)
+    try:
+        small, info = compact(model, masks, example_inputs=images)
+    except UnsupportedModelError as exc:
+        return {"unsupported": f"compaction does not know {type(model).__name__}",
+                "reason": str(exc)}
+    progress = not config.get("no_progress")
+    out: dict[str, Any] = {"macs": info.macs, "params": info.params,
+                           "macs_paper": info.macs_paper, "macs_masked": info.macs_masked,
+                           "params_masked": info.params_masked,
+                           "max_abs_error": info.max_abs_error,
+                           "acc_compacted": _metric(evaluate(small, data.val, device=device,
+                                                             progress=progress))}
+    images_recal = CompactConfig.from_config(config).compact_recalibrate
+    if images_recal:
+        recal = build_data({**config, "train_subset": None, "bn_recalibrate": images_recal},
+                           need_stats=False).recal
+        out["bn_recalibrate_images"] = recalibrate_bn(small, recal, images_recal,
+                                                      device=device)
+        out["acc_recalibrated"] = _metric(evaluate(small, data.val, device=device,
+                                                   progress=progress))
+    settings = LatencySettings(batch_size=1, device=device.type, cache_dir=None)
+    one = images[:1]
+    with torch.no_grad():
+        masked_s, compact_s, ratio = compare_networks(model, small.eval(), one, settings)
+    out.update(latency_masked_ms=round(masked_s * 1e3, 3),
+               latency_compact_ms=round(compact_s * 1e3, 3), speedup=round(1 / ratio, 3),
+               latency_method=f"batch 1 on {device.type}, {torch.get_num_threads()} threads, "
+               "median of 5 alternating masked/compact pairs")
+    if run.main:
+        extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
+                 "mean": list(data.mean) if data.mean else config.get("mean"),
+                 "std": list(data.std) if data.std else config.get("std")}
+        save_compact(run.path / "compact", small, masks, info, model_name=config["model"],
+                     input_size=data.input_size, extra=extra)
+    barrier()
+    return out
+
+
 def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | None,
                       result: Any, *, run_path: str | os.PathLike | None = None
                       ) -> dict[str, float]:
@@ -564,10 +635,12 @@ def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | 
 def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,
                   finetuned: float | Mapping[str, float] | None = None,
                   latency: Mapping[str, Any] | None = None,
-                  plan: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+                  plan: Mapping[str, Any] | None = None,
+                  deployable: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``report.json``/``report.md`` for what the run did (rank 0 only).
 
-    ``finetuned`` is a top-1 or the mapping of :func:`finetune_accuracy`. The filters
+    ``finetuned`` is a top-1 or the mapping of :func:`finetune_accuracy`; ``deployable``
+    what :func:`compact_finetuned` measured for a masked run. The filters
     removed (or masked), ``{conv: original indices}``, go under ``removed_filters``: from
     the pruning ``summary``, else from the pruned model's ``plan`` (or the run's
     ``pruned/plan.json``).
@@ -594,6 +667,7 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
         "title": f"{config.get('model')} on {config.get('dataset')}",
         "pruning": pruning, "removed_filters": removed, "accuracy": accuracy,
         "latency": dict(latency or {}), "config": dict(config), "plots": plots,
+        "deployable": dict(deployable) if deployable else None,
         "environment": environment(), "seed": config.get("seed"),
     })
 

@@ -116,6 +116,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
     if prune.get("prune_mode") == "mask":
         lines += _masked_lines(prune)
+    if report.get("deployable"):
+        lines += _deployable_lines(report["deployable"], acc)
     if prune.get("macs_paper_after"):
         lines += ["Physical MACs count the network that runs; the paper's mask convention "
                   "(the CDP code's own counter) credits masked outputs of convolutions "
@@ -166,6 +168,34 @@ def _masked_lines(prune: Mapping[str, Any]) -> list[str]:
               "convolution writes its channel: residual-output filters stay, so it runs at "
               "more MACs than the paper's count.", ""]
     return lines
+
+
+def _deployable_lines(final: Mapping[str, Any], acc: Mapping[str, Any]) -> list[str]:
+    """The fine-tuned masked network beside its compact (deployable) network."""
+    if final.get("unsupported"):
+        return ["## The deployable network", "", f"Not built: {final['unsupported']}.", ""]
+    recal = final.get("acc_recalibrated")
+    compact_acc = _fmt_acc(recal if recal is not None else final.get("acc_compacted"))
+    return [
+        "## The masked network and the deployable network", "",
+        "The fine-tuned masked network (the published code's network: its accuracy is the "
+        "one the paper reports) beside the compact network made from it, which removes "
+        "every masked filter physically (saved in `compact/`). Latency: "
+        f"{final.get('latency_method', '-')}.", "",
+        "| network | paper MACs | physical MACs | parameters | top-1 | latency |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| masked (fine-tuned) | {_fmt_m(final.get('macs_paper'))} | "
+        f"{_fmt_m(final.get('macs_masked'))} | {_fmt_m(final.get('params_masked'))} | "
+        f"{_fmt_acc(acc.get('finetuned'))} | {final.get('latency_masked_ms', '-')} ms |",
+        f"| compact | - | {_fmt_m(final.get('macs'))} | {_fmt_m(final.get('params'))} | "
+        f"{compact_acc} | {final.get('latency_compact_ms', '-')} ms |", "",
+        f"Compact network: {_fmt_acc(final.get('acc_compacted'))} straight after compaction"
+        + (f", {_fmt_acc(recal)} after BatchNorm recalibration on "
+           f"{final.get('bn_recalibrate_images')} training images" if recal is not None
+           else "")
+        + f"; largest output difference from the masked network {final.get('max_abs_error', 0):.2e}"
+        + (f"; {final['speedup']:.2f}x faster than the masked network"
+           if final.get("speedup") else "") + ".", ""]
 
 
 def write_report(directory: str | os.PathLike, report: Mapping[str, Any]) -> tuple[Path, Path]:
