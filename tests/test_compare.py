@@ -124,3 +124,42 @@ def test_comparison_json_is_strict_and_resumes_with_nan(tmp_path):
     (tmp_path / "compare.json").write_text('{"rows": [1, 2]}')
     with pytest.raises(ConfigError, match="not a comparison"):
         read_comparison(tmp_path / "compare.json")
+
+
+def test_compare_masked_gives_the_masked_and_the_compact_network(tmp_path):
+    """--prune-mode mask (the published network): every criterion masked at the paper's
+    MACs, fine-tuned with its masks held, then compacted and measured beside it."""
+    from cdprune.measure.macs import count_params, paper_macs
+    from cdprune.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=4).eval()
+    train = make_loader(n=32, batch_size=16, seed=1)
+    val = make_loader(n=32, batch_size=16, seed=2)
+    example = torch.randn(2, 3, 8, 8)
+    base_paper = paper_macs(model, {}, example_inputs=example)
+    rows = compare_criteria(
+        model, train_loader=train, val_loader=val, stats_loader=train, example_inputs=example,
+        macs_reductions=[0.4], criteria=["cdp", "l1"], num_classes=4, progress=False,
+        finetune=TrainConfig(epochs=1, lr=0.01, batch_size=16), output_dir=tmp_path,
+        prune_mode="mask", recal_loader=train, compact_recalibrate=32)
+    assert [r["criterion"] for r in rows] == ["cdp", "l1"]
+    for row in rows:
+        assert abs(row["macs_paper"] - 0.6 * base_paper) <= 0.003 * base_paper
+        assert row["params"] < row["params_masked"] == count_params(model)
+        assert 0 <= row["acc_compact"] <= 100 and row["compact"]["bn_recalibrate_images"] == 32
+        assert row["latency_compact_ms"] > 0 and row["latency_masked_ms"] > 0
+        folder = tmp_path / row["model_dir"]
+        assert (folder / "compact" / "plan.json").is_file()
+        # the masks held through fine-tuning
+        state = torch.load(folder / "last.pth", weights_only=True)["model"]
+        masks = json.loads((folder / "pruned" / "plan.json").read_text())["masked"]
+        assert masks and all(state[f"{conv}.weight"][idx].abs().max() == 0
+                             for conv, idx in masks.items())
+    _, md = write_comparison(tmp_path, rows, {"model": "resnet20"})
+    text = md.read_text()
+    assert "compact top-1" in text and "latency masked / compact" in text
+    with pytest.raises(ConfigError, match="prune_mode"):
+        compare_criteria(model, train_loader=train, val_loader=val, stats_loader=train,
+                         example_inputs=example, macs_reductions=[0.4], criteria=["l1"],
+                         output_dir=tmp_path / "x", prune_mode="cut")

@@ -7,15 +7,16 @@ Only these two modules print.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..finetune.loop import TrainConfig
-from ..runs.inputs import build_inputs
+from ..finetune.config import TrainConfig
+from ..options import from_mapping
+from ..pruning.config import CompactConfig, PruneConfig
+from ..runs.inputs import build_data, build_inputs
 from ..runs.modeldir import check_model_dir
 
 __all__ = ["COMMANDS"]
@@ -292,9 +293,17 @@ def _cmd_compare(config: dict[str, Any]) -> None:
             write_comparison(run.path, [*rows, *(r for r in done if r not in rows)], meta)
         _say(_compare_line(row), flush=True)
 
+    mode = from_mapping(PruneConfig, config).resolved_mode(config.get("variant"))
+    compact = from_mapping(CompactConfig, config)
+    recal = data.recal
+    if mode == "mask" and recal is None and compact.compact_recalibrate:
+        recal = build_data({**config, "train_subset": None,
+                            "bn_recalibrate": compact.compact_recalibrate},
+                           need_stats=False).recal
+    meta["prune_mode"] = mode
     with run:
         run.write_config(config)
-        budget = _stage(TrainConfig, config)
+        budget = from_mapping(TrainConfig, config)
         all_rows = compare_criteria(
             model, train_loader=data.train, val_loader=data.val, stats_loader=data.stats,
             example_inputs=torch.randn(2, *data.input_size), macs_reductions=targets,
@@ -307,8 +316,9 @@ def _cmd_compare(config: dict[str, Any]) -> None:
             allocation=options["prune"].get("allocation", "global"),
             device=_device(config), progress=not config.get("no_progress"),
             on_row=on_row, done=done, bn_recalibrate=int(config.get("bn_recalibrate") or 0),
-            recal_loader=data.recal, model_name=config["model"],
-            pruned_extra=pruned_extra(config, data))
+            recal_loader=recal, model_name=config["model"],
+            pruned_extra=pruned_extra(config, data), prune_mode=mode,
+            compact_recalibrate=compact.compact_recalibrate)
         _, md = write_comparison(run.path, all_rows, meta)
     _say(md.read_text())
 
@@ -339,7 +349,7 @@ def _cmd_export(config: dict[str, Any]) -> None:
     if not config.get("model_dir"):
         raise ConfigError("--model-dir is required: a run directory, or a pruned model "
                           "directory written by `cdprune prune`")
-    options = _stage(ExportConfig, config)
+    options = from_mapping(ExportConfig, config)
     s = export_model_dir(config["model_dir"], options, weights=config.get("weights") or "final",
                          checkpoint=config.get("checkpoint"))
     _say(f"exported {s['path']} ({s['size_bytes'] / 1e6:.2f} MB) from the {s['weights']} "
@@ -349,12 +359,6 @@ def _cmd_export(config: dict[str, Any]) -> None:
         _say(f"{options.format} latency ({s['latency_method']}): unpruned {s['base_model']} "
              f"{s['latency_base_ms']:.3f} ms, pruned {s['latency_pruned_ms']:.3f} ms "
              f"({s['speedup']:.2f}x)")
-
-
-def _stage(cls: type, config: dict[str, Any]) -> Any:
-    """The typed options of one stage from the merged configuration."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names and v is not None})
 
 
 COMMANDS = {"stats": _cmd_stats, "prune": _cmd_prune, "finetune": _cmd_finetune,

@@ -113,7 +113,7 @@ def _add_compact(p: argparse.ArgumentParser) -> None:
     g.add_argument("--removed-filters", metavar="JSON", help="the masked filters: a JSON file "
                    "{conv name: [filter indices]}, or a report.json holding removed_filters "
                    "(--checkpoint holds the masked network's weights)")
-    add_options(g, CompactConfig)
+    add_options(g, CompactConfig, skip=("compact_recalibrate",))  # it has --bn-recalibrate
     add_options(g, PruneConfig, only=_AFTER_PRUNING)
     g = p.add_argument_group("fine-tuning (with --compact-epochs)")
     add_options(g, TrainConfig, skip=("epochs",))
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
             add_options(p, ModelConfig, only=("checkpoint",), help={
                 "checkpoint": "weights of the pruned model to export instead of the run's own"})
             add_options(p, ExportConfig)
+        if name == "run":
+            add_options(p.add_argument_group("the deployable network (masked runs)"),
+                        CompactConfig, only=("compact_recalibrate",))
         if name == "compare":
             g = p.add_argument_group("comparison")
             g.add_argument("--macs-reduction", type=finite_float, nargs="+", dest="macs_targets",
@@ -179,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--criteria", "--criterion", nargs="+", dest="criteria",
                            help="default: all of " + " ".join(criterion_names()))
             g.add_argument("--random-seeds", type=int, nargs="+", help="default 0 1 2")
-            add_options(g, PruneConfig, only=("scope", "allocation", "bn_recalibrate"))
+            add_options(g, PruneConfig, only=("scope", "allocation", "bn_recalibrate",
+                                              "prune_mode"))
+            add_options(g, CompactConfig, only=("compact_recalibrate",))
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="shorter run (smoke test)")
             add_options(p, PruneConfig, only=("criterion",))

@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import ConfigError
-from ..options import OptionError, option
+from ..options import OptionError, from_mapping, option
 
 __all__ = ["TrainConfig", "build_optimizer", "build_scheduler", "lr_factor"]
 
@@ -142,9 +142,8 @@ class TrainConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainConfig:
-        """From a merged configuration (unset keys take the defaults)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+        """From a flat configuration (unset keys take the defaults)."""
+        return from_mapping(cls, config)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON- and ``weights_only``-safe)."""

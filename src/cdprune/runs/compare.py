@@ -69,6 +69,8 @@ def compare_criteria(
     recal_loader: Any = None,
     model_name: str | None = None,
     pruned_extra: Mapping[str, Any] | None = None,
+    prune_mode: str = "remove",
+    compact_recalibrate: int = 2048,
 ) -> list[dict[str, Any]]:
     """Prune ``model`` with each criterion at each MACs target and fine-tune equally.
 
@@ -106,6 +108,15 @@ def compare_criteria(
         model_name: zoo name of ``model``, recorded in every pruned model directory so the
             command line can rebuild it (``None``: a user model, for :func:`load_pruned`).
         pruned_extra: more plain data for every ``plan.json`` (dataset, normalisation).
+        prune_mode: ``"remove"`` (physical pruning at ``macs_reductions`` of the physical
+            MACs) or ``"mask"``: the published code's network, every criterion's scores
+            ranked over all Conv2d filters and masked at the sparsity whose MACs in the
+            paper's convention land on each target, fine-tuned with the masks held; each
+            masked network is then compacted (BatchNorm re-estimated on
+            ``compact_recalibrate`` images of ``recal_loader``), and its row gives both:
+            the masked network's paper MACs and accuracy, the compact network's physical
+            MACs, parameters, accuracy (``acc_compact``) and latency against the masked.
+        compact_recalibrate: images for the compact networks' BatchNorm (mask mode).
 
     Every pruned model is a model directory like a run's: ``MACS/CRITERION/pruned/``
     (plan and weights, after BatchNorm recalibration when asked), with the fine-tuned
@@ -131,6 +142,8 @@ def compare_criteria(
     if unknown_opts:
         raise ConfigError(f"cdp_options {sorted(unknown_opts)} are not valid; use tap, "
                           "normalize or variant")
+    if prune_mode not in ("remove", "mask"):
+        raise ConfigError(f"prune_mode={prune_mode!r} is not valid; use 'remove' or 'mask'")
     device = torch.device(device) if device else torch.device("cpu")
     model = model.to(device).eval()
     output_dir = Path(output_dir)
@@ -165,9 +178,15 @@ def compare_criteria(
                     continue
                 scores, score_time = scores_for(criterion, seed or 0)
                 start = time.perf_counter()
+                masks = None
                 try:
-                    result = prune(model, scores, example_inputs=example_inputs.cpu(),
-                                   macs_reduction=target, scope=scope, allocation=allocation)
+                    if prune_mode == "mask":
+                        result, masks = _masked_at(model, scores, target,
+                                                   example_inputs.cpu())
+                    else:
+                        result = prune(model, scores, example_inputs=example_inputs.cpu(),
+                                       macs_reduction=target, scope=scope,
+                                       allocation=allocation)
                 except ConfigError as exc:  # this criterion cannot reach this target
                     row = {"macs_target": target, "criterion": criterion, "seed": seed,
                            "status": "unreachable", "error": str(exc), "acc_base": base_acc}
@@ -193,7 +212,7 @@ def compare_criteria(
                     acc_tuned = fine_tune(pruned, train_loader, val_loader, finetune,
                                           output_dir=run_dir, device=device,
                                           extra_state={"plan": result.plan},
-                                          progress=progress).final_acc
+                                          progress=progress, masks=masks).final_acc
                 row = {"macs_target": target, "criterion": criterion, "seed": seed,
                        "status": "done",
                        "macs": result.macs_after, "macs_reduction": result.macs_reduction,
@@ -204,12 +223,53 @@ def compare_criteria(
                        "acc_finetuned": acc_tuned,
                        "model_dir": run_dir.relative_to(output_dir).as_posix(),
                        "seconds": round(score_time + time.perf_counter() - start, 2)}
+                if masks is not None:
+                    row.update(_compact_row(pruned, masks, val_loader, example_inputs,
+                                            recal_loader, compact_recalibrate, device,
+                                            run_dir, model_name, pruned_extra))
                 rows.append(row)
                 logger.info("%s @ -%.0f%% MACs: %.2f%% right after pruning, %.2f%% after "
                             "fine-tuning", criterion, 100 * target, acc_pruned, acc_tuned)
                 if on_row:
                     on_row(row)
     return rows
+
+
+def _masked_at(model: nn.Module, scores: Mapping[str, torch.Tensor], target: float,
+               example: torch.Tensor) -> tuple[Any, dict[str, list[int]]]:
+    """The published selection of ``scores`` masking ``target`` of the paper's MACs."""
+    from ..pruning.masking import masked_result, published_search
+
+    base = paper_macs(model, {}, example_inputs=example)
+    sparsity, removed = published_search(model, scores, round((1 - target) * base),
+                                         example_inputs=example)
+    result = masked_result(model, removed, example_inputs=example)
+    return result, removed
+
+
+def _compact_row(model: nn.Module, masks: Mapping[str, list[int]], val_loader: Any,
+                 example: torch.Tensor, recal_loader: Any, images: int,
+                 device: torch.device, run_dir: Path, model_name: str | None,
+                 extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A masked row's compact network: saved to ``compact/`` beside ``pruned/``, measured."""
+    from ..pruning import save_compact
+    from .deployable import deployable_network
+
+    small, info, numbers = deployable_network(
+        model, masks, val_loader=val_loader, example_inputs=example, recal_loader=recal_loader,
+        recal_images=images if recal_loader is not None else 0, device=device)
+    if small is None:
+        return {"compact": numbers}
+    save_compact(run_dir / "compact", small, masks, info, model_name=model_name,
+                 input_size=tuple(example.shape[1:]), extra=extra)
+    acc = numbers.get("acc_recalibrated", numbers["acc_compacted"])
+    return {"macs_masked_paper": numbers["macs_paper"], "macs": numbers["macs"],
+            "params_masked": numbers["params_masked"], "params": numbers["params"],
+            "acc_compact": acc, "latency_masked_ms": numbers["latency_masked_ms"],
+            "latency_compact_ms": numbers["latency_compact_ms"],
+            "compact": {k: v for k, v in numbers.items()
+                        if k in ("max_abs_error", "acc_compacted", "acc_recalibrated",
+                                 "bn_recalibrate_images", "latency_method")}}
 
 
 def _key(row: Mapping[str, Any]) -> tuple[float, str, int | None]:
@@ -234,8 +294,11 @@ def _summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "macs_paper": statistics.fmean(m.get("macs_paper", m["macs"]) for m in members),
                 "params": statistics.fmean(m["params"] for m in members),
                 "seconds": statistics.fmean(m["seconds"] for m in members)}
-        for key in ("acc_pruned", "acc_recalibrated", "acc_finetuned"):
+        for key in ("acc_pruned", "acc_recalibrated", "acc_finetuned", "acc_compact"):
             line[key], line[key + "_std"] = _mean_std([m.get(key, math.nan) for m in members])
+        for key in ("latency_masked_ms", "latency_compact_ms"):
+            if all(m.get(key) is not None for m in members):
+                line[key] = statistics.fmean(m[key] for m in members)
         out.append(line)
     return out
 
@@ -268,19 +331,28 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
     for key, value in (meta or {}).items():
         lines.append(f"- {key}: {value}")
     recal = any(not math.isnan(line.get("acc_recalibrated", math.nan)) for line in summary)
-    lines += [f"- base model top-1: {base:.2f}%", "",
-              "| MACs target | criterion | MACs | MACs (paper convention) | params | "
+    masked = any(not math.isnan(line.get("acc_compact", math.nan)) for line in summary)
+    lines += [f"- base model top-1: {base:.2f}%", ""]
+    if masked:
+        lines += ["Masked networks (the published code's): *MACs (paper convention)* and "
+                  "*top-1 after fine-tuning* are the masked network's; *MACs*, *params*, "
+                  "*compact top-1* and the latencies are its compact network's (every masked "
+                  "filter removed, BatchNorm re-estimated), timed against the masked one.", ""]
+    lines += ["| MACs target | criterion | MACs | MACs (paper convention) | params | "
               "top-1 right after pruning | "
               + ("top-1 after BN recalibration | " if recal else "")
-              + "top-1 after fine-tuning | seconds |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if recal else "")]
+              + "top-1 after fine-tuning | "
+              + ("compact top-1 | latency masked / compact (ms) | " if masked else "")
+              + "seconds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if recal else "")
+              + (" --- | --- |" if masked else "")]
     for line in summary:
         label = _label(line["criterion"])
         if line["runs"] > 1:
             label += f" ({line['runs']} seeds)"
         if line["status"] == "unreachable":
             lines.append(f"| -{100 * line['macs_target']:.0f}% | {label} | unreachable | - | - | "
-                         + "- | " * (3 if recal else 2) + "- |")
+                         + "- | " * (2 + recal + 2 * masked) + "- |")
             continue
         recal_cell = (f"{_fmt(line['acc_recalibrated'], line['acc_recalibrated_std'])} | "
                       if recal else "")
@@ -289,7 +361,10 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
             f"{format_count(line['macs_paper'])} | {format_count(line['params'])} | "
             f"{_fmt(line['acc_pruned'], line['acc_pruned_std'])} | {recal_cell}"
             f"{_fmt(line['acc_finetuned'], line['acc_finetuned_std'])} | "
-            f"{line['seconds']:.0f} |")
+            + (f"{_fmt(line['acc_compact'], line['acc_compact_std'])} | "
+               f"{line.get('latency_masked_ms', math.nan):.2f} / "
+               f"{line.get('latency_compact_ms', math.nan):.2f} | " if masked else "")
+            + f"{line['seconds']:.0f} |")
     errors = [line for line in summary if line["status"] == "unreachable"]
     if errors:
         lines += ["", "Unreachable targets:", ""]
@@ -313,7 +388,7 @@ def _nan_to_null(value: Any) -> Any:
 
 # Row fields that are accuracies: null in compare.json means not measured (NaN here).
 _ACCURACIES = ("acc_base", "acc_pruned", "acc_recalibrated", "acc_finetuned",
-               "acc_finetuned_best")
+               "acc_finetuned_best", "acc_compact")
 
 
 def read_comparison(path: str | os.PathLike) -> list[dict[str, Any]]:

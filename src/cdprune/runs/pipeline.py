@@ -538,11 +538,8 @@ def compact_finetuned(config: Mapping[str, Any], run: RunDir, data: Data, result
         ``acc_recalibrated`` after recalibration) and latencies.
     """
     from ..checkpoint import safe_torch_load
-    from ..errors import UnsupportedModelError
-    from ..finetune.batchnorm import recalibrate_bn
-    from ..measure.evaluate import evaluate
-    from ..measure.latency import LatencySettings, compare_networks
-    from ..pruning import compact, read_plan, save_compact
+    from ..pruning import read_plan, save_compact
+    from .deployable import deployable_network
 
     plan = read_plan(run.path / "pruned")
     masks = plan.get("masked")
@@ -550,37 +547,15 @@ def compact_finetuned(config: Mapping[str, Any], run: RunDir, data: Data, result
         return None
     model, _ = load_pruned_dir(run.path, config, data.num_classes)
     model.load_state_dict(safe_torch_load(result.last_checkpoint)["model"])
-    device = _device(config)
-    model = model.to(device).eval()
-    images = next(iter(data.val))[0][:64].to(device)
-    try:
-        small, info = compact(model, masks, example_inputs=images)
-    except UnsupportedModelError as exc:
-        return {"unsupported": f"compaction does not know {type(model).__name__}",
-                "reason": str(exc)}
-    progress = not config.get("no_progress")
-    out: dict[str, Any] = {"macs": info.macs, "params": info.params,
-                           "macs_paper": info.macs_paper, "macs_masked": info.macs_masked,
-                           "params_masked": info.params_masked,
-                           "max_abs_error": info.max_abs_error,
-                           "acc_compacted": _metric(evaluate(small, data.val, device=device,
-                                                             progress=progress))}
-    images_recal = CompactConfig.from_config(config).compact_recalibrate
-    if images_recal:
-        recal = build_data({**config, "train_subset": None, "bn_recalibrate": images_recal},
-                           need_stats=False).recal
-        out["bn_recalibrate_images"] = recalibrate_bn(small, recal, images_recal,
-                                                      device=device)
-        out["acc_recalibrated"] = _metric(evaluate(small, data.val, device=device,
-                                                   progress=progress))
-    settings = LatencySettings(batch_size=1, device=device.type, cache_dir=None)
-    one = images[:1]
-    with torch.no_grad():
-        masked_s, compact_s, ratio = compare_networks(model, small.eval(), one, settings)
-    out.update(latency_masked_ms=round(masked_s * 1e3, 3),
-               latency_compact_ms=round(compact_s * 1e3, 3), speedup=round(1 / ratio, 3),
-               latency_method=f"batch 1 on {device.type}, {torch.get_num_threads()} threads, "
-               "median of 5 alternating masked/compact pairs")
+    images = CompactConfig.from_config(config).compact_recalibrate
+    recal = build_data({**config, "train_subset": None, "bn_recalibrate": images},
+                       need_stats=False).recal if images else None
+    small, info, out = deployable_network(
+        model, masks, val_loader=data.val, example_inputs=next(iter(data.val))[0][:64],
+        recal_loader=recal, recal_images=images, device=_device(config),
+        progress=not config.get("no_progress"))
+    if small is None:
+        return out
     if run.main:
         extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
                  "mean": list(data.mean) if data.mean else config.get("mean"),
