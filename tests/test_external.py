@@ -21,6 +21,7 @@ import time
 import pytest
 import torch
 
+from benchmarks import detectors
 from benchmarks import zoo_coverage as zoo
 from cdprune.criteria import l1_scores
 from cdprune.errors import ConfigError
@@ -167,9 +168,8 @@ def test_cli_external_model_end_to_end(name, tmp_path, capsys):
     _cli_end_to_end(name, tmp_path, capsys)
 
 
-# Detectors and segmenters, built at a small fixed input (the R-CNN, RetinaNet and FCOS
-# transforms resize every image to min_size..max_size; SSD's to its own 300 or 320).
-# Fast: those under about five seconds on one thread; the rest are marked slow.
+# Detectors and segmenters at a 64x64 input (benchmarks/detectors.py builds them): those
+# under about five seconds on one thread run in the fast part, the rest are marked slow.
 DETECTORS = {
     "ssdlite320_mobilenet_v3_large": True, "fasterrcnn_mobilenet_v3_large_320_fpn": True,
     "fasterrcnn_resnet50_fpn": False, "retinanet_resnet50_fpn": True,
@@ -178,61 +178,30 @@ DETECTORS = {
     "ssd300_vgg16": False, "deeplabv3_mobilenet_v3_large": True,
     "deeplabv3_resnet50": False, "lraspp_mobilenet_v3_large": True,
 }
-RESIZING = ("rcnn", "retinanet", "fcos")
+
+
+def _check_detector(name: str) -> None:
+    row = detectors.row(name, TARGET)
+    assert abs(row["macs_reduction"] - TARGET) <= 0.003, row
+    assert row["outputs_whole"], "a task output lost channels"
+    assert row["exact"], f"pruned outputs differ from the masked original: {row}"
+    assert row["reload_exact"] and not row["auto_ignored"], row
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if fast else pytest.mark.slow)
                                   for n, fast in DETECTORS.items()])
-def test_torchvision_detector_prunes_exactly(name, tmp_path):
+def test_torchvision_detector_prunes_exactly(name):
     """A whole detector or segmenter (backbone, FPN, heads; the task outputs stay whole)
     pruned with CDP scores from unlabelled images to -30% MACs within 0.3 points, counted
     at a fixed input size with region heads counted per region; its head outputs (or
-    segmentation logits) equal the masked original's; reloaded, it is the same model."""
+    segmentation logits) equal the masked original's; reloaded, it gives them again."""
     _require("torchvision")
-    import cdprune
-    from cdprune.models import create_model
-
-    options = {"min_size": 64, "max_size": 64} if any(k in name for k in RESIZING) else {}
-
-    def build():
-        torch.manual_seed(0)
-        return create_model(f"torchvision:{name}", num_classes=3, **options)
-
-    model = zoo.vary(build()).eval()
-    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    scores = cdprune.tfidf_scores(cdprune.collect_stats(model, [images[:2], images[2:]],
-                                                        progress=False))
-    x = images[:1]
-    start = time.perf_counter()
-    result = prune(model, scores, example_inputs=x, macs_reduction=TARGET)
-    elapsed = time.perf_counter() - start
-    assert abs(result.macs_reduction - TARGET) <= 0.003, result.macs_reduction
-    assert result.extra.get("auto_ignored") is None
-    masked = zoo._masked(model, result.plan)
-    with torch.no_grad():
-        got, want, full = (_task_outputs(m.eval(), x) for m in (result.model, masked, model))
-        assert [t.shape for t in got] == [t.shape for t in full]  # outputs kept whole
-        for a, b in zip(got, want):
-            exact, err = zoo._close(a, b)
-            assert exact, f"pruned output differs from the masked original ({err:.2e})"
-        save_pruned(tmp_path, result, input_size=(3, 64, 64))
-        loaded = load_pruned(tmp_path, zoo.vary(build()).eval()).eval()
-        assert all(torch.equal(a, b) for a, b in zip(_task_outputs(loaded, x), got))
-        result.model(x)  # the model's own forward (NMS, post-processing) still runs
-    assert elapsed < 120
+    _check_detector(f"torchvision:{name}")
 
 
-def _task_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The deterministic outputs: segmentation logits; a one-stage detector's dense head
-    outputs (random weights give many tied scores, which NMS may order either way); a
-    two-stage detector's RPN and region-head outputs on fixed regions."""
-    from cdprune.models.detection import is_two_stage_detector, rcnn_fixed_forward
-
-    if is_two_stage_detector(model):
-        return list(rcnn_fixed_forward(model, x))
-    if not hasattr(model, "head"):
-        return [model(x)["out"]]
-    images, _ = model.transform(list(x))
-    features = model.backbone(images.tensors)
-    features = list(features.values()) if isinstance(features, dict) else [features]
-    return list(model.head(features).values())
+@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_yolo_prunes_exactly(config):
+    """Ultralytics' whole DetectionModel (backbone, neck, Detect head; the head's box and
+    class outputs stay whole), as the torchvision detectors above."""
+    _require("ultralytics")
+    _check_detector(f"yolo:{config}")
