@@ -59,7 +59,8 @@ def _require(package: str):
         return importlib.import_module(package)
     except Exception as exc:  # a broken install (e.g. torch/torchvision mismatch) too
         message = (f"the external tier needs the real {package.split('.')[0]} "
-                   f"({type(exc).__name__}: {exc}); install torchvision and timm and run "
+                   f"({type(exc).__name__}: {exc}); install torchvision, timm and ultralytics "
+                   "and run "
                    "`pytest -m external`")
         if REQUIRED:
             pytest.fail(message)
