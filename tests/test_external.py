@@ -21,6 +21,7 @@ import time
 import pytest
 import torch
 
+from benchmarks import detectors
 from benchmarks import zoo_coverage as zoo
 from cdprune.errors import ConfigError
 from cdprune.importance.criteria import l1_scores
@@ -58,7 +59,8 @@ def _require(package: str):
         return importlib.import_module(package)
     except Exception as exc:  # a broken install (e.g. torch/torchvision mismatch) too
         message = (f"the external tier needs the real {package.split('.')[0]} "
-                   f"({type(exc).__name__}: {exc}); install torchvision and timm and run "
+                   f"({type(exc).__name__}: {exc}); install torchvision, timm and ultralytics "
+                   "and run "
                    "`pytest -m external`")
         if REQUIRED:
             pytest.fail(message)
@@ -167,43 +169,40 @@ def test_cli_external_model_end_to_end(name, tmp_path, capsys):
     _cli_end_to_end(name, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("name", ["ssdlite320_mobilenet_v3_large",
-                                  "fasterrcnn_mobilenet_v3_large_320_fpn"])
-def test_torchvision_detector_prunes_exactly(name, tmp_path):
-    """A whole detector (backbone, FPN, heads; the heads' outputs stay whole) to -30%
-    MACs within 0.3 points, counted at the detector's fixed input size with region heads
-    counted per region; its detections equal the masked original's."""
+# Detectors and segmenters at a 64x64 input (benchmarks/detectors.py builds them): those
+# under about five seconds on one thread run in the fast part, the rest are marked slow.
+DETECTORS = {
+    "ssdlite320_mobilenet_v3_large": True, "fasterrcnn_mobilenet_v3_large_320_fpn": True,
+    "fasterrcnn_resnet50_fpn": False, "retinanet_resnet50_fpn": True,
+    "retinanet_resnet50_fpn_v2": False, "fcos_resnet50_fpn": False,
+    "maskrcnn_resnet50_fpn": False, "maskrcnn_resnet50_fpn_v2": False,
+    "ssd300_vgg16": False, "deeplabv3_mobilenet_v3_large": True,
+    "deeplabv3_resnet50": False, "lraspp_mobilenet_v3_large": True,
+}
+
+
+def _check_detector(name: str) -> None:
+    row = detectors.row(name, TARGET)
+    assert abs(row["macs_reduction"] - TARGET) <= 0.003, row
+    assert row["outputs_whole"], "a task output lost channels"
+    assert row["exact"], f"pruned outputs differ from the masked original: {row}"
+    assert row["reload_exact"] and not row["auto_ignored"], row
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if fast else pytest.mark.slow)
+                                  for n, fast in DETECTORS.items()])
+def test_torchvision_detector_prunes_exactly(name):
+    """A whole detector or segmenter (backbone, FPN, heads; the task outputs stay whole)
+    pruned with CDP scores from unlabelled images to -30% MACs within 0.3 points, counted
+    at a fixed input size with region heads counted per region; its head outputs (or
+    segmentation logits) equal the masked original's; reloaded, it gives them again."""
     _require("torchvision")
-    from cdprune.models import create_model
-
-    def build():
-        torch.manual_seed(0)
-        return create_model(f"torchvision:{name}", num_classes=3)
-
-    model = zoo.vary(build()).eval()
-    x = torch.rand(1, 3, 64, 64)
-    result = prune(model, l1_scores(model), example_inputs=x, macs_reduction=TARGET)
-    assert abs(result.macs_reduction - TARGET) <= 0.003
-    masked = zoo._masked(model, result.plan)
-    with torch.no_grad():
-        got = result.model.eval()(x)[0]
-        if hasattr(model, "head"):  # one-stage: the dense head's raw outputs (random
-            # weights give many tied scores, which NMS may order either way)
-            for a, b in zip(_dense_outputs(result.model, x), _dense_outputs(masked, x)):
-                assert zoo._close(a, b)[0]
-        else:
-            want = masked(x)[0]
-            assert got["labels"].tolist() == want["labels"].tolist()
-            for key in ("boxes", "scores"):
-                assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-3)
-        save_pruned(tmp_path, result, input_size=(3, 64, 64))
-        loaded = load_pruned(tmp_path, zoo.vary(build()).eval()).eval()
-        again = loaded(x)[0]
-        assert all(torch.equal(again[k], got[k]) for k in got)
+    _check_detector(f"torchvision:{name}")
 
 
-def _dense_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    images, _ = model.transform(list(x))
-    features = model.backbone(images.tensors)
-    features = list(features.values()) if isinstance(features, dict) else [features]
-    return list(model.head(features).values())
+@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_yolo_prunes_exactly(config):
+    """Ultralytics' whole DetectionModel (backbone, neck, Detect head; the head's box and
+    class outputs stay whole), as the torchvision detectors above."""
+    _require("ultralytics")
+    _check_detector(f"yolo:{config}")

@@ -115,3 +115,41 @@ def test_count_params_counts_shared_parameters_once():
     lin = nn.Linear(3, 3)
     assert count_params(nn.Sequential(lin, lin)) == 12
     assert count_params(create_model("resnet56")) == 853_018
+
+
+class RoIHeads(nn.Module):
+    """Stands for a two-stage detector's region heads: rows are regions, as many as the
+    data gives (none at all on an image without detections)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, regions):
+        return self.fc(self.conv(regions).mean((2, 3)))
+
+
+class _TwoStage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.roi_heads = RoIHeads()
+
+    def forward(self, x):
+        features = self.stem(x)
+        regions = int(features.sum() > 0) * 5  # proposal count decided by the data
+        return self.roi_heads(features[:1].expand(regions, -1, -1, -1))
+
+
+def test_region_heads_count_one_region_whatever_the_proposals():
+    model = _TwoStage()
+    region = 8 * 4 * 9 * 4 * 4 + 2 * 8
+    stem = 4 * 3 * 4 * 4
+    with torch.no_grad():
+        model.stem.bias.fill_(1.0)
+        model.stem.weight.abs_()
+        assert count_macs(model, input_size=(3, 4, 4)) == stem + region  # five regions
+        model.stem.weight.neg_()
+        model.stem.bias.fill_(-1.0)
+        assert count_macs(model, input_size=(3, 4, 4)) == stem + region  # none ran

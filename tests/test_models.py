@@ -1,4 +1,5 @@
 import copy
+import importlib.util
 import io
 import pickle
 import sys
@@ -328,3 +329,25 @@ def test_weights_of_a_versioned_module_load_back(tmp_path, suffix):
     save_weights(model, tmp_path / f"w{suffix}")
     fresh = load_weights(Versioned(), tmp_path / f"w{suffix}")
     assert torch.equal(fresh.conv.weight, model.conv.weight)
+
+
+@pytest.mark.parametrize("name", ["yolo:best.pt", "yolo:runs/weights/last.pth"])
+def test_yolo_pickled_checkpoint_refused_with_the_conversion(name):
+    """Ultralytics .pt files are pickles: never loaded, and the error says how to convert."""
+    with pytest.raises(ConfigError, match="pickled") as info:
+        create_model(name)
+    assert "state_dict()" in str(info.value) and "--checkpoint" in str(info.value)
+
+
+def test_yolo_name_must_be_a_config():
+    with pytest.raises(ConfigError, match=r"\.yaml"):
+        create_model("yolo:yolov8n")
+    assert model_spec("yolo:yolov8n.yaml").input_size == (3, 640, 640)
+    assert model_spec("yolo:yolov8n.yaml").num_classes == 80
+
+
+def test_yolo_without_ultralytics_says_how_to_install():
+    if importlib.util.find_spec("ultralytics") is not None:
+        pytest.skip("ultralytics is installed here (the external tier builds YOLO)")
+    with pytest.raises(ConfigError, match=r"cdprune\[yolo\]"):
+        create_model("yolo:yolov8n.yaml")

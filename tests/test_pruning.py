@@ -242,3 +242,45 @@ def test_option_a_scope_all_prunes_the_residual_stream():
     model.eval()
     result.model.eval()
     assert result.model(x).shape == model(x).shape == (4, 10)
+
+
+class _GroupNormNet(nn.Module):
+    """conv -> GroupNorm (4 groups of 4) -> ReLU -> conv -> GroupNorm -> pooled classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.conv2, self.gn2 = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.gn1(self.conv1(x)))
+        x = torch.relu(self.gn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_group_norm_pruned_by_whole_groups_exactly():
+    """GroupNorm channels go a whole group at a time (num_groups follows), so the pruned
+    network equals the original with those channels zeroed; a partial group would change
+    the other channels' statistics (and Torch-Pruning's own cut leaves an invalid width)."""
+    torch.manual_seed(0)
+    model = _GroupNormNet().eval()
+    for gn in (model.gn1, model.gn2):
+        gn.weight.data.uniform_(0.5, 1.5)
+        gn.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 8, 8)
+    result = prune(model, random_scores(model), example_inputs=x, sparsity=0.5)
+    for name in ("gn1", "gn2"):
+        gn = getattr(result.model, name)
+        assert gn.num_channels == gn.num_groups * 4 < 16
+        kept = result.plan["kept"][name]
+        assert {i // 4 for i in range(16) if i not in kept}.isdisjoint(
+            {i // 4 for i in kept})  # whole groups only
+    masked = copy.deepcopy(model)
+    named = dict(masked.named_modules())
+    for name, kept in result.plan["kept"].items():
+        removed = [i for i in range(named[name].weight.shape[0]) if i not in kept]
+        named[name].weight.data[removed] = 0
+        named[name].bias.data[removed] = 0
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), masked(x), atol=1e-5)

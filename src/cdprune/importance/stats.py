@@ -156,7 +156,13 @@ def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]
         raise ConfigError(f"model {type(model).__name__} has no nn.Conv2d layer; CDP scores "
                           "convolution filters, so there is nothing to score")
     if layers is None:
-        return convs
+        # Region heads (two-stage detectors) run once per proposal: their rows are not
+        # images, so they are not scored by default, and their channels stay.
+        from ..measure.macs import region_layers
+
+        regional = region_layers(model)
+        named = dict(model.named_modules())
+        return [n for n in convs if named[n] not in regional]
     layers = list(layers)
     named = dict(model.named_modules())
     for name in layers:

@@ -12,7 +12,9 @@ per proposal, and how many proposals survive non-maximum suppression depends on 
 and the weights: counted as they run, the MACs of a model would change with its input and
 go *up* after pruning when more proposals survive. Layers inside such region heads (a
 module whose type is named ``RoIHeads``) are therefore counted for one region, a fixed
-number: the count is of the network at a fixed input size, not of one image's proposals.
+number (also when no proposal reached them, as Mask R-CNN's mask head on an image
+without detections): the count is of the network at a fixed input size, not of one
+image's proposals.
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def profile(model: nn.Module, input_size: Sequence[int] | None = None,
 
     def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         name = names[module]
+        if module in per_region and out.dim() > 1:
+            # rows are proposals: one region's cost, also when none ran (no detection)
+            out = torch.empty((1, *out.shape[1:]), device="meta")
         macs = _layer_macs(module, args[0], out)
-        if module in per_region and out.dim() > 0 and out.shape[0] > 0:
-            macs //= out.shape[0]  # rows are proposals: one region's cost
         per_layer[name] = per_layer.get(name, 0) + macs
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]

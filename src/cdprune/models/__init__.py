@@ -6,7 +6,7 @@ one by name, :func:`list_models` lists the names, :func:`model_spec` describes o
 
 from __future__ import annotations
 
-from . import cifar_resnet, imagenet, small, vgg  # noqa: F401  (they register themselves)
+from . import cifar_resnet, detection, imagenet, small, vgg  # noqa: F401  (they register)
 from .registry import ModelSpec, create_model, list_models, model_spec, register_model
 
 __all__ = ["ModelSpec", "create_model", "list_models", "model_spec", "register_model"]

@@ -3,8 +3,9 @@
 Every architecture in the zoo registers a builder function under a short name together
 with a :class:`ModelSpec` (input size, default number of classes, family), so the CLI and
 the pipeline can build a model and an example input from a config string alone. Names of
-the form ``torchvision:NAME`` and ``timm:NAME`` are resolved through those packages when
-they are installed; they are never imported unless asked for.
+the form ``torchvision:NAME``, ``timm:NAME`` and ``yolo:CONFIG.yaml`` (ultralytics) are
+resolved through those packages when they are installed; they are never imported unless
+asked for.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 Builder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Builder)
 
-EXTERNAL_PREFIXES = ("torchvision", "timm")
+EXTERNAL_PREFIXES = ("torchvision", "timm", "yolo")
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,15 @@ def model_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of a model name.
 
     For ``torchvision:NAME`` and ``timm:NAME`` the ImageNet defaults are returned
-    (``(3, 224, 224)``, 1000 classes) without importing the package.
+    (``(3, 224, 224)``, 1000 classes), for ``yolo:CONFIG`` ultralytics' (``(3, 640, 640)``,
+    80 classes), without importing the package.
 
     Raises:
         ConfigError: the name is unknown (the message suggests close matches).
     """
     prefix, external = _split_external(name)
+    if prefix == "yolo":  # ultralytics' design size and COCO's classes
+        return ModelSpec(name, (3, 640, 640), 80, prefix)
     if prefix is not None:
         return ModelSpec(name, (3, 224, 224), 1000, prefix)
     return _lookup(external)[0]
@@ -96,7 +100,8 @@ def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn
     """Build a freshly initialised model by registry name.
 
     Args:
-        name: a name from :func:`list_models`, or ``torchvision:NAME`` / ``timm:NAME``.
+        name: a name from :func:`list_models`, ``torchvision:NAME`` / ``timm:NAME``, or
+            ``yolo:CONFIG.yaml`` (an ultralytics detection model, see :mod:`.yolo`).
         num_classes: number of outputs; the architecture's default when ``None``.
         **kwargs: extra options of the builder (e.g. ``in_channels`` for the small CNNs).
 
@@ -129,8 +134,8 @@ def _split_external(name: str) -> tuple[str | None, str]:
         return None, name
     if prefix.lower() not in EXTERNAL_PREFIXES or not rest:
         raise ConfigError(f"unknown model {name!r}: the 'prefix:NAME' form accepts only "
-                          f"{' or '.join(p + ':NAME' for p in EXTERNAL_PREFIXES)}, "
-                          "e.g. torchvision:resnet18")
+                          f"{', '.join(p + ':NAME' for p in EXTERNAL_PREFIXES)}, "
+                          "e.g. torchvision:resnet18 or yolo:yolov8n.yaml")
     return prefix.lower(), rest
 
 
@@ -159,6 +164,13 @@ def _check_kwargs(name: str, builder: Builder, kwargs: dict[str, Any]) -> None:
 
 def _create_external(package: str, name: str, num_classes: int | None,
                      kwargs: dict[str, Any]) -> nn.Module:
+    if package == "yolo":
+        if kwargs:
+            raise ConfigError(f"model 'yolo:{name}' takes no options besides num_classes, "
+                              f"got {', '.join(kwargs)}")
+        from .yolo import create_yolo
+
+        return create_yolo(name, num_classes)
     options = dict(kwargs)
     if num_classes is not None:
         options["num_classes"] = num_classes

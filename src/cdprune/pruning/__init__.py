@@ -32,9 +32,10 @@ from .compact import CompactInfo, ScatterBatchNorm2d, compact
 from .core import ALLOCATIONS, SCOPES, PruneResult, conv_widths, prune
 from .graph import ChannelPruner, custom_pruners, register_pruner
 from .masking import mask_filters
+from .norms import GroupNormPruner
 from .plan import PLAN_FORMAT, load_pruned, read_plan, save_compact, save_pruned
 
 __all__ = ["ALLOCATIONS", "PLAN_FORMAT", "SCOPES", "ChannelPruner", "CompactInfo",
-           "PruneResult", "ScatterBatchNorm2d", "compact", "conv_widths", "custom_pruners",
+           "GroupNormPruner", "PruneResult", "ScatterBatchNorm2d", "compact", "conv_widths", "custom_pruners",
            "load_pruned", "mask_filters", "prune", "read_plan", "register_pruner",
            "save_compact", "save_pruned"]

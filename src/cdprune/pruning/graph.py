@@ -10,7 +10,10 @@ group members cannot lose channels (what it misreads is corrected in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +32,7 @@ from .layouts import (
     _Tracer,
 )
 
-__all__ = ["ChannelPruner", "custom_pruners", "register_pruner"]
+__all__ = ["ChannelPruner", "custom_pruners", "register_pruner", "register_traced_forward"]
 
 
 
@@ -52,6 +55,14 @@ class ChannelPruner(tp.pruner.function.BasePruningFunc):
         rest of the group does not zero) is never pruned.
         """
         return None
+
+    def bundled_outputs(self, layer: nn.Module, idxs: Sequence[int]) -> list[list[int]]:
+        """Positions of ``idxs`` (indices into it) that can only be removed together.
+
+        Each list is one bundle: the ranking treats it as one unit, so either all of it
+        goes or none (a GroupNorm group). Positions in no list stand alone.
+        """
+        return []
 
 
 _PRUNERS: dict[type, ChannelPruner] = {}
@@ -90,11 +101,42 @@ def attention_modules(model: nn.Module) -> list[str]:
                    or "Attention" in type(m).__name__})  # ShiftedWindowAttentionV2 too
 
 
+# ---------------------------------------------------------------------- traced forwards
+_FORWARDS: list[tuple[Callable[[nn.Module], bool], Callable[..., Any]]] = []
+
+
+def register_traced_forward(matches: Callable[[nn.Module], bool],
+                            forward: Callable[..., Any]) -> None:
+    """Trace the models that ``matches`` accepts through ``forward(model, inputs)``.
+
+    For networks whose own forward depends on the data beyond the input's shape (a
+    two-stage detector: which proposals survive non-maximum suppression, region heads
+    fed from detached proposals). ``forward`` runs every layer at shapes fixed by the
+    input size and returns the task outputs as the layers give them; the dependency
+    graph, the shapes for the MACs search and the protected output layers (every
+    Conv2d/Linear whose output is returned as is) are read from it.
+    """
+    _FORWARDS.append((matches, forward))
+
+
+@contextlib.contextmanager
+def _traced(model: nn.Module) -> Iterator[None]:
+    forward = next((f for matches, f in _FORWARDS if matches(model)), None)
+    if forward is None:
+        yield
+        return
+    model.forward = types.MethodType(forward, model)  # this instance only, for now
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 # ---------------------------------------------------------------------- dependency graph
 def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
     with eval_mode(model), torch.enable_grad(), _Tracer() as tracer, \
-            _tolerant_index_mapping():
+            _tolerant_index_mapping(), _traced(model):
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, customized_pruners=custom_pruners(),
             verbose=False)
@@ -147,25 +189,29 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
     finally:
         for h in hooks:
             h.remove()
-    return _Trace(graph, _geometry(model, layers, _first_sample(example_inputs)), last)
+    geo, returned = _geometry(model, layers, _first_sample(example_inputs))
+    return _Trace(graph, geo, last + [m for m in returned if m not in last])
 
 
 def _geometry(model: nn.Module, layers: list[nn.Module], example: Any
-              ) -> dict[nn.Module, _Geometry]:
-    """Every layer's shapes from one plain forward pass. A layer that runs several times
+              ) -> tuple[dict[nn.Module, _Geometry], list[nn.Module]]:
+    """Every layer's shapes from one plain forward pass, and the layers whose output the
+    model returns as is (task outputs: kept whole). A layer that runs several times
     (a detection head shared by every FPN level) adds up its output positions; a layer in
     a two-stage detector's region heads counts one region (its rows are regions), as
     :func:`cdprune.measure.macs.region_layers` says."""
     geo: dict[nn.Module, _Geometry] = {}
+    produced: list[tuple[nn.Module, torch.Tensor]] = []  # alive, so ids stay unique
 
     def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        produced.append((m, out))
         if isinstance(m, nn.Conv2d):
             # per sample (the batch is one) or, in region heads, per region
             new = _Geometry(m.in_channels, m.out_channels, m.groups,
                             m.kernel_size[0] * m.kernel_size[1], out.shape[-1] * out.shape[-2])
         else:
-            new = _Geometry(m.in_features, m.out_features, 1, 1,
-                            out.numel() // max(1, out.shape[0]) // m.out_features)
+            # rows per sample (or per region), also when no region ran
+            new = _Geometry(m.in_features, m.out_features, 1, 1, math.prod(out.shape[1:-1]))
         if m in geo:
             geo[m].positions += new.positions
         else:
@@ -173,17 +219,30 @@ def _geometry(model: nn.Module, layers: list[nn.Module], example: Any
 
     hooks = [m.register_forward_hook(hook) for m in layers]
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), _traced(model):
             if isinstance(example, dict):
-                model(**example)
+                out = model(**example)
             elif isinstance(example, (list, tuple)):
-                model(*example)
+                out = model(*example)
             else:
-                model(example)
+                out = model(example)
     finally:
         for h in hooks:
             h.remove()
-    return geo
+    by_id = {id(t): m for m, t in produced}
+    returned = [by_id[id(t)] for t in _tensors(out) if id(t) in by_id]
+    return geo, list(dict.fromkeys(returned))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a nest of tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _first_sample(example_inputs: Any) -> Any:
@@ -211,6 +270,8 @@ def _is_grouped(module: nn.Module) -> bool:
 def _dimension(module: nn.Module, kind: str | None) -> int | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
     if kind in ("out", "dw"):
         return getattr(module, "out_channels", getattr(module, "out_features", None))
     if kind == "in":

@@ -70,6 +70,7 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
     members: list[tuple[nn.Module, str, torch.Tensor | None]] = []
     grouped: dict[tuple[nn.Module, str], torch.Tensor] = {}
     scored = torch.zeros(width)
+    ties: list[tuple[int, int]] = list(getattr(group, "_cdprune_ties", ()))
     outs = 0
     for item in group:
         fn = item.dep.pruning_fn
@@ -85,6 +86,9 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
                 locked = owner.locked_outputs(module, list(item.idxs))
                 if locked is not None:
                     allowed[torch.tensor(list(item.root_idxs))[locked]] = False
+                roots = list(item.root_idxs)
+                for bundle in owner.bundled_outputs(module, list(item.idxs)):
+                    ties += [(roots[a], roots[b]) for a, b in zip(bundle, bundle[1:])]
             continue
         if kind is None:
             continue
@@ -101,7 +105,7 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
     root = group[0].dep.target.module
     part = _Part(root, group[0].dep.pruning_fn, 0, width)
     cand = _Candidate([part], imp.float().cpu(), allowed, scored, members, grouped)
-    cand.bundles = _bundles(getattr(group, "_cdprune_ties", ()), width)
+    cand.bundles = _bundles(ties, width)
     return cand, outs
 
 

@@ -43,7 +43,8 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
     extras = []
     for dep, idxs in merged.values():
         module, kind = dep.target.module, _kind(dep.pruning_fn)
-        if kind in ("out", "dw") or isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if kind in ("out", "dw") or isinstance(module, (nn.modules.batchnorm._BatchNorm,
+                                                         nn.GroupNorm)):
             removed[module] = (_dimension(module, kind or "out"), idxs)
         if kind in ("out", "dw") and isinstance(module, (nn.Conv2d, nn.Linear)):
             extras.append((module, removed[module][0], idxs))
