@@ -162,41 +162,22 @@ def _cmd_eval(config: dict[str, Any]) -> None:
 
 def _cmd_run(config: dict[str, Any]) -> None:
     from ..runs.inputs import build_data, check_ignore_layers
-    from ..runs.pipeline import (
-        compact_finetuned,
-        finetune_accuracy,
-        finish_report,
-        gather_stats,
-        needs_stats,
-        run_finetune,
-        run_prune,
-    )
+    from ..runs.pipeline import needs_stats, run_all
     from ..runs.report import format_count as n
 
     run = _run_dir(config)
-    summary_path = run.path / "prune_summary.json"
-    resumed = bool(config.get("resume")) and summary_path.is_file()  # stages 1-2 done before
-    if resumed:
+    resumed = bool(config.get("resume")) and (run.path / "prune_summary.json").is_file()
+    model = None
+    if resumed:  # statistics and pruning finished before
         data = build_data(config, need_stats=False)
     else:
         data, model = build_inputs(config, need_stats=needs_stats(config))
         check_ignore_layers(config, model)
     with run:
         run.write_config(config)
-        if resumed:
-            summary = json.loads(summary_path.read_text())
-        else:
-            # Statistics (CDP's criteria only) are written together with the pruned model,
-            # once pruning succeeded.
-            stats = gather_stats(config, data, model) if needs_stats(config) else None
-            summary = run_prune(config, run, data=data, model=model, stats=stats,
-                                save_stats=True)
-            _print_summary(summary)
-        result = run_finetune(config, run, data=data)
-        accuracy = finetune_accuracy(config, data, None, result, run_path=run.path)
-        deployable = compact_finetuned(config, run, data, result)
-        finish_report(run, config, summary, finetuned=accuracy, deployable=deployable)
-    _say(f"fine-tuned: {_accuracy_line(accuracy)}")
+        outcome = run_all(config, run, data=data, model=model, on_pruned=_print_summary)
+    _say(f"fine-tuned: {_accuracy_line(outcome.accuracy)}")
+    deployable = outcome.deployable
     if deployable and not deployable.get("unsupported"):
         acc = deployable.get("acc_recalibrated", deployable["acc_compacted"])
         _say(f"compact network: {n(deployable['macs'])} MACs, {n(deployable['params'])} "
@@ -204,7 +185,7 @@ def _cmd_run(config: dict[str, Any]) -> None:
              f"masked network ({run.path / 'compact'})")
     elif deployable:
         _say(f"compact network: not built ({deployable['unsupported']})")
-    _say(f"report: {run.path / 'report.md'}")
+    _say(f"report: {outcome.report}")
 
 
 def _cmd_compact(config: dict[str, Any]) -> None:

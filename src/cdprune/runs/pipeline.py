@@ -12,7 +12,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -605,6 +606,67 @@ def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | 
                                                           progress=progress).top1)
     return out
 
+
+
+@dataclass
+class RunOutcome:
+    """What :func:`run_all` did.
+
+    Attributes:
+        summary: the pruning's summary (MACs, parameters, accuracies before fine-tuning).
+        accuracy: the fine-tuned accuracies (:func:`finetune_accuracy`).
+        deployable: a masked run's compact network (:func:`compact_finetuned`), else None.
+        report: the ``report.md`` written.
+        finetune: what :func:`~cdprune.fine_tune` returned.
+    """
+
+    summary: dict[str, Any]
+    accuracy: dict[str, float]
+    deployable: dict[str, Any] | None
+    report: Path
+    finetune: Any
+
+
+def run_all(config: Mapping[str, Any], run: RunDir, *, data: Data,
+            model: nn.Module | None = None,
+            on_pruned: Callable[[dict[str, Any]], None] | None = None,
+            latency: Mapping[str, Any] | None = None) -> RunOutcome:
+    """The whole pipeline: statistics, pruning, fine-tuning, the deployable network, report.
+
+    ``cdprune run`` and the demo are this function. The statistics are collected only
+    when the criterion reads them; a masked run ends with its compact network measured
+    beside it. With ``config["resume"]`` and a finished pruning in ``run`` (its
+    ``prune_summary.json``), statistics and pruning are not run again and fine-tuning
+    continues from ``last.pth``.
+
+    Args:
+        config: the flat run configuration.
+        run: the run directory, entered.
+        data: the run's data (:func:`~cdprune.runs.inputs.build_data`).
+        model: the base model; may be None only when resuming after the pruning.
+        on_pruned: called with the pruning's summary as soon as it exists.
+        latency: lines for the report's latency section.
+    """
+    summary_path = run.path / "prune_summary.json"
+    if config.get("resume") and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    else:
+        if model is None:
+            raise ConfigError("run_all needs the base model unless it resumes a run whose "
+                              "pruning finished")
+        # Statistics (CDP's criteria only) are written together with the pruned model,
+        # once pruning succeeded.
+        stats = gather_stats(config, data, model) if needs_stats(config) else None
+        summary = run_prune(config, run, data=data, model=model, stats=stats,
+                            save_stats=True)
+        if on_pruned is not None:
+            on_pruned(summary)
+    result = run_finetune(config, run, data=data)
+    accuracy = finetune_accuracy(config, data, None, result, run_path=run.path)
+    deployable = compact_finetuned(config, run, data, result)
+    _, report = finish_report(run, config, summary, finetuned=accuracy, latency=latency,
+                              deployable=deployable)
+    return RunOutcome(summary, accuracy, deployable, report, result)
 
 
 def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, Any] | None,
