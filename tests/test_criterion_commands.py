@@ -211,7 +211,7 @@ def test_a_known_checkpoint_of_another_model_names_it(tmp_path):
     digest = known._sha256(path)
     known.KNOWN_CHECKPOINTS[digest] = entry
     try:
-        with pytest.raises(CheckpointError, match="pass --model resnet20b"):
+        with pytest.raises(CheckpointError, match="pass model resnet20b"):
             build_model({"model": "resnet20", "checkpoint": str(path), "dataset": "cifar10"}, 10)
     finally:
         del known.KNOWN_CHECKPOINTS[digest]

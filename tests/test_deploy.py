@@ -146,7 +146,7 @@ def test_find_run_model_without_finetuning(tmp_path):
     assert cdprune.find_run_model(tmp_path / "run").kind == "pruned"
     with pytest.raises(ConfigError, match="has no best.pth"):
         cdprune.find_run_model(tmp_path / "run", "best")
-    with pytest.raises(ConfigError, match="--weights 'newest'"):
+    with pytest.raises(ConfigError, match="weights 'newest'"):
         cdprune.find_run_model(tmp_path / "run", "newest")
     with pytest.raises(FileNotFoundError, match="holds no model"):
         cdprune.find_run_model(tmp_path)

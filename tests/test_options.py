@@ -361,3 +361,34 @@ def test_no_import_cycles_between_modules():
     for node in graph:
         if node not in state:
             visit(node, [node])
+
+
+def test_library_errors_name_fields_and_the_cli_shows_flags():
+    from cdprune.errors import CdpruneError, CheckpointError
+
+    err = CheckpointError("give a smaller {macs_target}, or {scope} all; {\"conv1\": [0]}")
+    assert str(err) == "give a smaller macs_target, or scope all; {\"conv1\": [0]}"
+    assert render(err) == "give a smaller --macs-target, or --scope all; {\"conv1\": [0]}"
+    plain = CdpruneError("nothing named here")
+    assert plain.template is None and render(plain) == "nothing named here"
+
+
+def test_no_library_error_spells_a_flag():
+    """Library errors name options by field ({field}); only the CLI knows flags."""
+    root, files = _source_files()
+    offenders = []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith("cli/"):
+            continue
+        text = f.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+                continue
+            if ast.unparse(node.exc.func) in ("FileNotFoundError", "OSError"):
+                continue  # builtin errors carry no templates
+            for const in ast.walk(node.exc):
+                if isinstance(const, ast.Constant) and isinstance(const.value, str) \
+                        and re.search(r"(?<![\w-])--[a-z]", const.value):
+                    offenders.append(f"{rel}:{node.lineno}: {const.value[:60]}")
+    assert not offenders, offenders

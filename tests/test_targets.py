@@ -68,7 +68,7 @@ def test_val_split_holds_training_images_out_and_never_uses_test_images():
     kept = set(data.train.dataset.indices)
     assert len(held) == 200 and not held & kept
     assert len(held) + len(kept) == len(plain.train.dataset)
-    with pytest.raises(ConfigError, match="--val-split"):
+    with pytest.raises(ConfigError, match="val_split 1000000 must hold out"):
         build_data({**config, "val_split": 10**6}, need_stats=False)
 
 

@@ -167,17 +167,17 @@ def check_output(path: str | os.PathLike, format: str) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in _CHECKPOINT_SUFFIXES:
-        raise OptionsError("{output} " + _braced(f"'{path}' is a weights file name ({suffix}); "
+        raise OptionsError("{output} " + (f"'{path}' is a weights file name ({suffix}); "
                            "an export never replaces checkpoints: choose a name ending in "
                            f"{SUFFIX[format]}"))
     if format == "onnx" and suffix != ".onnx":
-        raise OptionsError("{output} " + _braced(f"'{path}'") + " does not end in .onnx; "
+        raise OptionsError("{output} " + (f"'{path}'") + " does not end in .onnx; "
                            "choose a name ending in .onnx for {format} onnx")
     if path.is_dir():
         raise ConfigError(f"cannot write export to '{path}': it is a directory; choose a file "
                           "path")
     if format == "torchscript" and path.is_file() and not _is_torchscript(path):
-        raise OptionsError("{output} " + _braced(f"'{path}'") + " exists and is not a "
+        raise OptionsError("{output} " + (f"'{path}'") + " exists and is not a "
                            "TorchScript model (a checkpoint?); it is not replaced: choose "
                            "another {output}")
     return path
@@ -406,7 +406,3 @@ def _export_and_time(model: nn.Module, plan: Mapping[str, Any], found: Any,
     atomic_write_text(record, json.dumps(summary, indent=1) + "\n")
     return {**summary, "base_model": name}
 
-
-def _braced(text: str) -> str:
-    """``text`` as a literal inside an :class:`~cdprune.options.OptionsError` template."""
-    return text.replace("{", "{{").replace("}", "}}")

@@ -32,31 +32,8 @@ BOOL, INT, FLOAT, STR, INTS, FLOATS, STRS, SIZE = ("bool", "int", "float", "str"
 
 
 class OptionsError(ConfigError):
-    """A configuration error whose message names options: ``{field}`` placeholders.
-
-    ``str(error)`` writes each option as its field name; :meth:`render` lets the command
-    line write them as flags instead.
-
-    Attributes:
-        template: the message with ``{field}`` placeholders (literal braces doubled).
-    """
-
-    def __init__(self, template: str):
-        self.template = template
-        super().__init__(self.render(lambda key: key))
-
-    def render(self, name: Callable[[str], str]) -> str:
-        """The message with every ``{field}`` written as ``name(field)``."""
-        return self.template.format_map(_Names(name))
-
-
-class _Names(dict):
-    def __init__(self, name: Callable[[str], str]):
-        super().__init__()
-        self._name = name
-
-    def __missing__(self, key: str) -> str:
-        return self._name(key)
+    """A configuration error whose message names options as ``{field}`` placeholders (see
+    :class:`~cdprune.errors.CdpruneError`)."""
 
 
 class OptionError(OptionsError):
@@ -71,18 +48,13 @@ class OptionError(OptionsError):
     def __init__(self, key: str, value: Any, valid: str):
         self.key, self.value, self.valid = key, value, valid
         shown = repr(value) if isinstance(value, str) else str(value)
-        super().__init__("{" + key + "}" + _escape("=" + shown) + " is invalid; it must be "
-                         + _escape(valid))
+        super().__init__("{" + key + "}=" + shown + " is invalid; it must be " + valid)
 
     def render(self, name: Callable[[str], str]) -> str:
         text = super().render(name)
         # A flag takes its value after a space (``--coe -1``), a field after ``=``.
         flag = name(self.key)
         return text.replace(flag + "=", flag + " ", 1) if flag.startswith("-") else text
-
-
-def _escape(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
 
 
 def check(key: str, value: Any, ok: bool, valid: str) -> None:
@@ -152,7 +124,7 @@ def option_specs(cls: type) -> list[OptionSpec]:
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         text = meta["help"]
         if meta["show_default"] and default is not None and default is not False:
-            text = f"{text} (default: {_escape(_shown(default))})"
+            text = f"{text} (default: {_shown(default)})"
         out.append(OptionSpec(f.name, meta["kind"] or _kind(hints[f.name]), default, text,
                               meta["choices"], meta["positive"], cls.__name__))
     return out

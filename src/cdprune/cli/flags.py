@@ -13,7 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..options import BOOL, FLOAT, FLOATS, INT, INTS, STRS, OptionsError, OptionSpec, option_specs
+from ..errors import CdpruneError
+from ..options import BOOL, FLOAT, FLOATS, INT, INTS, STRS, OptionSpec, option_specs
 
 __all__ = ["add_options", "finite_float", "flag", "flags", "help_text", "positive_int", "render"]
 
@@ -60,14 +61,14 @@ def flag(key: str) -> str:
     return next(f for f in flags(key) if f.startswith("--"))
 
 
-def render(exc: OptionsError) -> str:
+def render(exc: CdpruneError) -> str:
     """A library error's message with its options written as flags."""
     return exc.render(flag)
 
 
 def help_text(spec: OptionSpec) -> str:
     """The ``--help`` line of an option: its help, options in it written as flags."""
-    return OptionsError(spec.help).render(flag) + HELP_SUFFIX.get(spec.name, "")
+    return CdpruneError(spec.help).render(flag) + HELP_SUFFIX.get(spec.name, "")
 
 
 def positive_int(text: str) -> int:

@@ -19,7 +19,6 @@ from ..errors import CdpruneError, ConfigError
 from ..export import ExportConfig
 from ..finetune.config import TrainConfig
 from ..importance.config import StatsConfig
-from ..options import OptionsError
 from ..pruning.config import CompactConfig, PruneConfig
 from ..runs.config import DataConfig, ModelConfig, RunConfig, RunOptions, validate
 from .commands import _OUTPUT, COMMANDS
@@ -291,7 +290,7 @@ _OS_HINTS = {
 
 def _describe(exc: BaseException, command: str) -> str:
     """One line that says what went wrong and how to go on."""
-    if isinstance(exc, OptionsError):  # the library names the option, the user typed a flag
+    if isinstance(exc, CdpruneError) and exc.template:  # options named: show their flags
         return " ".join(render(exc).split())
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" while writing '{exc.filename}'" if exc.filename else ""

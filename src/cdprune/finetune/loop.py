@@ -84,8 +84,7 @@ class DivergedError(OptionsError, FloatingPointError):
     this model (or the data are broken). The message names the ``lr`` option."""
 
     def __init__(self, what: str, lr: float):
-        super().__init__(what.replace("{", "{{").replace("}", "}}")
-                         + f"; lower {{lr}} (now {lr}) or check the data")
+        super().__init__(what + f"; lower {{lr}} (now {lr}) or check the data")
 
 
 

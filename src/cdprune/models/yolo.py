@@ -46,8 +46,8 @@ def create_yolo(name: str, num_classes: int | None = None) -> nn.Module:
         raise ConfigError(
             f"model 'yolo:{name}': ultralytics .pt files are pickled objects, and loading "
             "one would run code from the file, which cdprune never does. Convert it once, "
-            f"where you trust it: {CONVERT_HINT}; then use --model yolo:<its config, e.g. "
-            "yolov8n.yaml> --checkpoint best_state.pt")
+            f"where you trust it: {CONVERT_HINT}; then use {{model}} yolo:<its config, e.g. "
+            "yolov8n.yaml> with {checkpoint} best_state.pt")
     if suffix not in (".yaml", ".yml"):
         raise ConfigError(f"model 'yolo:{name}' is not a model configuration; give a .yaml "
                           "such as yolo:yolov8n.yaml or yolo:yolo11n.yaml")

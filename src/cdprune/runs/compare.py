@@ -406,7 +406,7 @@ def read_comparison(path: str | os.PathLike) -> list[dict[str, Any]]:
                  for k, v in row.items()} for row in rows]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"cannot resume: '{path}' is not a comparison written by cdprune "
-                          f"({exc}); remove it or choose another --output-dir") from None
+                          f"({exc}); remove it or choose another {{output_dir}}") from None
 
 
 def _plot(path: Path, summary: Sequence[Mapping[str, Any]]) -> None:

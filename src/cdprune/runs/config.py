@@ -191,9 +191,6 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _braced(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
-
 
 def check_value(key: str, value: Any, where: str | None = None) -> Any:
     """``value`` if it has the type of option ``key`` (ints are accepted as floats, one
@@ -220,12 +217,12 @@ def check_value(key: str, value: Any, where: str | None = None) -> Any:
             isinstance(x, int) and not isinstance(x, bool) for x in v),
         SIZE: lambda v: isinstance(v, str) or _is_number(v),
     }[kind](value)
-    named = _braced(where) if where else "{" + key + "}"
+    named = (where) if where else "{" + key + "}"
     if not ok:
         got = f"the string {value!r}" if isinstance(value, str) else \
             f"a {type(value).__name__}" if isinstance(value, (list, dict)) else repr(value)
         fix = "; write it without quotes" if isinstance(value, str) else ""
-        raise OptionsError(f"{named} must be {_WORDS[kind]}, got {_braced(got)}{fix}")
+        raise OptionsError(f"{named} must be {_WORDS[kind]}, got {(got)}{fix}")
     if kind == FLOAT:
         value = float(value)
     if kind == FLOATS:
@@ -277,7 +274,7 @@ def validate(config: dict[str, Any], *, need_target: bool = False) -> None:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and not _utf8(v):
                 shown = repr(v.encode("utf-8", "replace").decode())
-                raise OptionsError("{" + key + "} " + _braced(shown) + " is not valid UTF-8; "
+                raise OptionsError("{" + key + "} " + (shown) + " is not valid UTF-8; "
                                    "rename it with UTF-8 characters only")
     for key, spec in specs.items():
         value = config.get(key)
@@ -314,7 +311,7 @@ def validate(config: dict[str, Any], *, need_target: bool = False) -> None:
     if get("variant") == "published":
         conflicts = published_conflicts(config)
         if conflicts:
-            given = ", ".join("{" + k + "} " + _braced(str(config[k])) for k in conflicts)
+            given = ", ".join("{" + k + "} " + (str(config[k])) for k in conflicts)
             one = len(conflicts) == 1
             raise OptionsError(
                 f"{{variant}} published sets every CDP option to the published code's, but "
@@ -323,7 +320,7 @@ def validate(config: dict[str, Any], *, need_target: bool = False) -> None:
     CompactConfig.from_config(config).validate()
     device = get("device")
     if device is not None and not _DEVICE.match(device):
-        raise OptionsError("{device} " + _braced(repr(device)) + " is not supported; use cpu, "
+        raise OptionsError("{device} " + (repr(device)) + " is not supported; use cpu, "
                            "cuda or cuda:N")
     _check_normalisation(config)
 
@@ -348,7 +345,7 @@ def _check_normalisation(config: dict[str, Any]) -> None:
         if len(values) != channels:
             one = channels == 1
             raise OptionsError(
-                "{" + key + "}" + _braced(
+                "{" + key + "}" + (
                     f" has {len(values)} values but dataset '{config['dataset']}' has "
                     f"{channels} input channel{'' if one else 's'}; give "
                     f"{'1 value' if one else f'1 or {channels} values'}"))
@@ -358,7 +355,7 @@ def _check_normalisation(config: dict[str, Any]) -> None:
         problem = normalisation_problem(values if key == "mean" else None,
                                         values if key == "std" else None, where="")
         if problem:
-            raise OptionsError("{" + key + "}" + _braced(problem[len(key):]))
+            raise OptionsError("{" + key + "}" + (problem[len(key):]))
         config[key] = values
 
 
@@ -377,7 +374,7 @@ def check_round_to(config: Mapping[str, Any], model: Any) -> None:
         return
     name, width = max(convs, key=lambda c: c[1])
     if round_to >= width:
-        raise OptionsError("{round_to} " + _braced(
+        raise OptionsError("{round_to} " + (
             f"{round_to} removes nothing: the widest layer ({name}) has {width} channels, and "
             f"widths stay multiples of {round_to}") + "; give a {round_to} " + f"below {width}")
 
@@ -395,10 +392,10 @@ def check_coe(config: Mapping[str, Any], model: Any) -> None:
     name, width = min(convs, key=lambda c: c[1])
     b = math.log(width / coe) + 1.0
     if b <= 0:
-        raise OptionsError("{coe} " + _braced(
+        raise OptionsError("{coe} " + (
             f"{coe:g} is invalid: it gives layer '{name}' ({width} channels) the balance "
             f"factor ln({width}/{coe:g}) + 1 = {b:.3g}, which reverses its ranking") + "; give "
-            "a {coe} " + _braced(f"below e x {width} = {math.e * width:.4g} (e times the "
+            "a {coe} " + (f"below e x {width} = {math.e * width:.4g} (e times the "
                                  "narrowest layer's width)"))
 
 
@@ -415,7 +412,7 @@ def check_input_channels(config: Mapping[str, Any], model: Any) -> None:
     except (KeyError, ValueError, TypeError):
         return
     if first is not None and first.in_channels != channels:
-        raise OptionsError("{model} " + _braced(
+        raise OptionsError("{model} " + (
             f"{config.get('model')} reads {first.in_channels}-channel images but dataset "
             f"'{config['dataset']}' has {channels}-channel images; choose a model built for "
             "this dataset (see `cdprune models`)"))

@@ -39,11 +39,11 @@ def _device(config: Mapping[str, Any]) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a valid device; use cpu, cuda or cuda:N"
+        raise ConfigError(f"{{device}} {name!r} is not a valid device; use cpu, cuda or cuda:N"
                           ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but CUDA is not available; use "
-                          "--device cpu")
+        raise ConfigError(f"{{device}} {name} asked for, but CUDA is not available; use "
+                          "{device} cpu")
     return device
 
 
@@ -73,7 +73,7 @@ def build_model(config: Mapping[str, Any], num_classes: int | None = None) -> nn
             if known is None or known.model == str(config["model"]).lower():
                 raise
             raise CheckpointError(f"{exc}; '{config['checkpoint']}' is {known.name}, the "
-                                  f"weights of {known.model}: pass --model {known.model}"
+                                  f"weights of {known.model}: pass {{model}} {known.model}"
                                   ) from None
     return model
 
@@ -140,7 +140,7 @@ def _check_classifier(model: nn.Module, state: Mapping[str, torch.Tensor],
         raise DataError(f"checkpoint '{config['checkpoint']}' has a {rows}-class classifier "
                         f"('{key}' has {rows} outputs) but dataset '{dataset}' has "
                         f"{num_classes} classes; use a checkpoint trained on {dataset}, or the "
-                        f"--dataset the checkpoint was trained on{hint}")
+                        f"{{dataset}} the checkpoint was trained on{hint}")
 
 
 def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
@@ -155,7 +155,7 @@ def check_ignore_layers(config: Mapping[str, Any], model: nn.Module) -> None:
         if name not in named:
             hint = (did_you_mean(name, named)
                     or f"module names look like {', '.join(named[:3])}")
-            raise ConfigError(f"--ignore-layers: '{name}' is not a layer of "
+            raise ConfigError(f"{{ignore_layers}}: '{name}' is not a layer of "
                               f"{config.get('model')}; {hint}")
 
 
@@ -272,8 +272,8 @@ def _model_input_size(config: Mapping[str, Any]) -> tuple[int, ...]:
     from ..models import model_spec
 
     if not config.get("model"):
-        raise ConfigError("--dataset folder needs --model (its input size sets the image "
-                          "size) or --model-dir")
+        raise ConfigError("{dataset} folder needs {model} (its input size sets the image "
+                          "size) or {model_dir}")
     return tuple(model_spec(config["model"]).input_size)
 
 
@@ -331,7 +331,7 @@ def _hold_out(config: Mapping[str, Any], train_set: Any, name: str, root: Any,
 
     total, held = len(train_set), int(config["val_split"])
     if not 0 < held < total:
-        raise ConfigError(f"--val-split {held} must hold out between 1 and {total - 1} of "
+        raise ConfigError(f"{{val_split}} {held} must hold out between 1 and {total - 1} of "
                           f"the {total} training images")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     held_idx, rest = order[:held].sort().values, order[held:]

@@ -94,7 +94,7 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
         FileNotFoundError: ``path`` holds none of the three kinds of directory.
     """
     if weights not in WEIGHTS:
-        raise ConfigError(f"--weights {weights!r} is not valid; use one of {', '.join(WEIGHTS)}")
+        raise ConfigError(f"{{weights}} {weights!r} is not valid; use one of {', '.join(WEIGHTS)}")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory '{path}' does not exist; point --model-dir "
@@ -128,8 +128,8 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
     file = folder / (BEST if kind == "best" else LAST) if folder else None
     if file is None or not file.is_file():
         where = folder or path
-        raise ConfigError(f"--weights {weights}: '{where}' has no {kind}.pth (fine-tuning did "
-                          "not run there); use --weights pruned, or fine-tune first")
+        raise ConfigError(f"{{weights}} {weights}: '{where}' has no {kind}.pth (fine-tuning did "
+                          "not run there); use {weights} pruned, or fine-tune first")
     return RunModel(pruned, file, kind)
 
 
@@ -147,7 +147,7 @@ def read_finetuned(found: RunModel, plan: dict[str, Any]) -> dict[str, torch.Ten
                                    or _masks(origin) != _masks(plan))) \
             or origin.get("masked") != plan.get("masked"):
         raise CheckpointError(f"'{found.weights}' was fine-tuned from another pruned model "
-                              f"than '{found.pruned_dir}'; point --model-dir at the run that "
+                              f"than '{found.pruned_dir}'; point {{model_dir}} at the run that "
                               "wrote it")
     return obj["model"]
 

@@ -81,7 +81,7 @@ def _check_fit(directory: Path, plan: Mapping[str, Any], config: Mapping[str, An
         dataset = (plan.get("extra") or {}).get("dataset") or "its own dataset"
         raise DataError(f"the pruned model in '{directory}' has {planned} classes but dataset "
                         f"'{config.get('dataset')}' has {num_classes}; use it with "
-                        f"--dataset {dataset}")
+                        f"{{dataset}} {dataset}")
 
     size = plan.get("input_size")
     if not config.get("dataset") or not isinstance(size, list) or not size:
@@ -129,11 +129,11 @@ def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
     zoo = plan.get("zoo_model")
     asked = config.get("model")
     if asked and zoo and str(asked).lower() != str(zoo).lower():
-        raise ConfigError(f"--model {asked} does not match the model '{directory}' was pruned "
-                          f"from ({zoo}); leave out --model or pass --model {zoo}")
+        raise ConfigError(f"{{model}} {asked} does not match the model '{directory}' was pruned "
+                          f"from ({zoo}); leave out {{model}} or pass {{model}} {zoo}")
     name = asked or zoo
     if not name:
-        raise ConfigError(f"'{directory}' holds a user model; pass --model with a zoo name, "
+        raise ConfigError(f"'{directory}' holds a user model; pass {{model}} with a zoo name, "
                           "or load it from Python with cdprune.load_pruned")
     _check_fit(directory, plan, config, num_classes)
     planned = (plan.get("extra") or {}).get("num_classes")
@@ -144,7 +144,7 @@ def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
         model = load_pruned(directory, base)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (pruned model '{directory}'); prune {name} again with "
-                              "`cdprune prune`, or point --model-dir at a directory pruned "
+                              "`cdprune prune`, or point {model_dir} at a directory pruned "
                               f"from {name}") from None
     if config.get("checkpoint"):  # honoured, never ignored: weights of the pruned model
         from .locate import RunModel
@@ -153,9 +153,9 @@ def load_model_dir(path: str | os.PathLike, config: Mapping[str, Any],
         try:
             apply_weights(model, read_state_dict(source), source=source)
         except CheckpointError as exc:
-            raise CheckpointError(f"{exc}. With --model-dir, --checkpoint must hold weights of "
+            raise CheckpointError(f"{exc}. With {{model_dir}}, {{checkpoint}} must hold weights of "
                                   f"the pruned model (e.g. a fine-tuned best.pth), not of the "
-                                  "unpruned base model; leave out --checkpoint to use the "
+                                  "unpruned base model; leave out {checkpoint} to use the "
                                   "run's own weights") from None
         found = RunModel(directory, Path(source), "checkpoint")
     elif found.finetuned:

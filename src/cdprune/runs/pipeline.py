@@ -452,15 +452,15 @@ def load_masks(path: str | os.PathLike) -> dict[str, list[int]]:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"--removed-filters '{path}' does not exist; give the JSON file of "
+        raise ConfigError(f"{{removed_filters}} '{path}' does not exist; give the JSON file of "
                           "the masked filters (or the masked run's report.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
-        raise CheckpointError(f"--removed-filters '{path}' is not a JSON file ({exc})") from None
+        raise CheckpointError(f"{{removed_filters}} '{path}' is not a JSON file ({exc})") from None
     if isinstance(doc, dict) and isinstance(doc.get("removed_filters"), dict):
         doc = doc["removed_filters"]
     if not isinstance(doc, dict) or not all(
             isinstance(k, str) and isinstance(v, list) for k, v in doc.items()):
-        raise CheckpointError(f"--removed-filters '{path}' must map conv names to lists of "
+        raise CheckpointError(f"{{removed_filters}} '{path}' must map conv names to lists of "
                               "filter indices, e.g. {\"layer1.0.conv1\": [0, 5]}")
     return doc
 

@@ -166,17 +166,17 @@ class RunDir:
         self._files: set[str] = set()  # what this run owns, relative to the directory
         self._old: set[str] = set()  # what the run it replaces owned
         if resume and overwrite:
-            raise ConfigError("--resume and --overwrite exclude each other: --resume continues "
-                              "the run in the output directory, --overwrite removes it; give "
+            raise ConfigError("{resume} and {overwrite} exclude each other: {resume} continues "
+                              "the run in the output directory, {overwrite} removes it; give "
                               "one of them")
         if not self.main:
             return
         if self.path.is_symlink() and not self.path.exists():
-            raise ConfigError(f"--output-dir '{self.path}' is a broken or looping symbolic "
-                              "link; point it at a directory or choose another --output-dir")
+            raise ConfigError(f"{{output_dir}} '{self.path}' is a broken or looping symbolic "
+                              "link; point it at a directory or choose another {output_dir}")
         if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--output-dir '{self.path}' is a file, not a directory; choose "
-                              "another --output-dir")
+            raise ConfigError(f"{{output_dir}} '{self.path}' is a file, not a directory; choose "
+                              "another {output_dir}")
         if self._locked_elsewhere():
             raise self._busy()
         self._check_existing()  # early, before any work; again under the lock
@@ -241,8 +241,8 @@ class RunDir:
             names = _shown([p.name for p in existing])
             raise ConfigError(f"{where} is not empty ({names}) and holds no cdprune run "
                               f"(no {self.MANIFEST}): files no cdprune run wrote are left "
-                              "alone, with or without --overwrite; choose another "
-                              "--output-dir")
+                              "alone, with or without {overwrite}; choose another "
+                              "{output_dir}")
         owned = {self.MANIFEST, *record["files"]}
         if self.overwrite or (self.replaces and record["stage"] == self.replaces):
             self._check_inputs()
@@ -250,35 +250,35 @@ class RunDir:
             if foreign:
                 raise ConfigError(
                     f"{where} holds files that no cdprune run wrote ({_shown(foreign)}) "
-                    f"beside the run: --overwrite removes only the files its "
+                    f"beside the run: {{overwrite}} removes only the files its "
                     f"{self.MANIFEST} lists and never a folder holding others; move them "
-                    "out, or choose another --output-dir")
+                    "out, or choose another {output_dir}")
             self._replace, self._old = True, owned
             return
         if not self.resume:
             raise ConfigError(f"{where} already holds a run (written by `cdprune "
                               f"{record['stage']}`); {self._flag_hint()}, or choose another "
-                              "--output-dir")
+                              "{output_dir}")
         self._files = set(owned)
         if record.get("clearing"):
-            raise ConfigError(f"{where} holds a run whose --overwrite was interrupted while "
+            raise ConfigError(f"{where} holds a run whose {{overwrite}} was interrupted while "
                               "removing the old run's files; run the command again with "
-                              "--overwrite (without --resume)")
+                              "{overwrite} (without {resume})")
         if self.stage is None:
             return
         if record["stage"] != self.stage:
             raise ConfigError(f"{where} was written by `cdprune {record['stage']}`, not "
-                              f"`cdprune {self.stage}`; --resume continues only the same "
-                              "command: pass --overwrite to replace it, or choose another "
-                              "--output-dir")
+                              f"`cdprune {self.stage}`; {{resume}} continues only the same "
+                              "command: pass {overwrite} to replace it, or choose another "
+                              "{output_dir}")
         if self.identity is not None and record["config"] != self.identity:
             old, new = record["config"], self.identity
             diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             shown = ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now"
                               for k in diff[:3])
             raise ConfigError(f"{where} holds a run with another configuration ({shown}); "
-                              "--resume needs the same options: repeat them, or pass "
-                              "--overwrite to start again")
+                              "{resume} needs the same options: repeat them, or pass "
+                              "{overwrite} to start again")
         self._check_workers(record)
         self._check_epochs()
 
@@ -286,9 +286,9 @@ class RunDir:
         """--overwrite clears the directory: nothing this command reads may lie inside it."""
         for flag, path in self.inputs.items():
             if (path.exists() or path.is_symlink()) and _inside(path, self.path):
-                raise ConfigError(f"{flag} '{path}' lies inside --output-dir '{self.path}', "
-                                  "which --overwrite would clear; move it out of the "
-                                  "directory, or choose another --output-dir")
+                raise ConfigError(f"{flag} '{path}' lies inside {{output_dir}} '{self.path}', "
+                                  "which {overwrite} would clear; move it out of the "
+                                  "directory, or choose another {output_dir}")
 
     def _workers_free(self) -> bool:
         """Whether another -j leaves the result unchanged: fine-tuning data held in memory
@@ -304,7 +304,7 @@ class RunDir:
             return
         why = ("--no-fast-data" if self.config.get("fast_data") is False
                else f"dataset '{self.config.get('dataset')}'")
-        raise ConfigError(f"--resume with -j {now}, but the run in '{self.path}' was started "
+        raise ConfigError(f"{{resume}} with -j {now}, but the run in '{self.path}' was started "
                           f"with -j {before}: with {why} every DataLoader worker draws its "
                           "own augmentation stream, so another -j would change the result; "
                           f"resume with -j {before}")
@@ -322,10 +322,10 @@ class RunDir:
         except (CheckpointError, AttributeError):
             return  # a damaged last.pth: fine-tuning refuses it in its own words
         if isinstance(done, int) and not isinstance(done, bool) and epochs < done:
-            raise ConfigError(f"--epochs {epochs} is fewer than the {done} epochs the run in "
-                              f"'{self.path}' already finished; --resume continues a run and "
-                              f"never shortens its record: give --epochs {done} or more, or "
-                              "choose another --output-dir")
+            raise ConfigError(f"{{epochs}} {epochs} is fewer than the {done} epochs the run in "
+                              f"'{self.path}' already finished; {{resume}} continues a run and "
+                              f"never shortens its record: give {{epochs}} {done} or more, or "
+                              "choose another {output_dir}")
 
     def _busy(self) -> ConfigError:
         return ConfigError(f"another cdprune process is using '{self.path}' (lock file "
@@ -380,7 +380,7 @@ class RunDir:
             return
         if os.path.lexists(path):
             raise ConfigError(f"'{path}' exists and no cdprune run wrote it; it is left alone: "
-                              f"move it out of '{self.path}', or choose another --output-dir")
+                              f"move it out of '{self.path}', or choose another {{output_dir}}")
         self._files.add(name)
         self._write_manifest()
 
