@@ -336,7 +336,10 @@ def test_yolo_pickled_checkpoint_refused_with_the_conversion(name):
     """Ultralytics .pt files are pickles: never loaded, and the error says how to convert."""
     with pytest.raises(ConfigError, match="pickled") as info:
         create_model(name)
-    assert "state_dict()" in str(info.value) and "--checkpoint" in str(info.value)
+    assert "state_dict()" in str(info.value) and "checkpoint best_state.pt" in str(info.value)
+    from cdprune.cli.flags import render
+
+    assert "--checkpoint best_state.pt" in render(info.value)  # as the command line says it
 
 
 def test_yolo_name_must_be_a_config():
