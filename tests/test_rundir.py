@@ -296,13 +296,13 @@ def _interrupted(assets: Path, out: Path, monkeypatch, *extra: str) -> None:
     """Fine-tune for 2 epochs, stopped (as by a kill) once epoch 1 is saved."""
     from cdprune.finetune import loop as train
 
-    real = train._write_metrics
+    real = train.write_metrics
 
     def stop(path, history):
         real(path, history)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_write_metrics", stop)
+    monkeypatch.setattr(train, "write_metrics", stop)
     assert main(_finetune(assets, out, "--epochs", "2", *extra)) == 130
     monkeypatch.undo()
 

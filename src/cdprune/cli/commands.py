@@ -134,7 +134,7 @@ def _accuracy_line(accuracy: dict[str, float]) -> str:
 
 def _cmd_eval(config: dict[str, Any]) -> None:
     from ..measure.evaluate import evaluate
-    from ..runs.inputs import _device, build_data, check_base_accuracy
+    from ..runs.inputs import build_data, check_base_accuracy, resolve_device
     from ..runs.modeldir import load_model_dir, model_dir_defaults
 
     config = model_dir_defaults(config)
@@ -148,7 +148,7 @@ def _cmd_eval(config: dict[str, Any]) -> None:
         if not config.get("model"):
             raise ConfigError("give --model (and --checkpoint) or --model-dir")
         data, model = build_inputs(config, need_train=False, need_stats=False)
-    device = _device(config)
+    device = resolve_device(config)
     result = evaluate(model.to(device), data.val, device=device,
                       progress=not config.get("no_progress"))
     doc = result.to_dict()
@@ -243,7 +243,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
     from ..importance.criteria import criterion_names
     from ..runs.compare import compare_criteria, read_comparison, write_comparison
-    from ..runs.inputs import _device
+    from ..runs.inputs import resolve_device
     from ..runs.pipeline import cdp_options, pruned_extra
 
     targets = config.get("macs_targets")
@@ -294,7 +294,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
             cdp_options={k: v for k, v in {**options["stats"], **options["scores"]}.items()
                          if k in ("tap", "normalize", "variant")},
             allocation=options["prune"].get("allocation", "global"),
-            device=_device(config), progress=not config.get("no_progress"),
+            device=resolve_device(config), progress=not config.get("no_progress"),
             on_row=on_row, done=done, bn_recalibrate=int(config.get("bn_recalibrate") or 0),
             recal_loader=data.recal, model_name=config["model"],
             pruned_extra=pruned_extra(config, data))

@@ -11,7 +11,7 @@ from ..errors import ConfigError, DataError
 from .transforms import Transform
 
 
-class _InMemoryImages(Dataset):
+class InMemoryImages(Dataset):
     """Images held as one float tensor ``data`` [N, C, H, W] with ``targets`` and ``transform``."""
 
     data: torch.Tensor
@@ -28,7 +28,7 @@ class _InMemoryImages(Dataset):
         return img, self.targets[index]
 
 
-class Digits(_InMemoryImages):
+class Digits(InMemoryImages):
     """scikit-learn's bundled 8x8 handwritten digits as 1-channel images in [0, 1].
 
     The 1797 images are split per class (stratified) with a fixed seed, so train and test
@@ -68,7 +68,7 @@ class Digits(_InMemoryImages):
         self.train = train
 
 
-class SyntheticImages(_InMemoryImages):
+class SyntheticImages(InMemoryImages):
     """Small class-conditional images for tests: a smooth per-class pattern plus noise.
 
     Each class has its own low-frequency mean image, so a small CNN learns the task in a few

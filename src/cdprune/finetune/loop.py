@@ -53,13 +53,13 @@ from .resume import (
     CHECKPOINT_VERSION,
     LAST,
     METRICS,
-    _check_plain,
-    _load_resume,
-    _replan,
-    _rng_state,
-    _set_rng_state,
-    _write_metrics,
+    check_plain,
+    load_resume,
+    replan,
+    restore_rng_state,
+    rng_state,
     seed_epoch,
+    write_metrics,
 )
 
 if TYPE_CHECKING:
@@ -281,7 +281,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
     """
     config.validate()
     if extra_state is not None:
-        _check_plain(extra_state)
+        check_plain(extra_state)
         extra_state = dict(extra_state)
     if masks:
         extra_state = {**(extra_state or {}),
@@ -307,7 +307,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
 
     state: dict[str, Any] | None = None
     if resume and last_path.is_file():
-        state = _load_resume(last_path, model, config)
+        state = load_resume(last_path, model, config)
         logger.info("resuming from %s after epoch %d", last_path, state["epoch"])
     elif resume:
         logger.warning("resume requested but %s does not exist; starting from scratch",
@@ -340,11 +340,11 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         if use_amp and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, iteration = int(state["epoch"]), int(state["iteration"])
-        _replan(optimizer, scheduler, state.get("config") or {}, config, iteration,
-                iters_per_epoch)
+        replan(optimizer, scheduler, state.get("config") or {}, config, iteration,
+               iters_per_epoch)
         best_acc = float(state["best_acc"])
         history = list(state["history"])
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
 
     held = None
     if masks:
@@ -406,10 +406,10 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if use_amp else None,
                     "epoch": epoch + 1, "iteration": iteration, "best_acc": best_acc,
-                    "history": history, "rng": _rng_state(), "config": config.to_dict(),
+                    "history": history, "rng": rng_state(), "config": config.to_dict(),
                     "extra": extra_state,
                 }, last_path)
-                _write_metrics(metrics_path, history)
+                write_metrics(metrics_path, history)
             barrier()
             logger.info("epoch %d/%d: loss %.4f, train %.2f%%, val %s (best %.2f%%), "
                         "lr %.4g, %.1f s", epoch + 1, config.epochs, record["train_loss"],

@@ -24,9 +24,9 @@ from torch import nn
 from ..checkpoint import atomic_write_text, load_weights, save_weights
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..version import __version__
-from .graph import _build_graph
-from .groups import _Candidate
-from .surgery import _prune_together
+from .graph import build_graph
+from .groups import Candidate
+from .surgery import prune_together
 
 if TYPE_CHECKING:
     from .compact import CompactInfo
@@ -39,8 +39,9 @@ PLAN_FORMAT = "cdprune.plan/1"
 MAX_CLASSES = 1_000_000
 
 
-def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],
-           names: dict[nn.Module, str]) -> dict[str, Any]:
+def apply_removals(graph: tp.DependencyGraph, cands: list[Candidate], removals: list[list[int]],
+                   names: dict[nn.Module, str]) -> dict[str, Any]:
+    """Remove the chosen channels of each candidate and return the plan that replays it."""
     steps, parts = [], []
     for cand, idxs in zip(cands, removals):
         if not idxs:
@@ -56,7 +57,7 @@ def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[li
                     "idxs": [int(i) for i in local]} for root, _, local in step]
         steps.append(records[0] if len(records) == 1 else {"parts": records})
     kept = {names[module]: [i for i in range(width) if i not in gone]
-            for module, (width, gone) in _prune_together(graph, parts).items()}
+            for module, (width, gone) in prune_together(graph, parts).items()}
     return {"format": PLAN_FORMAT, "steps": steps, "kept": kept}
 
 
@@ -66,7 +67,7 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
         raise CheckpointError(f"not a cdprune plan (expected format {PLAN_FORMAT!r})")
     if plan.get("compact") is not None:
         return _replay_compact(model, plan)
-    graph = _build_graph(model, example_inputs)
+    graph = build_graph(model, example_inputs)
     named = dict(model.named_modules())
     parts = []
     for step in plan["steps"]:
@@ -88,7 +89,7 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
                 raise CheckpointError(f"plan step for '{record['module']}' removes channels "
                                       f"{idxs[:8]}... that do not fit its {width} channels")
             parts.append((module, fn, idxs))
-    _prune_together(graph, parts)  # every step's indices are in the base model's numbering
+    prune_together(graph, parts)  # every step's indices are in the base model's numbering
     return model
 
 

@@ -335,9 +335,9 @@ def read_comparison(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _plot(path: Path, summary: Sequence[Mapping[str, Any]]) -> None:
-    from .report import _pyplot, _save_figure
+    from .report import load_pyplot, save_figure
 
-    plt = _pyplot()
+    plt = load_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     summary = [line for line in summary if line["status"] == "done"]
     for criterion in dict.fromkeys(line["criterion"] for line in summary):
@@ -350,7 +350,7 @@ def _plot(path: Path, summary: Sequence[Mapping[str, Any]]) -> None:
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Accuracy vs MACs")
     ax.legend(fontsize=7)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def default_budget(epochs: float = 1, **overrides: Any) -> TrainConfig:

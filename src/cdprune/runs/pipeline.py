@@ -26,10 +26,10 @@ from ..options import PruneConfig, flag
 from ..progress import stage as logged_stage
 from .inputs import (
     Data,
-    _device,
     build_data,
     build_model,
     check_base_accuracy,
+    resolve_device,
 )
 from .modeldir import load_pruned_dir, pruned_dir
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
@@ -104,7 +104,7 @@ def criterion_scores(config: Mapping[str, Any], model: nn.Module, data: Data,
                               "collect them first (`cdprune stats`) or run `cdprune run`")
         return tfidf_scores(stats, **cdp_options(config)["scores"])
     context = ScoreContext(example_inputs=_example(data.input_size), batches=data.train,
-                           seed=int(config.get("seed") or 0), device=_device(config),
+                           seed=int(config.get("seed") or 0), device=resolve_device(config),
                            progress=not config.get("no_progress"))
     with logged_stage(f"{criterion.label} scores"):
         return criterion.score(model, context)
@@ -112,7 +112,7 @@ def criterion_scores(config: Mapping[str, Any], model: nn.Module, data: Data,
 
 def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> ActivationStats:
     """Collect the activation statistics the config asks for; nothing is written."""
-    device = _device(config)
+    device = resolve_device(config)
     model.to(device)
     started = time.perf_counter()
     # build_data already sampled stop_batch batches of images (split across ranks under
@@ -217,7 +217,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
                            or run.path / "stats.safetensors")
     options = cdp_options(config)
     scores = criterion_scores(config, model, data, stats)
-    device = _device(config)
+    device = resolve_device(config)
     example = _example(data.input_size)
     stage = PruneConfig.from_config(config)  # unset options take the stage's defaults
     kwargs = dict(ignored_layers=stage.ignore_layers or None, scope=stage.scope,
@@ -433,7 +433,7 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                       f"{'' if train_cfg.epochs == 1 else 's'})"):
         result = fine_tune(model, data.train, data.select or data.val, train_cfg,
                            output_dir=run.path,
-                           device=_device(config), resume=bool(config.get("resume")),
+                           device=resolve_device(config), resume=bool(config.get("resume")),
                            extra_state={"plan": dict(plan)} if plan else None,
                            progress=not config.get("no_progress"),
                            masks=(plan or {}).get("masked"))
@@ -480,7 +480,7 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
     from ..options import CompactConfig
     from ..pruning import compact, read_plan, save_compact
 
-    device = _device(config)
+    device = resolve_device(config)
     images = next(iter(data.val))[0][:64]
     small, info = compact(model.to(device), masks, example_inputs=images.to(device))
     summary: dict[str, Any] = {
@@ -546,7 +546,7 @@ def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | 
         model, _ = load_pruned_dir(config.get("model_dir") or run_path, config,
                                    data.num_classes)
         model.load_state_dict(safe_torch_load(result.last_checkpoint)["model"])
-    device = _device(config)
+    device = resolve_device(config)
     progress = not config.get("no_progress")
     out = {"finetuned": float(evaluate(model.to(device), data.val, device=device,
                                        progress=progress).top1),

@@ -186,7 +186,8 @@ def write_report(directory: str | os.PathLike, report: Mapping[str, Any]) -> tup
     return js, md
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
     import io
 
     import matplotlib.pyplot as plt
@@ -197,7 +198,8 @@ def _save_figure(fig: Any, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _pyplot():
+def load_pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -209,7 +211,7 @@ def _pyplot():
 def plot_widths(path: str | os.PathLike, widths_before: Mapping[str, int],
                 widths_after: Mapping[str, int]) -> Path:
     """Bar chart of channels kept versus original, one bar per Conv2d."""
-    plt = _pyplot()
+    plt = load_pyplot()
     names = list(widths_before)
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 4))
     xs = range(len(names))
@@ -221,12 +223,12 @@ def plot_widths(path: str | os.PathLike, widths_before: Mapping[str, int],
     ax.set_ylabel("channels")
     ax.set_title("Channels kept per layer")
     ax.legend()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor]) -> Path:
     """Box plot of the CDP score distribution of each layer."""
-    plt = _pyplot()
+    plt = load_pyplot()
     names = list(scores)
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 4))
     ax.boxplot([scores[n].float().numpy() for n in names], showfliers=False)
@@ -234,12 +236,12 @@ def plot_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor]) -> 
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("CDP score")
     ax.set_title("Score distribution per layer")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_training(path: str | os.PathLike, history: Sequence[Mapping[str, Any]]) -> Path:
     """Training loss and validation accuracy per epoch."""
-    plt = _pyplot()
+    plt = load_pyplot()
     epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     losses = [h.get("train_loss") for h in history]
@@ -261,4 +263,4 @@ def plot_training(path: str | os.PathLike, history: Sequence[Mapping[str, Any]])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation top-1 (%)")
     fig.suptitle("Fine-tuning")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
