@@ -5,14 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from cdprune.checkpoint import (
-    atomic_torch_save,
-    atomic_write_text,
-    load_weights,
-    read_state_dict,
-    save_weights,
-)
+from cdprune.checkpoint import load_weights, read_state_dict, save_weights
 from cdprune.errors import CheckpointError
+from cdprune.fileio import atomic_torch_save, atomic_write_text
 from cdprune.models import create_model, list_models, model_spec
 
 IMAGENET = {"resnet18", "resnet34", "resnet50", "mobilenet_v2"}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cdprune.errors import ConfigError
-from cdprune.finetune.loop import TrainConfig
+from cdprune.finetune.config import TrainConfig
 from cdprune.importance.criteria import (
     CRITERIA,
     bn_scale_scores,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cdprune import checkpoint
+from cdprune import checkpoint, fileio
 from cdprune.cli import main
 from cdprune.errors import ConfigError
 from cdprune.fileio import atomic_write_bytes
@@ -110,8 +110,8 @@ def test_yaml_values_are_checked_per_key(yaml_text, needle, tmp_path, capsys):
                                         ("0.0005", 5e-4), ("3", 3.0)])
 def test_yaml_numbers_in_exponent_form_are_numbers(text, value, tmp_path):
     """YAML 1.1 reads 1e-5 as a string; a number written without quotes is a number."""
-    from cdprune.cli.main import DEFAULTS
     from cdprune.cli.config_io import load_yaml
+    from cdprune.cli.main import DEFAULTS
 
     (tmp_path / "y.yaml").write_text(f"weight_decay: {text}\nlr: '1e-5'\n")
     with pytest.raises(ConfigError, match="lr must be a number, got the string '1e-5'"):
@@ -294,7 +294,7 @@ def test_demo_with_overwrite_leaves_no_old_file(tmp_path, base):
 
 # ============================================================== resume
 def _tiny_training(tmp_path: Path):
-    from cdprune.finetune.loop import TrainConfig
+    from cdprune.finetune.config import TrainConfig
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 3, 8, 8, generator=g), torch.arange(64) % 4
@@ -309,7 +309,8 @@ def _tiny_training(tmp_path: Path):
 
 
 def test_resume_with_more_epochs_replans_the_schedule(tmp_path, caplog):
-    from cdprune.finetune.loop import fine_tune, lr_factor
+    from cdprune.finetune.config import lr_factor
+    from cdprune.finetune.loop import fine_tune
 
     loader, model, cfg = _tiny_training(tmp_path)
     fine_tune(model(), loader, loader, cfg(2), output_dir=tmp_path, progress=False)
@@ -334,7 +335,7 @@ def test_a_damaged_last_pth_is_one_line(damage, needle, tmp_path, base, capsys):
     assert main(_run(base, out, epochs="2")) == 0
     state = checkpoint.safe_torch_load(out / "last.pth")
     damage(state)
-    checkpoint.atomic_torch_save(state, out / "last.pth")
+    fileio.atomic_torch_save(state, out / "last.pth")
     capsys.readouterr()
     assert main(_run(base, out, "--resume", epochs="3")) == 2
     line = _one_line(capsys)

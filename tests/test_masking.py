@@ -11,7 +11,8 @@ from torch import nn
 
 from cdprune.cli import main
 from cdprune.errors import ConfigError
-from cdprune.finetune.loop import TrainConfig, fine_tune
+from cdprune.finetune.config import TrainConfig
+from cdprune.finetune.loop import fine_tune
 from cdprune.measure.macs import count_macs, paper_macs
 from cdprune.models import create_model
 from cdprune.pruning.masking import (

@@ -7,10 +7,10 @@ from dataclasses import dataclass, fields
 
 import pytest
 
-from cdprune.cli.main import DEFAULTS, build_parser, main, resolve_config, yaml_names
 from cdprune.cli.config_io import CHOICES, KEY_TYPES, load_yaml
+from cdprune.cli.main import DEFAULTS, build_parser, main, resolve_config, yaml_names
 from cdprune.errors import ConfigError
-from cdprune.finetune.loop import TrainConfig
+from cdprune.finetune.config import TrainConfig
 from cdprune.options import (
     CompactConfig,
     OptionError,

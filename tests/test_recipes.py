@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 import cdprune.data as data_module
-from cdprune.cli.main import DEFAULTS, main
 from cdprune.cli.config_io import load_yaml
+from cdprune.cli.main import DEFAULTS, main
 from cdprune.pruning.targets import parse_macs
 
 from .test_data import make_cifar10

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from cdprune.errors import CheckpointError, ConfigError, DataError
+from cdprune.importance.activations import ActivationStats, conv_layer_names
 from cdprune.importance.scoring import tfidf, tfidf_scores
-from cdprune.importance.stats import ActivationStats, collect_stats, conv_layer_names
+from cdprune.importance.stats import collect_stats
 
 from .helpers import SmallNet, make_loader
 

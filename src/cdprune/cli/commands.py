@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..finetune.loop import TrainConfig
+from ..finetune.config import TrainConfig
 from ..runs.inputs import build_inputs
 from ..runs.modeldir import check_model_dir
 

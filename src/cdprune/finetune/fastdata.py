@@ -9,7 +9,7 @@ DataLoader workers are needed.
 :class:`DeviceBatches` behaves like a loader to :func:`cdprune.fine_tune`: it has a length,
 yields ``(images, labels)`` batches, and draws all its randomness (order, crop offsets,
 flips, Cutout centres) from its own CPU ``generator``, which
-:func:`cdprune.finetune.loop.seed_epoch` reseeds each epoch. An epoch therefore depends only on the
+:func:`cdprune.finetune.resume.seed_epoch` reseeds each epoch. An epoch therefore depends only on the
 seed and the epoch number, on any device, and resume stays exact.
 
 The augmentation is the one :func:`cdprune.data.cifar_transforms` applies image by image:

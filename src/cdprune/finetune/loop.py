@@ -36,11 +36,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from ..checkpoint import atomic_torch_save
 from ..errors import ConfigError, DataError
+from ..fileio import atomic_torch_save
 from ..measure.evaluate import evaluate, model_device
 from ..progress import progress as progress_bar
-from .config import TrainConfig, build_optimizer, build_scheduler, lr_factor
+from .config import TrainConfig, build_optimizer, build_scheduler
 from .distributed import (
     all_reduce_sum,
     barrier,
@@ -65,15 +65,7 @@ from .resume import (
 if TYPE_CHECKING:
     from ..pruning.masking import FilterMasks
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "build_optimizer",
-    "build_scheduler",
-    "fine_tune",
-    "lr_factor",
-    "seed_epoch",
-]
+__all__ = ["TrainResult", "autocast_dtype", "fine_tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +131,7 @@ def _restore_modules(model: nn.Module, originals: Mapping[str, nn.Module]) -> No
 
 
 # --------------------------------------------------------------------------- training
-def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bfloat16 where the GPU has it (no gradient scaling needed), else float16; None off."""
     if not config.amp or device.type != "cuda":
         return None
@@ -174,7 +166,7 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
                  epoch: int, iteration: int, limit: int | None, progress: bool,
                  masks: FilterMasks | None = None) -> tuple[torch.Tensor, int]:
     """One pass over ``loader``; returns ``[loss_sum, correct, count]`` and the new iteration."""
-    amp_dtype = _amp_dtype(config, device)
+    amp_dtype = autocast_dtype(config, device)
     autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None
                 else nullcontext())
     memory_format = (torch.channels_last if config.channels_last and device.type == "cuda"
@@ -327,7 +319,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
     if config.amp and device.type != "cuda":
         logger.warning("amp needs CUDA; training in float32 on %s", device)
     # Gradient scaling only for float16: bfloat16 has float32's exponent range.
-    use_amp = _amp_dtype(config, device) == torch.float16
+    use_amp = autocast_dtype(config, device) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     if config.fast_data and not is_distributed():
         train_loader = _fast_loader(train_loader, device, config)

@@ -20,8 +20,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from ..checkpoint import atomic_write_text, safe_torch_load
+from ..checkpoint import safe_torch_load
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write_text
 from .config import TrainConfig, lr_factor
 from .distributed import get_rank
 

@@ -42,7 +42,7 @@ from ..suggest import did_you_mean
 from .activations import DOCUMENTS, ActivationStats, conv_layer_names, model_fingerprint
 from .documents import MeanCounts, SampleCounts
 
-__all__ = ["ActivationStats", "collect_stats", "conv_layer_names", "model_fingerprint"]
+__all__ = ["collect_stats"]
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..checkpoint import atomic_write_text, load_weights, save_weights
+from ..checkpoint import load_weights, save_weights
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..fileio import atomic_write_text
 from ..version import __version__
 from .graph import build_graph
 from .groups import Candidate

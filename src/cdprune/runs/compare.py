@@ -27,7 +27,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..finetune.batchnorm import recalibrate_bn
-from ..finetune.loop import TrainConfig, fine_tune
+from ..finetune.config import TrainConfig
+from ..finetune.loop import fine_tune
 from ..importance.criteria import ScoreContext, criterion_names, get_criterion
 from ..measure.evaluate import evaluate
 from ..measure.macs import paper_macs

@@ -42,7 +42,8 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
         printer: receives the lines of the before/after table (the CLI passes ``print``).
     """
     from ..data import build_dataset, build_loader, subset
-    from ..finetune.loop import TrainConfig, fine_tune
+    from ..finetune.config import TrainConfig
+    from ..finetune.loop import fine_tune
     from ..importance.criteria import ScoreContext, get_criterion
     from ..importance.scoring import tfidf_scores
     from ..importance.stats import collect_stats

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..checkpoint import apply_weights, safe_torch_load
 from ..errors import CheckpointError, ConfigError
-from ..finetune.loop import BEST, LAST
+from ..finetune.resume import BEST, LAST
 
 __all__ = ["WEIGHTS", "RunModel", "find_run_model", "load_run_model"]
 

@@ -36,7 +36,7 @@ from .report import environment, plot_scores, plot_training, plot_widths, write_
 from .rundir import RunDir
 
 if TYPE_CHECKING:
-    from ..importance.stats import ActivationStats
+    from ..importance.activations import ActivationStats
 
 __all__ = ["compact_summary", "criterion_scores", "finetune_accuracy", "finish_report",
            "gather_stats", "load_masks", "load_stats", "needs_batches", "needs_stats",
@@ -182,7 +182,7 @@ def _save_scores(path: Path, scores: Mapping[str, torch.Tensor]) -> None:
 def load_stats(config: Mapping[str, Any], model: nn.Module,
                path: str | os.PathLike | None = None) -> ActivationStats:
     """The statistics file of ``--stats`` (or ``path``), checked against ``model``."""
-    from ..importance.stats import ActivationStats
+    from ..importance.activations import ActivationStats
 
     if not path and not config.get("stats") and not config.get("output_dir"):
         raise ConfigError("--stats is required: the statistics file `cdprune stats` wrote")
@@ -419,7 +419,8 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                  model: nn.Module | None = None, plan: Mapping[str, Any] | None = None
                  ) -> Any:
     """Fine-tune ``model`` (by default the pruned model in ``run/pruned``)."""
-    from ..finetune.loop import TrainConfig, fine_tune
+    from ..finetune.config import TrainConfig
+    from ..finetune.loop import fine_tune
 
     data = data or build_data(config, need_stats=False)
     if model is None:
