@@ -29,6 +29,7 @@ from cdprune.cli import main
 from cdprune.errors import ConfigError
 from cdprune.fileio import atomic_write_bytes
 from cdprune.models import create_model
+from cdprune.runs import files
 from cdprune.runs.rundir import RunDir
 
 DATA = ("--dataset", "digits", "-b", "64", "-j", "0", "--no-progress")
@@ -52,7 +53,7 @@ def _run(base: Path, out: Path, *extra: str, sparsity: str = "0.3",
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != RunDir.LOCK}
+            if p.is_file() and p.name != files.LOCK}
 
 
 def _one_line(capsys) -> str:
@@ -176,7 +177,7 @@ def test_overwrite_clears_the_old_run_before_the_new_one_writes(tmp_path, base, 
     assert main(_run(base, out, "--overwrite", sparsity="0.7", epochs="2")) == 130
     monkeypatch.undo()
     left = {p.name for p in out.iterdir()}
-    assert left <= {RunDir.LOCK, RunDir.CONFIG, RunDir.MANIFEST}, left
+    assert left <= {files.LOCK, files.CONFIG, files.MANIFEST}, left
     assert json.loads((out / "run.json").read_text())["config"]["sparsity"] == 0.7
 
     assert main(_run(base, out, "--resume", sparsity="0.7", epochs="2")) == 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..finetune.config import TrainConfig
+from ..runs.files import COMPARE_JSON, PRUNE_SUMMARY, PRUNED, STATS
 from ..runs.inputs import build_inputs
 from ..runs.modeldir import check_model_dir
 
@@ -40,9 +41,9 @@ def _run_dir(config: dict[str, Any]):
               "--checkpoint": config.get("checkpoint"), "--stats": config.get("stats"),
               "--model-dir": config.get("model_dir")}
     if config["command"] == "prune" and not config.get("stats"):
-        inputs["--stats (default: <output-dir>/stats.safetensors)"] = out / "stats.safetensors"
+        inputs["--stats (default: <output-dir>/stats.safetensors)"] = out / STATS
     if config["command"] == "finetune" and not config.get("model_dir"):
-        inputs["--model-dir (default: the output directory's pruned/)"] = out / "pruned"
+        inputs["--model-dir (default: the output directory's pruned/)"] = out / PRUNED
     return RunDir(out, resume=bool(config.get("resume")),
                   overwrite=bool(config.get("overwrite")), stage=config["command"],
                   config=config, inputs=inputs)
@@ -171,7 +172,7 @@ def _cmd_run(config: dict[str, Any]) -> None:
     )
 
     run = _run_dir(config)
-    summary_path = run.path / "prune_summary.json"
+    summary_path = run.path / PRUNE_SUMMARY
     resumed = bool(config.get("resume")) and summary_path.is_file()  # stages 1-2 done before
     if resumed:
         data = build_data(config, need_stats=False)
@@ -257,7 +258,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
     run = _run_dir(config)
     data, model = build_inputs(config)
     done: list[dict[str, Any]] = []
-    previous = run.path / "compare.json"
+    previous = run.path / COMPARE_JSON
     if config.get("resume") and previous.is_file():
         done = read_comparison(previous)
         _say(f"resuming: {len(done)} finished rows in {previous} are kept", flush=True)

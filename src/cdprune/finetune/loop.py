@@ -40,6 +40,7 @@ from ..errors import ConfigError, DataError
 from ..fileio import atomic_torch_save
 from ..measure.evaluate import evaluate, model_device
 from ..progress import progress as progress_bar
+from ..runs.files import BEST, LAST, METRICS
 from .config import TrainConfig, build_optimizer, build_scheduler
 from .distributed import (
     all_reduce_sum,
@@ -49,10 +50,7 @@ from .distributed import (
     is_main_process,
 )
 from .resume import (
-    BEST,
     CHECKPOINT_VERSION,
-    LAST,
-    METRICS,
     check_plain,
     load_resume,
     replan,

@@ -31,9 +31,6 @@ __all__ = ["seed_epoch"]
 # Resume warnings belong to training, whose logger users already listen to.
 logger = logging.getLogger("cdprune.finetune.loop")
 
-LAST = "last.pth"
-BEST = "best.pth"
-METRICS = "metrics.jsonl"
 CHECKPOINT_VERSION = 1
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from ..checkpoint import load_weights, save_weights
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..fileio import atomic_write_text
+from ..runs.files import MODEL, PLAN
 from ..version import __version__
 from .graph import build_graph
 from .groups import Candidate
@@ -128,7 +129,7 @@ def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
         extra: more plain data to store in ``plan.json`` (e.g. dataset, normalisation).
     """
     directory = Path(directory)  # created by the first write (a run directory records it first)
-    save_weights(result.model, directory / "model.safetensors")
+    save_weights(result.model, directory / MODEL)
     doc = dict(result.plan)
     doc.update(
         model=model_name or "user model (pass the same base model to load_pruned)",
@@ -136,7 +137,7 @@ def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
         macs_before=result.macs_before, macs_after=result.macs_after,
         params_before=result.params_before, params_after=result.params_after,
         cdprune_version=__version__, extra=dict(extra or {}))
-    atomic_write_text(directory / "plan.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(directory / PLAN, json.dumps(doc, indent=1) + "\n")
     return directory
 
 
@@ -162,7 +163,7 @@ def save_compact(directory: str | os.PathLike, model: nn.Module,
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_weights(model, directory / "model.safetensors")
+    save_weights(model, directory / MODEL)
     masks = {str(k): sorted(int(i) for i in v) for k, v in removed_filters.items() if v}
     doc = {"format": PLAN_FORMAT, "steps": [], "kept": {},
            "compact": {"removed_filters": masks, **info.to_dict()},
@@ -171,13 +172,13 @@ def save_compact(directory: str | os.PathLike, model: nn.Module,
            "macs_before": info.macs_masked, "macs_after": info.macs,
            "params_before": info.params_masked, "params_after": info.params,
            "cdprune_version": __version__, "extra": dict(extra or {})}
-    atomic_write_text(directory / "plan.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(directory / PLAN, json.dumps(doc, indent=1) + "\n")
     return directory
 
 
 def read_plan(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and minimally check ``plan.json`` of a pruned-model directory."""
-    path = Path(directory) / "plan.json"
+    path = Path(directory) / PLAN
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist; point to a directory written by "
                                 "`cdprune prune` or save_pruned()")
@@ -283,7 +284,7 @@ def load_pruned(directory: str | os.PathLike, base_model: nn.Module, *,
                               f"({type(exc).__name__}: {exc}); use the base architecture it "
                               "was made from") from None
     _check_macs(model, plan, directory)
-    return load_weights(model, Path(directory) / "model.safetensors")
+    return load_weights(model, Path(directory) / MODEL)
 
 
 def _check_macs(model: nn.Module, plan: Mapping[str, Any], directory: Any) -> None:

@@ -33,6 +33,7 @@ from ..importance.criteria import ScoreContext, criterion_names, get_criterion
 from ..measure.evaluate import evaluate
 from ..measure.macs import paper_macs
 from ..pruning import prune, save_pruned
+from .files import COMPARE_JSON, COMPARE_MD, COMPARE_PLOT, PRUNED
 from .report import format_count
 
 __all__ = ["compare_criteria", "read_comparison", "write_comparison"]
@@ -187,7 +188,7 @@ def compare_criteria(
                                          progress=False).top1
                 tag = f"{criterion}{'' if seed is None else f'-seed{seed}'}"
                 run_dir = output_dir / f"macs{target:g}" / tag
-                save_pruned(run_dir / "pruned", result, model_name=model_name,
+                save_pruned(run_dir / PRUNED, result, model_name=model_name,
                             input_size=tuple(example_inputs.shape[1:]), extra=pruned_extra)
                 acc_tuned = math.nan
                 if finetune is not None and (finetune.epochs > 0 or finetune.max_iters):
@@ -261,7 +262,7 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
     summary = _summarise(rows)
     doc = {"meta": dict(meta or {}), "rows": list(rows), "summary": summary}
     # A number that was not measured is null: a bare NaN is not JSON to most parsers.
-    js = atomic_write_text(directory / "compare.json",
+    js = atomic_write_text(directory / COMPARE_JSON,
                            json.dumps(_nan_to_null(doc), indent=1, default=str,
                                       allow_nan=False) + "\n")
     base = rows[0]["acc_base"] if rows else math.nan
@@ -296,9 +297,9 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
         lines += ["", "Unreachable targets:", ""]
         lines += [f"- {line['criterion']} at -{100 * line['macs_target']:.0f}%: "
                   f"{line['error']}" for line in errors]
-    md = atomic_write_text(directory / "compare.md", "\n".join(lines) + "\n")
+    md = atomic_write_text(directory / COMPARE_MD, "\n".join(lines) + "\n")
     if any(line["status"] == "done" for line in summary):
-        _plot(directory / "compare.png", summary)
+        _plot(directory / COMPARE_PLOT, summary)
     return js, md
 
 

@@ -18,6 +18,16 @@ from typing import Any
 import torch
 
 from ..checkpoint import save_weights
+from .files import (
+    DEMO_BASE,
+    DEMO_FINETUNE,
+    MODEL,
+    PRUNED,
+    SCORES_PLOT,
+    STATS,
+    TRAINING_PLOT,
+    WIDTHS_PLOT,
+)
 
 __all__ = ["run_demo"]
 
@@ -73,9 +83,9 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
         say(f"1/4 training the base CNN on digits ({base_epochs} epochs)")
         base_cfg = TrainConfig(epochs=base_epochs, lr=0.05, weight_decay=5e-4, batch_size=64,
                                lr_warmup_epochs=0, seed=seed)
-        fine_tune(model, train, val, base_cfg, output_dir=run.path / "base", progress=progress)
+        fine_tune(model, train, val, base_cfg, output_dir=run.path / DEMO_BASE, progress=progress)
         base_acc = evaluate(model, val, progress=False).top1
-        save_weights(model, run.path / "base" / "model.safetensors")
+        save_weights(model, run.path / DEMO_BASE / MODEL)
 
         if ranking.statistics:
             say("2/4 collecting CDP statistics and scores")
@@ -83,26 +93,26 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
                                   documents="class" if criterion == "cdp_class" else "sample",
                                   num_classes=10)
             scores = tfidf_scores(stats)
-            stats.save(run.path / "stats.safetensors")
+            stats.save(run.path / STATS)
         else:
             say(f"2/4 scoring filters by {ranking.label}")
             scores = ranking.score(model, ScoreContext(example_inputs=example, batches=train,
                                                        num_classes=10, seed=seed))
-        plot_scores(run.path / "scores.png", scores)
+        plot_scores(run.path / SCORES_PLOT, scores)
 
         say("3/4 pruning 50% of the MACs")
         result = prune(model, scores, example_inputs=example, macs_reduction=0.5, scope="all")
         pruned_acc = evaluate(result.model, val, progress=False).top1
-        save_pruned(run.path / "pruned", result, model_name="digits_cnn",
+        save_pruned(run.path / PRUNED, result, model_name="digits_cnn",
                     input_size=tuple(example.shape[1:]))
-        plot_widths(run.path / "widths.png", result.widths_before, result.widths_after)
+        plot_widths(run.path / WIDTHS_PLOT, result.widths_before, result.widths_after)
 
         say(f"4/4 fine-tuning the pruned CNN ({tune_epochs} epochs)")
         tune_cfg = replace(base_cfg, epochs=tune_epochs, lr=0.02)
-        tuned = fine_tune(result.model, train, val, tune_cfg, output_dir=run.path / "finetune",
+        tuned = fine_tune(result.model, train, val, tune_cfg, output_dir=run.path / DEMO_FINETUNE,
                           extra_state={"plan": result.plan}, progress=progress)
         final_acc = evaluate(result.model, val, progress=False).top1
-        plot_training(run.path / "training.png", tuned.history)
+        plot_training(run.path / TRAINING_PLOT, tuned.history)
 
         size = tuple(example.shape[1:])
         lat_base = measure_latency(model, size, batch_size=1024, iters=30, threads=1)

@@ -24,6 +24,18 @@ from ..fileio import atomic_write_text
 from ..finetune.distributed import barrier
 from ..options import PruneConfig, flag
 from ..progress import stage as logged_stage
+from .files import (
+    CLASSES,
+    PRUNE_SUMMARY,
+    PRUNED,
+    REPORT_JSON,
+    REPORT_MD,
+    SCORES,
+    SCORES_PLOT,
+    STATS,
+    TRAINING_PLOT,
+    WIDTHS_PLOT,
+)
 from .inputs import (
     Data,
     build_data,
@@ -31,7 +43,8 @@ from .inputs import (
     check_base_accuracy,
     resolve_device,
 )
-from .modeldir import load_pruned_dir, pruned_dir
+from .locate import find_run_model
+from .modeldir import load_pruned_dir
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
 
@@ -142,12 +155,12 @@ def write_stats(run: RunDir, config: Mapping[str, Any], stats: ActivationStats) 
     """Write ``stats.safetensors``, ``scores.safetensors`` and ``scores.png`` (rank 0 only)."""
     from ..importance.scoring import tfidf_scores
 
-    path = run.path / "stats.safetensors"
+    path = run.path / STATS
     if run.main:
         stats.save(path)
         scores = tfidf_scores(stats, **cdp_options(config)["scores"])
-        _save_scores(run.path / "scores.safetensors", scores)
-        plot_scores(run.path / "scores.png", scores)
+        _save_scores(run.path / SCORES, scores)
+        plot_scores(run.path / SCORES_PLOT, scores)
     return path
 
 
@@ -169,7 +182,7 @@ def write_classes(run: RunDir, config: Mapping[str, Any], data: Data) -> Path | 
     """
     if not run.main or str(config.get("dataset")).lower() != "folder" or not data.classes:
         return None
-    return atomic_write_text(run.path / "classes.json",
+    return atomic_write_text(run.path / CLASSES,
                              json.dumps(list(data.classes), indent=1) + "\n")
 
 
@@ -186,7 +199,7 @@ def load_stats(config: Mapping[str, Any], model: nn.Module,
 
     if not path and not config.get("stats") and not config.get("output_dir"):
         raise ConfigError("--stats is required: the statistics file `cdprune stats` wrote")
-    path = path or config.get("stats") or Path(config["output_dir"]) / "stats.safetensors"
+    path = path or config.get("stats") or Path(config["output_dir"]) / STATS
     return ActivationStats.load(path, model=model)
 
 
@@ -214,7 +227,7 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     model.cpu()
     if stats is None and needs_stats(config):
         stats = load_stats(config, model, stats_path or config.get("stats")
-                           or run.path / "stats.safetensors")
+                           or run.path / STATS)
     options = cdp_options(config)
     scores = criterion_scores(config, model, data, stats)
     device = resolve_device(config)
@@ -285,11 +298,11 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
         write_stats(run, config, stats)
     if run.main:
         write_classes(run, config, data)
-        save_pruned(run.path / "pruned", result, model_name=config["model"],
+        save_pruned(run.path / PRUNED, result, model_name=config["model"],
                     input_size=data.input_size, extra=pruned_extra(config, data))
-        plot_widths(run.path / "widths.png", result.widths_before, result.widths_after)
+        plot_widths(run.path / WIDTHS_PLOT, result.widths_before, result.widths_after)
     if run.main:
-        atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(run.path / PRUNE_SUMMARY, json.dumps(summary, indent=1) + "\n")
     barrier()
     return summary
 
@@ -439,7 +452,7 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                            progress=not config.get("no_progress"),
                            masks=(plan or {}).get("masked"))
     if result.history and run.main:
-        plot_training(run.path / "training.png", result.history)
+        plot_training(run.path / TRAINING_PLOT, result.history)
     return result
 
 
@@ -509,14 +522,14 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
         extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
                  "mean": list(data.mean) if data.mean else config.get("mean"),
                  "std": list(data.std) if data.std else config.get("std")}
-        save_compact(run.path / "pruned", small, masks, info, model_name=config["model"],
+        save_compact(run.path / PRUNED, small, masks, info, model_name=config["model"],
                      input_size=data.input_size, extra=extra)
-        atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(run.path / PRUNE_SUMMARY, json.dumps(summary, indent=1) + "\n")
     barrier()
     epochs = CompactConfig.from_config(config).compact_epochs
     if epochs:
         result = run_finetune({**config, "epochs": epochs}, run, data=data, model=small,
-                              plan=read_plan(run.path / "pruned"))
+                              plan=read_plan(run.path / PRUNED))
         summary["finetuned"] = finetune_accuracy(config, data, small, result)
     return summary
 
@@ -574,7 +587,7 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
     ``pruned/plan.json``).
     """
     if not run.main:
-        return run.path / "report.json", run.path / "report.md"
+        return run.path / REPORT_JSON, run.path / REPORT_MD
     accuracy = {}
     if summary:
         for key, src in (("base", "acc_base"), ("pruned", "acc_pruned"),
@@ -606,7 +619,8 @@ def _removed_of_run(run: RunDir, config: Mapping[str, Any], plan: Mapping[str, A
         from ..pruning import read_plan
 
         try:
-            plan = read_plan(pruned_dir(config.get("model_dir") or run.path))
+            plan = read_plan(find_run_model(config.get("model_dir") or run.path,
+                                            "pruned").pruned_dir)
         except (OSError, CdpruneError):
             return None
     return plan.get("removed_filters")

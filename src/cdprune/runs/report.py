@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..fileio import atomic_write_bytes, atomic_write_text
+from .files import REPORT_JSON, REPORT_MD
 
 __all__ = ["environment", "format_count", "plot_scores", "plot_training", "plot_widths",
            "write_report"]
@@ -180,9 +181,9 @@ def write_report(directory: str | os.PathLike, report: Mapping[str, Any]) -> tup
     directory = Path(directory)
     doc = dict(report)
     doc.setdefault("environment", environment())
-    js = atomic_write_text(directory / "report.json",
+    js = atomic_write_text(directory / REPORT_JSON,
                            json.dumps(doc, indent=1, default=str) + "\n")
-    md = atomic_write_text(directory / "report.md", _markdown(doc))
+    md = atomic_write_text(directory / REPORT_MD, _markdown(doc))
     return js, md
 
 
