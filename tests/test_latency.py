@@ -57,6 +57,8 @@ class FakeTimer:
 
 
 def settings(tmp_path, timer, **kw):
+    # A fake timer says the same every time: one confirming pair tells what nine would.
+    kw.setdefault("confirm_rounds", 1)
     return LatencySettings(batch_size=2, threads=1, timer=timer, cache_dir=tmp_path, **kw)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,9 +54,7 @@ class Digits(InMemoryImages):
         except ImportError as exc:
             raise DataError("the 'digits' dataset needs scikit-learn: pip install scikit-learn "
                             "(or pip install 'cdprune[dev]')") from exc
-        bunch = load_digits()
-        images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)
-        labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+        images, labels = _digits_arrays(load_digits)
         g = torch.Generator().manual_seed(seed)
         chosen = []
         for c in range(10):
@@ -66,6 +68,16 @@ class Digits(InMemoryImages):
         self.classes: list[str] = [str(d) for d in range(10)]
         self.transform = transform
         self.train = train
+
+
+@functools.cache
+def _digits_arrays(load_digits: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as float images in [0, 1] and int64 labels, read once per process:
+    every command and split builds its part by indexing (a copy), never by changing them."""
+    bunch = load_digits()
+    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)
+    labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    return images, labels
 
 
 class SyntheticImages(InMemoryImages):

@@ -167,7 +167,8 @@ def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]
         if not isinstance(named[name], nn.Conv2d):
             raise ConfigError(f"layer '{name}' is a {type(named[name]).__name__}, not a Conv2d; "
                               "only Conv2d layers can be scored")
-    return [n for n in convs if n in set(layers)]
+    wanted = set(layers)
+    return [n for n in convs if n in wanted]
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

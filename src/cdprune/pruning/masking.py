@@ -168,8 +168,11 @@ def published_search(model: nn.Module, scores: Mapping[str, torch.Tensor], targe
 def kept_of(model: nn.Module, removed: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """``{conv: kept filter indices}`` of the masked convolutions (for paper MACs)."""
     convs = _conv_names(model)
-    return {n: [i for i in range(convs[n].out_channels) if i not in set(idx)]
-            for n, idx in removed.items()}
+    kept = {}
+    for n, idx in removed.items():
+        gone = set(idx)  # once per layer, not once per filter
+        kept[n] = [i for i in range(convs[n].out_channels) if i not in gone]
+    return kept
 
 
 def _check_removed(model: nn.Module, removed: Mapping[str, Sequence[int]]
