@@ -14,7 +14,7 @@ from cdprune.models import create_model
 from cdprune.pruning import ScatterBatchNorm2d, load_pruned, save_compact
 from cdprune.runs.locate import load_run_model
 
-from .helpers import SmallNet, make_loader, randomize_bn
+from ..helpers import SmallNet, make_loader, randomize_bn
 
 # name, input size: option-A and option-B CIFAR ResNets, ImageNet BasicBlock and
 # Bottleneck ResNets (small inputs keep them quick), VGG.

@@ -26,7 +26,7 @@ from cdprune.pruning.masking import (
     removed_by_plan,
 )
 
-from .helpers import SmallNet, make_loader, random_scores
+from ..helpers import SmallNet, make_loader, random_scores
 
 DATA = ["--dataset", "digits", "-b", "64", "-j", "0", "--no-progress"]
 FAST = ["--model", "digits_cnn", "--random-init", *DATA, "--stats-batch-size", "64",

@@ -21,7 +21,7 @@ from cdprune.measure.latency import (
     time_calls,
 )
 
-from .helpers import SmallNet
+from ..helpers import SmallNet
 
 
 class FakeTimer:
@@ -157,7 +157,7 @@ def test_greedy_puts_units_that_save_nothing_last():
 def _net_and_scores(name="resnet20b"):
     from cdprune.models import create_model
 
-    from .helpers import random_scores
+    from ..helpers import random_scores
     model = create_model(name).eval()
     return model, random_scores(model), torch.randn(2, 3, 32, 32)
 

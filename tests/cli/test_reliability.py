@@ -30,7 +30,7 @@ from cdprune.cli import main
 from cdprune.errors import CdpruneError, CheckpointError
 from cdprune.models import create_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 START, END = "<!-- troubleshooting:start -->", "<!-- troubleshooting:end -->"
 

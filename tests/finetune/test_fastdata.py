@@ -14,7 +14,7 @@ from cdprune.finetune.fastdata import DeviceBatches, augment_batch, device_batch
 from cdprune.finetune.resume import seed_epoch
 from cdprune.runs.report import plot_training
 
-from .test_data import make_cifar10
+from ..data.test_data import make_cifar10
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -16,7 +16,7 @@ from cdprune.importance.criteria import (
 )
 from cdprune.runs.compare import compare_criteria, write_comparison
 
-from .helpers import SmallNet, make_loader
+from ..helpers import SmallNet, make_loader
 
 
 def test_baseline_scores_have_one_value_per_filter(small_net, loader):

@@ -10,7 +10,7 @@ from cdprune.measure.macs import count_macs
 from cdprune.models import create_model
 from cdprune.pruning import load_pruned, prune, read_plan, save_pruned
 
-from .helpers import SmallNet, random_scores, randomize_bn
+from ..helpers import SmallNet, random_scores, randomize_bn
 
 
 class ConcatDepthwiseNet(nn.Module):
