@@ -40,7 +40,7 @@ from torch import nn
 from cdprune import collect_stats, evaluate, fine_tune, load_weights, prune, tfidf_scores
 from cdprune.data import build_dataset, build_loader, subset
 from cdprune.fileio import atomic_write_text
-from cdprune.finetune.loop import TrainConfig
+from cdprune.finetune.config import TrainConfig
 from cdprune.importance.criteria import l1_scores, random_scores
 from cdprune.models import create_model
 

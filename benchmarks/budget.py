@@ -34,10 +34,10 @@ import torch
 from ablation import NORMS, read_rows, spec  # same configurations as the ablation
 
 from cdprune import collect_stats, evaluate, fine_tune, load_weights, prune, tfidf_scores
-from cdprune.checkpoint import atomic_write_text
 from cdprune.data import build_dataset, build_loader, subset
+from cdprune.fileio import atomic_write_text
+from cdprune.finetune.config import TrainConfig
 from cdprune.finetune.fastdata import device_batches_from
-from cdprune.finetune.loop import TrainConfig
 from cdprune.importance.criteria import l1_scores, random_scores
 from cdprune.models import create_model
 

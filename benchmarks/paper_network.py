@@ -48,10 +48,10 @@ from cdprune import (
     recalibrate_bn,
     tfidf_scores,
 )
-from cdprune.checkpoint import atomic_write_text
 from cdprune.data import build_dataset, build_loader, subset
+from cdprune.fileio import atomic_write_text
+from cdprune.finetune.config import TrainConfig
 from cdprune.finetune.fastdata import device_batches_from
-from cdprune.finetune.loop import TrainConfig
 from cdprune.importance.criteria import l1_scores
 from cdprune.measure.macs import count_macs, count_params, paper_macs
 from cdprune.models import create_model

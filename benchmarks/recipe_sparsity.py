@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from budget import machine
 
-from cdprune.checkpoint import atomic_write_text
 from cdprune.cli.main import DEFAULTS
 from cdprune.cli.yamlfile import load_yaml
+from cdprune.fileio import atomic_write_text
 from cdprune.importance.scoring import tfidf_scores
 from cdprune.measure.macs import paper_macs
 from cdprune.pruning.masking import channel_cut, kept_of, published_search

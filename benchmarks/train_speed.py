@@ -39,8 +39,10 @@ from torch import nn
 
 from cdprune import TrainConfig, fine_tune, prune
 from cdprune.data import build_dataset, build_loader, subset
+from cdprune.finetune.config import build_optimizer, build_scheduler
 from cdprune.finetune.fastdata import device_batches_from
-from cdprune.finetune.loop import _amp_dtype, build_optimizer, build_scheduler, seed_epoch
+from cdprune.finetune.loop import autocast_dtype
+from cdprune.finetune.resume import seed_epoch
 from cdprune.importance.criteria import l1_scores
 from cdprune.models import create_model
 
@@ -56,7 +58,7 @@ def bare(model: nn.Module, batches, cfg: TrainConfig, device: torch.device) -> f
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(batches))
     criterion = nn.CrossEntropyLoss()
-    dtype = _amp_dtype(cfg, device)
+    dtype = autocast_dtype(cfg, device)
     seed_epoch(batches, cfg.seed, 0)
     _sync(device)
     start = time.perf_counter()

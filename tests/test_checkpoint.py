@@ -5,14 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from cdprune.checkpoint import (
-    atomic_torch_save,
-    atomic_write_text,
-    load_weights,
-    read_state_dict,
-    save_weights,
-)
+from cdprune.checkpoint import load_weights, read_state_dict, save_weights
 from cdprune.errors import CheckpointError
+from cdprune.fileio import atomic_torch_save, atomic_write_text
 from cdprune.models import create_model, list_models, model_spec
 
 IMAGENET = {"resnet18", "resnet34", "resnet50", "mobilenet_v2"}
@@ -74,7 +69,9 @@ def test_round_trip_imagenet(name, tmp_path):
 
 @pytest.mark.parametrize("layout", ["state_dict", "model", "net", "model_state_dict"])
 @pytest.mark.parametrize("prefixed", [False, True])
-@pytest.mark.parametrize("name", ["resnet20", "resnet20b", "tiny_cnn"])
+@pytest.mark.parametrize("name", [  # the layouts do not depend on the model: one is fast
+    "tiny_cnn", pytest.param("resnet20", marks=pytest.mark.slow),
+    pytest.param("resnet20b", marks=pytest.mark.slow)])
 def test_nested_and_dataparallel_layouts(name, layout, prefixed, tmp_path):
     source = randomized(name, 1)
     state = source.state_dict()

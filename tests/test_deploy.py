@@ -456,7 +456,7 @@ def test_one_epoch_training_plot_draws_bars(tmp_path, monkeypatch):
     import cdprune.runs.report as report
 
     figures = []
-    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or path)
     report.plot_training(tmp_path / "t.png", [{"epoch": 1, "train_loss": 0.7, "val_top1": 80}])
     assert all(len(ax.patches) == 1 for ax in figures[0].axes)
 

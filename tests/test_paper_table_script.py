@@ -14,7 +14,7 @@ import torch
 
 from cdprune.models import create_model
 
-from .test_data import make_cifar10
+from .data.test_data import make_cifar10
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table_gpu.py"
 

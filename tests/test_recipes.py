@@ -14,7 +14,7 @@ from cdprune.cli.main import DEFAULTS, main
 from cdprune.cli.yamlfile import load_yaml
 from cdprune.pruning.targets import parse_macs
 
-from .test_data import make_cifar10
+from .data.test_data import make_cifar10
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TABLE = {  # the paper's rows: model, MACs after pruning

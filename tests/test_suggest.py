@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdprune import checkpoint, fileio
+from cdprune import fileio
 from cdprune.suggest import did_you_mean
 
 
@@ -25,9 +25,7 @@ def test_cutoff_decides_what_is_close_enough():
     assert did_you_mean("resnet", ["resnet110"], cutoff=0.5) == "did you mean resnet110?"
 
 
-def test_atomic_writers_keep_their_old_home(tmp_path):
-    for name in ("atomic_write_bytes", "atomic_write_text", "atomic_torch_save"):
-        assert getattr(checkpoint, name) is getattr(fileio, name)
+def test_atomic_write_text_makes_its_folder_and_leaves_no_temporary(tmp_path):
     path = fileio.atomic_write_text(tmp_path / "sub" / "a.txt", "héllo")
     assert path.read_bytes() == "héllo".encode()
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.txt"]  # no temporary left

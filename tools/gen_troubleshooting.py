@@ -1,4 +1,4 @@
-"""Regenerate README.md's Troubleshooting table from the cases in tests/test_reliability.py.
+"""Regenerate README.md's Troubleshooting table from the cases in tests/cli/test_reliability.py.
 
     python tools/gen_troubleshooting.py          # rewrite the table between the markers
     python tools/gen_troubleshooting.py --check  # exit 1 when README.md is out of date
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_reliability import (  # noqa: E402
+from tests.cli.test_reliability import (  # noqa: E402
     END,
     README,
     START,

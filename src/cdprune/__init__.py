@@ -20,9 +20,11 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from .finetune.batchnorm import recalibrate_bn  # noqa: E402
-from .finetune.loop import TrainConfig, fine_tune  # noqa: E402
+from .finetune.config import TrainConfig  # noqa: E402
+from .finetune.loop import fine_tune  # noqa: E402
+from .importance.activations import ActivationStats  # noqa: E402
 from .importance.scoring import CDPImportance, tfidf, tfidf_scores  # noqa: E402
-from .importance.stats import ActivationStats, collect_stats  # noqa: E402
+from .importance.stats import collect_stats  # noqa: E402
 from .measure.evaluate import evaluate  # noqa: E402
 from .measure.latency import LatencySettings  # noqa: E402
 from .measure.macs import count_macs, count_params, paper_macs  # noqa: E402

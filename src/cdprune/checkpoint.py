@@ -21,15 +21,12 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .fileio import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from .fileio import atomic_torch_save, atomic_write_bytes
 
 __all__ = [
     "WEIGHT_SUFFIXES",
     "apply_weights",
-    "atomic_torch_save",
     "check_state_dict",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "load_weights",
     "read_state_dict",
     "safe_torch_load",

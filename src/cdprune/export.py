@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,9 @@ from torch import nn
 
 from .errors import CdpruneError, ConfigError
 from .fileio import atomic_write_bytes, atomic_write_text
+from .measure.latency import time_calls
 from .options import OptionError, OptionsError, option
+from .runs.files import COMPACT, PLAN
 from .runs.rundir import adopt_writes
 
 __all__ = ["ExportConfig", "ExportError", "ExportResult", "check_output", "compare_latency",
@@ -289,18 +290,11 @@ def compare_latency(paths: Mapping[str, str | os.PathLike], format: str,
     torch.set_num_threads(threads)  # TorchScript runs on torch's intra-op pool
     try:
         runners = {name: _runner(str(p), format, threads) for name, p in paths.items()}
-        for run in runners.values():
-            for _ in range(warmup):
-                run(x)
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(repeats):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run(x)
-                times[name].append(time.perf_counter() - start)
+        times = time_calls([lambda run=run: run(x) for run in runners.values()],
+                           warmup=warmup, repeats=repeats)
     finally:
         torch.set_num_threads(saved)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in zip(runners, times)}
 
 
 def export_model_dir(model_dir: str | os.PathLike, config: ExportConfig | None = None, *,
@@ -355,8 +349,8 @@ def _compact_of_masked(model: nn.Module, plan: Mapping[str, Any], found: Any,
     from .pruning import compact
     from .runs.modeldir import load_model_dir
 
-    saved = found.pruned_dir.parent / "compact"
-    if found.kind == "last" and checkpoint is None and (saved / "plan.json").is_file():
+    saved = found.pruned_dir.parent / COMPACT
+    if found.kind == "last" and checkpoint is None and (saved / PLAN).is_file():
         logger.info("exporting the run's compact network (%s) instead of its masks", saved)
         return load_model_dir(saved, {"checkpoint": None, "model": None}, None, "pruned")
     small, info = compact(model.eval(), plan["masked"], input_size=plan["input_size"])

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..finetune.config import TrainConfig
 from ..options import from_mapping
 from ..pruning.config import CompactConfig, PruneConfig
+from ..runs.files import COMPACT, COMPARE_JSON, PRUNE_SUMMARY, PRUNED, STATS
 from ..runs.inputs import build_data, build_inputs
 from ..runs.modeldir import check_model_dir
 
@@ -41,9 +42,9 @@ def _run_dir(config: dict[str, Any]):
               "--checkpoint": config.get("checkpoint"), "--stats": config.get("stats"),
               "--model-dir": config.get("model_dir")}
     if config["command"] == "prune" and not config.get("stats"):
-        inputs["--stats (default: <output-dir>/stats.safetensors)"] = out / "stats.safetensors"
+        inputs["--stats (default: <output-dir>/stats.safetensors)"] = out / STATS
     if config["command"] == "finetune" and not config.get("model_dir"):
-        inputs["--model-dir (default: the output directory's pruned/)"] = out / "pruned"
+        inputs["--model-dir (default: the output directory's pruned/)"] = out / PRUNED
     return RunDir(out, resume=bool(config.get("resume")),
                   overwrite=bool(config.get("overwrite")), stage=config["command"],
                   config=config, inputs=inputs)
@@ -135,7 +136,7 @@ def _accuracy_line(accuracy: dict[str, float]) -> str:
 
 def _cmd_eval(config: dict[str, Any]) -> None:
     from ..measure.evaluate import evaluate
-    from ..runs.inputs import _device, build_data, check_base_accuracy
+    from ..runs.inputs import build_data, check_base_accuracy, resolve_device
     from ..runs.modeldir import load_model_dir, model_dir_defaults
 
     config = model_dir_defaults(config)
@@ -149,7 +150,7 @@ def _cmd_eval(config: dict[str, Any]) -> None:
         if not config.get("model"):
             raise ConfigError("give --model (and --checkpoint) or --model-dir")
         data, model = build_inputs(config, need_train=False, need_stats=False)
-    device = _device(config)
+    device = resolve_device(config)
     result = evaluate(model.to(device), data.val, device=device,
                       progress=not config.get("no_progress"))
     doc = result.to_dict()
@@ -166,7 +167,7 @@ def _cmd_run(config: dict[str, Any]) -> None:
     from ..runs.report import format_count as n
 
     run = _run_dir(config)
-    resumed = bool(config.get("resume")) and (run.path / "prune_summary.json").is_file()
+    resumed = bool(config.get("resume")) and (run.path / PRUNE_SUMMARY).is_file()
     model = None
     if resumed:  # statistics and pruning finished before
         data = build_data(config, need_stats=False)
@@ -182,7 +183,7 @@ def _cmd_run(config: dict[str, Any]) -> None:
         acc = deployable.get("acc_recalibrated", deployable["acc_compacted"])
         _say(f"compact network: {n(deployable['macs'])} MACs, {n(deployable['params'])} "
              f"parameters, top-1 {acc:.2f}, {deployable['speedup']:.2f}x faster than the "
-             f"masked network ({run.path / 'compact'})")
+             f"masked network ({run.path / COMPACT})")
     elif deployable:
         _say(f"compact network: not built ({deployable['unsupported']})")
     _say(f"report: {outcome.report}")
@@ -236,7 +237,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
 
     from ..importance.criteria import criterion_names
     from ..runs.compare import compare_criteria, read_comparison, write_comparison
-    from ..runs.inputs import _device
+    from ..runs.inputs import resolve_device
     from ..runs.pipeline import cdp_options, pruned_extra
 
     targets = config.get("macs_targets")
@@ -250,7 +251,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
     run = _run_dir(config)
     data, model = build_inputs(config)
     done: list[dict[str, Any]] = []
-    previous = run.path / "compare.json"
+    previous = run.path / COMPARE_JSON
     if config.get("resume") and previous.is_file():
         done = read_comparison(previous)
         _say(f"resuming: {len(done)} finished rows in {previous} are kept", flush=True)
@@ -295,7 +296,7 @@ def _cmd_compare(config: dict[str, Any]) -> None:
             cdp_options={k: v for k, v in {**options["stats"], **options["scores"]}.items()
                          if k in ("tap", "normalize", "variant")},
             allocation=options["prune"].get("allocation", "global"),
-            device=_device(config), progress=not config.get("no_progress"),
+            device=resolve_device(config), progress=not config.get("no_progress"),
             on_row=on_row, done=done, bn_recalibrate=int(config.get("bn_recalibrate") or 0),
             recal_loader=recal, model_name=config["model"],
             pruned_extra=pruned_extra(config, data), prune_mode=mode,

@@ -152,7 +152,8 @@ def _check_cifar_files(folder: Path, names: Sequence[str], spec: _CifarSpec, roo
                             f"{_fix_hint(spec, root)}")
 
 
-class _CifarBase(Dataset):
+class CifarBase(Dataset):
+    """The CIFAR-10/100 Python-pickle batches held in memory (shared by the fast loaders)."""
     _key = "cifar10"
 
     def __init__(self, root: str | os.PathLike, train: bool = True,
@@ -211,7 +212,7 @@ class _CifarBase(Dataset):
         return img, self.targets[index]
 
 
-class CIFAR10(_CifarBase):
+class CIFAR10(CifarBase):
     """CIFAR-10 from the official python layout (``root/cifar-10-batches-py/``).
 
     Args:
@@ -227,7 +228,7 @@ class CIFAR10(_CifarBase):
     _key = "cifar10"
 
 
-class CIFAR100(_CifarBase):
+class CIFAR100(CifarBase):
     """CIFAR-100 (fine labels) from the official layout (``root/cifar-100-python/``).
 
     Arguments as for :class:`CIFAR10`.

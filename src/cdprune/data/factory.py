@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .cifar import CIFAR10, CIFAR100
-from .folders import ImageFolder, _class_folders
+from .folders import ImageFolder, class_folders
 from .toy import Digits, SyntheticImages
 from .transforms import (
     CIFAR10_MEAN,
@@ -117,8 +117,8 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, train: bool 
                 f"{root}/val/<class>/ (validation images sorted into class folders)")
         return ImageFolder(folder, imagenet_transforms(do_augment, mean, std), **kwargs)
     if key == "folder":
-        return _class_folders(Path(root), train, do_augment, mean, std,
-                              kwargs.pop("image_size", info.input_size), **kwargs)
+        return class_folders(Path(root), train, do_augment, mean, std,
+                             kwargs.pop("image_size", info.input_size), **kwargs)
     if key == "digits":
         steps: list[Transform] = [RandomCrop(8, padding=1)] if do_augment else []
         return Digits(train, Compose([*steps, Normalize(mean, std)]), **kwargs)

@@ -89,8 +89,8 @@ class ImageFolder(Dataset):
         return img, label
 
 
-def _class_folders(root: Path, train: bool, augment: bool, mean: Sequence[float],
-                   std: Sequence[float], image_size: Sequence[int], **kwargs: Any) -> ImageFolder:
+def class_folders(root: Path, train: bool, augment: bool, mean: Sequence[float],
+                  std: Sequence[float], image_size: Sequence[int], **kwargs: Any) -> ImageFolder:
     """``root/train|val/<class>/<image>`` at the model's input size.
 
     Small images (side up to 64, CIFAR-like) are resized to the side and augmented with a

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,7 +15,7 @@ from ..errors import ConfigError, DataError
 from .transforms import Transform
 
 
-class _InMemoryImages(Dataset):
+class InMemoryImages(Dataset):
     """Images held as one float tensor ``data`` [N, C, H, W] with ``targets`` and ``transform``."""
 
     data: torch.Tensor
@@ -28,7 +32,7 @@ class _InMemoryImages(Dataset):
         return img, self.targets[index]
 
 
-class Digits(_InMemoryImages):
+class Digits(InMemoryImages):
     """scikit-learn's bundled 8x8 handwritten digits as 1-channel images in [0, 1].
 
     The 1797 images are split per class (stratified) with a fixed seed, so train and test
@@ -50,9 +54,7 @@ class Digits(_InMemoryImages):
         except ImportError as exc:
             raise DataError("the 'digits' dataset needs scikit-learn: pip install scikit-learn "
                             "(or pip install 'cdprune[dev]')") from exc
-        bunch = load_digits()
-        images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)
-        labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+        images, labels = _digits_arrays(load_digits)
         g = torch.Generator().manual_seed(seed)
         chosen = []
         for c in range(10):
@@ -68,7 +70,17 @@ class Digits(_InMemoryImages):
         self.train = train
 
 
-class SyntheticImages(_InMemoryImages):
+@functools.cache
+def _digits_arrays(load_digits: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as float images in [0, 1] and int64 labels, read once per process:
+    every command and split builds its part by indexing (a copy), never by changing them."""
+    bunch = load_digits()
+    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)
+    labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    return images, labels
+
+
+class SyntheticImages(InMemoryImages):
     """Small class-conditional images for tests: a smooth per-class pattern plus noise.
 
     Each class has its own low-frequency mean image, so a small CNN learns the task in a few

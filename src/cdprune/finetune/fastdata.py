@@ -9,7 +9,7 @@ DataLoader workers are needed.
 :class:`DeviceBatches` behaves like a loader to :func:`cdprune.fine_tune`: it has a length,
 yields ``(images, labels)`` batches, and draws all its randomness (order, crop offsets,
 flips, Cutout centres) from its own CPU ``generator``, which
-:func:`cdprune.finetune.loop.seed_epoch` reseeds each epoch. An epoch therefore depends only on the
+:func:`cdprune.finetune.resume.seed_epoch` reseeds each epoch. An epoch therefore depends only on the
 seed and the epoch number, on any device, and resume stays exact.
 
 The augmentation is the one :func:`cdprune.data.cifar_transforms` applies image by image:
@@ -39,8 +39,8 @@ from ..data import (
     ToFloat,
 )
 from ..data import Subset as _Subset
-from ..data.cifar import _CifarBase
-from ..data.toy import _InMemoryImages
+from ..data.cifar import CifarBase
+from ..data.toy import InMemoryImages
 from ..errors import ConfigError, DataError
 
 __all__ = ["AugmentParams", "DeviceBatches", "augment_batch", "device_batches_from",
@@ -245,7 +245,7 @@ def device_batches_from(dataset: Dataset, batch_size: int, *, shuffle: bool,
     base = dataset
     if isinstance(dataset, _Subset):
         indices, base = torch.as_tensor(dataset.indices, dtype=torch.long), dataset.dataset
-    if not isinstance(base, (_CifarBase, _InMemoryImages)):
+    if not isinstance(base, (CifarBase, InMemoryImages)):
         return None
     recipe = _recipe(base.transform)
     if recipe is None:

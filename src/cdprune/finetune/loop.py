@@ -36,12 +36,13 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from ..checkpoint import atomic_torch_save
 from ..errors import ConfigError, DataError
+from ..fileio import atomic_torch_save
 from ..measure.evaluate import evaluate, model_device
 from ..options import OptionsError
 from ..progress import progress as progress_bar
-from .config import TrainConfig, build_optimizer, build_scheduler, lr_factor
+from ..runs.files import BEST, LAST, METRICS
+from .config import TrainConfig, build_optimizer, build_scheduler
 from .distributed import (
     all_reduce_sum,
     barrier,
@@ -50,31 +51,20 @@ from .distributed import (
     is_main_process,
 )
 from .resume import (
-    BEST,
     CHECKPOINT_VERSION,
-    LAST,
-    METRICS,
-    _check_plain,
-    _load_resume,
-    _replan,
-    _rng_state,
-    _set_rng_state,
-    _write_metrics,
+    check_plain,
+    load_resume,
+    replan,
+    restore_rng_state,
+    rng_state,
     seed_epoch,
+    write_metrics,
 )
 
 if TYPE_CHECKING:
     from ..pruning.masking import FilterMasks
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "build_optimizer",
-    "build_scheduler",
-    "fine_tune",
-    "lr_factor",
-    "seed_epoch",
-]
+__all__ = ["TrainResult", "autocast_dtype", "fine_tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +138,7 @@ def _restore_modules(model: nn.Module, originals: Mapping[str, nn.Module]) -> No
 
 
 # --------------------------------------------------------------------------- training
-def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bfloat16 where the GPU has it (no gradient scaling needed), else float16; None off."""
     if not config.amp or device.type != "cuda":
         return None
@@ -183,7 +173,7 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
                  epoch: int, iteration: int, limit: int | None, progress: bool,
                  masks: FilterMasks | None = None) -> tuple[torch.Tensor, int]:
     """One pass over ``loader``; returns ``[loss_sum, correct, count]`` and the new iteration."""
-    amp_dtype = _amp_dtype(config, device)
+    amp_dtype = autocast_dtype(config, device)
     autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None
                 else nullcontext())
     memory_format = (torch.channels_last if config.channels_last and device.type == "cuda"
@@ -289,7 +279,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
     """
     config.validate()
     if extra_state is not None:
-        _check_plain(extra_state)
+        check_plain(extra_state)
         extra_state = dict(extra_state)
     if masks:
         extra_state = {**(extra_state or {}),
@@ -315,7 +305,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
 
     state: dict[str, Any] | None = None
     if resume and last_path.is_file():
-        state = _load_resume(last_path, model, config)
+        state = load_resume(last_path, model, config)
         logger.info("resuming from %s after epoch %d", last_path, state["epoch"])
     elif resume:
         logger.warning("resume requested but %s does not exist; starting from scratch",
@@ -335,7 +325,7 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
     if config.amp and device.type != "cuda":
         logger.warning("amp needs CUDA; training in float32 on %s", device)
     # Gradient scaling only for float16: bfloat16 has float32's exponent range.
-    use_amp = _amp_dtype(config, device) == torch.float16
+    use_amp = autocast_dtype(config, device) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     if config.fast_data and not is_distributed():
         train_loader = _fast_loader(train_loader, device, config)
@@ -348,11 +338,11 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         if use_amp and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, iteration = int(state["epoch"]), int(state["iteration"])
-        _replan(optimizer, scheduler, state.get("config") or {}, config, iteration,
-                iters_per_epoch)
+        replan(optimizer, scheduler, state.get("config") or {}, config, iteration,
+               iters_per_epoch)
         best_acc = float(state["best_acc"])
         history = list(state["history"])
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
 
     held = None
     if masks:
@@ -413,10 +403,10 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if use_amp else None,
                     "epoch": epoch + 1, "iteration": iteration, "best_acc": best_acc,
-                    "history": history, "rng": _rng_state(), "config": config.to_dict(),
+                    "history": history, "rng": rng_state(), "config": config.to_dict(),
                     "extra": extra_state,
                 }, last_path)
-                _write_metrics(metrics_path, history)
+                write_metrics(metrics_path, history)
             barrier()
             logger.info("epoch %d/%d: loss %.4f, train %.2f%%, val %s (best %.2f%%), "
                         "lr %.4g, %.1f s", epoch + 1, config.epochs, record["train_loss"],

@@ -20,8 +20,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from ..checkpoint import atomic_write_text, safe_torch_load
+from ..checkpoint import safe_torch_load
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write_text
 from .config import TrainConfig, lr_factor
 from .distributed import get_rank
 
@@ -30,9 +31,6 @@ __all__ = ["seed_epoch"]
 # Resume warnings belong to training, whose logger users already listen to.
 logger = logging.getLogger("cdprune.finetune.loop")
 
-LAST = "last.pth"
-BEST = "best.pth"
-METRICS = "metrics.jsonl"
 CHECKPOINT_VERSION = 1
 
 
@@ -69,7 +67,7 @@ def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> int:
     return value
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """All global generator states as plain lists and tensors (``weights_only``-safe)."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
@@ -82,7 +80,8 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back the generator states that :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -101,7 +100,7 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
-def _check_plain(obj: Any, where: str = "extra_state") -> None:
+def check_plain(obj: Any, where: str = "extra_state") -> None:
     """Refuse anything ``torch.load(weights_only=True)`` could not read back."""
     if isinstance(obj, _PLAIN):
         return
@@ -110,24 +109,26 @@ def _check_plain(obj: Any, where: str = "extra_state") -> None:
             if not isinstance(key, (str, int)):
                 raise ConfigError(f"{where} has a key {key!r} of type {type(key).__name__}; "
                                   "use str or int keys")
-            _check_plain(value, f"{where}[{key!r}]")
+            check_plain(value, f"{where}[{key!r}]")
         return
     if isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            _check_plain(value, f"{where}[{i}]")
+            check_plain(value, f"{where}[{i}]")
         return
     raise ConfigError(f"{where} is a {type(obj).__name__}; checkpoints hold only dicts, lists, "
                       "numbers, strings, None and tensors, so convert it to plain data")
 
 
 
-def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """Write one JSON line per finished epoch to ``metrics.jsonl``."""
     # Rewritten whole (atomically) each epoch, so it always matches last.pth exactly, even
     # after a crash between the two writes and a resume.
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
-def _load_resume(path: Path, model: nn.Module, config: TrainConfig) -> dict[str, Any]:
+def load_resume(path: Path, model: nn.Module, config: TrainConfig) -> dict[str, Any]:
+    """Load a ``last.pth`` training checkpoint into ``model`` and return its state."""
     state = safe_torch_load(path)
     if not isinstance(state, Mapping) or state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"'{path}' is not a cdprune training checkpoint (version "
@@ -176,8 +177,8 @@ def _check_resume_state(state: Mapping[str, Any], path: Path) -> None:
                               f"{state['epoch']}; the file is damaged: start again")
 
 
-def _replan(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, saved: Mapping[str, Any],
-            config: TrainConfig, iteration: int, iters_per_epoch: int) -> None:
+def replan(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, saved: Mapping[str, Any],
+           config: TrainConfig, iteration: int, iters_per_epoch: int) -> None:
     """On a resume whose schedule changed (more epochs...), follow the new schedule at once.
 
     The scheduler computes every step from the current config, but the optimizer keeps the

@@ -43,7 +43,7 @@ from .activations import DOCUMENTS, ActivationStats, conv_layer_names, model_fin
 from .config import TAPS, published_conflicts
 from .documents import MeanCounts, SampleCounts
 
-__all__ = ["ActivationStats", "collect_stats", "conv_layer_names", "model_fingerprint"]
+__all__ = ["collect_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]
         if not isinstance(named[name], nn.Conv2d):
             raise ConfigError(f"layer '{name}' is a {type(named[name]).__name__}, not a Conv2d; "
                               "only Conv2d layers can be scored")
-    return [n for n in convs if n in set(layers)]
+    wanted = set(layers)
+    return [n for n in convs if n in wanted]
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

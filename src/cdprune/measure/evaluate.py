@@ -26,6 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..errors import ConfigError, DataError
 from ..finetune.distributed import all_reduce_sum, is_distributed, is_main_process
 from ..progress import progress as progress_bar
+from .latency import time_calls
 
 __all__ = ["EvalResult", "evaluate", "measure_latency", "model_device"]
 
@@ -234,21 +235,13 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], batch_size: int
         raise ConfigError(f"the model is on {own} but device={str(device)!r}; move it with "
                           f"model.to({str(device)!r}) first")
     x = torch.randn(batch_size, *(int(s) for s in input_size), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    times = []
     try:
         with eval_mode(model), torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            sync()
-            for _ in range(iters):
-                start = time.perf_counter()
-                model(x)
-                sync()
-                times.append(time.perf_counter() - start)
+            (times,) = time_calls([lambda: model(x)], warmup=warmup, repeats=iters, sync=sync)
     finally:
         torch.set_num_threads(old_threads)
     return float(statistics.median(times))

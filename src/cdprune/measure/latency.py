@@ -41,10 +41,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 
-__all__ = ["LatencySettings", "LatencyTable", "Timer", "UnitChange", "cache_dir_default",
-           "compare_networks",
-           "device_name", "fastest_multiple", "greedy_order", "measure_network",
-           "wall_clock"]
+__all__ = ["CLOCK_READERS", "LatencySettings", "LatencyTable", "Timer", "UnitChange",
+           "cache_dir_default", "compare_networks", "cpu_clock", "device_name",
+           "fastest_multiple", "greedy_order", "measure_network", "time_calls", "wall_clock"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +56,68 @@ MULTIPLES = (1, 2, 4, 8, 16)
 Timer = Callable[[nn.Module, torch.Tensor], float]
 
 
+# The clocks a timing can read: wall time, or the CPU time of the whole process.
+CLOCK_READERS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_calls(calls: Sequence[Callable[[], Any]], *, warmup: int, repeats: int,
+               clock: str = "wall", sync: Callable[[], None] | None = None
+               ) -> list[list[float]]:
+    """Seconds of every timed call of each callable: the one timing loop of cdprune.
+
+    Each callable is first called ``warmup`` times untimed (allocator, caches, lazy
+    initialisation), one after the other; then ``repeats`` rounds call every callable
+    once in turn (A, B, A, B, ...), so that a busier moment of a shared machine slows
+    all of them alike. Callers keep the median, which the odd slow call barely moves.
+
+    Args:
+        calls: the work to time, each a callable without arguments.
+        warmup: untimed calls of each callable first.
+        repeats: timed calls of each callable.
+        clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``:
+            every thread of the process counted, waits for a core not; CPU work only).
+        sync: called before and after each timed call, e.g. ``torch.cuda.synchronize``
+            so that a GPU's queued work is inside the reading.
+
+    Returns:
+        One list of ``repeats`` seconds per callable, in the order of ``calls``.
+
+    Raises:
+        ConfigError: an unknown clock or a negative count.
+    """
+    if clock not in CLOCK_READERS:
+        raise ConfigError(f"clock {clock!r} is not known; use one of "
+                          f"{', '.join(CLOCK_READERS)}")
+    if warmup < 0 or repeats < 0:
+        raise ConfigError(f"need warmup >= 0 and repeats >= 0; got warmup={warmup}, "
+                          f"repeats={repeats}")
+    now = CLOCK_READERS[clock]
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, seconds in zip(calls, times):
+            if sync is not None:
+                sync()
+            start = now()
+            call()
+            if sync is not None:
+                sync()
+            seconds.append(now() - start)
+    return times
+
+
 def wall_clock(warmup: int = 3, repeats: int = 9) -> Timer:
     """A timer: ``warmup`` untimed runs, then the median of ``repeats`` timed ones.
 
     Runs under ``torch.inference_mode``; on CUDA it synchronises around each run.
     """
     def timer(module: nn.Module, x: torch.Tensor) -> float:
-        cuda = x.is_cuda
-        times = []
+        sync = torch.cuda.synchronize if x.is_cuda else None
         with torch.inference_mode():
-            for i in range(warmup + repeats):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                module(x)
-                if cuda:
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
+            (times,) = time_calls([lambda: module(x)], warmup=warmup, repeats=repeats,
+                                  sync=sync)
         return statistics.median(times)
     return timer
 
@@ -87,13 +130,9 @@ def cpu_clock(warmup: int = 3, repeats: int = 9) -> Timer:
     median of ``repeats`` timed ones. For the CPU only (a GPU's work is not CPU time).
     """
     def timer(module: nn.Module, x: torch.Tensor) -> float:
-        times = []
         with torch.inference_mode():
-            for i in range(warmup + repeats):
-                start = time.process_time()
-                module(x)
-                if i >= warmup:
-                    times.append(time.process_time() - start)
+            (times,) = time_calls([lambda: module(x)], warmup=warmup, repeats=repeats,
+                                  clock="cpu")
         return statistics.median(times)
     return timer
 

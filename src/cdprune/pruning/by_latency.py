@@ -29,8 +29,8 @@ from ..measure.latency import (
     layer_shapes,
     measure_network,
 )
-from .groups import _Candidate
-from .search import _cell_units, _channel_units, _Search
+from .groups import Candidate
+from .search import Search, cell_units, channel_units
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ class LatencyModel:
             self.table.note(name, fastest_multiple(heaviest, self.settings, allowed))
         return int(self.table.notes[name])
 
-    def predicted(self, search: _Search, shapes: dict[nn.Module, LayerShape],
+    def predicted(self, search: Search, shapes: dict[nn.Module, LayerShape],
                   removals: list[list[int]]) -> float:
         """Predicted seconds of the timed layers after the removals."""
         return self.table.network(shapes, search.widths(removals))
 
 
-def _changes(cand: _Candidate, block: list[int]) -> list[tuple[Any, int, int]]:
+def _changes(cand: Candidate, block: list[int]) -> list[tuple[Any, int, int]]:
     idx = torch.tensor(block)
     out = []
     for module, kind, roots in cand.members:
@@ -79,7 +79,7 @@ def _changes(cand: _Candidate, block: list[int]) -> list[tuple[Any, int, int]]:
     return out
 
 
-def order_by_latency(search: _Search, shapes: dict[nn.Module, LayerShape],
+def order_by_latency(search: Search, shapes: dict[nn.Module, LayerShape],
                      table: LatencyTable, round_to: int | None) -> None:
     """Reorder ``search``'s units: least score lost per predicted second saved first.
 
@@ -88,7 +88,7 @@ def order_by_latency(search: _Search, shapes: dict[nn.Module, LayerShape],
     """
     groups, blocks = [], []
     for gid, cand in enumerate(search.cands):
-        units_of = _cell_units if cand.cells is not None else _channel_units
+        units_of = cell_units if cand.cells is not None else channel_units
         bl, _ = units_of(cand, round_to, "global")
         units, kept = [], cand.width
         for b in bl:
@@ -103,7 +103,7 @@ def order_by_latency(search: _Search, shapes: dict[nn.Module, LayerShape],
     search.order = [(g, blocks[g][i]) for g, i, _ in order]
 
 
-def by_latency(search: _Search, model: LatencyModel, shapes: dict[nn.Module, LayerShape],
+def by_latency(search: Search, model: LatencyModel, shapes: dict[nn.Module, LayerShape],
                target: float) -> tuple[list[list[int]], float, bool]:
     """The shortest prefix of the ranking whose predicted reduction reaches ``target``.
 

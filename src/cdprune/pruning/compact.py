@@ -79,7 +79,7 @@ class ScatterBatchNorm2d(nn.BatchNorm2d):
                  momentum: float | None = 0.1):
         super().__init__(len(kept), eps=eps, momentum=momentum)
         kept = [int(i) for i in kept]
-        removed = [i for i in range(width) if i not in set(kept)]
+        removed = _complement(width, kept)
         if not kept or not removed or max(kept) >= width:
             raise ValueError(f"ScatterBatchNorm2d needs some but not all of {width} channels "
                              f"kept, got {len(kept)} kept")
@@ -115,6 +115,12 @@ class _Role:
     bn: str
     kind: str  # "stream" or "fold"
     into: str | None = None  # the next layer (conv or linear) of a "fold"
+
+
+def _complement(width: int, idxs: Sequence[int]) -> list[int]:
+    """The indices in ``range(width)`` not in ``idxs`` (a set once, not once per index)."""
+    gone = set(idxs)
+    return [i for i in range(width) if i not in gone]
 
 
 def _layout(model: nn.Module) -> list[_Role]:
@@ -280,7 +286,7 @@ def compact_structure(model: nn.Module, removed_filters: Mapping[str, Sequence[i
             if not idxs:
                 continue
         gone = torch.tensor(idxs, dtype=torch.long)
-        keep = torch.tensor([i for i in range(width) if i not in set(idxs)], dtype=torch.long)
+        keep = torch.tensor(_complement(width, idxs), dtype=torch.long)
         values = _constants(bn)[gone].detach().clone()
         _narrow_outputs(conv, keep)
         if role.kind == "stream":
@@ -399,8 +405,7 @@ def compact(model: nn.Module, removed_filters: Mapping[str, Sequence[int]], *,
         kept_masked += int(full)
         if name in kinds:
             counts[kinds[name]] += len(idxs) - int(full)
-    kept = {n: [i for i in range(modules[n].out_channels) if i not in set(idxs)]
-            for n, idxs in removed_filters.items()}
+    kept = {n: _complement(modules[n].out_channels, idxs) for n, idxs in removed_filters.items()}
     info = CompactInfo(
         macs=count_macs(compacted, example_inputs=example_inputs),
         params=count_params(compacted),

@@ -24,10 +24,10 @@ from ..measure.latency import LatencySettings
 from ..measure.macs import count_macs, count_params
 from ..suggest import did_you_mean
 from .by_latency import LatencyModel, by_latency, hit_latency, order_by_latency
-from .graph import _first_sample, _trace, attention_modules, auto_scope
-from .groups import _candidates
-from .plan import _apply
-from .search import MACS_TOLERANCE, _by_macs, _by_sparsity, _Search
+from .graph import attention_modules, auto_scope, first_sample, trace_model
+from .groups import candidates
+from .plan import apply_removals
+from .search import MACS_TOLERANCE, Search, by_macs, by_sparsity
 
 __all__ = ["PruneResult", "conv_widths", "prune"]
 
@@ -225,7 +225,7 @@ def prune(
         if inplace and latency_reduction is not None:
             raise ConfigError("a latency target prunes and times several copies of the model; "
                               "use inplace=False")
-        example = _first_sample(example_inputs)
+        example = first_sample(example_inputs)
         if not isinstance(example, torch.Tensor):
             raise ConfigError("latency targets need example_inputs to be one tensor batch")
         timed = LatencyModel(model, example, latency or LatencySettings())
@@ -277,7 +277,7 @@ def prune(
         result = run(None)
     else:
         assert timed is not None
-        result = hit_latency(run, model, _first_sample(example_inputs), timed,
+        result = hit_latency(run, model, first_sample(example_inputs), timed,
                              latency_reduction)
     if ignored_extra:
         result.extra["auto_ignored"] = ignored_extra
@@ -321,16 +321,16 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     named = dict(work.named_modules())
     scored = {named[n] for n in scores}
     ignored = _resolve_modules(work, ignored_named, "ignored layer")
-    trace = _trace(work, example_inputs)
+    trace = trace_model(work, example_inputs)
     ignored += [m for m in trace.output_layers if m not in ignored]
 
-    macs_before = count_macs(work, example_inputs=_first_sample(example_inputs))
+    macs_before = count_macs(work, example_inputs=first_sample(example_inputs))
     params_before = count_params(work)
     widths_before = conv_widths(work)
     graph = trace.graph
     importance = CDPImportance(scores, group_reduction=group_reduction, model=work)
-    cands = _candidates(graph, importance, ignored, scope, max_layer_pruning, scored, names)
-    search = _Search(cands, trace.geometry, round_to, allocation)
+    cands = candidates(graph, importance, ignored, scope, max_layer_pruning, scored, names)
+    search = Search(cands, trace.geometry, round_to, allocation)
     candidate_filters = sum(int(c.scored[c.allowed].sum()) for c in cands)
     if not cands:
         attention = attention_modules(work)
@@ -352,9 +352,9 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
         removals, predicted_latency, saturated = by_latency(search, timed[0], shapes,
                                                             timed[1])
     elif sparsity is not None:
-        removals = _by_sparsity(search, sparsity, candidate_filters)
+        removals = by_sparsity(search, sparsity, candidate_filters)
     else:
-        removals = _by_macs(search, macs_reduction, scope, max_layer_pruning)
+        removals = by_macs(search, macs_reduction, scope, max_layer_pruning)
     if not any(removals):
         raise _NoChannel(
             "the pruning target removes no channel" + (
@@ -362,7 +362,7 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
                 "large; use a smaller round_to" if round_to else
                 "; raise the target or max_layer_pruning"))
 
-    plan = _apply(graph, cands, removals, names)
+    plan = apply_removals(graph, cands, removals, names)
     target = {"sparsity": sparsity, "macs_reduction": macs_reduction}
     if timed is not None and timed[1] is not None:
         target["latency_reduction"] = timed[1]  # the predicted goal; prune() sets the asked
@@ -373,7 +373,7 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     if wrong:
         raise _Misread(wrong)
     try:
-        macs_after = count_macs(work, example_inputs=_first_sample(example_inputs))
+        macs_after = count_macs(work, example_inputs=first_sample(example_inputs))
     except RuntimeError as exc:  # an op Torch-Pruning did not see, with a fixed width
         raise UnsupportedModelError(
             f"the pruned model no longer runs ({_first_line(exc)}): an operation inside one "

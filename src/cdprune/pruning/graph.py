@@ -26,10 +26,10 @@ from ..measure.evaluate import eval_mode
 from .layouts import (
     REGROUPING,
     SPLIT,
-    _fix_splits,
-    _mark_regroupings,
-    _tolerant_index_mapping,
-    _Tracer,
+    Tracer,
+    fix_splits,
+    mark_regroupings,
+    tolerant_index_mapping,
 )
 
 __all__ = ["ChannelPruner", "custom_pruners", "register_pruner", "register_traced_forward"]
@@ -133,21 +133,22 @@ def _traced(model: nn.Module) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------- dependency graph
-def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, with cdprune's custom pruners."""
     # Tracing runs a forward pass: in eval mode it never updates BN running statistics.
-    with eval_mode(model), torch.enable_grad(), _Tracer() as tracer, \
-            _tolerant_index_mapping(), _traced(model):
+    with eval_mode(model), torch.enable_grad(), Tracer() as tracer, \
+            tolerant_index_mapping(), _traced(model):
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, customized_pruners=custom_pruners(),
             verbose=False)
-    _fix_splits(graph, tracer.split_owner)
-    _mark_regroupings(graph, tracer.sizes)
+    fix_splits(graph, tracer.split_owner)
+    mark_regroupings(graph, tracer.sizes)
     return graph
 
 
 # ---------------------------------------------------------------------- analytic MACs
 @dataclass
-class _Geometry:
+class Geometry:
     """Shape facts of one Conv2d/Linear layer, enough to recount its MACs after pruning."""
 
     in_ch: int
@@ -164,17 +165,18 @@ class _Geometry:
 
 
 @dataclass
-class _Trace:
+class Trace:
     """What Torch-Pruning's traced forward pass of one sample tells: the dependency
     graph, every Conv2d/Linear's shapes and the layer that produced the output (the
     classifier, never pruned)."""
 
     graph: tp.DependencyGraph
-    geometry: dict[nn.Module, _Geometry]
+    geometry: dict[nn.Module, Geometry]
     output_layers: list[nn.Module]
 
 
-def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
+def trace_model(model: nn.Module, example_inputs: Any) -> Trace:
+    """Trace ``model`` on one sample: its dependency graph, layer shapes and output layer."""
     last: list[nn.Module] = []
 
     def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
@@ -185,33 +187,33 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     hooks = [m.register_forward_hook(hook) for m in layers]
     try:
-        graph = _build_graph(model, _first_sample(example_inputs))
+        graph = build_graph(model, first_sample(example_inputs))
     finally:
         for h in hooks:
             h.remove()
-    geo, returned = _geometry(model, layers, _first_sample(example_inputs))
-    return _Trace(graph, geo, last + [m for m in returned if m not in last])
+    geo, returned = _geometry(model, layers, first_sample(example_inputs))
+    return Trace(graph, geo, last + [m for m in returned if m not in last])
 
 
 def _geometry(model: nn.Module, layers: list[nn.Module], example: Any
-              ) -> tuple[dict[nn.Module, _Geometry], list[nn.Module]]:
+              ) -> tuple[dict[nn.Module, Geometry], list[nn.Module]]:
     """Every layer's shapes from one plain forward pass, and the layers whose output the
     model returns as is (task outputs: kept whole). A layer that runs several times
     (a detection head shared by every FPN level) adds up its output positions; a layer in
     a two-stage detector's region heads counts one region (its rows are regions), as
     :func:`cdprune.measure.macs.region_layers` says."""
-    geo: dict[nn.Module, _Geometry] = {}
+    geo: dict[nn.Module, Geometry] = {}
     produced: list[tuple[nn.Module, torch.Tensor]] = []  # alive, so ids stay unique
 
     def hook(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
         produced.append((m, out))
         if isinstance(m, nn.Conv2d):
             # per sample (the batch is one) or, in region heads, per region
-            new = _Geometry(m.in_channels, m.out_channels, m.groups,
-                            m.kernel_size[0] * m.kernel_size[1], out.shape[-1] * out.shape[-2])
+            new = Geometry(m.in_channels, m.out_channels, m.groups,
+                           m.kernel_size[0] * m.kernel_size[1], out.shape[-1] * out.shape[-2])
         else:
             # rows per sample (or per region), also when no region ran
-            new = _Geometry(m.in_features, m.out_features, 1, 1, math.prod(out.shape[1:-1]))
+            new = Geometry(m.in_features, m.out_features, 1, 1, math.prod(out.shape[1:-1]))
         if m in geo:
             geo[m].positions += new.positions
         else:
@@ -245,13 +247,15 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _first_sample(example_inputs: Any) -> Any:
+def first_sample(example_inputs: Any) -> Any:
+    """The first sample of a tensor batch (other inputs are passed through unchanged)."""
     if isinstance(example_inputs, torch.Tensor):
         return example_inputs[:1]
     return example_inputs
 
 
-def _kind(fn: Any) -> str | None:
+def member_kind(fn: Any) -> str | None:
+    """Which side a Torch-Pruning function prunes: ``"out"``, ``"in"``, ``"dw"`` or None."""
     if fn == tp.prune_depthwise_conv_out_channels:
         return "dw"
     if fn == tp.prune_conv_out_channels or fn == tp.prune_linear_out_channels:
@@ -261,13 +265,14 @@ def _kind(fn: Any) -> str | None:
     return None
 
 
-def _is_grouped(module: nn.Module) -> bool:
+def is_grouped(module: nn.Module) -> bool:
     """A grouped convolution (not depthwise): each group must keep as many channels."""
     return (isinstance(module, nn.Conv2d) and module.groups > 1
             and module.groups != module.out_channels)
 
 
-def _dimension(module: nn.Module, kind: str | None) -> int | None:
+def dimension(module: nn.Module, kind: str | None) -> int | None:
+    """The channel count of ``module`` on the side ``kind`` prunes (None if unknown)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.num_features
     if isinstance(module, nn.GroupNorm):
@@ -279,14 +284,14 @@ def _dimension(module: nn.Module, kind: str | None) -> int | None:
     return None
 
 
-def _misread(item: Any) -> bool:
+def is_misread(item: Any) -> bool:
     """True when Torch-Pruning's indices for one group member cannot be right.
 
     Its index bookkeeping goes wrong on some graphs (a ``torch.split`` whose pieces are
     added to other tensors, as in Res2Net): a member then gets more indices than the group
     has channels, or indices past the layer's width. Such a group is never pruned.
     """
-    module, kind = item.dep.target.module, _kind(item.dep.pruning_fn)
+    module, kind = item.dep.target.module, member_kind(item.dep.pruning_fn)
     if (isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1
             and module.in_channels != module.out_channels):
         return True  # depthwise with a channel multiplier on its input: read as 1:1
@@ -294,7 +299,7 @@ def _misread(item: Any) -> bool:
         dim = getattr(item.dep.target, "pruning_dim", -1)
         size = int(module.shape[dim]) if module.dim() else None
     else:
-        size = _dimension(module, kind) if isinstance(module, nn.Module) else None
+        size = dimension(module, kind) if isinstance(module, nn.Module) else None
     if size is None:
         return False
     idxs = list(item.idxs)
@@ -303,7 +308,7 @@ def _misread(item: Any) -> bool:
     return kind != "in" and len(set(idxs)) != len(idxs)
 
 
-def _fixed_layout(item: Any) -> str | None:
+def fixed_layout(item: Any) -> str | None:
     """Why channels through this group member cannot be removed, or None if they can.
 
     The model's own code fixes some channel layouts with plain numbers that pruning

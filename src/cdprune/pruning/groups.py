@@ -19,8 +19,8 @@ import torch_pruning as tp
 from torch import nn
 
 from ..importance.scoring import CDPImportance
-from .graph import ChannelPruner, _fixed_layout, _is_grouped, _kind, _misread
-from .layouts import _tolerant_index_mapping
+from .graph import ChannelPruner, fixed_layout, is_grouped, is_misread, member_kind
+from .layouts import tolerant_index_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class _Part:
 
 
 @dataclass
-class _Candidate:
+class Candidate:
     """Channels that are removed together, numbered 0..width-1.
 
     Usually one Torch-Pruning group. Groups whose channels feed the same grouped
@@ -63,7 +63,7 @@ class _Candidate:
 
 
 def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
-                ) -> tuple[_Candidate, int]:
+                ) -> tuple[Candidate, int]:
     """A one-part candidate from a Torch-Pruning group; also its count of output members."""
     width = len(group[0].root_idxs)
     allowed = torch.ones(width, dtype=torch.bool)
@@ -75,7 +75,7 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
     for item in group:
         fn = item.dep.pruning_fn
         module = item.dep.target.module
-        kind = _kind(fn)
+        kind = member_kind(fn)
         if getattr(item.dep.target, "cdprune_adjustable", None):
             _keep_every_piece(item, imp, allowed)
             continue
@@ -98,13 +98,13 @@ def _from_group(group: Any, imp: torch.Tensor, scored_modules: set[nn.Module]
             scored[roots] += 1
         full = len(roots) == width and len(set(roots.tolist())) == width
         members.append((module, kind, None if full else roots))
-        if _is_grouped(module) and kind in ("in", "out"):
+        if is_grouped(module) and kind in ("in", "out"):
             index = torch.full((width,), -1, dtype=torch.long)
             index[roots] = torch.tensor(list(item.idxs), dtype=torch.long)
             grouped[(module, kind)] = index
     root = group[0].dep.target.module
     part = _Part(root, group[0].dep.pruning_fn, 0, width)
-    cand = _Candidate([part], imp.float().cpu(), allowed, scored, members, grouped)
+    cand = Candidate([part], imp.float().cpu(), allowed, scored, members, grouped)
     cand.bundles = _bundles(ties, width)
     return cand, outs
 
@@ -247,7 +247,7 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]
     return groups, stopped
 
 
-class _FrozenIndexMapping:
+class FrozenIndexMapping:
     """Lets Torch-Pruning map indices once for many groups while nothing is pruned.
 
     It refreshes every concatenation's and split's index mapping each time it builds a
@@ -258,10 +258,10 @@ class _FrozenIndexMapping:
     def __init__(self, graph: tp.DependencyGraph):
         self.graph = graph
 
-    def __enter__(self) -> _FrozenIndexMapping:
+    def __enter__(self) -> FrozenIndexMapping:
         module = tp.dependency.index_mapping
         self.original = module.update_index_mapping
-        with _tolerant_index_mapping():
+        with tolerant_index_mapping():
             self.original(self.graph)
         module.update_index_mapping = lambda graph: None
         return self
@@ -270,7 +270,7 @@ class _FrozenIndexMapping:
         tp.dependency.index_mapping.update_index_mapping = self.original
 
 
-def _merge(cands: list[_Candidate]) -> _Candidate:
+def _merge(cands: list[Candidate]) -> Candidate:
     """One candidate from several, channels numbered part after part."""
     if len(cands) == 1:
         return cands[0]
@@ -287,13 +287,13 @@ def _merge(cands: list[_Candidate]) -> _Candidate:
             grouped[key].append(cand.grouped.get(
                 key, torch.full((cand.width,), -1, dtype=torch.long)))
         offset += cand.width
-    return _Candidate(parts, torch.cat([c.importance for c in cands]),
-                      torch.cat([c.allowed for c in cands]),
-                      torch.cat([c.scored for c in cands]), members,
-                      {k: torch.cat(v) for k, v in grouped.items()})
+    return Candidate(parts, torch.cat([c.importance for c in cands]),
+                     torch.cat([c.allowed for c in cands]),
+                     torch.cat([c.scored for c in cands]), members,
+                     {k: torch.cat(v) for k, v in grouped.items()})
 
 
-def _keep_in_every_part(cand: _Candidate, max_layer_pruning: float) -> None:
+def _keep_in_every_part(cand: Candidate, max_layer_pruning: float) -> None:
     """Every layer of a merged candidate keeps its share, not only the candidate as a whole.
 
     Cells lose channels in step across the parts; without this a cell lying inside one
@@ -307,7 +307,7 @@ def _keep_in_every_part(cand: _Candidate, max_layer_pruning: float) -> None:
         cand.allowed[ranked[:keep]] = False
 
 
-def _cells(cand: _Candidate) -> list[torch.Tensor] | None:
+def _cells(cand: Candidate) -> list[torch.Tensor] | None:
     """Split a grouped candidate into cells that lose channels one each, in step.
 
     A cell is the set of channels that land in the same group of every grouped
@@ -329,23 +329,24 @@ def _cells(cand: _Candidate) -> list[torch.Tensor] | None:
     return [(inverse == c).nonzero().flatten() for c in range(len(unique))]
 
 
-def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: list[nn.Module],
-                scope: str, max_layer_pruning: float, scored: set[nn.Module],
-                names: dict[nn.Module, str]) -> list[_Candidate]:
-    singles: list[_Candidate] = []
+def candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: list[nn.Module],
+               scope: str, max_layer_pruning: float, scored: set[nn.Module],
+               names: dict[nn.Module, str]) -> list[Candidate]:
+    """The prunable channel groups of ``graph``, scored by ``importance``."""
+    singles: list[Candidate] = []
     misread: list[str] = []
     fixed: dict[str, list[str]] = {}
-    with _TieRecorder(), _FrozenIndexMapping(graph):
+    with _TieRecorder(), FrozenIndexMapping(graph):
         groups, stopped = _all_groups(graph, ignored)
     for module, reason in stopped:
         fixed.setdefault(reason, []).append(names.get(module, "?"))
     for group in groups:
-        bad = [item for item in group if _misread(item)]
+        bad = [item for item in group if is_misread(item)]
         if bad:
             misread += [names.get(item.dep.target.module, "?") for item in bad
                         if isinstance(item.dep.target.module, (nn.Conv2d, nn.Linear))]
             continue
-        reason = next(filter(None, map(_fixed_layout, group)), None)
+        reason = next(filter(None, map(fixed_layout, group)), None)
         if reason is not None:
             fixed.setdefault(reason, []).append(names.get(group[0].dep.target.module, "?"))
             continue
@@ -380,7 +381,7 @@ def _candidates(graph: tp.DependencyGraph, importance: CDPImportance, ignored: l
                 parent[find(i)] = find(owner[key])
             else:
                 owner[key] = i
-    components: dict[int, list[_Candidate]] = {}
+    components: dict[int, list[Candidate]] = {}
     for i, cand in enumerate(singles):
         components.setdefault(find(i), []).append(cand)
 

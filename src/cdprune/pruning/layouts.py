@@ -22,12 +22,12 @@ from torch.overrides import TorchFunctionMode
 
 __all__: list[str] = []
 
-# Why channels are left unpruned (see _fixed_layout).
+# Why channels are left unpruned (see fixed_layout).
 SPLIT = "they pass through a torch.split/chunk whose piece sizes the model's code fixes"
 REGROUPING = "they pass through a channel regrouping (a view to groups, e.g. a shuffle)"
 
 
-class _Tracer(TorchFunctionMode):
+class Tracer(TorchFunctionMode):
     """Records, while Torch-Pruning traces, what autograd does not keep: the output shape
     of every view/reshape (with the input shape it tells a flatten from a regrouping of
     channels) and the module whose forward ran each channel split."""
@@ -41,7 +41,7 @@ class _Tracer(TorchFunctionMode):
         self.split_owner: dict[Any, nn.Module] = {}
         self.running: list[nn.Module] = []
 
-    def __enter__(self) -> _Tracer:
+    def __enter__(self) -> Tracer:
         def push(module: nn.Module, *_: Any) -> None:
             self.running.append(module)
 
@@ -71,7 +71,7 @@ class _Tracer(TorchFunctionMode):
 
 
 @contextmanager
-def _tolerant_index_mapping() -> Iterator[None]:
+def tolerant_index_mapping() -> Iterator[None]:
     """Let Torch-Pruning's index mapping skip the reshapes and concatenations it cannot size.
 
     Its shape inference can find no size where the model is fine: zero channels beyond the
@@ -79,7 +79,7 @@ def _tolerant_index_mapping() -> Iterator[None]:
     then divides by zero), or an unknown size for a concatenated slice of a layer's output
     (DPN's dense path; it then adds None). Torch-Pruning leaves a node it cannot size
     without a mapping anyway; here these two do the same instead of raising, and
-    :func:`_mark_regroupings`, :func:`_fix_splits` and the group checks read them from the
+    :func:`mark_regroupings`, :func:`fix_splits` and the group checks read them from the
     traced shapes (a regrouping or a fixed slice: left unpruned).
     """
     module = tp.dependency.index_mapping
@@ -136,7 +136,7 @@ def _reduced_over_groups(node: Any) -> bool:
     channels and sums them (selective-kernel attention): every op after it, up to a sum
     over the group dim, is a softmax over groups, a sigmoid or a product with a stack of
     per-group feature maps on dim 1. Anything else (a transpose of a channel shuffle,
-    another reshape) reorders channels and is left to :func:`_fixed_layout`."""
+    another reshape) reorders channels and is left to :func:`fixed_layout`."""
     stack, seen, summed = list(node.outputs), {node}, False
     while stack:
         n = stack.pop()
@@ -164,8 +164,8 @@ def _reduced_over_groups(node: Any) -> bool:
     return summed
 
 
-def _mark_regroupings(graph: tp.DependencyGraph,
-                      view_sizes: dict[Any, tuple[int, ...]] | None = None) -> None:
+def mark_regroupings(graph: tp.DependencyGraph,
+                     view_sizes: dict[Any, tuple[int, ...]] | None = None) -> None:
     """Mark the reshapes that regroup channels, and switch off their index mapping.
 
     Apart from flattening features into a Linear classifier, a reshape in a CNN regroups
@@ -173,7 +173,7 @@ def _mark_regroupings(graph: tp.DependencyGraph,
     attention (ResNeSt), or the radix softmax behind it. Torch-Pruning reads them as
     flattens and maps each index to a run of indices, which on ResNeSt builds groups of
     millions of indices (tens of seconds). The channels through them are left unpruned
-    (``_fixed_layout`` in :mod:`cdprune.pruning.graph`), so these reshapes just pass
+    (``fixed_layout`` in :mod:`cdprune.pruning.graph`), so these reshapes just pass
     indices through. Two kinds are no regrouping: a group-major view that is only weighed
     and summed over its groups (selective-kernel attention, mapped by
     :class:`_GroupMajorMapping`), and a per-channel parameter shaped to ``(1, C, 1, 1)``.
@@ -265,8 +265,8 @@ def _pass_through(node: Any) -> None:
         dep.index_mapping = [None] * len(dep.index_mapping)
 
 
-def _fix_splits(graph: tp.DependencyGraph,
-                owners: dict[Any, nn.Module] | None = None) -> None:
+def fix_splits(graph: tp.DependencyGraph,
+               owners: dict[Any, nn.Module] | None = None) -> None:
     """Give Torch-Pruning the real sizes and order of the pieces of every channel split.
 
     It guesses a ``chunk``'s piece sizes from the layers around it, and takes the split's

@@ -168,8 +168,11 @@ def published_search(model: nn.Module, scores: Mapping[str, torch.Tensor], targe
 def kept_of(model: nn.Module, removed: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """``{conv: kept filter indices}`` of the masked convolutions (for paper MACs)."""
     convs = _conv_names(model)
-    return {n: [i for i in range(convs[n].out_channels) if i not in set(idx)]
-            for n, idx in removed.items()}
+    kept = {}
+    for n, idx in removed.items():
+        gone = set(idx)  # once per layer, not once per filter
+        kept[n] = [i for i in range(convs[n].out_channels) if i not in gone]
+    return kept
 
 
 def _check_removed(model: nn.Module, removed: Mapping[str, Sequence[int]]
@@ -336,21 +339,21 @@ def channel_cut(model: nn.Module, removed: Mapping[str, Sequence[int]], *,
     """
     from ..importance.scoring import CDPImportance
     from .core import PruneResult, conv_widths
-    from .graph import _first_sample, _trace
-    from .groups import _candidates
-    from .plan import _apply
+    from .graph import first_sample, trace_model
+    from .groups import candidates
+    from .plan import apply_removals
 
     convs = _check_removed(model, removed)
     work = copy.deepcopy(model)
     names = {m: n for n, m in work.named_modules()}
-    sample = _first_sample(example_inputs)
+    sample = first_sample(example_inputs)
     macs_before, params_before = count_macs(work, example_inputs=sample), count_params(work)
     widths_before = conv_widths(work)
-    trace = _trace(work, example_inputs)
+    trace = trace_model(work, example_inputs)
     scores = {n: torch.ones(c.out_channels) for n, c in convs.items()}
     scored = {m for m in names if isinstance(m, nn.Conv2d)}
-    cands = _candidates(trace.graph, CDPImportance(scores, model=work),
-                        list(trace.output_layers), "all", 1.0, scored, names)
+    cands = candidates(trace.graph, CDPImportance(scores, model=work),
+                       list(trace.output_layers), "all", 1.0, scored, names)
     masked = {n: set(int(i) for i in v) for n, v in removed.items()}
     removals: list[list[int]] = []
     for cand in cands:
@@ -364,7 +367,7 @@ def channel_cut(model: nn.Module, removed: Mapping[str, Sequence[int]], *,
                 and all(j in masked.get(name, ()) for name, _ in writers)]
         removals.append(gone[:max(0, cand.width - cand.min_keep)])
     if any(removals):
-        plan = _apply(trace.graph, cands, removals, names)
+        plan = apply_removals(trace.graph, cands, removals, names)
     else:
         plan = {"format": PLAN_FORMAT, "steps": [], "kept": {}}
     plan.update(mode="channel_cut", scope="all")

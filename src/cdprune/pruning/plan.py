@@ -21,13 +21,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..checkpoint import atomic_write_text, load_weights, save_weights
+from ..checkpoint import load_weights, save_weights
 from ..data.transforms import normalisation_problem
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..fileio import atomic_write_text
+from ..runs.files import MODEL, PLAN
 from ..version import __version__
-from .graph import _build_graph
-from .groups import _Candidate
-from .surgery import _prune_together
+from .graph import build_graph
+from .groups import Candidate
+from .surgery import prune_together
 
 if TYPE_CHECKING:
     from .compact import CompactInfo
@@ -40,8 +42,9 @@ PLAN_FORMAT = "cdprune.plan/1"
 MAX_CLASSES = 1_000_000
 
 
-def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[list[int]],
-           names: dict[nn.Module, str]) -> dict[str, Any]:
+def apply_removals(graph: tp.DependencyGraph, cands: list[Candidate], removals: list[list[int]],
+                   names: dict[nn.Module, str]) -> dict[str, Any]:
+    """Remove the chosen channels of each candidate and return the plan that replays it."""
     steps, parts = [], []
     for cand, idxs in zip(cands, removals):
         if not idxs:
@@ -57,7 +60,7 @@ def _apply(graph: tp.DependencyGraph, cands: list[_Candidate], removals: list[li
                     "idxs": [int(i) for i in local]} for root, _, local in step]
         steps.append(records[0] if len(records) == 1 else {"parts": records})
     kept = {names[module]: [i for i in range(width) if i not in gone]
-            for module, (width, gone) in _prune_together(graph, parts).items()}
+            for module, (width, gone) in prune_together(graph, parts).items()}
     return {"format": PLAN_FORMAT, "steps": steps, "kept": kept}
 
 
@@ -67,7 +70,7 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
         raise CheckpointError(f"not a cdprune plan (expected format {PLAN_FORMAT!r})")
     if plan.get("compact") is not None:
         return _replay_compact(model, plan)
-    graph = _build_graph(model, example_inputs)
+    graph = build_graph(model, example_inputs)
     named = dict(model.named_modules())
     parts = []
     for step in plan["steps"]:
@@ -89,7 +92,7 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
                 raise CheckpointError(f"plan step for '{record['module']}' removes channels "
                                       f"{idxs[:8]}... that do not fit its {width} channels")
             parts.append((module, fn, idxs))
-    _prune_together(graph, parts)  # every step's indices are in the base model's numbering
+    prune_together(graph, parts)  # every step's indices are in the base model's numbering
     return model
 
 
@@ -127,7 +130,7 @@ def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
         extra: more plain data to store in ``plan.json`` (e.g. dataset, normalisation).
     """
     directory = Path(directory)  # created by the first write (a run directory records it first)
-    save_weights(result.model, directory / "model.safetensors")
+    save_weights(result.model, directory / MODEL)
     doc = dict(result.plan)
     doc.update(
         model=model_name or "user model (pass the same base model to load_pruned)",
@@ -135,7 +138,7 @@ def save_pruned(directory: str | os.PathLike, result: PruneResult, *,
         macs_before=result.macs_before, macs_after=result.macs_after,
         params_before=result.params_before, params_after=result.params_after,
         cdprune_version=__version__, extra=dict(extra or {}))
-    atomic_write_text(directory / "plan.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(directory / PLAN, json.dumps(doc, indent=1) + "\n")
     return directory
 
 
@@ -161,7 +164,7 @@ def save_compact(directory: str | os.PathLike, model: nn.Module,
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_weights(model, directory / "model.safetensors")
+    save_weights(model, directory / MODEL)
     masks = {str(k): sorted(int(i) for i in v) for k, v in removed_filters.items() if v}
     doc = {"format": PLAN_FORMAT, "steps": [], "kept": {},
            "compact": {"removed_filters": masks, **info.to_dict()},
@@ -170,13 +173,13 @@ def save_compact(directory: str | os.PathLike, model: nn.Module,
            "macs_before": info.macs_masked, "macs_after": info.macs,
            "params_before": info.params_masked, "params_after": info.params,
            "cdprune_version": __version__, "extra": dict(extra or {})}
-    atomic_write_text(directory / "plan.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(directory / PLAN, json.dumps(doc, indent=1) + "\n")
     return directory
 
 
 def read_plan(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and minimally check ``plan.json`` of a pruned-model directory."""
-    path = Path(directory) / "plan.json"
+    path = Path(directory) / PLAN
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist; point to a directory written by "
                                 "`cdprune prune` or save_pruned()")
@@ -280,7 +283,7 @@ def load_pruned(directory: str | os.PathLike, base_model: nn.Module, *,
                               f"({type(exc).__name__}: {exc}); use the base architecture it "
                               "was made from") from None
     _check_macs(model, plan, directory)
-    return load_weights(model, Path(directory) / "model.safetensors")
+    return load_weights(model, Path(directory) / MODEL)
 
 
 def _check_macs(model: nn.Module, plan: Mapping[str, Any], directory: Any) -> None:

@@ -1,6 +1,6 @@
 """The global ranking and the search for the cut that meets a sparsity or MACs target.
 
-Candidates' channels are ranked in one list of units (see :class:`_Search`); a target is
+Candidates' channels are ranked in one list of units (see :class:`Search`); a target is
 met by the smallest prefix of that list that reaches it. MACs of a candidate cut are
 counted analytically from the layer shapes, which makes the search cheap; when a unit
 is too coarse to land within tolerance, a local search near the threshold refines it.
@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .graph import _Geometry
-from .groups import _Candidate
+from .graph import Geometry
+from .groups import Candidate
 
 MACS_TOLERANCE = 0.003  # the paper's own: within 0.3 percentage points
 
 
-class _Search:
+class Search:
     """Turns positions of the global ranking into per-candidate removals and their MACs.
 
     The ranking is over *units*: single channels, or with ``round_to`` blocks of
@@ -33,14 +33,14 @@ class _Search:
     the highest score in it: it goes only when all its channels are below the threshold.
     """
 
-    def __init__(self, candidates: list[_Candidate], geometry: dict[nn.Module, _Geometry],
+    def __init__(self, candidates: list[Candidate], geometry: dict[nn.Module, Geometry],
                  round_to: int | None, allocation: str = "global"):
         self.cands = candidates
         self.geometry = geometry
         units: list[tuple[float, int, int, list[int]]] = []  # key, candidate, seq, channels
         for gid, cand in enumerate(candidates):
-            blocks, keys = (_cell_units(cand, round_to, allocation) if cand.cells is not None
-                            else _channel_units(cand, round_to, allocation))
+            blocks, keys = (cell_units(cand, round_to, allocation) if cand.cells is not None
+                            else channel_units(cand, round_to, allocation))
             units += [(k, gid, seq, b) for seq, (k, b) in enumerate(zip(keys, blocks))]
         # Deterministic: by key, then candidate order, then position within the candidate.
         units.sort(key=lambda u: (u[0], u[1], u[2]))
@@ -98,8 +98,9 @@ class _Search:
         return sum(int(c.scored[r].sum()) for c, r in zip(self.cands, removals) if r)
 
 
-def _channel_units(cand: _Candidate, round_to: int | None, allocation: str
-                   ) -> tuple[list[list[int]], list[float]]:
+def channel_units(cand: Candidate, round_to: int | None, allocation: str
+                  ) -> tuple[list[list[int]], list[float]]:
+    """A candidate's removable channels in blocks (``round_to`` or tied bundles), with keys."""
     imp = cand.importance
     allowed = cand.allowed.nonzero().flatten()
     ranked = allowed[torch.argsort(imp[allowed], stable=True)].tolist()
@@ -119,8 +120,9 @@ def _channel_units(cand: _Candidate, round_to: int | None, allocation: str
     return blocks, [max(keys[c] for c in b) for b in blocks]
 
 
-def _cell_units(cand: _Candidate, round_to: int | None, allocation: str
-                ) -> tuple[list[list[int]], list[float]]:
+def cell_units(cand: Candidate, round_to: int | None, allocation: str
+               ) -> tuple[list[list[int]], list[float]]:
+    """A cell-structured candidate's removable channels, one round per cell per block."""
     imp = cand.importance
     ranked = []
     for cell in cand.cells or []:
@@ -140,7 +142,8 @@ def _cell_units(cand: _Candidate, round_to: int | None, allocation: str
     return blocks, keys
 
 
-def _by_sparsity(search: _Search, sparsity: float, candidate_filters: int) -> list[list[int]]:
+def by_sparsity(search: Search, sparsity: float, candidate_filters: int) -> list[list[int]]:
+    """The fewest removals that reach ``sparsity`` of the candidate filters."""
     target = sparsity * candidate_filters
     lo, hi = 0, len(search.order)
     while lo < hi:  # smallest k whose removals reach the target filter count
@@ -152,8 +155,9 @@ def _by_sparsity(search: _Search, sparsity: float, candidate_filters: int) -> li
     return search.removals(lo)
 
 
-def _by_macs(search: _Search, target: float, scope: str, max_layer_pruning: float
-             ) -> list[list[int]]:
+def by_macs(search: Search, target: float, scope: str, max_layer_pruning: float
+            ) -> list[list[int]]:
+    """The removals that reach a MACs reduction of ``target``."""
     def reduction(k: int) -> float:
         return 1.0 - search.macs(search.removals(k)) / search.base_macs
 
@@ -178,7 +182,7 @@ def _by_macs(search: _Search, target: float, scope: str, max_layer_pruning: floa
     return search.select(_refine(search, lo, target))
 
 
-def _refine(search: _Search, lo: int, target: float, window: int = 48,
+def _refine(search: Search, lo: int, target: float, window: int = 48,
             rounds: int = 64) -> set[int]:
     """Land within tolerance of the MACs target when the threshold unit is too coarse.
 

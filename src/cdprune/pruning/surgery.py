@@ -14,13 +14,13 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .graph import _dimension, _is_grouped, _kind
-from .groups import _FrozenIndexMapping
+from .graph import dimension, is_grouped, member_kind
+from .groups import FrozenIndexMapping
 from .layouts import resize_splits
 
 
-def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any, list[int]]]
-                    ) -> dict[nn.Module, tuple[int, set[int]]]:
+def prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any, list[int]]]
+                   ) -> dict[nn.Module, tuple[int, set[int]]]:
     """Remove channels of several roots in one go.
 
     Returns, per layer whose outputs shrank, its width before and the positions removed.
@@ -31,7 +31,7 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
     every group, which holds for its own pruner but not for scores ranked within groups.
     """
     merged: dict[tuple[Any, Any], tuple[Any, set[int]]] = {}
-    with _FrozenIndexMapping(graph):
+    with FrozenIndexMapping(graph):
         for root, fn, idxs in parts:
             for item in graph.get_pruning_group(root, fn, idxs):
                 key = (item.dep.target, item.dep.handler)
@@ -42,13 +42,13 @@ def _prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any,
     group._DG = graph
     extras = []
     for dep, idxs in merged.values():
-        module, kind = dep.target.module, _kind(dep.pruning_fn)
+        module, kind = dep.target.module, member_kind(dep.pruning_fn)
         if kind in ("out", "dw") or isinstance(module, (nn.modules.batchnorm._BatchNorm,
                                                          nn.GroupNorm)):
-            removed[module] = (_dimension(module, kind or "out"), idxs)
+            removed[module] = (dimension(module, kind or "out"), idxs)
         if kind in ("out", "dw") and isinstance(module, (nn.Conv2d, nn.Linear)):
             extras.append((module, removed[module][0], idxs))
-        if kind == "in" and _is_grouped(module):
+        if kind == "in" and is_grouped(module):
             grouped_inputs.append((module, idxs))
         elif isinstance(module, nn.LayerNorm):
             norms.append((module, idxs, getattr(dep.handler.__self__, "pruning_dim", -1)))

@@ -27,11 +27,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..finetune.batchnorm import recalibrate_bn
-from ..finetune.loop import TrainConfig, fine_tune
+from ..finetune.config import TrainConfig
+from ..finetune.loop import fine_tune
 from ..importance.criteria import ScoreContext, criterion_names, get_criterion
 from ..measure.evaluate import evaluate
 from ..measure.macs import paper_macs
 from ..pruning import prune, save_pruned
+from .files import COMPACT, COMPARE_JSON, COMPARE_MD, COMPARE_PLOT, PRUNED
 from .report import format_count
 
 __all__ = ["compare_criteria", "read_comparison", "write_comparison"]
@@ -205,7 +207,7 @@ def compare_criteria(
                                          progress=False).top1
                 tag = f"{criterion}{'' if seed is None else f'-seed{seed}'}"
                 run_dir = output_dir / f"macs{target:g}" / tag
-                save_pruned(run_dir / "pruned", result, model_name=model_name,
+                save_pruned(run_dir / PRUNED, result, model_name=model_name,
                             input_size=tuple(example_inputs.shape[1:]), extra=pruned_extra)
                 acc_tuned = math.nan
                 if finetune is not None and (finetune.epochs > 0 or finetune.max_iters):
@@ -260,7 +262,7 @@ def _compact_row(model: nn.Module, masks: Mapping[str, list[int]], val_loader: A
         recal_images=images if recal_loader is not None else 0, device=device)
     if small is None:
         return {"compact": numbers}
-    save_compact(run_dir / "compact", small, masks, info, model_name=model_name,
+    save_compact(run_dir / COMPACT, small, masks, info, model_name=model_name,
                  input_size=tuple(example.shape[1:]), extra=extra)
     acc = numbers.get("acc_recalibrated", numbers["acc_compacted"])
     return {"macs_masked_paper": numbers["macs_paper"], "macs": numbers["macs"],
@@ -323,7 +325,7 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
     summary = _summarise(rows)
     doc = {"meta": dict(meta or {}), "rows": list(rows), "summary": summary}
     # A number that was not measured is null: a bare NaN is not JSON to most parsers.
-    js = atomic_write_text(directory / "compare.json",
+    js = atomic_write_text(directory / COMPARE_JSON,
                            json.dumps(_nan_to_null(doc), indent=1, default=str,
                                       allow_nan=False) + "\n")
     base = rows[0]["acc_base"] if rows else math.nan
@@ -370,9 +372,9 @@ def write_comparison(directory: str | os.PathLike, rows: Sequence[Mapping[str, A
         lines += ["", "Unreachable targets:", ""]
         lines += [f"- {line['criterion']} at -{100 * line['macs_target']:.0f}%: "
                   f"{line['error']}" for line in errors]
-    md = atomic_write_text(directory / "compare.md", "\n".join(lines) + "\n")
+    md = atomic_write_text(directory / COMPARE_MD, "\n".join(lines) + "\n")
     if any(line["status"] == "done" for line in summary):
-        _plot(directory / "compare.png", summary)
+        _plot(directory / COMPARE_PLOT, summary)
     return js, md
 
 
@@ -410,9 +412,9 @@ def read_comparison(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _plot(path: Path, summary: Sequence[Mapping[str, Any]]) -> None:
-    from .report import _pyplot, _save_figure
+    from .report import load_pyplot, save_figure
 
-    plt = _pyplot()
+    plt = load_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     summary = [line for line in summary if line["status"] == "done"]
     for criterion in dict.fromkeys(line["criterion"] for line in summary):
@@ -425,7 +427,7 @@ def _plot(path: Path, summary: Sequence[Mapping[str, Any]]) -> None:
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Accuracy vs MACs")
     ax.legend(fontsize=7)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def default_budget(epochs: float = 1, **overrides: Any) -> TrainConfig:

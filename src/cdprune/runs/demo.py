@@ -17,6 +17,10 @@ from typing import Any
 import torch
 
 from ..checkpoint import save_weights
+from .files import (
+    DEMO_BASE,
+    MODEL,
+)
 
 __all__ = ["run_demo"]
 
@@ -40,7 +44,8 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
             (:func:`~cdprune.importance.criteria.criterion_names`); CDP's by default.
         printer: receives the lines of the before/after table (the CLI passes ``print``).
     """
-    from ..finetune.loop import TrainConfig, fine_tune
+    from ..finetune.config import TrainConfig
+    from ..finetune.loop import fine_tune
     from ..importance.criteria import get_criterion
     from ..measure.evaluate import measure_latency
     from ..measure.macs import count_params
@@ -70,9 +75,9 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, quick: bool = False
         say(f"1/4 training the base CNN on digits ({base_epochs} epochs)")
         base_cfg = TrainConfig(epochs=base_epochs, lr=0.05, weight_decay=5e-4, batch_size=64,
                                lr_warmup_epochs=0, seed=seed)
-        fine_tune(model, data.train, data.val, base_cfg, output_dir=run.path / "base",
+        fine_tune(model, data.train, data.val, base_cfg, output_dir=run.path / DEMO_BASE,
                   progress=progress)
-        save_weights(model, run.path / "base" / "model.safetensors")
+        save_weights(model, run.path / DEMO_BASE / MODEL)
         say("2/4 collecting CDP statistics and scores" if ranking.statistics
             else f"2/4 scoring filters by {ranking.label}")
         say(f"3/4 pruning 50% of the MACs; 4/4 fine-tuning the pruned CNN "

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------- building blocks
-def _device(config: Mapping[str, Any]) -> torch.device:
+def resolve_device(config: Mapping[str, Any]) -> torch.device:
+    """The torch device a run uses: ``config["device"]``, else the local GPU, else CPU."""
     default = "cpu"
     if torch.cuda.is_available():
         default = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # torchrun: one GPU per rank

@@ -14,6 +14,11 @@ Three kinds of directory are accepted:
 * a run directory (``pruned/plan.json``): the fine-tuned weights when fine-tuning ran;
 * a fine-tune directory (``best.pth``/``last.pth`` without a plan): the pruned model it
   started from is found through its ``config.yaml`` (``model_dir``) or a sibling ``pruned/``.
+
+:func:`find_run_model` is the one answer to "where is the model" for the whole package;
+:func:`load_run_model` loads it from Python (the public API). The commands load it through
+:mod:`cdprune.runs.modeldir`, which adds the checks and overrides of a run configuration
+(``--model``, ``--dataset``, ``--checkpoint``) on top of :func:`find_run_model`.
 """
 
 from __future__ import annotations
@@ -29,14 +34,13 @@ from torch import nn
 
 from ..checkpoint import apply_weights, safe_torch_load
 from ..errors import CheckpointError, ConfigError
-from ..finetune.loop import BEST, LAST
+from .files import BEST, CONFIG, DEMO_FINETUNE, LAST, MODEL, PLAN, PRUNED
 
 __all__ = ["WEIGHTS", "RunModel", "find_run_model", "load_run_model"]
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = ("final", "best", "last", "pruned")
-PLAN = "plan.json"
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def _origin_of_finetune(folder: Path) -> Path | None:
     """The pruned-model directory a fine-tune directory started from, if it can be found."""
     import yaml
 
-    config = folder / "config.yaml"
+    config = folder / CONFIG
     if config.is_file():
         try:
             recorded = (yaml.safe_load(config.read_text()) or {}).get("model_dir")
@@ -71,10 +75,10 @@ def _origin_of_finetune(folder: Path) -> Path | None:
             recorded = None
         if recorded:
             for candidate in (Path(recorded), folder.parent / recorded):
-                for d in (candidate, candidate / "pruned"):
+                for d in (candidate, candidate / PRUNED):
                     if (d / PLAN).is_file():
                         return d
-    sibling = folder.parent / "pruned"  # the demo's layout: run/pruned and run/finetune
+    sibling = folder.parent / PRUNED  # the demo's layout: run/pruned and run/finetune
     return sibling if (sibling / PLAN).is_file() else None
 
 
@@ -101,8 +105,8 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
                                 "at a run directory or a pruned-model directory")
     if (path / PLAN).is_file():
         pruned, tuned = path, []  # an explicit pruned-model directory means those weights
-    elif (path / "pruned" / PLAN).is_file():
-        pruned, tuned = path / "pruned", [path, path / "finetune"]
+    elif (path / PRUNED / PLAN).is_file():
+        pruned, tuned = path / PRUNED, [path, path / DEMO_FINETUNE]
     elif (path / BEST).is_file() or (path / LAST).is_file():
         origin = _origin_of_finetune(path)
         if origin is None:
@@ -120,7 +124,7 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
             "point --model-dir at a directory written by cdprune prune, run or finetune")
     folder = next((d for d in tuned if (d / BEST).is_file() or (d / LAST).is_file()), None)
     if weights == "pruned" or (weights == "final" and folder is None):
-        return RunModel(pruned, pruned / "model.safetensors", "pruned")
+        return RunModel(pruned, pruned / MODEL, "pruned")
     if weights == "final":  # the last epoch: the weights behind the headline accuracy
         kind = "last" if (folder / LAST).is_file() else "best"
     else:

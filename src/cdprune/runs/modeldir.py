@@ -1,7 +1,12 @@
-"""Reading a pruned model back from its directory, or from a run directory holding one.
+"""Loading a run's model as the commands do: from a run configuration (``--model-dir``).
 
-A pruned model directory holds ``plan.json`` and the pruned weights; a run directory holds
-one under ``pruned/`` and, after fine-tuning, the fine-tuned weights too.
+Where the model is (which pruned-model directory, which weights) is answered by one
+function, :func:`cdprune.runs.locate.find_run_model`; this module only builds the model the
+way a command's configuration asks for it: it checks ``--model`` against the plan and the
+pruned model against ``--dataset`` (classes, image channels), builds the base model from
+the configuration, loads ``--checkpoint`` into the pruned architecture when given, and fills
+the input size and normalisation the run recorded. From Python, without a configuration,
+use :func:`cdprune.runs.locate.load_run_model` (``cdprune.load_run_model``) instead.
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ from ..checkpoint import apply_weights, read_state_dict
 from ..errors import CheckpointError, ConfigError, DataError
 from .inputs import build_model
 
-__all__ = ["check_model_dir", "load_model_dir", "load_pruned_dir", "model_dir_defaults",
-           "pruned_dir"]
+__all__ = ["check_model_dir", "load_model_dir", "load_pruned_dir", "model_dir_defaults"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +50,6 @@ def model_dir_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
         out["mean"], out["std"] = list(extra["mean"]), list(extra["std"])
     return out
 
-
-
-def pruned_dir(path: str | os.PathLike) -> Path:
-    """The pruned-model directory: ``path`` itself or the ``pruned/`` of a run directory."""
-    path = Path(path)
-    return path / "pruned" if (path / "pruned" / "plan.json").is_file() else path
 
 
 def check_model_dir(path: str | os.PathLike, config: Mapping[str, Any]) -> None:

@@ -26,19 +26,33 @@ from ..finetune.distributed import barrier
 from ..options import OptionsError
 from ..progress import stage as logged_stage
 from ..pruning.config import CompactConfig, PruneConfig
+from .files import (
+    CLASSES,
+    COMPACT,
+    PRUNE_SUMMARY,
+    PRUNED,
+    REPORT_JSON,
+    REPORT_MD,
+    SCORES,
+    SCORES_PLOT,
+    STATS,
+    TRAINING_PLOT,
+    WIDTHS_PLOT,
+)
 from .inputs import (
     Data,
-    _device,
     build_data,
     build_model,
     check_base_accuracy,
+    resolve_device,
 )
-from .modeldir import load_pruned_dir, pruned_dir
+from .locate import find_run_model
+from .modeldir import load_pruned_dir
 from .report import environment, plot_scores, plot_training, plot_widths, write_report
 from .rundir import RunDir
 
 if TYPE_CHECKING:
-    from ..importance.stats import ActivationStats
+    from ..importance.activations import ActivationStats
 
 __all__ = ["compact_summary", "criterion_scores", "finetune_accuracy", "finish_report",
            "gather_stats", "load_masks", "load_stats", "needs_batches", "needs_stats",
@@ -106,7 +120,7 @@ def criterion_scores(config: Mapping[str, Any], model: nn.Module, data: Data,
                               "collect them first (`cdprune stats`) or run `cdprune run`")
         return tfidf_scores(stats, **cdp_options(config)["scores"])
     context = ScoreContext(example_inputs=_example(data.input_size), batches=data.train,
-                           seed=int(config.get("seed") or 0), device=_device(config),
+                           seed=int(config.get("seed") or 0), device=resolve_device(config),
                            progress=not config.get("no_progress"))
     with logged_stage(f"{criterion.label} scores"):
         return criterion.score(model, context)
@@ -114,7 +128,7 @@ def criterion_scores(config: Mapping[str, Any], model: nn.Module, data: Data,
 
 def gather_stats(config: Mapping[str, Any], data: Data, model: nn.Module) -> ActivationStats:
     """Collect the activation statistics the config asks for; nothing is written."""
-    device = _device(config)
+    device = resolve_device(config)
     model.to(device)
     started = time.perf_counter()
     # build_data already sampled stop_batch batches of images (split across ranks under
@@ -144,12 +158,12 @@ def write_stats(run: RunDir, config: Mapping[str, Any], stats: ActivationStats) 
     """Write ``stats.safetensors``, ``scores.safetensors`` and ``scores.png`` (rank 0 only)."""
     from ..importance.scoring import tfidf_scores
 
-    path = run.path / "stats.safetensors"
+    path = run.path / STATS
     if run.main:
         stats.save(path)
         scores = tfidf_scores(stats, **cdp_options(config)["scores"])
-        _save_scores(run.path / "scores.safetensors", scores)
-        plot_scores(run.path / "scores.png", scores)
+        _save_scores(run.path / SCORES, scores)
+        plot_scores(run.path / SCORES_PLOT, scores)
     return path
 
 
@@ -171,7 +185,7 @@ def write_classes(run: RunDir, config: Mapping[str, Any], data: Data) -> Path | 
     """
     if not run.main or str(config.get("dataset")).lower() != "folder" or not data.classes:
         return None
-    return atomic_write_text(run.path / "classes.json",
+    return atomic_write_text(run.path / CLASSES,
                              json.dumps(list(data.classes), indent=1) + "\n")
 
 
@@ -184,11 +198,11 @@ def _save_scores(path: Path, scores: Mapping[str, torch.Tensor]) -> None:
 def load_stats(config: Mapping[str, Any], model: nn.Module,
                path: str | os.PathLike | None = None) -> ActivationStats:
     """The statistics file of ``--stats`` (or ``path``), checked against ``model``."""
-    from ..importance.stats import ActivationStats
+    from ..importance.activations import ActivationStats
 
     if not path and not config.get("stats") and not config.get("output_dir"):
         raise OptionsError("{stats} is required: the statistics file `cdprune stats` wrote")
-    path = path or config.get("stats") or Path(config["output_dir"]) / "stats.safetensors"
+    path = path or config.get("stats") or Path(config["output_dir"]) / STATS
     return ActivationStats.load(path, model=model)
 
 
@@ -216,10 +230,10 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
     model.cpu()
     if stats is None and needs_stats(config):
         stats = load_stats(config, model, stats_path or config.get("stats")
-                           or run.path / "stats.safetensors")
+                           or run.path / STATS)
     options = cdp_options(config)
     scores = criterion_scores(config, model, data, stats)
-    device = _device(config)
+    device = resolve_device(config)
     example = _example(data.input_size)
     stage = PruneConfig.from_config(config)  # unset options take the stage's defaults
     kwargs = dict(ignored_layers=stage.ignore_layers or None, scope=stage.scope,
@@ -287,11 +301,11 @@ def run_prune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = Non
         write_stats(run, config, stats)
     if run.main:
         write_classes(run, config, data)
-        save_pruned(run.path / "pruned", result, model_name=config["model"],
+        save_pruned(run.path / PRUNED, result, model_name=config["model"],
                     input_size=data.input_size, extra=pruned_extra(config, data))
-        plot_widths(run.path / "widths.png", result.widths_before, result.widths_after)
+        plot_widths(run.path / WIDTHS_PLOT, result.widths_before, result.widths_after)
     if run.main:
-        atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(run.path / PRUNE_SUMMARY, json.dumps(summary, indent=1) + "\n")
     barrier()
     return summary
 
@@ -421,7 +435,8 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                  model: nn.Module | None = None, plan: Mapping[str, Any] | None = None
                  ) -> Any:
     """Fine-tune ``model`` (by default the pruned model in ``run/pruned``)."""
-    from ..finetune.loop import TrainConfig, fine_tune
+    from ..finetune.config import TrainConfig
+    from ..finetune.loop import fine_tune
 
     data = data or build_data(config, need_stats=False)
     if model is None:
@@ -435,12 +450,12 @@ def run_finetune(config: Mapping[str, Any], run: RunDir, *, data: Data | None = 
                       f"{'' if train_cfg.epochs == 1 else 's'})"):
         result = fine_tune(model, data.train, data.select or data.val, train_cfg,
                            output_dir=run.path,
-                           device=_device(config), resume=bool(config.get("resume")),
+                           device=resolve_device(config), resume=bool(config.get("resume")),
                            extra_state={"plan": dict(plan)} if plan else None,
                            progress=not config.get("no_progress"),
                            masks=(plan or {}).get("masked"))
     if result.history and run.main:
-        plot_training(run.path / "training.png", result.history)
+        plot_training(run.path / TRAINING_PLOT, result.history)
     return result
 
 
@@ -481,7 +496,7 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
     from ..measure.evaluate import evaluate
     from ..pruning import compact, read_plan, save_compact
 
-    device = _device(config)
+    device = resolve_device(config)
     images = next(iter(data.val))[0][:64]
     small, info = compact(model.to(device), masks, example_inputs=images.to(device))
     summary: dict[str, Any] = {
@@ -509,14 +524,14 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
         extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
                  "mean": list(data.mean) if data.mean else config.get("mean"),
                  "std": list(data.std) if data.std else config.get("std")}
-        save_compact(run.path / "pruned", small, masks, info, model_name=config["model"],
+        save_compact(run.path / PRUNED, small, masks, info, model_name=config["model"],
                      input_size=data.input_size, extra=extra)
-        atomic_write_text(run.path / "prune_summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(run.path / PRUNE_SUMMARY, json.dumps(summary, indent=1) + "\n")
     barrier()
     epochs = CompactConfig.from_config(config).compact_epochs
     if epochs:
         result = run_finetune({**config, "epochs": epochs}, run, data=data, model=small,
-                              plan=read_plan(run.path / "pruned"))
+                              plan=read_plan(run.path / PRUNED))
         summary["finetuned"] = finetune_accuracy(config, data, small, result)
     return summary
 
@@ -542,7 +557,7 @@ def compact_finetuned(config: Mapping[str, Any], run: RunDir, data: Data, result
     from ..pruning import read_plan, save_compact
     from .deployable import deployable_network
 
-    plan = read_plan(run.path / "pruned")
+    plan = read_plan(run.path / PRUNED)
     masks = plan.get("masked")
     if not masks or not result.history or result.last_checkpoint is None:
         return None
@@ -553,7 +568,7 @@ def compact_finetuned(config: Mapping[str, Any], run: RunDir, data: Data, result
                        need_stats=False).recal if images else None
     small, info, out = deployable_network(
         model, masks, val_loader=data.val, example_inputs=next(iter(data.val))[0][:64],
-        recal_loader=recal, recal_images=images, device=_device(config),
+        recal_loader=recal, recal_images=images, device=resolve_device(config),
         progress=not config.get("no_progress"))
     if small is None:
         return out
@@ -561,7 +576,7 @@ def compact_finetuned(config: Mapping[str, Any], run: RunDir, data: Data, result
         extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
                  "mean": list(data.mean) if data.mean else config.get("mean"),
                  "std": list(data.std) if data.std else config.get("std")}
-        save_compact(run.path / "compact", small, masks, info, model_name=config["model"],
+        save_compact(run.path / COMPACT, small, masks, info, model_name=config["model"],
                      input_size=data.input_size, extra=extra)
     barrier()
     return out
@@ -593,7 +608,7 @@ def finetune_accuracy(config: Mapping[str, Any], data: Data, model: nn.Module | 
         model, _ = load_pruned_dir(config.get("model_dir") or run_path, config,
                                    data.num_classes)
         model.load_state_dict(safe_torch_load(result.last_checkpoint)["model"])
-    device = _device(config)
+    device = resolve_device(config)
     progress = not config.get("no_progress")
     out = {"finetuned": float(evaluate(model.to(device), data.val, device=device,
                                        progress=progress).top1),
@@ -647,7 +662,7 @@ def run_all(config: Mapping[str, Any], run: RunDir, *, data: Data,
         on_pruned: called with the pruning's summary as soon as it exists.
         latency: lines for the report's latency section.
     """
-    summary_path = run.path / "prune_summary.json"
+    summary_path = run.path / PRUNE_SUMMARY
     if config.get("resume") and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
     else:
@@ -683,7 +698,7 @@ def finish_report(run: RunDir, config: Mapping[str, Any], summary: Mapping[str, 
     ``pruned/plan.json``).
     """
     if not run.main:
-        return run.path / "report.json", run.path / "report.md"
+        return run.path / REPORT_JSON, run.path / REPORT_MD
     accuracy = {}
     if summary:
         for key, src in (("base", "acc_base"), ("pruned", "acc_pruned"),
@@ -716,7 +731,8 @@ def _removed_of_run(run: RunDir, config: Mapping[str, Any], plan: Mapping[str, A
         from ..pruning import read_plan
 
         try:
-            plan = read_plan(pruned_dir(config.get("model_dir") or run.path))
+            plan = read_plan(find_run_model(config.get("model_dir") or run.path,
+                                            "pruned").pruned_dir)
         except (OSError, CdpruneError):
             return None
     return plan.get("removed_filters")

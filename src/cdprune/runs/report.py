@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..fileio import atomic_write_bytes, atomic_write_text
+from .files import REPORT_JSON, REPORT_MD
 
 __all__ = ["environment", "format_count", "plot_scores", "plot_training", "plot_widths",
            "write_report"]
@@ -210,13 +211,14 @@ def write_report(directory: str | os.PathLike, report: Mapping[str, Any]) -> tup
     directory = Path(directory)
     doc = dict(report)
     doc.setdefault("environment", environment())
-    js = atomic_write_text(directory / "report.json",
+    js = atomic_write_text(directory / REPORT_JSON,
                            json.dumps(doc, indent=1, default=str) + "\n")
-    md = atomic_write_text(directory / "report.md", _markdown(doc))
+    md = atomic_write_text(directory / REPORT_MD, _markdown(doc))
     return js, md
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
     import io
 
     import matplotlib.pyplot as plt
@@ -227,7 +229,8 @@ def _save_figure(fig: Any, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _pyplot():
+def load_pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -239,7 +242,7 @@ def _pyplot():
 def plot_widths(path: str | os.PathLike, widths_before: Mapping[str, int],
                 widths_after: Mapping[str, int]) -> Path:
     """Bar chart of channels kept versus original, one bar per Conv2d."""
-    plt = _pyplot()
+    plt = load_pyplot()
     names = list(widths_before)
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 4))
     xs = range(len(names))
@@ -251,12 +254,12 @@ def plot_widths(path: str | os.PathLike, widths_before: Mapping[str, int],
     ax.set_ylabel("channels")
     ax.set_title("Channels kept per layer")
     ax.legend()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor]) -> Path:
     """Box plot of the CDP score distribution of each layer."""
-    plt = _pyplot()
+    plt = load_pyplot()
     names = list(scores)
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 4))
     ax.boxplot([scores[n].float().numpy() for n in names], showfliers=False)
@@ -264,12 +267,12 @@ def plot_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor]) -> 
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("CDP score")
     ax.set_title("Score distribution per layer")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_training(path: str | os.PathLike, history: Sequence[Mapping[str, Any]]) -> Path:
     """Training loss and validation accuracy per epoch."""
-    plt = _pyplot()
+    plt = load_pyplot()
     epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     losses = [h.get("train_loss") for h in history]
@@ -291,4 +294,4 @@ def plot_training(path: str | os.PathLike, history: Sequence[Mapping[str, Any]])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation top-1 (%)")
     fig.suptitle("Fine-tuning")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))

@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..fileio import add_write_hook, atomic_write_text, remove_write_hook
 from ..finetune.distributed import is_main_process
+from .files import CONFIG, LAST, LOCK, MANIFEST, PRUNED
 
 __all__ = ["RunDir", "adopt_writes", "config_identity"]
 
@@ -90,7 +91,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     Raises:
         CheckpointError: the file is there but unreadable, or not a record of a run.
     """
-    path = Path(folder) / RunDir.MANIFEST
+    path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
     fix = ("cdprune cannot tell which files there it wrote, so it touches none of them: "
@@ -141,11 +142,6 @@ class RunDir:
     that a killed writer left (``.NAME.*.tmp``) are deleted once the lock is held.
     """
 
-    LOCK = ".cdprune.lock"
-    CONFIG = "config.yaml"
-    MANIFEST = "run.json"
-    LAST = "last.pth"  # fine-tuning's checkpoint (cdprune.finetune.resume.LAST)
-
     def __init__(self, path: str | os.PathLike, *, resume: bool = False,
                  overwrite: bool = False, stage: str | None = None,
                  config: Mapping[str, Any] | None = None,
@@ -190,7 +186,7 @@ class RunDir:
     def _existing(self) -> list[Path]:
         if not self.path.is_dir():
             return []
-        return sorted(p for p in self.path.iterdir() if p.name != self.LOCK)
+        return sorted(p for p in self.path.iterdir() if p.name != LOCK)
 
     def _walk(self) -> Iterator[str]:
         """Every file, link and empty folder under the directory, relative, lock left out."""
@@ -203,7 +199,7 @@ class RunDir:
             if not dirs and not files and rel != Path("."):
                 yield rel.as_posix() + "/"
             for name in sorted(files):
-                if rel == Path(".") and name == self.LOCK:
+                if rel == Path(".") and name == LOCK:
                     continue
                 yield (rel / name).as_posix()
 
@@ -240,10 +236,10 @@ class RunDir:
         if record is None:
             names = _shown([p.name for p in existing])
             raise ConfigError(f"{where} is not empty ({names}) and holds no cdprune run "
-                              f"(no {self.MANIFEST}): files no cdprune run wrote are left "
+                              f"(no {MANIFEST}): files no cdprune run wrote are left "
                               "alone, with or without {overwrite}; choose another "
                               "{output_dir}")
-        owned = {self.MANIFEST, *record["files"]}
+        owned = {MANIFEST, *record["files"]}
         if self.overwrite or (self.replaces and record["stage"] == self.replaces):
             self._check_inputs()
             foreign = self._foreign(owned)
@@ -251,7 +247,7 @@ class RunDir:
                 raise ConfigError(
                     f"{where} holds files that no cdprune run wrote ({_shown(foreign)}) "
                     f"beside the run: {{overwrite}} removes only the files its "
-                    f"{self.MANIFEST} lists and never a folder holding others; move them "
+                    f"{MANIFEST} lists and never a folder holding others; move them "
                     "out, or choose another {output_dir}")
             self._replace, self._old = True, owned
             return
@@ -312,7 +308,7 @@ class RunDir:
     def _check_epochs(self) -> None:
         """A finished run's record is never rewritten by a resume with fewer epochs."""
         epochs = self.config.get("epochs")
-        last = self.path / self.LAST
+        last = self.path / LAST
         if self.stage not in RESUMABLE or epochs is None or not last.is_file():
             return
         from ..checkpoint import safe_torch_load
@@ -329,7 +325,7 @@ class RunDir:
 
     def _busy(self) -> ConfigError:
         return ConfigError(f"another cdprune process is using '{self.path}' (lock file "
-                           f"{self.LOCK}); wait for it to finish or choose another --output-dir")
+                           f"{LOCK}); wait for it to finish or choose another --output-dir")
 
     def _locked_elsewhere(self) -> bool:
         """Whether a live process holds the lock (checked before anything is read or written).
@@ -337,7 +333,7 @@ class RunDir:
         Only called before this process takes the lock: closing any descriptor of the
         file would release a POSIX lock this process holds.
         """
-        lock = self.path / self.LOCK
+        lock = self.path / LOCK
         if not lock.is_file():
             return False
         try:
@@ -365,7 +361,7 @@ class RunDir:
             doc["workers"] = int(self.config["workers"])
         if clearing:
             doc["clearing"] = True
-        atomic_write_text(self.path / self.MANIFEST,
+        atomic_write_text(self.path / MANIFEST,
                           json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
     def _own(self, path: Path) -> None:
@@ -376,7 +372,7 @@ class RunDir:
         except ValueError:
             return
         name = rel.as_posix()
-        if name in self._files or name == self.MANIFEST:
+        if name in self._files or name == MANIFEST:
             return
         if os.path.lexists(path):
             raise ConfigError(f"'{path}' exists and no cdprune run wrote it; it is left alone: "
@@ -394,7 +390,7 @@ class RunDir:
                 break
             missing = folder
         self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / self.LOCK, "a+")  # noqa: SIM115 - held for the run's life
+        fh = open(self.path / LOCK, "a+")  # noqa: SIM115 - held for the run's life
         try:
             fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -412,7 +408,7 @@ class RunDir:
             fh.flush()
             if not self.resume:
                 self._files = set()
-            self._files |= {self.MANIFEST, self.CONFIG}
+            self._files |= {MANIFEST, CONFIG}
             if self._replace:
                 self._clear()
             self._remove_stale_temporaries()
@@ -433,7 +429,7 @@ class RunDir:
         logger.info("removing the previous run in %s (%d files)", self.path, len(self._old))
         self._write_manifest(clearing=True)
         folders = set()
-        for rel in sorted(self._old - {self.MANIFEST, self.CONFIG}):
+        for rel in sorted(self._old - {MANIFEST, CONFIG}):
             entry = self.path / rel
             folders.update(p for p in Path(rel).parents if p != Path("."))
             temps = entry.parent.glob(f".{entry.name}.*.tmp") if entry.parent.is_dir() else ()
@@ -446,10 +442,10 @@ class RunDir:
                 (self.path / folder).rmdir()  # only when empty: nothing unlisted goes
             except OSError:
                 pass
-        (self.path / self.CONFIG).unlink(missing_ok=True)
+        (self.path / CONFIG).unlink(missing_ok=True)
 
     def _remove_stale_temporaries(self) -> None:
-        for folder in (self.path, self.path / "pruned"):  # left by a writer that was killed
+        for folder in (self.path, self.path / PRUNED):  # left by a writer that was killed
             for stale in folder.glob(".*.tmp"):
                 match = _TEMP_NAME.match(stale.name)
                 rel = (stale.parent / match["name"]).relative_to(self.path).as_posix() \
@@ -476,7 +472,7 @@ class RunDir:
 
     def _remove_if_untouched(self) -> None:
         """After a failure: remove the new directory if the run wrote no results into it."""
-        own = {self.LOCK, self.CONFIG, self.MANIFEST}
+        own = {LOCK, CONFIG, MANIFEST}
         if any(p.name not in own for p in self.path.iterdir()):
             return  # results of finished stages (checkpoints...) are kept for --resume
         for name in own:
@@ -496,9 +492,9 @@ class RunDir:
         import yaml
 
         if not self.main:
-            return self.path / self.CONFIG
+            return self.path / CONFIG
         clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
-        return atomic_write_text(self.path / self.CONFIG,
+        return atomic_write_text(self.path / CONFIG,
                                  yaml.safe_dump(clean, sort_keys=True))
 
 
@@ -514,12 +510,12 @@ def adopt_writes(folder: str | os.PathLike) -> Iterator[None]:
     """
     folder = Path(folder)
     run_path = next((d for d in (folder, folder.parent)
-                     if (d / RunDir.MANIFEST).is_file()), None)
+                     if (d / MANIFEST).is_file()), None)
     if run_path is None or not is_main_process():
         yield
         return
     try:
-        fh = open(run_path / RunDir.LOCK, "a+")  # noqa: SIM115 - closed below
+        fh = open(run_path / LOCK, "a+")  # noqa: SIM115 - closed below
     except OSError:
         yield
         return
@@ -529,7 +525,7 @@ def adopt_writes(folder: str | os.PathLike) -> Iterator[None]:
         except OSError:
             logger.warning("another process is using '%s': the files written now are not "
                            "listed in its %s, and --overwrite will refuse the directory "
-                           "until they are moved", run_path, RunDir.MANIFEST)
+                           "until they are moved", run_path, MANIFEST)
             yield
             return
         try:
@@ -548,14 +544,14 @@ def adopt_writes(folder: str | os.PathLike) -> Iterator[None]:
                 except ValueError:
                     return
                 name = rel.as_posix()
-                if name in files or name == RunDir.MANIFEST:
+                if name in files or name == MANIFEST:
                     return
                 if os.path.lexists(path):
                     raise ConfigError(f"'{path}' exists and no cdprune run wrote it; it is "
                                       "left alone: move it, or choose another output path")
                 files.add(name)
                 doc["files"] = sorted(files)
-                atomic_write_text(run_path / RunDir.MANIFEST,
+                atomic_write_text(run_path / MANIFEST,
                                   json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
             add_write_hook(own)

@@ -11,7 +11,8 @@ from torch import nn
 
 from cdprune.cli import main
 from cdprune.errors import ConfigError
-from cdprune.finetune.loop import TrainConfig, fine_tune
+from cdprune.finetune.config import TrainConfig
+from cdprune.finetune.loop import fine_tune
 from cdprune.measure.macs import count_macs, paper_macs
 from cdprune.models import create_model
 from cdprune.pruning.masking import (
@@ -25,7 +26,7 @@ from cdprune.pruning.masking import (
     removed_by_plan,
 )
 
-from .helpers import SmallNet, make_loader, random_scores
+from ..helpers import SmallNet, make_loader, random_scores
 
 DATA = ["--dataset", "digits", "-b", "64", "-j", "0", "--no-progress"]
 FAST = ["--model", "digits_cnn", "--random-init", *DATA, "--stats-batch-size", "64",

@@ -25,12 +25,12 @@ import pytest
 import torch
 from torch import nn
 
-from cdprune import checkpoint
+from cdprune import checkpoint, fileio
 from cdprune.cli import main
 from cdprune.errors import CdpruneError, CheckpointError
 from cdprune.models import create_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 START, END = "<!-- troubleshooting:start -->", "<!-- troubleshooting:end -->"
 
@@ -254,7 +254,7 @@ def _stats_bad_class_tensors(tmp: Path, assets: Path) -> None:
 def _reduced_stats(tmp: Path, assets: Path, tf_value: float | None = None,
                    num_samples: int | None = None) -> None:
     """The multi-process (reduced) form of the statistics, with one value spoilt."""
-    from cdprune.importance.stats import ActivationStats
+    from cdprune.importance.activations import ActivationStats
 
     stats = ActivationStats.load(assets / "stats.safetensors")
     reduced = {}
@@ -816,11 +816,11 @@ def _fill_disk_for(monkeypatch, pattern: str) -> None:
 
 def test_disk_full_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    checkpoint.atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
+    fileio.atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
     before = path.read_bytes()
     _fill_disk_for(monkeypatch, r"^\.last\.pth\.")
     with pytest.raises(OSError) as info:
-        checkpoint.atomic_torch_save({"epoch": 2, "w": torch.zeros(3)}, path)
+        fileio.atomic_torch_save({"epoch": 2, "w": torch.zeros(3)}, path)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left
@@ -940,7 +940,7 @@ def test_sigkill_mid_checkpoint_write_then_resume_matches(workers, tmp_path, ass
 
 @pytest.mark.slow
 def test_killed_statistics_stage_leaves_no_partial_file(tmp_path, assets, capsys):
-    from cdprune.importance.stats import ActivationStats
+    from cdprune.importance.activations import ActivationStats
 
     out = tmp_path / "out"
     argv = _fill(("stats", *BASE, "--stop-batch", "4", "--stats-batch-size", "64", *OUT),

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from cdprune.errors import CheckpointError, ConfigError, DataError
+from cdprune.importance.activations import ActivationStats, conv_layer_names
 from cdprune.importance.scoring import tfidf, tfidf_scores
-from cdprune.importance.stats import ActivationStats, collect_stats, conv_layer_names
+from cdprune.importance.stats import collect_stats
 
-from .helpers import SmallNet, make_loader
+from ..helpers import SmallNet, make_loader
 
 
 def manual_pooled(model, loader):
@@ -202,7 +203,7 @@ def test_distributed_statistics_equal_single_process(tmp_path):
     from pathlib import Path
 
     script = tmp_path / "dist_stats.py"
-    script.write_text(DIST_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(DIST_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1])))
     out = tmp_path / "scores.pt"
     proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True,
                           text=True, timeout=180)

@@ -20,6 +20,7 @@ from cdprune.cli import main
 from cdprune.errors import ConfigError
 from cdprune.fileio import atomic_write_bytes
 from cdprune.models import create_model
+from cdprune.runs import files
 from cdprune.runs.rundir import RunDir
 
 DATA = ("--dataset", "digits", "-b", "64", "-j", "0", "--no-progress")
@@ -56,7 +57,7 @@ def _finetune(assets: Path, out: Path, *extra: str) -> list[str]:
 
 def _tree(folder: Path) -> dict[str, bytes | None]:
     return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(folder.rglob("*")) if p.name != RunDir.LOCK}
+            for p in sorted(folder.rglob("*")) if p.name != files.LOCK}
 
 
 def _user_files(folder: Path) -> dict[str, str]:
@@ -252,7 +253,7 @@ def _prepare(state: str, out: Path, assets: Path, finished: Path
     if state == "run + its own file as input":  # listed in run.json, and read by the command
         extra = ["--model-dir", str(assets / "pruned"), "--checkpoint", str(out / "best.pth")]
     user = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
-            if p.is_file() and p.name != RunDir.LOCK and not _listed(out, p)}
+            if p.is_file() and p.name != files.LOCK and not _listed(out, p)}
     if state == "run + its own file as input":
         user["best.pth"] = (out / "best.pth").read_bytes()
     return user, extra
@@ -296,13 +297,13 @@ def _interrupted(assets: Path, out: Path, monkeypatch, *extra: str) -> None:
     """Fine-tune for 2 epochs, stopped (as by a kill) once epoch 1 is saved."""
     from cdprune.finetune import loop as train
 
-    real = train._write_metrics
+    real = train.write_metrics
 
     def stop(path, history):
         real(path, history)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_write_metrics", stop)
+    monkeypatch.setattr(train, "write_metrics", stop)
     assert main(_finetune(assets, out, "--epochs", "2", *extra)) == 130
     monkeypatch.undo()
 

@@ -14,7 +14,7 @@ from cdprune.models import create_model
 from cdprune.pruning import ScatterBatchNorm2d, load_pruned, save_compact
 from cdprune.runs.locate import load_run_model
 
-from .helpers import SmallNet, make_loader, randomize_bn
+from ..helpers import SmallNet, make_loader, randomize_bn
 
 # name, input size: option-A and option-B CIFAR ResNets, ImageNet BasicBlock and
 # Bottleneck ResNets (small inputs keep them quick), VGG.
@@ -94,7 +94,8 @@ def test_compaction_is_exact_where_it_claims(name, size):
         isinstance(m, ScatterBatchNorm2d) for m in model.modules())  # the input is untouched
 
 
-@pytest.mark.parametrize("name,size", ARCHS)
+@pytest.mark.parametrize("name,size", [  # the paper's MACs on ResNets: resnet50 in the full suite
+    pytest.param(*a, marks=pytest.mark.slow) if a[0] == "resnet50" else a for a in ARCHS])
 def test_all_convs_masked_paper_macs_and_error_measured(name, size):
     """The published code masks every conv; compaction then realises the paper's MACs
     on ResNets (the stream keeps its width, as the paper's counter assumes)."""
@@ -102,8 +103,8 @@ def test_all_convs_masked_paper_macs_and_error_measured(name, size):
     masks = random_masks(model, conv_names(model))
     x = torch.randn(2, 3, size, size)
     small, info = compact(model, masks, example_inputs=x)
-    kept = {n: [i for i in range(m.out_channels) if i not in masks[n]]
-            for n, m in model.named_modules() if n in masks}
+    modules = dict(model.named_modules())
+    kept = {n: sorted(set(range(modules[n].out_channels)) - set(idxs)) for n, idxs in masks.items()}
     assert info.macs_paper == paper_macs(model, kept, example_inputs=x)
     if name.startswith("resnet"):
         assert info.macs == info.macs_paper

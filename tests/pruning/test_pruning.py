@@ -10,7 +10,7 @@ from cdprune.measure.macs import count_macs
 from cdprune.models import create_model
 from cdprune.pruning import load_pruned, prune, read_plan, save_pruned
 
-from .helpers import SmallNet, random_scores, randomize_bn
+from ..helpers import SmallNet, random_scores, randomize_bn
 
 
 class ConcatDepthwiseNet(nn.Module):
@@ -38,7 +38,8 @@ def masked_copy(model: nn.Module, plan: dict) -> nn.Module:
     for name, kept in plan["kept"].items():
         module = named[name]
         width = module.weight.shape[0]
-        removed = [i for i in range(width) if i not in set(kept)]
+        kept_set = set(kept)
+        removed = [i for i in range(width) if i not in kept_set]
         module.weight.data[removed] = 0
         if module.bias is not None:
             module.bias.data[removed] = 0
@@ -61,10 +62,20 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     return randomize_bn(create_model(name)), torch.randn(4, channels, size, size)
 
 
-@pytest.mark.parametrize("name", [*MODELS, "small_net", "concat_dw"])
-@pytest.mark.parametrize("scope", ["auto", "all"])
+FAST_ROUND_TO = {("vgg16_cifar", 4), ("resnet20b", 8), ("resnet56", 4), ("mobilenet_v2", 8)}
+
+# scope="all" on the larger models only in the full suite: the fast tier prunes every model
+# with the default scope and the residual stream of resnet20, small_net and concat_dw too.
+FAST_ALL_SCOPE = {"resnet20", "small_net", "concat_dw"}
+
+
+@pytest.mark.parametrize("name, scope", [
+    (name, scope) if scope == "auto" or name in FAST_ALL_SCOPE
+    else pytest.param(name, scope, marks=pytest.mark.slow)
+    for scope in ("auto", "all") for name in [*MODELS, "small_net", "concat_dw"]])
 def test_pruned_equals_masked_original(name, scope):
     model, x = build(name)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
     result = prune(model, random_scores(model), example_inputs=x, sparsity=0.4, scope=scope)
     assert result.macs_after < result.macs_before
     assert result.removed_filters > 0
@@ -75,12 +86,13 @@ def test_pruned_equals_masked_original(name, scope):
     assert got.shape == expected.shape  # the classifier keeps its outputs
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     # the original is untouched
-    assert all(p.shape == q.shape for p, q in zip(model.state_dict().values(),
-                                                   build(name)[0].state_dict().values()))
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet20b", "vgg16_cifar", "mobilenet_v2"])
-@pytest.mark.parametrize("target", [0.3, 0.5])
+@pytest.mark.parametrize("name, target", [  # the second target on one model in the fast tier
+    (name, target) if target == 0.3 or name == "resnet20"
+    else pytest.param(name, target, marks=pytest.mark.slow)
+    for target in (0.3, 0.5) for name in ("resnet20", "resnet20b", "vgg16_cifar", "mobilenet_v2")])
 def test_macs_target_within_tolerance(name, target):
     model, x = build(name)
     result = prune(model, random_scores(model, 1), example_inputs=x, macs_reduction=target)
@@ -110,8 +122,10 @@ def test_limits_classifier_and_ignored_layers():
         assert width >= max(1, 0.25 * result.widths_before[name] - 1e-6), name
 
 
-@pytest.mark.parametrize("name", ["vgg16_cifar", "resnet20b", "resnet56", "mobilenet_v2"])
-@pytest.mark.parametrize("round_to", [4, 8])
+@pytest.mark.parametrize("name, round_to", [  # each model with one multiple in the fast tier
+    (name, round_to) if (name, round_to) in FAST_ROUND_TO
+    else pytest.param(name, round_to, marks=pytest.mark.slow)
+    for round_to in (4, 8) for name in ("vgg16_cifar", "resnet20b", "resnet56", "mobilenet_v2")])
 def test_round_to_gives_multiples(name, round_to):
     model, x = build(name) if name != "resnet56" else (create_model("resnet56").eval(),
                                                       torch.randn(2, 3, 32, 32))

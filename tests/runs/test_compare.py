@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cdprune.errors import ConfigError
-from cdprune.finetune.loop import TrainConfig
+from cdprune.finetune.config import TrainConfig
 from cdprune.importance.criteria import (
     CRITERIA,
     bn_scale_scores,
@@ -16,7 +16,7 @@ from cdprune.importance.criteria import (
 )
 from cdprune.runs.compare import compare_criteria, write_comparison
 
-from .helpers import SmallNet, make_loader
+from ..helpers import SmallNet, make_loader
 
 
 def test_baseline_scores_have_one_value_per_filter(small_net, loader):

@@ -27,7 +27,7 @@ from cdprune.errors import ConfigError
 from cdprune.importance.criteria import l1_scores
 from cdprune.pruning import load_pruned, prune, save_pruned
 
-from .helpers import random_scores
+from ..helpers import random_scores
 
 pytestmark = pytest.mark.external
 

@@ -11,7 +11,7 @@ from cdprune.importance.criteria import l1_scores
 from cdprune.measure.macs import paper_macs
 from cdprune.models import create_model
 
-from .conftest import SmallNet
+from ..helpers import SmallNet
 
 
 class Chain(nn.Module):

@@ -22,15 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 import cdprune.finetune.loop as train_mod
 from cdprune.checkpoint import load_weights
 from cdprune.errors import CheckpointError, ConfigError
-from cdprune.finetune.loop import (
-    TrainConfig,
-    TrainResult,
-    build_optimizer,
-    build_scheduler,
-    fine_tune,
-    lr_factor,
-    seed_epoch,
-)
+from cdprune.finetune.config import TrainConfig, build_optimizer, build_scheduler, lr_factor
+from cdprune.finetune.loop import TrainResult, fine_tune
+from cdprune.finetune.resume import seed_epoch
 from cdprune.measure.evaluate import EvalResult
 
 torch.set_num_threads(1)

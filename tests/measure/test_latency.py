@@ -1,4 +1,5 @@
-"""The latency model and allocation, with a fake timer: no test here times anything."""
+"""The latency model and allocation, and the timing loop, with fake timers and clocks:
+no test here times anything."""
 
 import json
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from cdprune.errors import ConfigError
+from cdprune.measure import latency
 from cdprune.measure.latency import (
     LatencySettings,
     LatencyTable,
@@ -15,9 +18,10 @@ from cdprune.measure.latency import (
     layer_shape,
     layer_shapes,
     measure_network,
+    time_calls,
 )
 
-from .helpers import SmallNet
+from ..helpers import SmallNet
 
 
 class FakeTimer:
@@ -53,6 +57,8 @@ class FakeTimer:
 
 
 def settings(tmp_path, timer, **kw):
+    # A fake timer says the same every time: one confirming pair tells what nine would.
+    kw.setdefault("confirm_rounds", 1)
     return LatencySettings(batch_size=2, threads=1, timer=timer, cache_dir=tmp_path, **kw)
 
 
@@ -151,7 +157,7 @@ def test_greedy_puts_units_that_save_nothing_last():
 def _net_and_scores(name="resnet20b"):
     from cdprune.models import create_model
 
-    from .helpers import random_scores
+    from ..helpers import random_scores
     model = create_model(name).eval()
     return model, random_scores(model), torch.randn(2, 3, 32, 32)
 
@@ -330,3 +336,37 @@ def test_default_clock_is_cpu_time_on_the_cpu():
     assert LatencySettings(device="cuda").clock_name() == "wall"
     with pytest.raises(Exception, match="clock"):
         LatencySettings(clock="sundial")
+
+
+# ------------------------------------------------------------------ the timing loop
+def _ticking(monkeypatch, clock: str, step: float) -> None:
+    """Make ``clock`` a fake that advances by ``step`` at every reading."""
+    ticks = iter(range(10_000))
+    monkeypatch.setitem(latency.CLOCK_READERS, clock, lambda: step * next(ticks))
+
+
+def test_time_calls_warms_each_up_then_interleaves_the_timed_calls(monkeypatch):
+    _ticking(monkeypatch, "wall", 1.0)
+    log: list[str] = []
+    times = time_calls([lambda: log.append("a"), lambda: log.append("b")], warmup=2,
+                       repeats=3, sync=lambda: log.append("|"))
+    assert log == ["a", "a", "b", "b"] + ["|", "a", "|", "|", "b", "|"] * 3
+    assert times == [[1.0] * 3, [1.0] * 3]  # one reading before and one after each call
+
+
+def test_time_calls_reads_the_clock_it_is_given(monkeypatch):
+    _ticking(monkeypatch, "wall", 1.0)
+    _ticking(monkeypatch, "cpu", 0.25)
+    assert time_calls([lambda: None], warmup=0, repeats=2, clock="cpu") == [[0.25, 0.25]]
+    assert time_calls([lambda: None], warmup=1, repeats=1) == [[1.0]]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"clock": "gpu"}, "clock 'gpu' is not known; use one of wall, cpu"),
+    ({"warmup": -1}, "warmup=-1"),
+    ({"repeats": -2}, "repeats=-2"),
+])
+def test_time_calls_refuses_an_unknown_clock_or_a_negative_count(kwargs, needle):
+    args = {"warmup": 0, "repeats": 1, **kwargs}
+    with pytest.raises(ConfigError, match=needle):
+        time_calls([lambda: None], **args)

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cdprune import checkpoint
+from cdprune import checkpoint, fileio
 from cdprune.cli import main
 from cdprune.errors import ConfigError
 from cdprune.fileio import atomic_write_bytes
 from cdprune.models import create_model
+from cdprune.runs import files
 from cdprune.runs.rundir import RunDir
 
 DATA = ("--dataset", "digits", "-b", "64", "-j", "0", "--no-progress")
@@ -52,7 +53,7 @@ def _run(base: Path, out: Path, *extra: str, sparsity: str = "0.3",
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != RunDir.LOCK}
+            if p.is_file() and p.name != files.LOCK}
 
 
 def _one_line(capsys) -> str:
@@ -176,7 +177,7 @@ def test_overwrite_clears_the_old_run_before_the_new_one_writes(tmp_path, base, 
     assert main(_run(base, out, "--overwrite", sparsity="0.7", epochs="2")) == 130
     monkeypatch.undo()
     left = {p.name for p in out.iterdir()}
-    assert left <= {RunDir.LOCK, RunDir.CONFIG, RunDir.MANIFEST}, left
+    assert left <= {files.LOCK, files.CONFIG, files.MANIFEST}, left
     assert json.loads((out / "run.json").read_text())["config"]["sparsity"] == 0.7
 
     assert main(_run(base, out, "--resume", sparsity="0.7", epochs="2")) == 0
@@ -294,7 +295,7 @@ def test_demo_with_overwrite_leaves_no_old_file(tmp_path, base):
 
 # ============================================================== resume
 def _tiny_training(tmp_path: Path):
-    from cdprune.finetune.loop import TrainConfig
+    from cdprune.finetune.config import TrainConfig
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 3, 8, 8, generator=g), torch.arange(64) % 4
@@ -309,7 +310,8 @@ def _tiny_training(tmp_path: Path):
 
 
 def test_resume_with_more_epochs_replans_the_schedule(tmp_path, caplog):
-    from cdprune.finetune.loop import fine_tune, lr_factor
+    from cdprune.finetune.config import lr_factor
+    from cdprune.finetune.loop import fine_tune
 
     loader, model, cfg = _tiny_training(tmp_path)
     fine_tune(model(), loader, loader, cfg(2), output_dir=tmp_path, progress=False)
@@ -334,7 +336,7 @@ def test_a_damaged_last_pth_is_one_line(damage, needle, tmp_path, base, capsys):
     assert main(_run(base, out, epochs="2")) == 0
     state = checkpoint.safe_torch_load(out / "last.pth")
     damage(state)
-    checkpoint.atomic_torch_save(state, out / "last.pth")
+    fileio.atomic_torch_save(state, out / "last.pth")
     capsys.readouterr()
     assert main(_run(base, out, "--resume", epochs="3")) == 2
     line = _one_line(capsys)

@@ -19,7 +19,7 @@ from cdprune.importance.criteria import (
 )
 from cdprune.runs.compare import compare_criteria, write_comparison
 
-from .helpers import SmallNet, make_loader
+from ..helpers import SmallNet, make_loader
 
 
 def _context(**overrides) -> ScoreContext:

@@ -10,7 +10,7 @@ from cdprune.models import create_model
 from cdprune.runs.inputs import build_data
 from cdprune.runs.pipeline import gather_stats
 
-from .test_data import make_cifar10
+from ..data.test_data import make_cifar10
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from torch import nn
 
 from cdprune.cli.main import DEFAULTS
 from cdprune.errors import ConfigError
-from cdprune.importance.stats import ActivationStats
+from cdprune.importance.activations import ActivationStats
 from cdprune.runs import inputs as runsetup
 from cdprune.runs import modeldir, pipeline
 from cdprune.runs.rundir import RunDir

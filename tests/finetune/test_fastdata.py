@@ -11,10 +11,10 @@ from cdprune import TrainConfig, fine_tune
 from cdprune.data import Compose, Normalize, RandomCrop, build_dataset, build_loader, subset
 from cdprune.errors import ConfigError
 from cdprune.finetune.fastdata import DeviceBatches, augment_batch, device_batches_from, draw_params
-from cdprune.finetune.loop import seed_epoch
+from cdprune.finetune.resume import seed_epoch
 from cdprune.runs.report import plot_training
 
-from .test_data import make_cifar10
+from ..data.test_data import make_cifar10
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

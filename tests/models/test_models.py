@@ -14,7 +14,7 @@ from cdprune.errors import ConfigError
 from cdprune.models import ModelSpec, create_model, list_models, model_spec, register_model
 from cdprune.models.cifar_resnet import PadShortcut
 
-from .helpers import stand_in_torchvision
+from ..helpers import stand_in_torchvision
 
 ALL = list_models()
 CIFAR_A = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]

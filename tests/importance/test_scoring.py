@@ -189,7 +189,7 @@ def test_layer_normalisation_and_published_variant(small_net):
     from cdprune.importance.scoring import tfidf_scores
     from cdprune.importance.stats import collect_stats
 
-    from .helpers import make_loader
+    from ..helpers import make_loader
 
     stats = collect_stats(small_net, make_loader(), progress=False)
     raw = tfidf_scores(stats)

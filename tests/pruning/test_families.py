@@ -10,7 +10,8 @@ from cdprune.errors import ConfigError
 from cdprune.measure.macs import count_macs
 from cdprune.pruning import load_pruned, prune, save_pruned
 
-from .test_pruning import masked_copy, random_scores, randomize_bn
+from ..helpers import random_scores, randomize_bn
+from .test_pruning import masked_copy
 
 
 def cbr(cin: int, cout: int, k: int = 1, groups: int = 1) -> nn.Sequential:
@@ -589,7 +590,7 @@ def test_cli_torchvision_path_with_stand_in_package(tmp_path, capsys, monkeypatc
     Each stage resolves the name again: eval and export rebuild the base from plan.json."""
     from cdprune.models import create_model
 
-    from .helpers import stand_in_torchvision
+    from ..helpers import stand_in_torchvision
 
     calls = []
 
