@@ -29,11 +29,12 @@ convolution, masked rather than removed, and what a plain channel cut of the mas
 from __future__ import annotations
 
 from .compact import CompactInfo, ScatterBatchNorm2d, compact
-from .core import ALLOCATIONS, SCOPES, PruneResult, conv_widths, prune
+from .core import ALLOCATIONS, SCOPES, prune
 from .graph import ChannelPruner, custom_pruners, register_pruner
 from .masking import mask_filters
 from .norms import GroupNormPruner
-from .plan import PLAN_FORMAT, load_pruned, read_plan, save_compact, save_pruned
+from .plan import load_pruned, read_plan, save_compact, save_pruned
+from .result import PLAN_FORMAT, PruneResult, conv_widths
 
 __all__ = ["ALLOCATIONS", "PLAN_FORMAT", "SCOPES", "ChannelPruner", "CompactInfo",
            "GroupNormPruner", "PruneResult", "ScatterBatchNorm2d", "compact", "conv_widths", "custom_pruners",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,8 +25,9 @@ from ..suggest import did_you_mean
 from .by_latency import LatencyModel, by_latency, hit_latency, order_by_latency
 from .graph import attention_modules, auto_scope, first_sample, trace_model
 from .groups import candidates
-from .plan import apply_removals
+from .result import PruneResult, conv_widths
 from .search import MACS_TOLERANCE, Search, by_macs, by_sparsity
+from .surgery import apply_removals
 
 __all__ = ["PruneResult", "conv_widths", "prune"]
 
@@ -35,56 +35,6 @@ logger = logging.getLogger(__name__)
 
 SCOPES = ("auto", "internal", "all")
 ALLOCATIONS = ("global", "uniform", "latency")
-
-
-@dataclass
-class PruneResult:
-    """What :func:`prune` did.
-
-    Attributes:
-        model: the pruned network (a new module unless ``inplace=True``).
-        plan: plain-data record that rebuilds the pruned architecture from the base model:
-            ``steps`` (the group removals, in order) and ``kept`` (per pruned module, the
-            kept output-channel indices of the original).
-        macs_before, macs_after, params_before, params_after: measured on the real models.
-        widths_before, widths_after: output channels of every Conv2d.
-        removed_filters, candidate_filters: scored filters removed, out of those that could
-            be (in scope, not ignored).
-    """
-
-    model: nn.Module
-    plan: dict[str, Any]
-    macs_before: int
-    macs_after: int
-    params_before: int
-    params_after: int
-    widths_before: dict[str, int]
-    widths_after: dict[str, int]
-    removed_filters: int = 0
-    candidate_filters: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def macs_reduction(self) -> float:
-        """Fraction of the base model's MACs removed."""
-        return 1.0 - self.macs_after / self.macs_before
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of candidate filters removed."""
-        return self.removed_filters / max(1, self.candidate_filters)
-
-    def summary(self) -> dict[str, Any]:
-        """Numbers for reports: MACs, parameters, sparsity and per-layer widths."""
-        return {
-            "macs_before": self.macs_before, "macs_after": self.macs_after,
-            "macs_reduction": round(self.macs_reduction, 6),
-            "params_before": self.params_before, "params_after": self.params_after,
-            "removed_filters": self.removed_filters,
-            "candidate_filters": self.candidate_filters,
-            "sparsity": round(self.sparsity, 6),
-            "widths_before": self.widths_before, "widths_after": self.widths_after,
-        }
 
 
 def _validate(sparsity: float | None, macs_reduction: float | None,
@@ -135,11 +85,6 @@ def _check_scores(model: nn.Module, scores: Mapping[str, torch.Tensor]) -> set[n
     if not modules:
         raise ConfigError("no scores given: collect statistics and score them first")
     return modules
-
-
-def conv_widths(model: nn.Module) -> dict[str, int]:
-    """Output channels of every Conv2d, by name."""
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def prune(

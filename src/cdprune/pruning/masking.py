@@ -26,8 +26,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..importance.scoring import CDPImportance
 from ..measure.macs import count_macs, count_params, paper_macs
-from .plan import PLAN_FORMAT
+from .graph import first_sample, trace_model
+from .groups import candidates
+from .result import PLAN_FORMAT, PruneResult, conv_widths
+from .surgery import apply_removals
 
 __all__ = ["FilterMasks", "channel_cut", "mask_filters", "masked_result",
            "kept_of", "published_selection", "published_search", "removed_by_plan"]
@@ -308,7 +312,6 @@ def masked_result(model: nn.Module, removed: Mapping[str, Sequence[int]], *,
     (equal to ``macs_before``: masking saves no arithmetic); the paper's count is
     :func:`~cdprune.measure.macs.paper_macs`.
     """
-    from .core import PruneResult, conv_widths
 
     work = mask_filters(copy.deepcopy(model), removed)
     removed = {n: sorted(int(i) for i in v) for n, v in removed.items() if v}
@@ -337,11 +340,6 @@ def channel_cut(model: nn.Module, removed: Mapping[str, Sequence[int]], *,
         A :class:`~cdprune.pruning.PruneResult` of the cut network (``plan["masked"]`` is
         not set; ``removed_by_plan`` gives the filters cut).
     """
-    from ..importance.scoring import CDPImportance
-    from .core import PruneResult, conv_widths
-    from .graph import first_sample, trace_model
-    from .groups import candidates
-    from .plan import apply_removals
 
     convs = _check_removed(model, removed)
     work = copy.deepcopy(model)

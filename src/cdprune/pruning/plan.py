@@ -25,44 +25,22 @@ from ..checkpoint import load_weights, save_weights
 from ..data.transforms import normalisation_problem
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..fileio import atomic_write_text
+from ..measure.macs import count_macs
 from ..runs.files import MODEL, PLAN
 from ..version import __version__
+from .compact import compact_structure
 from .graph import build_graph
-from .groups import Candidate
+from .result import PLAN_FORMAT
 from .surgery import prune_together
 
 if TYPE_CHECKING:
     from .compact import CompactInfo
-    from .core import PruneResult
+    from .result import PruneResult
 
-__all__ = ["PLAN_FORMAT", "load_pruned", "read_plan", "save_compact", "save_pruned"]
+__all__ = ["load_pruned", "read_plan", "save_compact", "save_pruned"]
 
-PLAN_FORMAT = "cdprune.plan/1"
 # More classes than any dataset has: a larger number in plan.json is damage, not data.
 MAX_CLASSES = 1_000_000
-
-
-def apply_removals(graph: tp.DependencyGraph, cands: list[Candidate], removals: list[list[int]],
-                   names: dict[nn.Module, str]) -> dict[str, Any]:
-    """Remove the chosen channels of each candidate and return the plan that replays it."""
-    steps, parts = [], []
-    for cand, idxs in zip(cands, removals):
-        if not idxs:
-            continue
-        step = []
-        for part in cand.parts:
-            local = [i - part.offset for i in idxs if part.offset <= i < part.offset + part.width]
-            if local:
-                step.append((part.root, part.root_fn, local))
-        parts += step
-        records = [{"module": names[root],
-                    "kind": "linear" if isinstance(root, nn.Linear) else "conv",
-                    "idxs": [int(i) for i in local]} for root, _, local in step]
-        steps.append(records[0] if len(records) == 1 else {"parts": records})
-    kept = {names[module]: [i for i in range(width) if i not in gone]
-            for module, (width, gone) in prune_together(graph, parts).items()}
-    return {"format": PLAN_FORMAT, "steps": steps, "kept": kept}
-
 
 
 def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> nn.Module:
@@ -97,9 +75,6 @@ def _replay(model: nn.Module, plan: Mapping[str, Any], example_inputs: Any) -> n
 
 
 def _replay_compact(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
-    # Imported here: compaction builds on the masked network, whose plans this module reads.
-    from .compact import compact_structure
-
     if plan["steps"]:
         raise CheckpointError("plan both removes channels and compacts masks; a compact "
                               "network is made from the masked base architecture only")
@@ -292,8 +267,6 @@ def _check_macs(model: nn.Module, plan: Mapping[str, Any], directory: Any) -> No
     Both were measured on one sample when the model was pruned; an ``input_size`` edited
     since (which export and evaluation would then trust) gives other MACs and is refused.
     """
-    from ..measure.macs import count_macs
-
     recorded, size = plan.get("macs_after"), plan.get("input_size")
     if not isinstance(recorded, int) or not size:
         return

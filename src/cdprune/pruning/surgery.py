@@ -15,8 +15,9 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .graph import dimension, is_grouped, member_kind
-from .groups import FrozenIndexMapping
+from .groups import Candidate, FrozenIndexMapping
 from .layouts import resize_splits
+from .result import PLAN_FORMAT
 
 
 def prune_together(graph: tp.DependencyGraph, parts: list[tuple[nn.Module, Any, list[int]]]
@@ -120,3 +121,25 @@ def _prune_grouped_inputs(conv: nn.Conv2d, idxs: set[int]) -> None:
             "layers feeding it) as ignored_layers")
     conv.weight = nn.Parameter(torch.cat(blocks).contiguous())
     conv.in_channels -= len(idxs)
+
+
+def apply_removals(graph: tp.DependencyGraph, cands: list[Candidate], removals: list[list[int]],
+                   names: dict[nn.Module, str]) -> dict[str, Any]:
+    """Remove the chosen channels of each candidate and return the plan that replays it."""
+    steps, parts = [], []
+    for cand, idxs in zip(cands, removals):
+        if not idxs:
+            continue
+        step = []
+        for part in cand.parts:
+            local = [i - part.offset for i in idxs if part.offset <= i < part.offset + part.width]
+            if local:
+                step.append((part.root, part.root_fn, local))
+        parts += step
+        records = [{"module": names[root],
+                    "kind": "linear" if isinstance(root, nn.Linear) else "conv",
+                    "idxs": [int(i) for i in local]} for root, _, local in step]
+        steps.append(records[0] if len(records) == 1 else {"parts": records})
+    kept = {names[module]: [i for i in range(width) if i not in gone]
+            for module, (width, gone) in prune_together(graph, parts).items()}
+    return {"format": PLAN_FORMAT, "steps": steps, "kept": kept}
