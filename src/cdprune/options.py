@@ -16,6 +16,7 @@ names (``macs_reduction``), and the command line renders them as its flags.
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
@@ -115,6 +116,13 @@ def _shown(value: Any) -> str:
 def option_specs(cls: type) -> list[OptionSpec]:
     """The options of a config dataclass, in field order (fields without help are settings
     of the Python API only, and are skipped)."""
+    return list(_specs(cls))
+
+
+@functools.cache
+def _specs(cls: type) -> tuple[OptionSpec, ...]:
+    # Read once per class: type hints are resolved from strings, which is slow, and every
+    # parser, YAML check and validation reads the same fields.
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
@@ -127,7 +135,7 @@ def option_specs(cls: type) -> list[OptionSpec]:
             text = f"{text} (default: {_shown(default)})"
         out.append(OptionSpec(f.name, meta["kind"] or _kind(hints[f.name]), default, text,
                               meta["choices"], meta["positive"], cls.__name__))
-    return out
+    return tuple(out)
 
 
 def from_mapping(cls: type, config: Mapping[str, Any]) -> Any:

@@ -15,6 +15,7 @@ as its flags.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -145,19 +146,14 @@ class RunConfig:
     @classmethod
     def specs(cls) -> dict[str, OptionSpec]:
         """``{option: spec}`` of every option of every section, in section order."""
-        out: dict[str, OptionSpec] = {}
-        for section in cls.SECTIONS.values():
-            for spec in option_specs(section):
-                if spec.name in out:  # one flat namespace: a clash is a programming error
-                    raise TypeError(f"option {spec.name!r} is defined by both "
-                                    f"{out[spec.name].owner} and {spec.owner}")
-                out[spec.name] = spec
-        return out
+        return dict(_all_specs(tuple(cls.SECTIONS.values())))
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """``{option: default}`` of every option."""
-        return {name: spec.default for name, spec in cls.specs().items()}
+        # Lists are copied: the specs are shared, and a caller may extend its own config.
+        return {name: list(spec.default) if isinstance(spec.default, list) else spec.default
+                for name, spec in cls.specs().items()}
 
     @classmethod
     def from_flat(cls, config: Mapping[str, Any], *, need_target: bool = False) -> RunConfig:
@@ -179,6 +175,18 @@ class RunConfig:
             for spec in option_specs(type(section)):
                 out[spec.name] = getattr(section, spec.name)
         return out
+
+
+@functools.cache
+def _all_specs(sections: tuple[type, ...]) -> tuple[tuple[str, OptionSpec], ...]:
+    out: dict[str, OptionSpec] = {}
+    for section in sections:
+        for spec in option_specs(section):
+            if spec.name in out:  # one flat namespace: a clash is a programming error
+                raise TypeError(f"option {spec.name!r} is defined by both "
+                                f"{out[spec.name].owner} and {spec.owner}")
+            out[spec.name] = spec
+    return tuple(out.items())
 
 
 # ---------------------------------------------------------------------- values
