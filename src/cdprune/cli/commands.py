@@ -20,9 +20,14 @@ from ..runs.files import COMPACT, COMPARE_JSON, PRUNE_SUMMARY, PRUNED, STATS
 from ..runs.inputs import build_data, build_inputs
 from ..runs.modeldir import check_model_dir
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "set_rank"]
 
 _OUTPUT = {"rank": 0}
+
+
+def set_rank(rank: int) -> None:
+    """This process's rank under torchrun: only rank 0 prints."""
+    _OUTPUT["rank"] = rank
 
 
 def _say(*args: Any, **kwargs: Any) -> None:

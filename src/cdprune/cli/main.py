@@ -21,7 +21,7 @@ from ..finetune.config import TrainConfig
 from ..importance.config import StatsConfig
 from ..pruning.config import CompactConfig, PruneConfig
 from ..runs.config import DataConfig, ModelConfig, RunConfig, RunOptions, validate
-from .commands import _OUTPUT, COMMANDS
+from .commands import COMMANDS, set_rank
 from .flags import add_options, finite_float, render
 
 __all__ = ["build_parser", "main"]
@@ -348,7 +348,7 @@ def _main(args: argparse.Namespace, debug: bool) -> int:
         from ..finetune.distributed import cleanup, init_distributed
 
         info = init_distributed()  # a no-op unless started by torchrun
-        _OUTPUT["rank"] = info.rank
+        set_rank(info.rank)
         if info.rank != 0:  # one voice: other ranks log only warnings and errors
             logging.getLogger().setLevel(logging.WARNING)
         import torch
