@@ -249,3 +249,19 @@ def test_a_model_directory_for_other_images_is_one_line(command, tmp_path, capsy
     assert run_cli(*argv) == 2
     err = capsys.readouterr().err
     assert "reads 1-channel images" in err and "--dataset digits" in err, err
+
+
+def test_compare_as_the_published_network_masks_and_says_so(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert run_cli("compare", *FAST, "--variant", "published", "--criteria", "l1",
+                   "--macs-reduction", "0.3", "--epochs", "1", "--max-iters", "2",
+                   "--output-dir", out) == 0, capsys.readouterr().err
+    doc = json.loads((out / "compare.json").read_text())
+    row = doc["rows"][0]
+    assert doc["meta"]["prune_mode"] == "mask"
+    # masked as published: the network runs whole; the paper's count credits the masks
+    assert row["macs_reduction"] == 0 and row["macs_paper"] < 0.75 * row["macs"]
+    plan = json.loads((out / row["model_dir"] / "pruned" / "plan.json").read_text())
+    assert plan["masked"]
+    # compaction does not know this small CNN: the row says so instead of a number
+    assert "DigitsCNN" in row["compact"]["unsupported"]
