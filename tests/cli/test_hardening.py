@@ -287,10 +287,16 @@ def test_demo_refuses_another_run_and_replaces_its_own(tmp_path, base, capsys):
 def test_demo_with_overwrite_leaves_no_old_file(tmp_path, base):
     out = tmp_path / "d"
     assert main(_run(base, out, epochs="1")) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert main(["demo", "--quick", "--no-progress", "--overwrite",
                  "--output-dir", str(out)]) == 0
-    assert not (out / "last.pth").exists()
-    assert json.loads((out / "run.json").read_text())["stage"] == "demo"
+    record = json.loads((out / "run.json").read_text())
+    assert record["stage"] == "demo"
+    # Every file there now is one the demo wrote: the old run's are gone or rewritten.
+    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert present - {"run.json", ".cdprune.lock"} <= set(record["files"])
+    assert all(not p.exists() or p.stat().st_mtime_ns != t for p, t in before.items()
+               if p.name not in ("run.json", ".cdprune.lock"))
 
 
 # ============================================================== resume
