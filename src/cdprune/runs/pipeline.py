@@ -521,9 +521,7 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
             summary["acc_recalibrated"] = _metric(evaluate(small, data.val, device=device,
                                                            progress=progress))
     if run.main:
-        extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
-                 "mean": list(data.mean) if data.mean else config.get("mean"),
-                 "std": list(data.std) if data.std else config.get("std")}
+        extra = pruned_extra(config, data)
         save_compact(run.path / PRUNED, small, masks, info, model_name=config["model"],
                      input_size=data.input_size, extra=extra)
         atomic_write_text(run.path / PRUNE_SUMMARY, json.dumps(summary, indent=1) + "\n")
@@ -573,9 +571,7 @@ def compact_finetuned(config: Mapping[str, Any], run: RunDir, data: Data, result
     if small is None:
         return out
     if run.main:
-        extra = {"dataset": config["dataset"], "num_classes": data.num_classes,
-                 "mean": list(data.mean) if data.mean else config.get("mean"),
-                 "std": list(data.std) if data.std else config.get("std")}
+        extra = pruned_extra(config, data)
         save_compact(run.path / COMPACT, small, masks, info, model_name=config["model"],
                      input_size=data.input_size, extra=extra)
     barrier()
