@@ -221,3 +221,26 @@ def test_prune_to_latency_target_records_the_timings(tmp_path, monkeypatch):
     summary = json.loads((out / "report.json").read_text())
     info = json.dumps(summary)
     assert '"latency"' in info and '"batch_size": 4' in info and '"hit": true' in info
+
+
+def test_a_runs_config_yaml_repeats_it(tmp_path, capsys):
+    """config.yaml holds every option and the command's inputs as a YAML config: -c with
+    it resolves to the same configuration (but for the output directory)."""
+    import yaml
+
+    from cdprune.cli.main import build_parser, resolve_config
+    from cdprune.runs.rundir import RunDir
+
+    first = resolve_config(build_parser().parse_args(
+        [str(a) for a in ["prune", *FAST, "--macs-reduction", "0.4", "--scope", "all",
+                          "--stats", tmp_path / "s.safetensors", "--output-dir", tmp_path / "a"]]))
+    run = RunDir(tmp_path / "a", stage="prune", config=first)
+    with run:
+        path = run.write_config(first)
+    assert path.read_text().startswith("# cdprune prune: the resolved configuration")
+    again = resolve_config(build_parser().parse_args(
+        ["prune", "-c", str(path), "--output-dir", str(tmp_path / "b")]))
+    differ = {k for k in set(first) | set(again) if first.get(k) != again.get(k)}
+    assert differ == {"output_dir", "config"}, differ
+    assert again["stats"] == str(tmp_path / "s.safetensors")  # the command's input too
+    assert "command" not in yaml.safe_load(path.read_text())

@@ -270,11 +270,14 @@ def test_the_command_line_is_generated_from_run_config():
 
 
 def test_yaml_keys_are_exactly_the_flags():
+    from cdprune.cli.main import COMMAND_INPUTS
+
     for command, sub in next(a for a in build_parser()._actions
                              if isinstance(a, argparse._SubParsersAction)).choices.items():
         names = yaml_names(command)
         long_flags = {f[2:].replace("-", "_"): a.dest for a in sub._actions
-                      for f in a.option_strings if f.startswith("--") and a.dest in SPECS}
+                      for f in a.option_strings if f.startswith("--")
+                      and (a.dest in SPECS or a.dest in COMMAND_INPUTS)}
         assert names == long_flags, command
     # and every option of the run can be set from YAML, under its own name
     assert set(DEFAULTS) == set(SPECS)

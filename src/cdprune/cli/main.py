@@ -194,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def yaml_names(command: str) -> dict[str, str]:
     """The names a YAML config may give an option of ``command``: every long flag of it,
-    without its dashes (``lr-scheduler``, ``lr_scheduler``), mapped to the option."""
+    without its dashes (``lr-scheduler``, ``lr_scheduler``), mapped to the option; the
+    command's own inputs (``model_dir``, ``stats``...) included."""
     sub = next(a for a in build_parser()._actions
                if isinstance(a, argparse._SubParsersAction)).choices[command]
     names = {}
     for action in sub._actions:
-        if action.dest in DEFAULTS:
+        if action.dest in DEFAULTS or action.dest in COMMAND_INPUTS:
             for text in action.option_strings:
                 if text.startswith("--"):
                     names.setdefault(text[2:].replace("-", "_"), action.dest)
@@ -241,7 +242,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     _official_flags(args)
     config = dict(DEFAULTS)
     if getattr(args, "config", None):
-        config.update(load_yaml(args.config, DEFAULTS, names=yaml_names(args.command)))
+        names = yaml_names(args.command)
+        inputs = {k: None for k in COMMAND_INPUTS if k in names.values()}
+        config.update(load_yaml(args.config, {**DEFAULTS, **inputs}, names=names))
         config["config"] = str(args.config)  # an input: --overwrite never clears it
     for key, value in vars(args).items():
         if key in DEFAULTS and value is not None:

@@ -488,14 +488,24 @@ class RunDir:
             folder = folder.parent
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
-        """Write the resolved configuration to ``config.yaml`` (rank 0 only)."""
+        """Write the resolved configuration to ``config.yaml`` (rank 0 only).
+
+        Every option, set or default, and the command's own inputs, as the flat mapping a
+        YAML config file holds: ``cdprune COMMAND -c config.yaml --output-dir OTHER``
+        repeats the run. The command and the config file it read are said in a comment.
+        """
         import yaml
 
         if not self.main:
             return self.path / CONFIG
-        clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
+        clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()
+                 if k not in ("command", "config")}
+        command = config.get("command") or self.stage
+        head = (f"# cdprune {command}: the resolved configuration of this run"
+                + (f" (defaults from {config['config']})" if config.get("config") else "")
+                + f"\n# repeat it: cdprune {command} -c config.yaml --output-dir OTHER\n")
         return atomic_write_text(self.path / CONFIG,
-                                 yaml.safe_dump(clean, sort_keys=True))
+                                 head + yaml.safe_dump(clean, sort_keys=True))
 
 
 @contextmanager
