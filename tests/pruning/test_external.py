@@ -23,7 +23,6 @@ import torch
 
 from benchmarks import detectors
 from benchmarks import zoo_coverage as zoo
-from cdprune.errors import ConfigError
 from cdprune.importance.criteria import l1_scores
 from cdprune.pruning import load_pruned, prune, save_pruned
 
@@ -35,7 +34,7 @@ REQUIRED = os.environ.get("CDPRUNE_REQUIRE_EXTERNAL") == "1"
 SIZE = 64
 TARGET = 0.3
 
-# Transformers: only their patch embedding is a convolution (see test_transformers_refused).
+# Transformers: their MLP hidden units are pruned (test_transformers_prune_their_mlp_hidden_units).
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 # Inception v3, v4 and Inception-ResNet need 75x75 inputs or more (their stems shrink the
 # image about 30x before the last 3x3 convolutions).
@@ -148,15 +147,36 @@ def test_timm_cnn_prunes_exactly(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "swin_v2_t"])
-def test_transformers_refused(name):
-    """ViT and Swin: only the patch embedding is a convolution, and its channels are the
-    residual stream that LayerNorm normalises; nothing is pruned, and the error says why."""
+def test_transformers_prune_their_mlp_hidden_units(name, tmp_path):
+    """ViT and Swin: the hidden units of every MLP block (the first linear layer's outputs)
+    are scored and pruned to the MACs target, exactly; the token stream that attention and
+    LayerNorm read whole stays."""
     tv = _require("torchvision")
     extra = {"image_size": 32} if name.startswith("vit_") else {}
-    model = tv.models.get_model(name, weights=None, num_classes=10, **extra).eval()
-    with pytest.raises(ConfigError, match="transformer"):
-        prune(model, l1_scores(model), example_inputs=torch.randn(1, 3, 32, 32),
-              macs_reduction=TARGET)
+
+    def build():
+        torch.manual_seed(0)
+        return tv.models.get_model(name, weights=None, num_classes=10, **extra)
+
+    model = zoo.vary(build()).eval()
+    _check(model, build, l1_scores(model), 32, tmp_path)
+
+
+def test_timm_vit_prunes_by_cdp_statistics(tmp_path):
+    """CDP scores of MLP hidden units from token-averaged activations."""
+    timm = _require("timm")
+    from cdprune import collect_stats, tfidf_scores
+
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+                                 num_classes=10)
+
+    model = zoo.vary(build()).eval()
+    stats = collect_stats(model, [torch.randn(8, 3, 32, 32)], progress=False)
+    scores = tfidf_scores(stats)
+    assert sum(n.endswith("mlp.fc1") for n in scores) == 12
+    _check(model, build, scores, 32, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["timm:regnetx_002", "torchvision:resnet18"])

@@ -651,11 +651,101 @@ class TinyViT(nn.Module):
         return self.fc(self.encoder(tokens).mean(1))
 
 
-def test_transformer_refused_with_reason():
-    model = TinyViT().eval()
-    with pytest.raises(ConfigError, match=r"transformer \(MultiheadAttention\).*use a CNN"):
+def test_transformer_without_mlp_blocks_refused_with_reason():
+    model = TinyViT().eval()  # its feed-forward layers are no MLP block of their own
+    with pytest.raises(ConfigError, match=r"transformer \(MultiheadAttention\).*no MLP "
+                                          r"hidden layer"):
         prune(model, random_scores(model), example_inputs=torch.randn(2, 3, 12, 12),
               macs_reduction=0.3)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(
+            2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class MlpViT(nn.Module):
+    """A ViT as timm builds one: patch embedding, blocks of LayerNorm -> attention and
+    LayerNorm -> MLP with residuals, a head on the mean token."""
+
+    def __init__(self, dim: int = 16, depth: int = 2, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.norms1 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.attns = nn.ModuleList(Attention(dim, 2) for _ in range(depth))
+        self.norms2 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.mlps = nn.ModuleList(Mlp(dim, 4 * dim) for _ in range(depth))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        for n1, attn, n2, mlp in zip(self.norms1, self.attns, self.norms2, self.mlps):
+            x = x + attn(n1(x))
+            x = x + mlp(n2(x))
+        return self.head(x.mean(1))
+
+
+def test_transformer_mlp_hidden_units_prune_exactly(tmp_path):
+    """ViT/Swin-style blocks: the first linear layer of every MLP block is scored, by
+    weights or by token-averaged CDP statistics; its hidden units go exactly (the second
+    linear layer loses the same inputs), and the model reloads exactly."""
+    from cdprune import collect_stats, tfidf_scores
+    from cdprune.importance.activations import conv_layer_names, mlp_hidden_layers
+    from cdprune.importance.criteria import l1_scores
+
+    torch.manual_seed(0)
+    model = MlpViT().eval()
+    assert mlp_hidden_layers(model) == ["mlps.0.fc1", "mlps.1.fc1"]
+    assert conv_layer_names(model) == ["embed", "mlps.0.fc1", "mlps.1.fc1"]
+    x = torch.randn(4, 3, 16, 16)
+    stats = collect_stats(model, [x], progress=False)
+    kept = collect_stats(model, [x], progress=False, keep_features=True)
+    with torch.no_grad():
+        tokens = model.embed(x).flatten(2).transpose(1, 2)
+        tokens = tokens + model.attns[0](model.norms1[0](tokens))
+        hidden = model.mlps[0].fc1(model.norms2[0](tokens)).relu().mean(1)  # over tokens
+    start = kept.layers.index("mlps.0.fc1")
+    offset = sum(kept.channels[n] for n in kept.layers[:start])
+    assert torch.allclose(kept.features[:, offset:offset + 64].float(), hidden, atol=1e-5)
+    for scores in (l1_scores(model), tfidf_scores(stats)):
+        assert set(scores) == {"embed", "mlps.0.fc1", "mlps.1.fc1"}
+        result = prune(model, scores, example_inputs=x, macs_reduction=0.3)
+        assert abs(result.macs_reduction - 0.3) <= 0.003
+        assert set(result.plan["kept"]) >= {"mlps.0.fc1"}  # hidden units went
+        assert result.model.mlps[0].fc2.in_features == result.model.mlps[0].fc1.out_features
+        assert result.model.embed.out_channels == 16  # the token stream stays whole
+        assert_exact(model, result, x)
+        save_pruned(tmp_path, result, input_size=(3, 16, 16))
+        torch.manual_seed(0)
+        loaded = load_pruned(tmp_path, MlpViT().eval()).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), result.model(x))
+
+
+def test_a_cnn_mlp_block_is_not_scored():
+    """ConvNeXt-style MLPs in a model without attention keep being scored by their
+    convolutions only (what the zoo tables measured)."""
+    from cdprune.importance.activations import conv_layer_names, mlp_hidden_layers
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Mlp(8, 16))
+    assert mlp_hidden_layers(model) == [] and conv_layer_names(model) == ["0"]
 
 
 class SharedHeadFPN(nn.Module):

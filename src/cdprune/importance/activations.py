@@ -26,8 +26,42 @@ DOCUMENTS = ("sample", "class")
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:
-    """Names of all ``nn.Conv2d`` modules, in definition order."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    """Names of the layers whose outputs are scored, in definition order: every
+    ``nn.Conv2d``, and in a transformer the hidden layer of every MLP block
+    (:func:`mlp_hidden_layers`)."""
+    hidden = set(mlp_hidden_layers(model))
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) or name in hidden]
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Type names of the attention layers of ``model`` (a transformer's blocks), sorted."""
+    return sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.MultiheadAttention)
+                   or "Attention" in type(m).__name__})  # ShiftedWindowAttentionV2 too
+
+
+def mlp_hidden_layers(model: nn.Module) -> list[str]:
+    """In a transformer (a model with attention layers), the first ``nn.Linear`` of every
+    MLP block (timm's ``Mlp``, torchvision's ``MLPBlock``/``MLP``): its outputs are the
+    block's hidden units, which only the block's second linear layer reads, so removing
+    one is exact. Empty for a model without attention: a CNN's MLP (ConvNeXt's) stays
+    as it was scored before (its convolutions only)."""
+    if not attention_modules(model):
+        return []
+    out = []
+    for name, block in model.named_modules():
+        if not name or "mlp" not in type(block).__name__.lower() or attention_modules(block):
+            continue  # the model itself, or a larger block that holds attention
+        linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        if len(linears) >= 2:  # hidden = first's outputs = second's inputs
+            out.append(f"{name}.{linears[0]}")
+    return out
+
+
+def layer_width(module: nn.Module) -> int:
+    """Output channels of a scored layer (a convolution's filters, a linear layer's units)."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -141,7 +175,8 @@ class ActivationStats:
         names = dict(model.named_modules())
         for layer in self.layers:
             mod = names.get(layer)
-            if not isinstance(mod, nn.Conv2d) or mod.out_channels != self.channels[layer]:
+            if not isinstance(mod, (nn.Conv2d, nn.Linear)) \
+                    or layer_width(mod) != self.channels[layer]:
                 raise CheckpointError(
                     f"statistics layer '{layer}' ({self.channels[layer]} channels) does not "
                     "match the model; collect statistics again with this model")

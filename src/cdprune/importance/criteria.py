@@ -34,14 +34,17 @@ from torch import nn
 from ..errors import ConfigError
 from ..measure.evaluate import eval_mode
 from ..suggest import did_you_mean
+from .activations import conv_layer_names, layer_width
 
 __all__ = ["CRITERIA", "Criterion", "ScoreContext", "bn_scale_scores", "criterion_names",
            "fpgm_scores", "get_criterion", "l1_scores", "random_scores", "register_criterion",
            "taylor_scores"]
 
 
-def _convs(model: nn.Module) -> dict[str, nn.Conv2d]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+def _convs(model: nn.Module) -> dict[str, nn.Module]:
+    """The scored layers: every Conv2d, and a transformer's MLP hidden layers."""
+    named = dict(model.named_modules())
+    return {n: named[n] for n in conv_layer_names(model)}
 
 
 def l1_scores(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -62,7 +65,7 @@ def fpgm_scores(model: nn.Module) -> dict[str, torch.Tensor]:
 def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """Uniform random scores, reproducible from ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(m.out_channels, generator=g) for n, m in _convs(model).items()}
+    return {n: torch.rand(layer_width(m), generator=g) for n, m in _convs(model).items()}
 
 
 def bn_scale_scores(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -80,7 +83,7 @@ def bn_scale_scores(model: nn.Module, example_inputs: torch.Tensor) -> dict[str,
     def bn_hook(module: nn.Module, inputs: Any, output: Any) -> None:
         name = produced.get(id(inputs[0]))
         if name is not None and module.weight is not None \
-                and module.num_features == convs[name].out_channels:
+                and module.num_features == layer_width(convs[name]):
             scores[name] = module.weight.detach().abs().float().cpu()
 
     hooks += [m.register_forward_hook(bn_hook) for m in model.modules()
@@ -106,7 +109,7 @@ def taylor_scores(model: nn.Module, batches: Iterable[Any], *, max_batches: int 
     """
     convs = _convs(model)
     device = torch.device(device) if device else next(model.parameters()).device
-    acc = {n: torch.zeros(m.out_channels) for n, m in convs.items()}
+    acc = {n: torch.zeros(layer_width(m)) for n, m in convs.items()}
     seen = 0
     with eval_mode(model):
         try:

@@ -241,17 +241,20 @@ class CDPImportance(tp.importance.Importance):
             # Torch-Pruning hands out bound methods, which compare with ==, never `is`.
             fn = dep.pruning_fn
             if not (fn == tp.prune_conv_out_channels
-                    or fn == tp.prune_depthwise_conv_out_channels):
+                    or fn == tp.prune_depthwise_conv_out_channels
+                    or fn == tp.prune_linear_out_channels):
                 continue
             name = self._name_of(group, dep.target.module)
             score = self.scores.get(name) if name is not None else None
             if score is None:
                 continue
-            if score.numel() != dep.target.module.out_channels:
+            module = dep.target.module
+            width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            if score.numel() != width:
                 raise ConfigError(
                     f"scores of layer '{name}' have {score.numel()} entries but the layer has "
-                    f"{dep.target.module.out_channels} output channels; score the model as it "
-                    "is now (pruned models need new statistics)")
+                    f"{width} outputs; score the model as it is now (pruned models need new "
+                    "statistics)")
             parts.append((score[list(idxs)], list(item.root_idxs)))
         if not parts:
             return None

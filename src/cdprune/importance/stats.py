@@ -39,7 +39,13 @@ from ..finetune.distributed import all_reduce_sum, is_distributed
 from ..measure.evaluate import eval_mode
 from ..progress import progress as progress_bar
 from ..suggest import did_you_mean
-from .activations import DOCUMENTS, ActivationStats, conv_layer_names, model_fingerprint
+from .activations import (
+    DOCUMENTS,
+    ActivationStats,
+    conv_layer_names,
+    layer_width,
+    model_fingerprint,
+)
 from .config import TAPS, published_conflicts
 from .documents import MeanCounts, SampleCounts
 
@@ -69,9 +75,10 @@ class _Collector:
         self.spans: list[tuple[int, int]] = []
         start = 0
         for m in modules:
-            self.spans.append((start, start + m.out_channels))
-            start += m.out_channels
+            self.spans.append((start, start + layer_width(m)))
+            start += layer_width(m)
         self.total = start
+        self.linear = [isinstance(m, nn.Linear) for m in modules]
         self.rows = torch.empty(0, start)
         self.written = [False] * len(modules)
         self.batch = 0
@@ -113,7 +120,10 @@ class _Collector:
         target = self.rows[:n, lo:hi]
         relu = torch.clamp_min(output, 0, out=self._scratch(output.numel(), output)[
             :output.numel()].view(output.shape))
-        torch.mean(relu, dim=(2, 3), dtype=torch.float32, out=target)
+        if self.linear[index]:  # a transformer's MLP hidden layer: [B, tokens..., C]
+            torch.mean(relu.flatten(1, -2), dim=1, dtype=torch.float32, out=target)
+        else:  # a convolution: [B, C, H, W]
+            torch.mean(relu, dim=(2, 3), dtype=torch.float32, out=target)
         self.written[index] = True
 
     def _scratch(self, size: int, output: torch.Tensor) -> torch.Tensor:
@@ -169,10 +179,11 @@ def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]
         if name not in named:
             hint = did_you_mean(name, convs, before="; ")
             raise ConfigError(f"layer '{name}' does not exist in the model{hint} "
-                              "(list them with cdprune.importance.stats.conv_layer_names(model))")
-        if not isinstance(named[name], nn.Conv2d):
-            raise ConfigError(f"layer '{name}' is a {type(named[name]).__name__}, not a Conv2d; "
-                              "only Conv2d layers can be scored")
+                              "(list them with cdprune.importance.activations.conv_layer_names(model))")
+        if name not in convs:
+            raise ConfigError(f"layer '{name}' is a {type(named[name]).__name__}, not a Conv2d "
+                              "(or a transformer's MLP hidden layer); only those layers can be "
+                              "scored")
     wanted = set(layers)
     return [n for n in convs if n in wanted]
 
@@ -257,7 +268,7 @@ def collect_stats(
         raise ConfigError(f"dtype {dtype} is not supported; use torch.float32 or torch.float16")
     names = _resolve_layers(model, layers)
     modules = dict(model.named_modules())
-    channels = {n: modules[n].out_channels for n in names}
+    channels = {n: layer_width(modules[n]) for n in names}
     total = sum(channels.values())
     if device is None:
         first = next(model.parameters(), None)

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..importance.activations import attention_modules
 from ..importance.scoring import CDPImportance
 from ..measure.latency import LatencySettings
 from ..measure.macs import count_macs, count_params
 from ..suggest import did_you_mean
 from .by_latency import LatencyModel, by_latency, hit_latency, order_by_latency
-from .graph import attention_modules, auto_scope, first_sample, trace_model
+from .graph import auto_scope, first_sample, trace_model
 from .groups import candidates
 from .result import PruneResult, conv_widths
 from .search import MACS_TOLERANCE, Search, by_macs, by_sparsity
@@ -73,14 +74,16 @@ def _check_scores(model: nn.Module, scores: Mapping[str, torch.Tensor]) -> set[n
     modules = set()
     for name, score in scores.items():
         module = named.get(name)
-        if not isinstance(module, nn.Conv2d):
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
             hint = did_you_mean(name, [n for n, m in named.items()
-                                       if isinstance(m, nn.Conv2d)], before="; ")
-            raise ConfigError(f"scores name '{name}', which is not a Conv2d of the model{hint}"
-                              "; were the scores computed on another architecture?")
-        if torch.as_tensor(score).numel() != module.out_channels:
+                                       if isinstance(m, (nn.Conv2d, nn.Linear))], before="; ")
+            raise ConfigError(f"scores name '{name}', which is not a Conv2d or Linear layer of "
+                              f"the model{hint}; were the scores computed on another "
+                              "architecture?")
+        width = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        if torch.as_tensor(score).numel() != width:
             raise ConfigError(f"scores of '{name}' have {torch.as_tensor(score).numel()} entries "
-                              f"but the layer has {module.out_channels} filters")
+                              f"but the layer has {width} outputs")
         modules.add(module)
     if not modules:
         raise ConfigError("no scores given: collect statistics and score them first")
@@ -282,9 +285,10 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
         if attention:  # ViT, Swin: their convolutions only embed patches into the stream
             raise ConfigError(
                 f"nothing can be pruned: the model is a transformer ({', '.join(attention)}); "
-                "cdprune prunes convolution filters, and here they only feed the token "
-                "stream that attention and LayerNorm read whole (MLP hidden units and "
-                "attention heads are not pruned); use a CNN")
+                "its convolutions only feed the token stream that attention and LayerNorm "
+                "read whole, and no MLP hidden layer (the first linear layer of an MLP "
+                "block, cdprune.importance.activations.mlp_hidden_layers) is scored; score "
+                "those (every criterion does) to prune their hidden units")
         raise ConfigError(f"nothing can be pruned with scope={scope!r}: no scored channel is "
                           "free of ignored layers; try scope='all' or fewer ignored layers")
 

@@ -94,13 +94,6 @@ def auto_scope(model: nn.Module) -> str:
     return "all"
 
 
-def attention_modules(model: nn.Module) -> list[str]:
-    """Type names of the attention layers of ``model`` (a transformer's blocks), sorted."""
-    return sorted({type(m).__name__ for m in model.modules()
-                   if isinstance(m, nn.MultiheadAttention)
-                   or "Attention" in type(m).__name__})  # ShiftedWindowAttentionV2 too
-
-
 # ---------------------------------------------------------------------- traced forwards
 _FORWARDS: list[tuple[Callable[[nn.Module], bool], Callable[..., Any]]] = []
 
