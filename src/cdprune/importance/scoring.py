@@ -249,11 +249,12 @@ class CDPImportance(tp.importance.Importance):
             if score is None:
                 continue
             module = dep.target.module
-            width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            if score.numel() != width:
+            outputs = module.out_features if isinstance(module, nn.Linear) \
+                else module.out_channels
+            if score.numel() != outputs:
                 raise ConfigError(
                     f"scores of layer '{name}' have {score.numel()} entries but the layer has "
-                    f"{width} outputs; score the model as it is now (pruned models need new "
+                    f"{outputs} outputs; score the model as it is now (pruned models need new "
                     "statistics)")
             parts.append((score[list(idxs)], list(item.root_idxs)))
         if not parts:
