@@ -27,7 +27,8 @@ def deployable_network(model: nn.Module, masks: Mapping[str, Sequence[int]], *,
                        val_loader: Any, example_inputs: torch.Tensor,
                        recal_loader: Any = None, recal_images: int = 0,
                        device: torch.device | str = "cpu", progress: bool = False,
-                       latency_rounds: int = 5) -> tuple[nn.Module | None, Any, dict[str, Any]]:
+                       evaluated: bool = True, latency_rounds: int = 5
+                       ) -> tuple[nn.Module | None, Any, dict[str, Any]]:
     """Compact a (fine-tuned) masked network, recalibrate, evaluate and time it.
 
     Args:
@@ -40,7 +41,9 @@ def deployable_network(model: nn.Module, masks: Mapping[str, Sequence[int]], *,
         recal_images: how many of them (0: no recalibration).
         device: where to evaluate and time.
         progress: show evaluation progress bars.
-        latency_rounds: alternating masked/compact timing pairs.
+        evaluated: evaluate the compact network (``acc_compacted``, ``acc_recalibrated``);
+            False skips the evaluations.
+        latency_rounds: alternating masked/compact timing pairs (0: not timed).
 
     Returns:
         ``(compact_model, info, numbers)``: the compact network, what
@@ -60,14 +63,20 @@ def deployable_network(model: nn.Module, masks: Mapping[str, Sequence[int]], *,
     out: dict[str, Any] = {
         "macs": info.macs, "params": info.params, "macs_paper": info.macs_paper,
         "macs_masked": info.macs_masked, "params_masked": info.params_masked,
-        "max_abs_error": info.max_abs_error,
-        "acc_compacted": float(evaluate(small, val_loader, device=device,
-                                        progress=progress).top1)}
+        "max_abs_error": info.max_abs_error}
+
+    def top1(net: nn.Module) -> float:
+        return float(evaluate(net, val_loader, device=device, progress=progress).top1)
+
+    if evaluated:
+        out["acc_compacted"] = top1(small)
     if recal_images and recal_loader is not None:
         out["bn_recalibrate_images"] = recalibrate_bn(small, recal_loader, recal_images,
                                                       device=device)
-        out["acc_recalibrated"] = float(evaluate(small, val_loader, device=device,
-                                                 progress=progress).top1)
+        if evaluated:
+            out["acc_recalibrated"] = top1(small)
+    if not latency_rounds:
+        return small, info, out
     settings = LatencySettings(batch_size=1, device=device.type, cache_dir=None)
     with torch.no_grad():
         masked_s, compact_s, ratio = compare_networks(model, small.eval(), example[:1],

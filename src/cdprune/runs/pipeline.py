@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import CdpruneError, ConfigError
+from ..errors import CdpruneError, ConfigError, UnsupportedModelError
 from ..fileio import atomic_write_text
 from ..finetune.distributed import barrier
 from ..options import OptionsError
@@ -492,34 +492,30 @@ def run_compact(config: Mapping[str, Any], run: RunDir, *, data: Data, model: nn
         The summary: what :func:`cdprune.compact` reported (MACs in both conventions,
         parameters, filters per kind, output error) and the accuracies.
     """
-    from ..finetune.batchnorm import recalibrate_bn
-    from ..measure.evaluate import evaluate
-    from ..pruning import compact, read_plan, save_compact
+    from ..pruning import read_plan, save_compact
+    from .deployable import deployable_network
 
-    device = resolve_device(config)
-    images = next(iter(data.val))[0][:64]
-    small, info = compact(model.to(device), masks, example_inputs=images.to(device))
+    small, info, numbers = deployable_network(
+        model, masks, val_loader=data.val, example_inputs=next(iter(data.val))[0][:64],
+        recal_loader=data.recal, recal_images=int(config.get("bn_recalibrate") or 0),
+        device=resolve_device(config), progress=not config.get("no_progress"),
+        evaluated=not config.get("no_eval"), latency_rounds=0)
+    if small is None:
+        raise UnsupportedModelError(numbers["reason"])
+    if not config.get("no_eval"):
+        from ..measure.evaluate import evaluate
+        from ..pruning import mask_filters
+
+        numbers["acc_masked"] = _metric(evaluate(
+            mask_filters(model, masks), data.val, device=resolve_device(config),
+            progress=not config.get("no_progress")))
     summary: dict[str, Any] = {
         "compact": info.to_dict(), "macs_before": info.macs_masked, "macs_after": info.macs,
         "macs_reduction": 1 - info.macs / info.macs_masked,
         "macs_paper_before": info.macs_masked, "macs_paper_after": info.macs_paper,
-        "params_before": info.params_masked, "params_after": info.params}
-    progress = not config.get("no_progress")
-    evaluated = not config.get("no_eval")
-    if evaluated:
-        from ..pruning import mask_filters
-
-        masked = mask_filters(model, masks)
-        summary["acc_masked"] = _metric(evaluate(masked, data.val, device=device,
-                                                 progress=progress))
-        summary["acc_compacted"] = _metric(evaluate(small, data.val, device=device,
-                                                    progress=progress))
-    if config.get("bn_recalibrate"):
-        summary["bn_recalibrate_images"] = recalibrate_bn(
-            small, data.recal, int(config["bn_recalibrate"]), device=device)
-        if evaluated:
-            summary["acc_recalibrated"] = _metric(evaluate(small, data.val, device=device,
-                                                           progress=progress))
+        "params_before": info.params_masked, "params_after": info.params,
+        **{k: numbers[k] for k in ("acc_masked", "acc_compacted", "bn_recalibrate_images",
+                                   "acc_recalibrated") if k in numbers}}
     if run.main:
         extra = pruned_extra(config, data)
         save_compact(run.path / PRUNED, small, masks, info, model_name=config["model"],
