@@ -96,13 +96,39 @@ def test_predict_matches_grid_and_interpolates(tmp_path):
     timer = FakeTimer()
     table = LatencyTable.measure([shape], settings(tmp_path, timer))
     ins, outs = shape.grid()
-    assert ins == [4, 8, 12, 16] and outs == [8, 16, 24, 32]
-    exact = FakeTimer()(shape.build(12, 24)[0], torch.randn(2, 12, 8, 8))
-    assert table.predict(shape, 12, 24) == pytest.approx(exact)
+    assert ins == [4, 8, 16] and outs == [8, 16, 32]
+    assert table.measured == timer.calls == 9
+    exact = FakeTimer()(shape.build(8, 32)[0], torch.randn(2, 8, 8, 8))
+    assert table.predict(shape, 8, 32) == pytest.approx(exact)
+    off_grid = FakeTimer()(shape.build(12, 24)[0], torch.randn(2, 12, 8, 8))
+    assert table.predict(shape, 12, 24) == pytest.approx(off_grid)
     # MACs are bilinear in the widths, so interpolation between grid points is exact here.
     between = FakeTimer()(shape.build(10, 20)[0], torch.randn(2, 10, 8, 8))
     assert table.predict(shape, 10, 20) == pytest.approx(between)
     assert table.predict(shape, 16, 32) > table.predict(shape, 16, 31) > table.predict(shape, 8, 31)
+
+
+def test_time_layer_times_the_widths_interleaved(monkeypatch):
+    """Without an injected timer the cells of one shape go through one interleaved
+    time_calls (table_warmup, then table_repeats rounds), share inputs of one width and
+    keep their medians."""
+    shape = layer_shape(nn.Conv2d(8, 16, 3, padding=1), (1, 8, 6, 6))
+    seen = {}
+
+    def fake_time_calls(calls, *, warmup, repeats, clock, sync):
+        seen.update(calls=calls, warmup=warmup, repeats=repeats, clock=clock)
+        # Call k of round r takes k + 1 s, except a spike in round 0.
+        return [[100.0 if r == 0 else k + 1.0 for r in range(repeats)]
+                for k in range(len(calls))]
+
+    monkeypatch.setattr(latency, "time_calls", fake_time_calls)
+    settings = LatencySettings(batch_size=3, table_warmup=2, table_repeats=5, cache_dir=None)
+    out = latency.time_layer(shape, [(4, 16), (8, 8), (8, 16)], settings)
+    assert out == [1.0, 2.0, 3.0]  # medians: the spike is out
+    assert (seen["warmup"], seen["repeats"], seen["clock"]) == (2, 5, "cpu")
+    first, second, third = (c.args[0] for c in seen["calls"])
+    assert first.shape == (3, 4, 6, 6) and second is third and second.shape == (3, 8, 6, 6)
+    assert [c.func[0].out_channels for c in seen["calls"]] == [16, 8, 16]
 
 
 def test_fastest_multiple_follows_the_timings(tmp_path):
@@ -321,10 +347,19 @@ def test_a_timed_width_multiple_never_makes_a_target_unreachable(tmp_path):
     from cdprune import prune
 
     model, scores, x = _net_and_scores()
-    # Widths off a multiple of 8 run slowly: the timed multiple is 8, and a small latency
-    # target is closer to no block of 8 channels at all than to one.
-    timer = FakeTimer(penalty=5.0, multiple=8)
-    result = prune(model, scores, example_inputs=x, latency_reduction=0.003,
+    # Layers timed alone run slowly at widths off a multiple of 8: the timed multiple is
+    # 8, and a small latency target is closer to no block of 8 channels at all than to
+    # one. (The whole network is timed by its MACs alone, so that the fallback's widths
+    # off the multiple do not read as slower than the original.)
+    class AloneOffMultipleSlow(FakeTimer):
+        __qualname__ = "AloneOffMultipleSlow"
+
+        def __call__(self, module, x):
+            self.penalty = 5.0 if type(module) is nn.Sequential else 0.0
+            return super().__call__(module, x)
+
+    timer = AloneOffMultipleSlow(multiple=8)
+    result = prune(model, scores, example_inputs=x, latency_reduction=0.006,
                    latency=settings(tmp_path, timer))
     assert result.removed_filters > 0 and result.plan["round_to"] is None
 

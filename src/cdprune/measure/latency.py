@@ -22,6 +22,7 @@ least score per second of predicted latency saved.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -43,13 +44,17 @@ from ..fileio import atomic_write_text
 
 __all__ = ["CLOCK_READERS", "LatencySettings", "LatencyTable", "Timer", "UnitChange",
            "cache_dir_default", "compare_networks", "cpu_clock", "device_name",
-           "fastest_multiple", "greedy_order", "measure_network", "time_calls", "wall_clock"]
+           "fastest_multiple", "greedy_order", "measure_network", "time_calls", "time_layer",
+           "wall_clock"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "cdprune.latency/1"
-# Grid of width fractions timed per layer; between them the table interpolates.
-FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+CACHE_FORMAT = "cdprune.latency/2"
+# Grid of width fractions timed per layer; between them the table interpolates. A layer's
+# compute is bilinear in its widths (a + b * in * out), which bilinear interpolation
+# reproduces exactly from any grid, so three points per axis lose little against four and
+# take about half the timings.
+FRACTIONS = (0.25, 0.5, 1.0)
 MULTIPLES = (1, 2, 4, 8, 16)
 
 # A timer gets a module and its input and returns the seconds of one forward pass.
@@ -179,7 +184,13 @@ class LatencySettings:
         round_to: "auto" times the layers and keeps widths at the multiple that runs
             fastest (at most half the narrowest prunable layer); an int fixes it; None
             leaves widths free.
-        warmup, repeats: untimed and timed runs of each timing (the median is kept).
+        warmup, repeats: untimed and timed runs of each whole-network timing (the
+            median is kept).
+        table_warmup, table_repeats: the same for the cells of the latency table and the
+            width-multiple probe. The cells of one layer shape are timed interleaved
+            (each round times every cell once), so a busy moment slows all of them alike
+            and the per-cell median needs few rounds; the monotone fit then drops what
+            outliers remain.
         clock: what the default timer reads: "auto" (CPU time of the process on the CPU,
             wall time on a GPU), "cpu" or "wall".
         confirm_rounds: alternate base/pruned pairs of the independent re-measurement that
@@ -197,6 +208,8 @@ class LatencySettings:
     round_to: int | str | None = "auto"
     warmup: int = 2
     repeats: int = 7
+    table_warmup: int = 1
+    table_repeats: int = 3
     clock: str = "auto"
     confirm_rounds: int = 9
 
@@ -326,6 +339,32 @@ def layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, LayerShap
     return shapes
 
 
+def time_layer(shape: LayerShape, widths: Sequence[tuple[int, int]],
+               settings: LatencySettings) -> list[float]:
+    """Seconds of one forward pass of the layer at each ``(in, out)`` width.
+
+    The widths are timed interleaved with :func:`time_calls` (``table_warmup`` untimed
+    calls each, then ``table_repeats`` rounds over all of them) and each keeps its median.
+    Widths with the same input width share one input tensor. An injected
+    ``settings.timer`` (tests) is called once per width instead.
+    """
+    inputs: dict[int, torch.Tensor] = {}
+    layers = []
+    for c_in, c_out in widths:
+        module, size = shape.build(c_in, c_out)
+        if c_in not in inputs:
+            inputs[c_in] = torch.randn(settings.batch_size, *size, device=settings.device)
+        layers.append((module.eval().to(settings.device), inputs[c_in]))
+    if settings.timer is not None:
+        return [float(settings.timer(module, x)) for module, x in layers]
+    sync = torch.cuda.synchronize if str(settings.device).startswith("cuda") else None
+    with torch.inference_mode():
+        times = time_calls([functools.partial(module, x) for module, x in layers],
+                           warmup=settings.table_warmup, repeats=settings.table_repeats,
+                           clock=settings.clock_name(), sync=sync)
+    return [statistics.median(t) for t in times]
+
+
 class LatencyTable:
     """Measured seconds per layer shape on a grid of widths, interpolated between.
 
@@ -372,22 +411,16 @@ class LatencyTable:
                 logger.info("latency table read from %s", path)
                 return cls(cached.get("tables", {}), key, path, cached.get("notes"))
         table = cls({}, key, path)
-        timer = settings.get_timer()
         with _Threads(settings.threads):
             for shape in shapes:
                 ins, outs = shape.grid()
-                grid = []
-                for c_in in ins:
-                    row = []
-                    for c_out in outs:
-                        if shape.kind == "dw" and c_out != c_in:
-                            row.append(None)
-                            continue
-                        module, size = shape.build(c_in, c_out)
-                        x = torch.randn(settings.batch_size, *size, device=settings.device)
-                        row.append(float(timer(module.eval().to(settings.device), x)))
-                        table.measured += 1
-                    grid.append(row)
+                cells = [(i, j) for i, c_in in enumerate(ins) for j, c_out in enumerate(outs)
+                         if shape.kind != "dw" or c_in == c_out]
+                seconds = time_layer(shape, [(ins[i], outs[j]) for i, j in cells], settings)
+                grid: list[list[float | None]] = [[None] * len(outs) for _ in ins]
+                for (i, j), value in zip(cells, seconds):
+                    grid[i][j] = value
+                table.measured += len(cells)
                 table.tables[shape.key()] = {"in": ins, "out": outs, "s": grid}
                 table.smooth[shape.key()] = _monotone(ins, outs, grid)
         logger.info("latency table: %d layer timings on %s", table.measured, key["device"])
@@ -467,8 +500,9 @@ def fastest_multiple(shape: LayerShape, settings: LatencySettings,
                      multiples: Sequence[int] = MULTIPLES, margin: float = 0.03) -> int:
     """The output-channel multiple whose widths run fastest for this layer.
 
-    The layer is timed at every output width within ``max(multiples)`` of half its
-    width (the widths pruning produces), its input width fixed. A straight line
+    The layer is timed at the output widths within ``max(multiples)`` of half its
+    width (the widths pruning produces; those 3 mod 4 left out), its input width fixed,
+    all interleaved. A straight line
     through all timings is the trend (fixed overhead plus a cost per channel); each
     width's timing over the trend says how much faster or slower than its neighbours it
     runs. For each multiple, the median of that ratio over the widths divisible by it:
@@ -476,17 +510,14 @@ def fastest_multiple(shape: LayerShape, settings: LatencySettings,
     it constrains the allocation less.
     """
     full, span = shape.out_ch, max(multiples)
-    widths = range(max(1, full // 2 - span + 1), min(full, full // 2 + span) + 1)
-    timer = settings.get_timer()
-    seconds: dict[int, float] = {}
+    # Every width but those 3 mod 4: the odd widths are half the probe, and half of
+    # them judge a multiple of 1 as well as all of them do.
+    widths = [w for w in range(max(1, full // 2 - span + 1), min(full, full // 2 + span) + 1)
+              if w % 4 != 3 and (shape.kind != "conv" or w % shape.groups == 0)]
     with _Threads(settings.threads):
-        for w in widths:
-            c_in = w if shape.kind == "dw" else shape.in_ch
-            if shape.kind == "conv" and w % shape.groups:
-                continue
-            module, size = shape.build(c_in, w)
-            x = torch.randn(settings.batch_size, *size, device=settings.device)
-            seconds[w] = float(timer(module.eval().to(settings.device), x))
+        timed = time_layer(shape, [(w if shape.kind == "dw" else shape.in_ch, w)
+                                   for w in widths], settings)
+    seconds = dict(zip(widths, timed))
     ws, ts = list(seconds), list(seconds.values())
     mean_w, mean_t = statistics.fmean(ws), statistics.fmean(ts)
     var = sum((w - mean_w) ** 2 for w in ws) or 1.0

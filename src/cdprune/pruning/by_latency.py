@@ -30,7 +30,7 @@ from ..measure.latency import (
     measure_network,
 )
 from .groups import Candidate
-from .search import Search, cell_units, channel_units
+from .search import NoChannelError, Search, cell_units, channel_units
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,15 @@ def hit_latency(run: Any, base: nn.Module, example: torch.Tensor, timed: Latency
     goal = target
     short, over = 0.0, 0.99  # goals known to measure below / above the target
     for _ in range(settings.max_rounds):
-        result = run(goal)
+        try:
+            result = run(goal)
+        except NoChannelError:
+            if best is None:
+                raise
+            # A correction asked for less than the first unit saves: no finer step exists.
+            logger.info("latency: a goal of -%.2f%% removes no channel; keeping the closest "
+                        "round", 100 * goal)
+            break
         t_base, t_pruned, ratio = compare_networks(base, result.model, example, settings)
         measured = 1.0 - ratio
         saturated = result.extra.pop("latency_saturated", False)  # the ranking ran out

@@ -27,7 +27,7 @@ from .by_latency import LatencyModel, by_latency, hit_latency, order_by_latency
 from .graph import auto_scope, first_sample, trace_model
 from .groups import candidates
 from .result import PruneResult, conv_widths
-from .search import MACS_TOLERANCE, Search, by_macs, by_sparsity
+from .search import MACS_TOLERANCE, NoChannelError, Search, by_macs, by_sparsity
 from .surgery import apply_removals
 
 __all__ = ["PruneResult", "conv_widths", "prune"]
@@ -199,7 +199,7 @@ def prune(
                                    ignored_named + ignored_extra, scope, max_layer_pruning,
                                    chosen["round_to"], group_reduction, allocation,
                                    None if timed is None else (timed, goal))
-            except _NoChannel:
+            except NoChannelError:
                 if not (auto_round and chosen["round_to"]):
                     raise
                 # The multiple came from timing, not from the user: a reachable target
@@ -246,10 +246,6 @@ def prune(
                 result.removed_filters, result.candidate_filters, result.macs_before / 1e6,
                 result.macs_after / 1e6, 100 * result.macs_reduction)
     return result
-
-
-class _NoChannel(ConfigError):
-    """The target removes no channel (with ``round_to``, the blocks may be too large)."""
 
 
 class _Misread(Exception):
@@ -305,7 +301,7 @@ def _prune_once(work: nn.Module, scores: Mapping[str, torch.Tensor], example_inp
     else:
         removals = by_macs(search, macs_reduction, scope, max_layer_pruning)
     if not any(removals):
-        raise _NoChannel(
+        raise NoChannelError(
             "the pruning target removes no channel" + (
                 f": with round_to={round_to} the smallest block any layer can lose is too "
                 "large; use a smaller round_to" if round_to else

@@ -22,6 +22,10 @@ from .groups import Candidate
 MACS_TOLERANCE = 0.003  # the paper's own: within 0.3 percentage points
 
 
+class NoChannelError(ConfigError):
+    """The target removes no channel (with ``round_to``, the blocks may be too large)."""
+
+
 class Search:
     """Turns positions of the global ranking into per-candidate removals and their MACs.
 

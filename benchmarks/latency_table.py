@@ -1,0 +1,187 @@
+"""Latency tables built the earlier way and the current way, side by side in one run.
+
+*Earlier*: 4 x 4 widths per layer shape (25, 50, 75, 100%), every cell timed alone (2
+untimed and 7 timed calls, median), and the width-multiple probe timed the same way.
+*Current*: 3 x 3 widths (25, 50, 100%) timed interleaved per shape (1 untimed call each,
+then 3 rounds over all cells, medians), the probe interleaved too. Both read process CPU
+time, as ``prune()`` does on the CPU.
+
+Besides the build time, each table predicts the latency reduction of several pruned
+networks (random scores, global MACs targets), which are then timed whole against the
+original (interleaved pairs, CPU time): the mean absolute error of the prediction says
+whether the faster table predicts as well.
+
+    python benchmarks/latency_table.py --threads 2 --csv benchmarks/results/latency_table.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from cdprune import prune
+from cdprune.measure import latency
+from cdprune.measure.latency import (
+    LatencySettings,
+    LatencyTable,
+    cpu_clock,
+    cpu_model,
+    fastest_multiple,
+    layer_shapes,
+    time_calls,
+)
+from cdprune.models import create_model
+
+CASES = {  # name: (model, input size, batch)
+    "resnet56b-b64": ("resnet56b", 32, 64),
+    "resnet56b-b1": ("resnet56b", 32, 1),
+    "resnet50-b1": ("resnet50", 224, 1),
+}
+EARLIER_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def build(shapes, settings: LatencySettings, fractions) -> tuple[LatencyTable, int, float]:
+    """The table and the timed width multiple of the heaviest layer, as ``prune()`` builds
+    them; returns (table, multiple, wall seconds)."""
+    saved = latency.FRACTIONS
+    latency.FRACTIONS = fractions
+    try:
+        start = time.perf_counter()
+        table = LatencyTable.measure(shapes.values(), settings)
+        heaviest = max(shapes.values(), key=lambda s: table.predict(s, s.in_ch, s.out_ch)
+                       if s.kind != "linear" else -1.0)
+        multiple = fastest_multiple(heaviest, settings)
+        return table, multiple, time.perf_counter() - start
+    finally:
+        latency.FRACTIONS = saved
+
+
+def predicted_reduction(table: LatencyTable, shapes, pruned_shapes) -> float:
+    full = table.network(shapes, {})
+    widths = {n: (s.in_ch, s.out_ch) for n, s in pruned_shapes.items()}
+    return 1 - table.network(shapes, widths) / full
+
+
+def measured_reduction(base, pruned, x, repeats: int) -> float:
+    with torch.inference_mode():
+        tb, tp = time_calls([lambda: base(x), lambda: pruned(x)], warmup=2, repeats=repeats,
+                            clock="cpu")
+    return 1 - statistics.median(p / b for b, p in zip(tb, tp))
+
+
+def settings_for(name: str, threads: int) -> tuple[LatencySettings, LatencySettings]:
+    """(earlier, current) settings of a case."""
+    batch = CASES[name][2]
+    return (LatencySettings(batch_size=batch, threads=threads, cache_dir=None,
+                            timer=cpu_clock(2, 7)),
+            LatencySettings(batch_size=batch, threads=threads, cache_dir=None))
+
+
+def build_one(name: str, which: str, threads: int) -> None:
+    """One build in this (fresh) process; prints its seconds and multiple as JSON."""
+    model_name, size, _ = CASES[name]
+    torch.manual_seed(0)
+    shapes = layer_shapes(create_model(model_name).eval(), torch.randn(1, 3, size, size))
+    earlier, current = settings_for(name, threads)
+    settings, fractions = ((earlier, EARLIER_FRACTIONS) if which == "earlier"
+                           else (current, latency.FRACTIONS))
+    _, multiple, seconds = build(shapes, settings, fractions)
+    print(json.dumps({"seconds": seconds, "multiple": multiple}))
+
+
+def run_case(name: str, threads: int, variants: int, repeats: int, builds: int) -> dict:
+    model_name, size, batch = CASES[name]
+    torch.manual_seed(0)
+    model = create_model(model_name).eval()
+    example = torch.randn(1, 3, size, size)
+    shapes = layer_shapes(model, example)
+    earlier, current = settings_for(name, threads)
+    torch.set_num_threads(threads)
+    # Every build runs in a fresh process, as the first prune on a machine does (kernels
+    # and their caches cold); the two ways alternate, so that drift hits both alike.
+    seconds = {"earlier": [], "current": []}
+    multiples = {"earlier": [], "current": []}
+    for _ in range(builds):
+        for which in ("earlier", "current"):
+            out = subprocess.run([sys.executable, __file__, "--build-one", which, "--cases", name,
+                                  "--threads", str(threads)], check=True, capture_output=True,
+                                 text=True).stdout
+            facts = json.loads(out.strip().splitlines()[-1])
+            seconds[which].append(facts["seconds"])
+            multiples[which].append(str(facts["multiple"]))
+    tables = {which: build(shapes, settings, fractions)[0] for which, (settings, fractions)
+              in (("earlier", (earlier, EARLIER_FRACTIONS)),
+                  ("current", (current, latency.FRACTIONS)))}
+    errors = {k: [] for k in tables}
+    x = torch.randn(batch, 3, size, size)
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    for v in range(variants):
+        gen = torch.Generator().manual_seed(v)
+        scores = {n: torch.rand(model.get_submodule(n).out_channels, generator=gen)
+                  for n in convs}
+        target = (0.3, 0.5, 0.7)[v % 3]
+        pruned = prune(model, scores, example_inputs=example, macs_reduction=target).model.eval()
+        measured = measured_reduction(model, pruned, x, repeats)
+        pruned_shapes = layer_shapes(pruned, example)
+        for k, table in tables.items():
+            errors[k].append(abs(predicted_reduction(table, shapes, pruned_shapes) - measured))
+    row = {"case": name, "threads": threads, "shapes": len(set(shapes.values()))}
+    for k in ("earlier", "current"):
+        row[f"{k}_cells"] = tables[k].measured
+        row[f"{k}_build_s"] = statistics.median(seconds[k])
+        row[f"{k}_multiple"] = "/".join(multiples[k])
+        row[f"{k}_mae"] = statistics.fmean(errors[k])
+    row["build_speedup"] = row["earlier_build_s"] / row["current_build_s"]
+    row["variants"] = variants
+    row["load_avg"] = " ".join(f"{a:.2f}" for a in os.getloadavg())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", type=int, default=6,
+                        help="pruned networks each table predicts")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="interleaved pairs timing each pruned network")
+    parser.add_argument("--builds", type=int, default=3,
+                        help="fresh-process builds of each table (median)")
+    parser.add_argument("--csv", help="also write the rows to this CSV file")
+    parser.add_argument("--build-one", choices=("earlier", "current"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build_one:
+        torch.set_num_threads(args.threads)
+        return build_one(args.cases[0], args.build_one, args.threads)
+    print(f"# {cpu_model()} ({platform.machine()}), torch {torch.__version__}, "
+          f"{args.threads} threads; CPU time", flush=True)
+    writer = None
+    fh = open(args.csv, "w", newline="") if args.csv else None
+    for name in args.cases:
+        row = run_case(name, args.threads, args.variants, args.repeats, args.builds)
+        if writer is None:
+            print(",".join(row), flush=True)
+            if fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                writer.writeheader()
+        print(",".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()),
+              flush=True)
+        if writer:
+            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v
+                             for k, v in row.items()})
+            fh.flush()
+    if fh:
+        fh.close()
+
+
+if __name__ == "__main__":
+    main()
