@@ -3,13 +3,17 @@
 *Earlier*: 4 x 4 widths per layer shape (25, 50, 75, 100%), every cell timed alone (2
 untimed and 7 timed calls, median), and the width-multiple probe timed the same way.
 *Current*: 3 x 3 widths (25, 50, 100%) timed interleaved per shape (1 untimed call each,
-then 3 rounds over all cells, medians), the probe interleaved too. Both read process CPU
-time, as ``prune()`` does on the CPU.
+then 3 rounds over all cells, medians), the probe interleaved and without the widths 3
+mod 4. Both read process CPU time, as ``prune()`` does on the CPU. Every build runs in a
+fresh process (cold kernels and caches, as a first prune on a machine), the two ways
+alternating; the build's wall and CPU seconds are medians over ``--builds``.
 
 Besides the build time, each table predicts the latency reduction of several pruned
-networks (random scores, global MACs targets), which are then timed whole against the
-original (interleaved pairs, CPU time): the mean absolute error of the prediction says
-whether the faster table predicts as well.
+networks (random scores, global MACs targets 30/50/70%), as ``prune()`` predicts it
+(relative to the larger of the measured network and the layers' sum); the networks are
+then timed whole against the original (interleaved pairs, CPU time). The mean absolute
+error (``mae``) and mean signed error (``bias``, predicted minus measured) of the
+predicted reduction say whether the faster table predicts as well.
 
     python benchmarks/latency_table.py --threads 2 --csv benchmarks/results/latency_table.csv
 """
@@ -49,26 +53,29 @@ CASES = {  # name: (model, input size, batch)
 EARLIER_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
-def build(shapes, settings: LatencySettings, fractions) -> tuple[LatencyTable, int, float]:
+def build(shapes, settings: LatencySettings, fractions
+          ) -> tuple[LatencyTable, int, float, float]:
     """The table and the timed width multiple of the heaviest layer, as ``prune()`` builds
-    them; returns (table, multiple, wall seconds)."""
+    them; returns (table, multiple, wall seconds, process CPU seconds)."""
     saved = latency.FRACTIONS
     latency.FRACTIONS = fractions
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         table = LatencyTable.measure(shapes.values(), settings)
         heaviest = max(shapes.values(), key=lambda s: table.predict(s, s.in_ch, s.out_ch)
                        if s.kind != "linear" else -1.0)
         multiple = fastest_multiple(heaviest, settings)
-        return table, multiple, time.perf_counter() - start
+        return table, multiple, time.perf_counter() - start, time.process_time() - cpu
     finally:
         latency.FRACTIONS = saved
 
 
-def predicted_reduction(table: LatencyTable, shapes, pruned_shapes) -> float:
+def predicted_reduction(table: LatencyTable, shapes, pruned_shapes, base_s: float) -> float:
+    """As ``prune()`` predicts it: the layers' predicted saving relative to the larger of
+    the whole network's measured time and the layers' sum."""
     full = table.network(shapes, {})
     widths = {n: (s.in_ch, s.out_ch) for n, s in pruned_shapes.items()}
-    return 1 - table.network(shapes, widths) / full
+    return (full - table.network(shapes, widths)) / max(base_s, full)
 
 
 def measured_reduction(base, pruned, x, repeats: int) -> float:
@@ -94,8 +101,8 @@ def build_one(name: str, which: str, threads: int) -> None:
     earlier, current = settings_for(name, threads)
     settings, fractions = ((earlier, EARLIER_FRACTIONS) if which == "earlier"
                            else (current, latency.FRACTIONS))
-    _, multiple, seconds = build(shapes, settings, fractions)
-    print(json.dumps({"seconds": seconds, "multiple": multiple}))
+    _, multiple, seconds, cpu = build(shapes, settings, fractions)
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "multiple": multiple}))
 
 
 def run_case(name: str, threads: int, variants: int, repeats: int, builds: int) -> dict:
@@ -109,6 +116,7 @@ def run_case(name: str, threads: int, variants: int, repeats: int, builds: int) 
     # Every build runs in a fresh process, as the first prune on a machine does (kernels
     # and their caches cold); the two ways alternate, so that drift hits both alike.
     seconds = {"earlier": [], "current": []}
+    cpu = {"earlier": [], "current": []}
     multiples = {"earlier": [], "current": []}
     for _ in range(builds):
         for which in ("earlier", "current"):
@@ -117,12 +125,16 @@ def run_case(name: str, threads: int, variants: int, repeats: int, builds: int) 
                                  text=True).stdout
             facts = json.loads(out.strip().splitlines()[-1])
             seconds[which].append(facts["seconds"])
+            cpu[which].append(facts["cpu"])
             multiples[which].append(str(facts["multiple"]))
     tables = {which: build(shapes, settings, fractions)[0] for which, (settings, fractions)
               in (("earlier", (earlier, EARLIER_FRACTIONS)),
                   ("current", (current, latency.FRACTIONS)))}
     errors = {k: [] for k in tables}
     x = torch.randn(batch, 3, size, size)
+    with torch.inference_mode():
+        (base_times,) = time_calls([lambda: model(x)], warmup=2, repeats=7, clock="cpu")
+    base_s = statistics.median(base_times)
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     for v in range(variants):
         gen = torch.Generator().manual_seed(v)
@@ -133,14 +145,17 @@ def run_case(name: str, threads: int, variants: int, repeats: int, builds: int) 
         measured = measured_reduction(model, pruned, x, repeats)
         pruned_shapes = layer_shapes(pruned, example)
         for k, table in tables.items():
-            errors[k].append(abs(predicted_reduction(table, shapes, pruned_shapes) - measured))
+            errors[k].append(predicted_reduction(table, shapes, pruned_shapes, base_s) - measured)
     row = {"case": name, "threads": threads, "shapes": len(set(shapes.values()))}
     for k in ("earlier", "current"):
         row[f"{k}_cells"] = tables[k].measured
         row[f"{k}_build_s"] = statistics.median(seconds[k])
+        row[f"{k}_build_cpu_s"] = statistics.median(cpu[k])
         row[f"{k}_multiple"] = "/".join(multiples[k])
-        row[f"{k}_mae"] = statistics.fmean(errors[k])
+        row[f"{k}_mae"] = statistics.fmean(abs(e) for e in errors[k])
+        row[f"{k}_bias"] = statistics.fmean(errors[k])
     row["build_speedup"] = row["earlier_build_s"] / row["current_build_s"]
+    row["build_speedup_cpu"] = row["earlier_build_cpu_s"] / row["current_build_cpu_s"]
     row["variants"] = variants
     row["load_avg"] = " ".join(f"{a:.2f}" for a in os.getloadavg())
     return row

@@ -15,7 +15,10 @@ random images: speed depends on the widths, not on the weights.
 With ``--latency-target F`` it compares instead, per model and batch size: CDP's global
 ranking at the MACs target, the latency-aware allocation at the same MACs target, a
 latency target F (both with widths rounded to the multiple timed fastest), and
-Torch-Pruning's L1 magnitude pruner at the same MACs; the CIFAR models' accuracy right
+Torch-Pruning's L1 magnitude pruner at the same MACs; the bound on speed-up / MACs ratio
+that channel pruning can reach at all (``efficiency_bound``: only the time above the
+network with every group cut to 1/32, ``floor_ms``, shrinks with the MACs); the CIFAR
+models' accuracy right
 after pruning and after BatchNorm recalibration; the ONNX Runtime latency of the exported
 models; and the machine's load average at each row.
 
@@ -95,6 +98,20 @@ def compare_pairs(base, pruned, size, batch, rounds) -> tuple[float, float, floa
 METHODS = ("cdp-global@macs", "cdp-latency-alloc@macs", "cdp@latency-target", "tp-l1@macs")
 
 
+def floor_network(model: torch.nn.Module, scores, size: int) -> torch.nn.Module:
+    """The model with every prunable group cut to 1/32 of its channels: what remains is
+    the time channel pruning cannot remove (per-operator overhead, the residual stream
+    where it is not pruned, the stem's input)."""
+    return prune(model, scores, example_inputs=torch.randn(1, 3, size, size),
+                 sparsity=0.96, max_layer_pruning=31 / 32).model.eval()
+
+
+def efficiency_bound(base_s: float, floor_s: float, macs_ratio: float) -> float:
+    """The best speed-up / MACs ratio channel pruning can reach when only the time above
+    the floor shrinks with the MACs: base / (floor + (base - floor) / ratio) / ratio."""
+    return base_s / (floor_s + (base_s - floor_s) / macs_ratio) / macs_ratio
+
+
 def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -165,7 +182,8 @@ def latency_main(args) -> None:
 
     torch.set_num_threads(args.threads)
     header = ["case", "method", "batch", "round_to", "macs_ratio", "base_ms", "pruned_ms",
-              "speedup", "efficiency", "speedup_spread", "latency_target", "latency_reduction_bench",
+              "speedup", "efficiency", "efficiency_bound", "floor_ms", "speedup_spread",
+              "latency_target", "latency_reduction_bench",
               "latency_reduction_prune", "latency_reduction_search", "prune_says_hit",
               "target_hit", "acc_base", "acc_pruned", "acc_recal",
               "onnx_base_ms", "onnx_pruned_ms", "onnx_speedup", "load_avg"]
@@ -222,6 +240,10 @@ def latency_main(args) -> None:
             runs.append(("tp-l1@macs", shared["tp"], None, None))
             runs = [r for r in runs if r[0] in args.methods]
             base_macs = count_macs(model, (3, size, size))
+            if "floor" not in shared:
+                shared["floor"] = floor_network(model, scores, size)
+            floor_base, floor_s, _, _ = compare_pairs(model, shared["floor"], size, batch,
+                                                      args.rounds)
             for method, pruned, result, target in runs:
                 pruned.eval()
                 ratio = base_macs / count_macs(pruned, (3, size, size))
@@ -236,7 +258,9 @@ def latency_main(args) -> None:
                 row = [case, method, batch,
                        (result.plan.get("round_to") if result is not None else None) or "-",
                        f"{ratio:.3f}", f"{1e3 * tb:.2f}", f"{1e3 * tp_:.2f}", f"{speedup:.3f}",
-                       f"{speedup / ratio:.3f}", f"{spread:.2f}", target if target else "-",
+                       f"{speedup / ratio:.3f}",
+                       f"{efficiency_bound(floor_base, floor_s, ratio):.3f}",
+                       f"{1e3 * floor_s:.2f}", f"{spread:.2f}", target if target else "-",
                        f"{measured:.3f}",
                        f"{info['measured']:.3f}" if info else "-",
                        f"{info['search_measured']:.3f}" if "search_measured" in info else "-",
