@@ -1,10 +1,13 @@
 """Latency tables built the earlier way and the current way, side by side in one run.
 
-*Earlier*: 4 x 4 widths per layer shape (25, 50, 75, 100%), every cell timed alone (2
-untimed and 7 timed calls, median), and the width-multiple probe timed the same way.
-*Current*: 3 x 3 widths (25, 50, 100%) timed interleaved per shape (1 untimed call each,
-then 3 rounds over all cells, medians), the probe interleaved and without the widths 3
-mod 4. Both read process CPU time, as ``prune()`` does on the CPU. Every build runs in a
+*Earlier* (rebuilt here as it was): 4 x 4 widths per layer shape (25, 50, 75, 100%),
+every cell a randomly initialised layer timed alone on its own random input (2 untimed
+and 7 timed calls, median), and the width-multiple probe (every width within 16 of half
+the heaviest layer's) timed the same way. *Current* (``LatencyTable.measure`` and
+``fastest_multiple``): 3 x 3 widths (25, 50, 100%) timed interleaved per shape (1 untimed
+call each, then 3 rounds over all cells, medians), layers filled with a constant rather
+than initialised, one input per input width, the probe interleaved over the even widths
+and the odd ones 1 mod 8. Both read process CPU time, as ``prune()`` does on the CPU. Every build runs in a
 fresh process (cold kernels and caches, as a first prune on a machine), the two ways
 alternating; the build's wall and CPU seconds are medians over ``--builds``.
 
@@ -33,14 +36,15 @@ import time
 import torch
 
 from cdprune import prune
-from cdprune.measure import latency
 from cdprune.measure.latency import (
     LatencySettings,
     LatencyTable,
+    LayerShape,
     cpu_clock,
     cpu_model,
     fastest_multiple,
     layer_shapes,
+    multiple_from_timings,
     time_calls,
 )
 from cdprune.models import create_model
@@ -53,21 +57,60 @@ CASES = {  # name: (model, input size, batch)
 EARLIER_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
-def build(shapes, settings: LatencySettings, fractions
+def earlier_layer(shape: LayerShape, c_in: int, c_out: int) -> torch.nn.Module:
+    """The layer as the earlier tables built it: randomly initialised."""
+    if shape.kind == "linear":
+        return torch.nn.Linear(c_in, c_out)
+    groups = c_in if shape.kind == "dw" else shape.groups
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(c_in, c_out, shape.kernel, shape.stride, shape.padding, shape.dilation,
+                        groups=groups, bias=False), torch.nn.BatchNorm2d(c_out), torch.nn.ReLU())
+
+
+def earlier_timing(shape: LayerShape, c_in: int, c_out: int, batch: int) -> float:
+    """One width timed alone, as before: its own random input, 2 untimed and 7 timed
+    calls, the median of process CPU time."""
+    size = (*shape.spatial, c_in) if shape.kind == "linear" else (c_in, *shape.spatial)
+    return cpu_clock(2, 7)(earlier_layer(shape, c_in, c_out).eval(), torch.randn(batch, *size))
+
+
+def build_earlier(shapes, batch: int) -> tuple[LatencyTable, int]:
+    """The earlier table: 4 x 4 widths per shape, every cell timed alone; the earlier
+    probe: every output width within 16 of half the heaviest layer's, each timed alone."""
+    tables = {}
+    for shape in sorted(set(shapes.values()), key=LayerShape.key):
+        step = shape.groups if shape.kind == "conv" else 1
+        ins, outs = (sorted({max(step, round(f * full / step) * step)
+                             for f in EARLIER_FRACTIONS}) for full in (shape.in_ch, shape.out_ch))
+        if shape.kind == "dw":
+            ins = outs
+        grid = [[earlier_timing(shape, i, o, batch) if shape.kind != "dw" or i == o else None
+                 for o in outs] for i in ins]
+        tables[shape.key()] = {"in": ins, "out": outs, "s": grid}
+    table = LatencyTable(tables, {})
+    table.measured = sum(v is not None for t in tables.values() for row in t["s"] for v in row)
+    heaviest = max(shapes.values(), key=lambda s: table.predict(s, s.in_ch, s.out_ch)
+                   if s.kind != "linear" else -1.0)
+    full = heaviest.out_ch
+    seconds = {w: earlier_timing(heaviest, w if heaviest.kind == "dw" else heaviest.in_ch, w,
+                                 batch)
+               for w in range(max(1, full // 2 - 15), min(full, full // 2 + 16) + 1)}
+    return table, multiple_from_timings(seconds)
+
+
+def build(shapes, which: str, settings: LatencySettings
           ) -> tuple[LatencyTable, int, float, float]:
-    """The table and the timed width multiple of the heaviest layer, as ``prune()`` builds
-    them; returns (table, multiple, wall seconds, process CPU seconds)."""
-    saved = latency.FRACTIONS
-    latency.FRACTIONS = fractions
-    try:
-        start, cpu = time.perf_counter(), time.process_time()
+    """The earlier or the current table and the timed width multiple of the heaviest
+    layer; returns (table, multiple, wall seconds, process CPU seconds)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    if which == "earlier":
+        table, multiple = build_earlier(shapes, settings.batch_size)
+    else:
         table = LatencyTable.measure(shapes.values(), settings)
         heaviest = max(shapes.values(), key=lambda s: table.predict(s, s.in_ch, s.out_ch)
                        if s.kind != "linear" else -1.0)
         multiple = fastest_multiple(heaviest, settings)
-        return table, multiple, time.perf_counter() - start, time.process_time() - cpu
-    finally:
-        latency.FRACTIONS = saved
+    return table, multiple, time.perf_counter() - start, time.process_time() - cpu
 
 
 def predicted_reduction(table: LatencyTable, shapes, pruned_shapes, base_s: float) -> float:
@@ -85,23 +128,13 @@ def measured_reduction(base, pruned, x, repeats: int) -> float:
     return 1 - statistics.median(p / b for b, p in zip(tb, tp))
 
 
-def settings_for(name: str, threads: int) -> tuple[LatencySettings, LatencySettings]:
-    """(earlier, current) settings of a case."""
-    batch = CASES[name][2]
-    return (LatencySettings(batch_size=batch, threads=threads, cache_dir=None,
-                            timer=cpu_clock(2, 7)),
-            LatencySettings(batch_size=batch, threads=threads, cache_dir=None))
-
-
 def build_one(name: str, which: str, threads: int) -> None:
     """One build in this (fresh) process; prints its seconds and multiple as JSON."""
-    model_name, size, _ = CASES[name]
+    model_name, size, batch = CASES[name]
     torch.manual_seed(0)
     shapes = layer_shapes(create_model(model_name).eval(), torch.randn(1, 3, size, size))
-    earlier, current = settings_for(name, threads)
-    settings, fractions = ((earlier, EARLIER_FRACTIONS) if which == "earlier"
-                           else (current, latency.FRACTIONS))
-    _, multiple, seconds, cpu = build(shapes, settings, fractions)
+    settings = LatencySettings(batch_size=batch, threads=threads, cache_dir=None)
+    _, multiple, seconds, cpu = build(shapes, which, settings)
     print(json.dumps({"seconds": seconds, "cpu": cpu, "multiple": multiple}))
 
 
@@ -111,7 +144,7 @@ def run_case(name: str, threads: int, variants: int, repeats: int, builds: int) 
     model = create_model(model_name).eval()
     example = torch.randn(1, 3, size, size)
     shapes = layer_shapes(model, example)
-    earlier, current = settings_for(name, threads)
+    settings = LatencySettings(batch_size=batch, threads=threads, cache_dir=None)
     torch.set_num_threads(threads)
     # Every build runs in a fresh process, as the first prune on a machine does (kernels
     # and their caches cold); the two ways alternate, so that drift hits both alike.
@@ -127,9 +160,7 @@ def run_case(name: str, threads: int, variants: int, repeats: int, builds: int) 
             seconds[which].append(facts["seconds"])
             cpu[which].append(facts["cpu"])
             multiples[which].append(str(facts["multiple"]))
-    tables = {which: build(shapes, settings, fractions)[0] for which, (settings, fractions)
-              in (("earlier", (earlier, EARLIER_FRACTIONS)),
-                  ("current", (current, latency.FRACTIONS)))}
+    tables = {which: build(shapes, which, settings)[0] for which in ("earlier", "current")}
     errors = {k: [] for k in tables}
     x = torch.randn(batch, 3, size, size)
     with torch.inference_mode():

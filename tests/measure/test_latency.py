@@ -108,6 +108,27 @@ def test_predict_matches_grid_and_interpolates(tmp_path):
     assert table.predict(shape, 16, 32) > table.predict(shape, 16, 31) > table.predict(shape, 8, 31)
 
 
+@pytest.mark.parametrize("layer,input_shape", [
+    (nn.Conv2d(8, 16, 3, padding=1), (1, 8, 6, 6)),
+    (nn.Conv2d(8, 8, 3, padding=1, groups=8), (1, 8, 6, 6)),
+    (nn.Conv2d(8, 16, 1, groups=2), (1, 8, 6, 6)),
+    (nn.Linear(8, 16), (1, 5, 8)),
+])
+def test_built_layers_are_real_constant_and_in_eval_mode(layer, input_shape):
+    """Table cells are timed on layers filled with 0.01 (no random initialisation, no
+    meta tensors left) that run in eval mode on the widths asked for."""
+    shape = layer_shape(layer, input_shape)
+    c_in, c_out = (4, 8) if shape.kind != "dw" else (4, 4)
+    module, size = shape.build(c_in, c_out)
+    assert not module.training
+    tensors = [*module.parameters(), *module.buffers()]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    assert all(torch.all(t == 0.01) for t in tensors if t.is_floating_point())
+    out = module(torch.full((2, *size), 0.5))
+    assert torch.isfinite(out).all()
+    assert out.shape[1 if shape.kind != "linear" else -1] == c_out
+
+
 def test_time_layer_times_the_widths_interleaved(monkeypatch):
     """Without an injected timer the cells of one shape go through one interleaved
     time_calls (table_warmup, then table_repeats rounds), share inputs of one width and

@@ -44,7 +44,8 @@ from ..fileio import atomic_write_text
 
 __all__ = ["CLOCK_READERS", "LatencySettings", "LatencyTable", "Timer", "UnitChange",
            "cache_dir_default", "compare_networks", "cpu_clock", "device_name",
-           "fastest_multiple", "greedy_order", "measure_network", "time_calls", "time_layer",
+           "fastest_multiple", "greedy_order", "measure_network", "multiple_from_timings",
+           "time_calls", "time_layer",
            "wall_clock"]
 
 logger = logging.getLogger(__name__)
@@ -287,14 +288,34 @@ class LayerShape:
         return json.dumps([self.kind, self.in_ch, self.out_ch, self.kernel, self.stride,
                            self.padding, self.dilation, self.groups, self.spatial])
 
-    def build(self, c_in: int, c_out: int) -> tuple[nn.Module, tuple[int, ...]]:
-        """The layer at these widths (with BatchNorm and ReLU for convs) and its input."""
+    def build(self, c_in: int, c_out: int, device: str | torch.device = "cpu"
+              ) -> tuple[nn.Module, tuple[int, ...]]:
+        """The layer at these widths (with BatchNorm and ReLU for convs) and its input
+        shape, on ``device``, in eval mode.
+
+        Its parameters and buffers are all 0.01 rather than randomly initialised: a
+        dense layer's time does not depend on the values (as long as they are normal
+        floats), and the random initialisation cost a fifth of building a table.
+        """
         if self.kind == "linear":
-            return nn.Linear(c_in, c_out), (*self.spatial, c_in)
-        groups = c_in if self.kind == "dw" else self.groups
-        conv = nn.Conv2d(c_in, c_out, self.kernel, self.stride, self.padding, self.dilation,
-                         groups=groups, bias=False)
-        return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU()), (c_in, *self.spatial)
+            module: nn.Module = nn.Linear(c_in, c_out, device="meta")
+            size: tuple[int, ...] = (*self.spatial, c_in)
+        else:
+            groups = c_in if self.kind == "dw" else self.groups
+            module = nn.Sequential(
+                nn.Conv2d(c_in, c_out, self.kernel, self.stride, self.padding, self.dilation,
+                          groups=groups, bias=False, device="meta"),
+                nn.BatchNorm2d(c_out, device="meta"), nn.ReLU())
+            size = (c_in, *self.spatial)
+        for part in module.modules():  # real tensors for the meta ones, all 0.01
+            for name, p in list(part.named_parameters(recurse=False)):
+                setattr(part, name, nn.Parameter(torch.full(p.shape, 0.01, device=device),
+                                                 requires_grad=False))
+            for name, b in list(part.named_buffers(recurse=False)):
+                part.register_buffer(name, torch.full(b.shape, 0.01, dtype=b.dtype,
+                                                      device=device) if b.is_floating_point()
+                                     else torch.zeros(b.shape, dtype=b.dtype, device=device))
+        return module.eval(), size
 
     def grid(self) -> tuple[list[int], list[int]]:
         """Widths timed on each axis: fractions of the full width, kept divisible."""
@@ -351,10 +372,11 @@ def time_layer(shape: LayerShape, widths: Sequence[tuple[int, int]],
     inputs: dict[int, torch.Tensor] = {}
     layers = []
     for c_in, c_out in widths:
-        module, size = shape.build(c_in, c_out)
-        if c_in not in inputs:
-            inputs[c_in] = torch.randn(settings.batch_size, *size, device=settings.device)
-        layers.append((module.eval().to(settings.device), inputs[c_in]))
+        module, size = shape.build(c_in, c_out, settings.device)
+        if c_in not in inputs:  # the values do not matter, only that they are normal
+            inputs[c_in] = torch.full((settings.batch_size, *size), 0.5,
+                                      device=settings.device)
+        layers.append((module, inputs[c_in]))
     if settings.timer is not None:
         return [float(settings.timer(module, x)) for module, x in layers]
     sync = torch.cuda.synchronize if str(settings.device).startswith("cuda") else None
@@ -501,8 +523,8 @@ def fastest_multiple(shape: LayerShape, settings: LatencySettings,
     """The output-channel multiple whose widths run fastest for this layer.
 
     The layer is timed at the output widths within ``max(multiples)`` of half its
-    width (the widths pruning produces; those 3 mod 4 left out), its input width fixed,
-    all interleaved. A straight line
+    width (the widths pruning produces: the even ones and the odd ones 1 mod 8), its
+    input width fixed, all interleaved. A straight line
     through all timings is the trend (fixed overhead plus a cost per channel); each
     width's timing over the trend says how much faster or slower than its neighbours it
     runs. For each multiple, the median of that ratio over the widths divisible by it:
@@ -510,14 +532,20 @@ def fastest_multiple(shape: LayerShape, settings: LatencySettings,
     it constrains the allocation less.
     """
     full, span = shape.out_ch, max(multiples)
-    # Every width but those 3 mod 4: the odd widths are half the probe, and half of
-    # them judge a multiple of 1 as well as all of them do.
+    # The even widths and the odd ones 1 mod 8: odd widths were half the probe, and a
+    # few of them judge a multiple of 1 as well as all of them do.
     widths = [w for w in range(max(1, full // 2 - span + 1), min(full, full // 2 + span) + 1)
-              if w % 4 != 3 and (shape.kind != "conv" or w % shape.groups == 0)]
+              if (w % 2 == 0 or w % 8 == 1) and (shape.kind != "conv" or w % shape.groups == 0)]
     with _Threads(settings.threads):
         timed = time_layer(shape, [(w if shape.kind == "dw" else shape.in_ch, w)
                                    for w in widths], settings)
-    seconds = dict(zip(widths, timed))
+    return multiple_from_timings(dict(zip(widths, timed)), multiples, margin)
+
+
+def multiple_from_timings(seconds: dict[int, float], multiples: Sequence[int] = MULTIPLES,
+                          margin: float = 0.03) -> int:
+    """The width multiple whose widths run fastest against the trend of ``seconds``
+    (output width -> seconds): see :func:`fastest_multiple`."""
     ws, ts = list(seconds), list(seconds.values())
     mean_w, mean_t = statistics.fmean(ws), statistics.fmean(ts)
     var = sum((w - mean_w) ** 2 for w in ws) or 1.0
