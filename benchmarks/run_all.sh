@@ -13,6 +13,7 @@ threads=${THREADS:-2}
 python3 benchmarks/stats_overhead.py --threads 1 2 | tee "$out/stats_overhead.csv"
 python3 benchmarks/stats_memory.py --threads 1 | tee "$out/stats_memory.csv"
 python3 benchmarks/prune_time.py --threads "$threads" | tee "$out/prune_time.csv"
+python3 benchmarks/latency_table.py --threads "$threads" --csv "$out/latency_table.csv"
 python3 benchmarks/stats_scaling.py --threads "$threads" | tee "$out/stats_scaling.csv"
 if [ -d "$shared/weights/cifar10" ] && [ -d "$shared/data/cifar-10-batches-py" ]; then
   python3 benchmarks/speedup.py --threads "$threads" --weights-dir "$shared/weights/cifar10" \
