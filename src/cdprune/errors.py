@@ -51,6 +51,14 @@ class DataError(CdpruneError, ValueError):
     """A dataset is missing, incomplete or does not fit the model."""
 
 
+class MissingFileError(CdpruneError, FileNotFoundError):
+    """A file or directory given does not exist or does not hold what it should.
+
+    Still a ``FileNotFoundError``, so callers that catch that keep working; unlike the
+    builtin it may name options as ``{field}``.
+    """
+
+
 class UnsupportedModelError(CdpruneError, ValueError):
     """A layer pattern of the model cannot be pruned exactly; the message names the layers.
 

@@ -338,8 +338,8 @@ def test_resume_with_another_j_is_refused_without_fast_data(tmp_path, assets, mo
     argv[argv.index("-j") + 1] = "2"
     assert main(argv) == 2
     err = _error(capsys)
-    assert "--resume with -j 2, but the run" in err and "started with -j 0" in err
-    assert "resume with -j 0" in err
+    assert "--resume with --workers 2, but the run" in err and "started with --workers 0" in err
+    assert "the fast data path off (--no-fast-data)" in err and "resume with --workers 0" in err
     assert _tree(out) == before
     argv[argv.index("-j") + 1] = "0"
     assert main(argv) == 0  # the same -j resumes

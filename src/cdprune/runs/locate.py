@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import apply_weights, safe_torch_load
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, MissingFileError
 from .files import BEST, CONFIG, DEMO_FINETUNE, LAST, MODEL, PLAN, PRUNED
 
 __all__ = ["WEIGHTS", "RunModel", "find_run_model", "load_run_model"]
@@ -95,14 +95,15 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
     Raises:
         ConfigError: unknown ``weights``, or ``best``/``last`` asked for where no
             fine-tuning ran.
-        FileNotFoundError: ``path`` holds none of the three kinds of directory.
+        MissingFileError: ``path`` holds none of the three kinds of directory (a
+            ``FileNotFoundError``).
     """
     if weights not in WEIGHTS:
         raise ConfigError(f"{{weights}} {weights!r} is not valid; use one of {', '.join(WEIGHTS)}")
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory '{path}' does not exist; point --model-dir "
-                                "at a run directory or a pruned-model directory")
+        raise MissingFileError(f"model directory '{path}' does not exist; point {{model_dir}} "
+                               "at a run directory or a pruned-model directory")
     if (path / PLAN).is_file():
         pruned, tuned = path, []  # an explicit pruned-model directory means those weights
     elif (path / PRUNED / PLAN).is_file():
@@ -111,17 +112,17 @@ def find_run_model(path: str | os.PathLike, weights: str = "final") -> RunModel:
         origin = _origin_of_finetune(path)
         if origin is None:
             weights = path / LAST if (path / LAST).is_file() else path / BEST
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"'{path}' holds fine-tuned weights but the pruned model they came from "
                 "cannot be found (no model_dir in its config.yaml, no sibling pruned/); pass "
-                "the pruned-model directory they were trained from: --model-dir PRUNED_DIR "
-                f"--checkpoint {weights}")
+                "the pruned-model directory they were trained from: {model_dir} PRUNED_DIR "
+                f"{{checkpoint}} {weights}")
         pruned, tuned = origin, [path]
     else:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"'{path}' holds no model: expected plan.json (a pruned-model directory), "
             f"pruned/plan.json (a run directory) or {BEST}/{LAST} (a fine-tune directory); "
-            "point --model-dir at a directory written by cdprune prune, run or finetune")
+            "point {model_dir} at a directory written by cdprune prune, run or finetune")
     folder = next((d for d in tuned if (d / BEST).is_file() or (d / LAST).is_file()), None)
     if weights == "pruned" or (weights == "final" and folder is None):
         return RunModel(pruned, pruned / MODEL, "pruned")

@@ -298,12 +298,12 @@ class RunDir:
         before, now = record.get("workers"), self.config.get("workers")
         if before is None or now is None or int(before) == int(now) or self._workers_free():
             return
-        why = ("--no-fast-data" if self.config.get("fast_data") is False
+        why = ("the fast data path off ({fast_data})" if self.config.get("fast_data") is False
                else f"dataset '{self.config.get('dataset')}'")
-        raise ConfigError(f"{{resume}} with -j {now}, but the run in '{self.path}' was started "
-                          f"with -j {before}: with {why} every DataLoader worker draws its "
-                          "own augmentation stream, so another -j would change the result; "
-                          f"resume with -j {before}")
+        raise ConfigError(f"{{resume}} with {{workers}} {now}, but the run in '{self.path}' was "
+                          f"started with {{workers}} {before}: with {why} every DataLoader "
+                          "worker draws its own augmentation stream, so another {workers} "
+                          f"would change the result; resume with {{workers}} {before}")
 
     def _check_epochs(self) -> None:
         """A finished run's record is never rewritten by a resume with fewer epochs."""
