@@ -212,8 +212,13 @@ def test_prune_to_latency_target_records_the_timings(tmp_path, monkeypatch):
         return sum(m.weight.numel() for m in module.modules()
                    if isinstance(m, torch.nn.Conv2d)) * x.shape[0] * 1e-9
 
-    for clock in ("wall_clock", "cpu_clock"):
-        monkeypatch.setattr(latency, clock, lambda *a, **k: fake)
+    real_post_init = latency.LatencySettings.__post_init__
+
+    def post_init(self):  # every LatencySettings the run makes times with the fake
+        real_post_init(self)
+        self.timer = self.timer or fake
+
+    monkeypatch.setattr(latency.LatencySettings, "__post_init__", post_init)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert run_cli("run", *FAST, "--latency-reduction", "0.3", "--latency-batch", "4",

@@ -57,8 +57,9 @@ class FakeTimer:
 
 
 def settings(tmp_path, timer, **kw):
-    # A fake timer says the same every time: one confirming pair tells what nine would.
+    # A fake timer says the same every time: one pair tells what many would.
     kw.setdefault("confirm_rounds", 1)
+    kw.setdefault("search_rounds", 1)
     return LatencySettings(batch_size=2, threads=1, timer=timer, cache_dir=tmp_path, **kw)
 
 
@@ -150,6 +151,31 @@ def test_time_layer_times_the_widths_interleaved(monkeypatch):
     first, second, third = (c.args[0] for c in seen["calls"])
     assert first.shape == (3, 4, 6, 6) and second is third and second.shape == (3, 8, 6, 6)
     assert [c.func[0].out_channels for c in seen["calls"]] == [16, 8, 16]
+
+
+def test_compare_networks_times_one_pass_of_each_per_pair(monkeypatch):
+    """With the real clock, base and pruned go through one interleaved time_calls
+    (settings.warmup, then ``rounds`` pairs) on the settings' batch, in eval mode, and the
+    ratio is the median of the per-pair ratios; the models' modes are restored."""
+    base, pruned = SmallNet().train(), SmallNet().eval()
+    seen = {}
+
+    def fake_time_calls(calls, *, warmup, repeats, clock, sync):
+        seen.update(warmup=warmup, repeats=repeats, clock=clock, training=[
+            base.training, pruned.training], grad=torch.is_grad_enabled())
+        outputs = [call() for call in calls]
+        seen["batch"] = outputs[0].shape[0]
+        # pair 2 is a load spike on the base: its ratio is an outlier the median drops
+        return [[1.0, 1.0, 9.0, 1.0, 1.0], [0.5, 0.6, 0.6, 0.7, 0.6]]
+
+    monkeypatch.setattr(latency, "time_calls", fake_time_calls)
+    s = LatencySettings(batch_size=3, threads=1, warmup=4, cache_dir=None)
+    t_base, t_pruned, ratio = latency.compare_networks(base, pruned, torch.randn(1, 3, 8, 8),
+                                                       s, rounds=5)
+    assert (t_base, t_pruned) == (1.0, 0.6) and ratio == pytest.approx(0.6)
+    assert seen == {"warmup": 4, "repeats": 5, "clock": "cpu", "training": [False, False],
+                    "grad": False, "batch": 3}
+    assert base.training and not pruned.training
 
 
 def test_fastest_multiple_follows_the_timings(tmp_path):

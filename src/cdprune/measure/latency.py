@@ -185,8 +185,9 @@ class LatencySettings:
         round_to: "auto" times the layers and keeps widths at the multiple that runs
             fastest (at most half the narrowest prunable layer); an int fixes it; None
             leaves widths free.
-        warmup, repeats: untimed and timed runs of each whole-network timing (the
-            median is kept).
+        warmup, repeats: untimed and timed runs of a whole network timed alone (the
+            median is kept; the original's reference time); ``warmup`` also precedes the
+            alternating pairs below.
         table_warmup, table_repeats: the same for the cells of the latency table and the
             width-multiple probe. The cells of one layer shape are timed interleaved
             (each round times every cell once), so a busy moment slows all of them alike
@@ -194,7 +195,9 @@ class LatencySettings:
             outliers remain.
         clock: what the default timer reads: "auto" (CPU time of the process on the CPU,
             wall time on a GPU), "cpu" or "wall".
-        confirm_rounds: alternate base/pruned pairs of the independent re-measurement that
+        search_rounds: alternating base/pruned pairs (one forward pass of each) that
+            time each round of the search for a latency target.
+        confirm_rounds: alternating base/pruned pairs of the independent re-measurement that
             decides whether a latency target was hit (the search's own rounds choose the
             pruning, so their best is biased towards the target).
     """
@@ -212,7 +215,8 @@ class LatencySettings:
     table_warmup: int = 1
     table_repeats: int = 3
     clock: str = "auto"
-    confirm_rounds: int = 9
+    search_rounds: int = 15
+    confirm_rounds: int = 27
 
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS:
@@ -646,16 +650,35 @@ def check_fraction(name: str, value: Any) -> None:
 
 
 def compare_networks(base: nn.Module, pruned: nn.Module, example: torch.Tensor,
-                     settings: LatencySettings, rounds: int = 5) -> tuple[float, float, float]:
-    """Seconds of ``base`` and ``pruned``, timed alternately (A, B, A, B...).
+                     settings: LatencySettings, rounds: int = 15
+                     ) -> tuple[float, float, float]:
+    """Seconds of one forward pass of ``base`` and ``pruned``, timed alternately.
 
-    Alternating makes a busier moment of a shared machine slow both alike. Returns the
-    medians of each over ``rounds`` pairs and the median of the per-pair ratios
+    After ``settings.warmup`` untimed passes of each, ``rounds`` pairs time one pass of
+    each in turn (A, B, A, B, ...), so that a busier moment of a shared machine slows
+    both alike. Returns the medians of each and the median of the per-pair ratios
     pruned / base, which cancels slow drifts in load better than a ratio of medians.
+    One pass per network and pair, rather than a median of several, gives more pairs for
+    the same time. An injected ``settings.timer`` is called once per network and pair.
     """
-    tb, tp = [], []
-    for _ in range(rounds):
-        tb.append(measure_network(base, example, settings))
-        tp.append(measure_network(pruned, example, settings))
+    if settings.timer is not None:
+        tb, tp = [], []
+        for _ in range(rounds):
+            tb.append(measure_network(base, example, settings))
+            tp.append(measure_network(pruned, example, settings))
+    else:
+        x = _batch(example, settings)
+        modes = base.training, pruned.training
+        base.eval().to(settings.device)
+        pruned.eval().to(settings.device)
+        sync = torch.cuda.synchronize if x.is_cuda else None
+        try:
+            with _Threads(settings.threads), torch.inference_mode():
+                tb, tp = time_calls([lambda: base(x), lambda: pruned(x)],
+                                    warmup=settings.warmup, repeats=rounds,
+                                    clock=settings.clock_name(), sync=sync)
+        finally:
+            base.train(modes[0])
+            pruned.train(modes[1])
     return (statistics.median(tb), statistics.median(tp),
             statistics.median(p / b for b, p in zip(tb, tp)))

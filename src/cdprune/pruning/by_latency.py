@@ -175,7 +175,8 @@ def hit_latency(run: Any, base: nn.Module, example: torch.Tensor, timed: Latency
             logger.info("latency: a goal of -%.2f%% removes no channel; keeping the closest "
                         "round", 100 * goal)
             break
-        t_base, t_pruned, ratio = compare_networks(base, result.model, example, settings)
+        t_base, t_pruned, ratio = compare_networks(base, result.model, example, settings,
+                                                   rounds=settings.search_rounds)
         measured = 1.0 - ratio
         saturated = result.extra.pop("latency_saturated", False)  # the ranking ran out
         history.append({"goal": round(goal, 6),

@@ -27,7 +27,7 @@ def deployable_network(model: nn.Module, masks: Mapping[str, Sequence[int]], *,
                        val_loader: Any, example_inputs: torch.Tensor,
                        recal_loader: Any = None, recal_images: int = 0,
                        device: torch.device | str = "cpu", progress: bool = False,
-                       evaluated: bool = True, latency_rounds: int = 5
+                       evaluated: bool = True, latency_rounds: int = 15
                        ) -> tuple[nn.Module | None, Any, dict[str, Any]]:
     """Compact a (fine-tuned) masked network, recalibrate, evaluate and time it.
 
