@@ -45,8 +45,7 @@ from ..fileio import atomic_write_text
 __all__ = ["CLOCK_READERS", "LatencySettings", "LatencyTable", "Timer", "UnitChange",
            "cache_dir_default", "compare_networks", "cpu_clock", "device_name",
            "fastest_multiple", "greedy_order", "measure_network", "multiple_from_timings",
-           "time_calls", "time_layer",
-           "wall_clock"]
+           "time_calls", "time_layer", "wall_clock"]
 
 logger = logging.getLogger(__name__)
 
