@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -48,116 +48,13 @@ from .activations import (
 )
 from .config import TAPS, published_conflicts
 from .documents import MeanCounts, SampleCounts
+from .hooks import Collector
 
 __all__ = ["collect_stats"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK_ROWS = 4096
-
-
-# ---------------------------------------------------------------------- collection
-class _Collector:
-    """Forward hooks that pool each scored layer's output into one row block per batch.
-
-    With ``tap="act"`` the value pooled is the output of the BatchNorm that reads the conv
-    output (found by tensor identity while the model runs); a conv without one falls back
-    to its own output.
-
-    The pass should cost little more than plain inference, so nothing is allocated per
-    batch: each hook writes the ReLU into one reused scratch and its layer's pooled block
-    straight into a reused ``[B, channels]`` row buffer. The pooled values are
-    bit-identical to ``output.relu().mean((2, 3))``. (Writing the ReLU a few images at a
-    time, to keep the scratch in cache, measured no faster on a 2-core CPU.)
-    """
-
-    def __init__(self, modules: Sequence[nn.Module], model: nn.Module, tap: str = "conv"):
-        self.spans: list[tuple[int, int]] = []
-        start = 0
-        for m in modules:
-            self.spans.append((start, start + layer_width(m)))
-            start += layer_width(m)
-        self.total = start
-        self.linear = [isinstance(m, nn.Linear) for m in modules]
-        self.rows = torch.empty(0, start)
-        self.written = [False] * len(modules)
-        self.batch = 0
-        self.scratch = torch.empty(0)
-        self.tap = tap
-        if tap == "conv":
-            self.handles = [m.register_forward_hook(self._hook(i))
-                            for i, m in enumerate(modules)]
-            return
-        self.pending: dict[int, tuple[int, torch.Tensor]] = {}
-        self.handles = [m.register_forward_hook(self._conv_seen(i))
-                        for i, m in enumerate(modules)]
-        self.handles += [m.register_forward_hook(self._bn_hook) for m in model.modules()
-                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def _conv_seen(self, index: int):
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            self.pending[id(output)] = (index, output)
-        return hook
-
-    def _bn_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        entry = self.pending.pop(id(inputs[0]), None)
-        if entry is not None:
-            self._pool(entry[0], output)
-
-    def _hook(self, index: int):
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            self._pool(index, output)
-        return hook
-
-    def _pool(self, index: int, output: torch.Tensor) -> None:
-        """ReLU then spatial mean of one layer's output into its block of the row buffer;
-        float32 even under autocast so the sums stay accurate."""
-        n = output.shape[0]
-        if self.rows.shape[0] < n or self.rows.device != output.device:
-            self.rows = torch.empty(n, self.total, device=output.device)
-        lo, hi = self.spans[index]
-        self.batch = n
-        target = self.rows[:n, lo:hi]
-        relu = torch.clamp_min(output, 0, out=self._scratch(output.numel(), output)[
-            :output.numel()].view(output.shape))
-        if self.linear[index]:  # a transformer's MLP hidden layer: [B, tokens..., C]
-            torch.mean(relu.flatten(1, -2), dim=1, dtype=torch.float32, out=target)
-        else:  # a convolution: [B, C, H, W]
-            torch.mean(relu, dim=(2, 3), dtype=torch.float32, out=target)
-        self.written[index] = True
-
-    def _scratch(self, size: int, output: torch.Tensor) -> torch.Tensor:
-        # Hooks run one after another, so one scratch buffer serves them all. Writing the
-        # ReLU into reused memory instead of a fresh tensor avoids the page faults of a
-        # large allocation per layer, which cost more than the ReLU itself on a CPU.
-        if (self.scratch.numel() < size or self.scratch.dtype != output.dtype
-                or self.scratch.device != output.device):
-            self.scratch = torch.empty(size, dtype=output.dtype, device=output.device)
-        return self.scratch
-
-    def take(self) -> torch.Tensor:
-        """The ``[images, channels]`` pooled rows of the batch just run (a view of the
-        reused buffer: consume it before the next batch)."""
-        if self.tap == "act":  # convs no BatchNorm read: their own output
-            for index, output in self.pending.values():
-                self._pool(index, output)
-            self.pending.clear()
-        if not any(self.written):
-            raise ConfigError("none of the scored layers ran in the model's forward pass")
-        for (lo, hi), written in zip(self.spans, self.written):
-            # A layer that does not run in eval mode (GoogLeNet's and Inception v3's
-            # auxiliary classifiers) is never active: zeros. It is outside the traced
-            # graph, so it is never pruned.
-            if not written:
-                self.rows[:self.batch, lo:hi] = 0
-        self.written = [False] * len(self.written)
-        return self.rows[:self.batch]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.scratch = torch.empty(0)
-        self.rows = torch.empty(0, self.total)
 
 
 def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
@@ -325,7 +222,7 @@ def collect_stats(
         sums.index_add_(0, labels, rows.double())
         class_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
 
-    collector = _Collector([modules[n] for n in names], model, tap)
+    collector = Collector([modules[n] for n in names], model, tap)
     try:
         batches, seen = _read(model, loader, collector, consume, device=device,
                               max_batches=max_batches, progress=progress)
@@ -349,7 +246,7 @@ def collect_stats(
         return stats
     if counts is not None:
         stats.reduced = _settle(counts, stats, offsets, device, lambda c: _read(
-            model, loader, _Collector([modules[n] for n in names], model, tap), c.add,
+            model, loader, Collector([modules[n] for n in names], model, tap), c.add,
             device=device, max_batches=max_batches, progress=progress, second=True))
         return stats
 
@@ -364,7 +261,7 @@ def collect_stats(
     return stats
 
 
-def _read(model: nn.Module, loader: Iterable, collector: _Collector,
+def _read(model: nn.Module, loader: Iterable, collector: Collector,
           consume: Callable[..., None], *, device: torch.device, max_batches: int | None,
           progress: bool, second: bool = False) -> tuple[int, int]:
     """One statistics pass: every batch's pooled row block goes to ``consume``.
@@ -382,7 +279,7 @@ def _read(model: nn.Module, loader: Iterable, collector: _Collector,
                 if max_batches is not None and batches >= max_batches:
                     break
                 images, labels = _split_batch(batch)
-                model(images.to(device, non_blocking=True))
+                collector.forward(model, images.to(device, non_blocking=True))
                 rows = collector.take()
                 if second:
                     consume(rows.to("cpu"))

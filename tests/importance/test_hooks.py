@@ -1,0 +1,196 @@
+"""The statistics hooks: the in-place ReLU is taken only where nothing else reads the
+conv output, and the pooled values are bit-identical either way."""
+
+import pytest
+import torch
+from torch import nn
+
+from cdprune.importance.activations import conv_layer_names
+from cdprune.importance.hooks import Collector
+from cdprune.importance.stats import collect_stats
+from cdprune.models import create_model
+
+from ..helpers import SmallNet
+
+
+class Chain(nn.Module):
+    """conv -> BN -> ReLU twice: both conv outputs are read by their BatchNorm only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.conv1(x)  # torchvision's style: the name still holds the conv output
+        x = torch.relu(self.bn1(x))
+        return torch.relu(self.bn2(self.conv2(x)))
+
+
+class ReadAgain(Chain):
+    """conv1's output is read by its BatchNorm and then by an addition."""
+
+    def forward(self, x):
+        y = self.conv1(x)
+        x = torch.relu(self.bn1(y)) + y
+        return torch.relu(self.bn2(self.conv2(x)))
+
+
+class TwoNorms(Chain):
+    """conv1's output goes through two BatchNorms."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1b = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        x = torch.relu(self.bn1(y)) - torch.relu(self.bn1b(y))
+        return torch.relu(self.bn2(self.conv2(x)))
+
+
+class Concat(Chain):
+    """conv1's output is concatenated with its normalised self (a DenseNet-like read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        x = torch.cat([torch.relu(self.bn1(y)), y], 1)
+        return torch.relu(self.bn2(self.conv2(x)))
+
+
+class Kept(Chain):
+    """conv1's output is kept on the module and read at the end of the forward pass."""
+
+    def forward(self, x):
+        self.saved = self.conv1(x)
+        x = torch.relu(self.bn1(self.saved))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return x + self.saved.mean()
+
+
+class PassThroughNorm(nn.BatchNorm2d):
+    """A 'BatchNorm' that hands back its input (a frozen identity placeholder)."""
+
+    def forward(self, x):
+        return x
+
+
+class Aliased(Chain):
+    def __init__(self):
+        super().__init__()
+        self.bn1 = PassThroughNorm(8)
+
+
+class ChannelsLast(Chain):
+    def forward(self, x):
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
+
+
+CASES = {  # model: layers whose ReLU may be taken in place
+    "chain": (Chain, {0, 1}),
+    "read-again": (ReadAgain, {1}),
+    "two-norms": (TwoNorms, {1}),
+    "concat": (Concat, {1}),
+    "kept": (Kept, {1}),
+    "aliased": (Aliased, {1}),
+    "small-net": (SmallNet, None),  # the fixtures' net, whatever it qualifies for
+    "resnet20": (lambda: create_model("resnet20"), None),
+    "resnet20-b": (lambda: create_model("resnet20b"), None),
+}
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _reference(model: nn.Module, batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pooled rows and model outputs the obvious way, nothing modified in place."""
+    names = conv_layer_names(model)
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(
+        n, o.relu().mean((2, 3)))) for n, m in model.named_modules() if n in names]
+    rows, results = [], []
+    with torch.inference_mode():
+        for x in batches:
+            results.append(model(x))
+            rows.append(torch.cat([outs[n] for n in names], 1))
+    for h in hooks:
+        h.remove()
+    return rows, results
+
+
+def _collect(model: nn.Module, batches) -> tuple[list[torch.Tensor], list[torch.Tensor], set]:
+    modules = dict(model.named_modules())
+    collector = Collector([modules[n] for n in conv_layer_names(model)], model)
+    rows, results = [], []
+    outputs = []
+    handle = model.register_forward_hook(lambda m, i, o: outputs.append(o))
+    try:
+        with torch.inference_mode():
+            for x in batches:
+                collector.forward(model, x)
+                rows.append(collector.take().clone())
+                results.append(outputs.pop())
+        return rows, results, collector.late
+    finally:
+        handle.remove()
+        collector.remove()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pooled_values_and_outputs_are_exactly_those_of_a_plain_pass(case):
+    build, expected = CASES[case]
+    model = _randomise(build())
+    torch.manual_seed(1)
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    ref_rows, ref_out = _reference(model, batches)
+    rows, out, late = _collect(model, batches)
+    for a, b in zip(rows, ref_rows):
+        assert torch.equal(a, b)  # bit-identical, in place or not
+    for a, b in zip(out, ref_out):
+        assert torch.equal(a, b)  # the in-place ReLU never reached what the model read
+    if expected is not None:
+        assert late == expected
+    else:  # real CNNs: every conv output is read by its BatchNorm alone
+        assert late == set(range(len(conv_layer_names(model))))
+
+
+def test_channels_last_outputs_keep_the_scratch_path():
+    model = _randomise(ChannelsLast())
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    ref_rows, _ = _reference(model, batches)
+    rows, _, late = _collect(model, batches)
+    assert late == {0, 1}  # qualifies, but a channels-last output is pooled as before
+    for a, b in zip(rows, ref_rows):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+
+
+def test_the_probe_watches_the_first_batch_only():
+    model = _randomise(Chain())
+    modules = dict(model.named_modules())
+    collector = Collector([modules["conv1"], modules["conv2"]], model)
+    hooks_before = len(modules["bn1"]._forward_pre_hooks)
+    assert hooks_before == 1  # the probe's
+    with torch.inference_mode():
+        collector.forward(model, torch.randn(2, 3, 8, 8))
+    assert len(modules["bn1"]._forward_pre_hooks) == 0 and collector.late == {0, 1}
+    collector.remove()
+    assert not modules["bn1"]._forward_hooks and not modules["conv1"]._forward_hooks
+
+
+def test_collect_stats_scores_do_not_depend_on_the_in_place_path():
+    model = _randomise(create_model("resnet20"))
+    torch.manual_seed(2)
+    batches = [(torch.randn(8, 3, 32, 32), torch.arange(8) % 4) for _ in range(3)]
+    stats = collect_stats(model, batches, progress=False, keep_features=True)
+    ref_rows, _ = _reference(model, [x for x, _ in batches])
+    assert torch.equal(stats.features, torch.cat(ref_rows))
