@@ -185,6 +185,7 @@ def test_the_probe_watches_the_first_batch_only():
     assert len(modules["bn1"]._forward_pre_hooks) == 0 and collector.late == {0, 1}
     collector.remove()
     assert not modules["bn1"]._forward_hooks and not modules["conv1"]._forward_hooks
+    assert not modules["bn1"]._forward_pre_hooks
 
 
 def test_collect_stats_scores_do_not_depend_on_the_in_place_path():
@@ -194,3 +195,13 @@ def test_collect_stats_scores_do_not_depend_on_the_in_place_path():
     stats = collect_stats(model, batches, progress=False, keep_features=True)
     ref_rows, _ = _reference(model, [x for x, _ in batches])
     assert torch.equal(stats.features, torch.cat(ref_rows))
+
+
+def test_a_compiled_model_is_not_probed():
+    model = _randomise(Chain())
+    model._orig_mod = nn.Identity()  # what torch.compile's wrapper carries
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    ref_rows, _ = _reference(model, batches)
+    rows, _, late = _collect(model, batches)
+    assert late == set()
+    assert all(torch.equal(a, b) for a, b in zip(rows, ref_rows))

@@ -130,7 +130,9 @@ class Collector:
         self.late: set[int] = set()  # layers pooled from their BatchNorm's hook
         self.pending: dict[int, tuple[int, torch.Tensor]] = {}
         self.probe: ReaderProbe | None = None
-        self.probed = tap != "conv"  # act pools every BatchNorm'd layer late anyway
+        # act pools every BatchNorm'd layer late anyway; a torch.compile'd model would
+        # trace the probe's bookkeeping, so it keeps the scratch path.
+        self.probed = tap != "conv" or hasattr(model, "_orig_mod")
         norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
         self.handles = [m.register_forward_hook(self._conv_hook(i))
                         for i, m in enumerate(modules)]
