@@ -11,7 +11,9 @@ traffic down without changing a single bit of the pooled values:
   is taken in place on that output once the BatchNorm has read it: the data is still in
   cache and no scratch line is written. Which outputs qualify is not guessed from the
   module tree: :class:`ReaderProbe` watches every torch call of the first batch and
-  records who reads each output.
+  records who reads each output. The later batches are trusted to take the same path
+  (a model in eval mode whose forward read a conv output elsewhere for some inputs only
+  would defeat this; the CNNs and transformers tried do not).
 """
 
 from __future__ import annotations
