@@ -146,6 +146,48 @@ def test_timm_cnn_prunes_exactly(name, tmp_path):
     _check(model, build, random_scores(model), SIZES.get(name, SIZE), tmp_path)
 
 
+@pytest.mark.parametrize("source,name,in_place", [
+    ("torchvision", "resnet18", "all"), ("torchvision", "densenet121", "some"),
+    ("torchvision", "efficientnet_b0", "some"), ("torchvision", "convnext_tiny", "none"),
+    ("timm", "mobilenetv3_large_100", "some")])
+def test_statistics_hooks_leave_real_models_untouched(source, name, in_place):
+    """The in-place ReLU of the statistics pass, on real models: the pooled values are
+    those of a pass that modifies nothing (bit for bit), the model's own outputs are
+    unchanged, and the layers taken in place are the ones only a BatchNorm reads."""
+    from cdprune.importance.activations import conv_layer_names
+    from cdprune.importance.hooks import Collector
+
+    package = _require(source)
+    torch.manual_seed(0)
+    model = zoo.vary(package.models.get_model(name, weights=None) if source == "torchvision"
+                     else package.create_model(name)).eval()
+    modules = dict(model.named_modules())
+    names = conv_layer_names(model)
+    batches = [torch.randn(2, 3, SIZE, SIZE) for _ in range(2)]
+    pooled: dict[str, torch.Tensor] = {}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: pooled.__setitem__(
+        n, o.contiguous().relu().mean((2, 3)))) for n in names]
+    with torch.inference_mode():
+        reference = [(model(x), torch.cat([pooled[n] for n in names], 1)) for x in batches]
+    for h in hooks:
+        h.remove()
+    collector = Collector([modules[n] for n in names], model)
+    outputs: list[torch.Tensor] = []
+    handle = model.register_forward_hook(lambda m, i, o: outputs.append(o))
+    try:
+        with torch.inference_mode():
+            for x, (ref_out, ref_rows) in zip(batches, reference):
+                collector.forward(model, x)
+                assert torch.equal(collector.take(), ref_rows)
+                assert torch.equal(outputs.pop(), ref_out)
+        late = len(collector.late)
+    finally:
+        handle.remove()
+        collector.remove()
+    assert {"all": late == len(names), "some": 0 < late < len(names),
+            "none": late == 0}[in_place], f"{late} of {len(names)} layers taken in place"
+
+
 @pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "swin_v2_t"])
 def test_transformers_prune_their_mlp_hidden_units(name, tmp_path):
     """ViT and Swin: the hidden units of every MLP block (the first linear layer's outputs)
