@@ -183,6 +183,19 @@ def test_the_probe_watches_the_first_batch_only():
     with torch.inference_mode():
         collector.forward(model, torch.randn(2, 3, 8, 8))
     assert len(modules["bn1"]._forward_pre_hooks) == 0 and collector.late == {0, 1}
+    assert len(modules["bn1"]._forward_hooks) == len(modules["bn2"]._forward_hooks) == 1
+
+
+def test_only_the_batchnorms_that_pool_keep_a_hook():
+    model = _randomise(ReadAgain())
+    modules = dict(model.named_modules())
+    collector = Collector([modules["conv1"], modules["conv2"]], model)
+    with torch.inference_mode():
+        collector.forward(model, torch.randn(2, 3, 8, 8))
+    assert collector.late == {1}
+    assert not modules["bn1"]._forward_hooks and len(modules["bn2"]._forward_hooks) == 1
+    collector.remove()
+    assert not modules["bn2"]._forward_hooks
     collector.remove()
     assert not modules["bn1"]._forward_hooks and not modules["conv1"]._forward_hooks
     assert not modules["bn1"]._forward_pre_hooks

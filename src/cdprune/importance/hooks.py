@@ -52,6 +52,7 @@ class ReaderProbe(TorchFunctionMode):
         self.watched: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, layer)
         self.inside: list[int] = []  # ids of the inputs of the BatchNorm calls running
         self.norm_reads: dict[int, int] = {}  # layer -> BatchNorm calls that read it
+        self.reader: dict[int, nn.Module] = {}  # layer -> the BatchNorm that read it
         self.stray_reads: set[int] = set()  # layers read outside their BatchNorm call
         self.aliased: set[int] = set()  # layers whose BatchNorm returned a view of them
         self.paused = False
@@ -65,10 +66,11 @@ class ReaderProbe(TorchFunctionMode):
             return None
         return entry[1]
 
-    def norm_started(self, x: torch.Tensor) -> None:
+    def norm_started(self, norm: nn.Module, x: torch.Tensor) -> None:
         index = self.layer_of(x)
         if index is not None:
             self.norm_reads[index] = self.norm_reads.get(index, 0) + 1
+            self.reader[index] = norm
         self.inside.append(id(x))
 
     def norm_ended(self, x: torch.Tensor, output: Any) -> None:
@@ -85,9 +87,9 @@ class ReaderProbe(TorchFunctionMode):
         finally:
             self.paused = False
 
-    def in_place_layers(self) -> set[int]:
-        """Layers whose output only one BatchNorm call read."""
-        return {i for i, reads in self.norm_reads.items()
+    def in_place_layers(self) -> dict[int, nn.Module]:
+        """Layers whose output only one BatchNorm call read, with that BatchNorm."""
+        return {i: self.reader[i] for i, reads in self.norm_reads.items()
                 if reads == 1 and i not in self.stray_reads and i not in self.aliased}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -138,7 +140,8 @@ class Collector:
         norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
         self.handles = [m.register_forward_hook(self._conv_hook(i))
                         for i, m in enumerate(modules)]
-        self.handles += [m.register_forward_hook(self._norm_hook) for m in norms]
+        if tap == "act":  # with conv, only the BatchNorms the probe picks get one
+            self.handles += [m.register_forward_hook(self._norm_hook) for m in norms]
         self.probe_handles = [] if self.probed else [
             h for m in norms for h in (m.register_forward_pre_hook(self._probe_norm_start),
                                        m.register_forward_hook(self._probe_norm_end))]
@@ -173,7 +176,7 @@ class Collector:
 
     def _probe_norm_start(self, module: nn.Module, inputs: Any) -> None:
         if self.probe is not None and inputs:
-            self.probe.norm_started(inputs[0])
+            self.probe.norm_started(module, inputs[0])
 
     def _probe_norm_end(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self.probe is not None and inputs:
@@ -229,7 +232,11 @@ class Collector:
                 h.remove()
             self.probe_handles = []
             self.probed = True
-        self.late = probe.in_place_layers()
+        readers = probe.in_place_layers()
+        self.late = set(readers)
+        # A BatchNorm hook costs a slow module call each batch: only where it pools.
+        self.handles += [m.register_forward_hook(self._norm_hook)
+                         for m in {id(m): m for m in readers.values()}.values()]
 
     def take(self) -> torch.Tensor:
         """The ``[images, channels]`` pooled rows of the batch just run (a view of the
