@@ -327,6 +327,34 @@ def test_streamed_counts_equal_the_full_matrix(kind):
         assert counts.kept < 0.25 * rows.numel()
 
 
+def test_a_batch_keeps_the_values_inside_the_intervals_in_row_order():
+    """The entries a batch keeps and counts are exactly those its values imply."""
+    from cdprune.importance.documents import SampleCounts
+
+    rows = _documents("random")
+    counts = SampleCounts(SPANS, warmup=128)
+    for start in range(0, 512, 64):
+        counts.add(rows[start:start + 64])
+    counts._next_compaction = (10**9, 10**9)  # keep this batch's entries apart
+    low, high = counts.low32.clone(), counts.high32.clone()
+    df, tf, pieces = counts.above_df.clone(), counts.above_tf.clone(), len(counts.value)
+    batch = rows[512:576].T.contiguous().T  # column-major: read as if contiguous
+    counts.add(batch)
+    values = batch.double()
+    totals = torch.cat([values[:, lo:hi].sum(1, keepdim=True).expand(-1, hi - lo)
+                        for lo, hi in SPANS], 1)
+    share = values / totals.masked_fill(totals == 0, float("inf"))
+    inside = (batch >= low) & (batch < high)
+    doc, col = inside.nonzero(as_tuple=True)
+    assert len(counts.value) == pieces + 1 and doc.numel() > 0
+    assert torch.equal(counts.channel[-1], col.to(torch.int32))
+    assert torch.equal(counts.value[-1], batch[doc, col])
+    assert torch.equal(counts.share[-1], share[doc, col])
+    above = batch >= high
+    assert torch.equal(counts.above_df - df, above.sum(0).double())
+    assert torch.allclose(counts.above_tf - tf, (share * above).sum(0), rtol=1e-12, atol=0)
+
+
 def test_default_statistics_do_not_grow_with_the_images(small_net, tmp_path):
     sizes = []
     for n in (48, 480):

@@ -134,6 +134,7 @@ class SampleCounts:
         self.share: list[torch.Tensor] = []
         self.kept = 0
         self._next_compaction = (0, 0)  # (images, entries) that trigger the next compaction
+        self._buffer = torch.empty(0, total, dtype=torch.float64)  # see _values
 
     def add(self, rows: torch.Tensor) -> None:
         """Count one batch: ``[images, channels]`` pooled values (non-negative, on the CPU).
@@ -141,19 +142,21 @@ class SampleCounts:
         The first :attr:`warmup` images are kept as they are (the interval needs a spread
         estimate first); later ones are classified at once.
         """
-        rows = rows.float()
-        values = rows.double()
+        rows = rows.float().contiguous()
+        values = self._values(rows)
         self.images += rows.shape[0]
         self.sums += values.sum(dim=0)
-        self.squares += (values * values).sum(dim=0)
-        self.nonzero += torch.count_nonzero(rows, dim=0)
+        self.squares += torch.mul(values, values, out=self._square[:rows.shape[0]]).sum(dim=0)
+        # Counted as bytes: count_nonzero and bool sums widen every flag to int64 first.
+        fired = torch.ne(rows, 0, out=self._inside[:rows.shape[0]]).view(torch.uint8)
+        self.nonzero += fired.sum(dim=0, dtype=torch.int32)
         if self.warm is not None:
             self.warm.append(rows.clone())
             if self.images >= self.warmup:
                 self._narrow()
                 warm, self.warm = self.warm, None
                 for block in warm:
-                    self._classify(block, block.double())
+                    self._classify(block, self._values(block))
                 self._next_compaction = (2 * self.images, max(2 * self.kept, 1 << 16))
             return
         self._classify(rows, values)
@@ -161,26 +164,44 @@ class SampleCounts:
         if self.images >= images or self.kept >= entries:
             self._compact()
 
+    def _values(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` in float64, in a buffer reused from batch to batch: a fresh tensor of
+        this size per batch costs page faults that outweigh the arithmetic."""
+        n = rows.shape[0]
+        if self._buffer.shape[0] < n:
+            shape = (n, rows.shape[1])
+            self._buffer = torch.empty(shape, dtype=torch.float64)
+            self._square = torch.empty(shape, dtype=torch.float64)
+            self._above = torch.empty(shape, dtype=torch.bool)
+            self._inside = torch.empty(shape, dtype=torch.bool)
+            self._mask = torch.empty(shape, dtype=torch.float64)
+        return self._buffer[:n].copy_(rows)
+
     def _classify(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Count the images above the intervals and keep those inside them.
 
         Values are compared in float32 against thresholds rounded up to float32 (exact, see
-        :func:`_up32`). ``values`` (``rows`` in float64) is overwritten.
+        :func:`_up32`). ``values`` (contiguous ``rows`` in float64) is overwritten with the
+        shares. Entries are kept in row-major order, the order :meth:`finish` adds them in.
         """
-        above = rows >= self.high32
-        inside = (rows >= self.low32) ^ above  # low32 <= high32, and low32 > 0
-        totals = self.layout.totals(values)
-        where = inside.nonzero()
-        if where.numel():
-            doc, col = where[:, 0], where[:, 1]
-            self.channel.append(col.to(torch.int32))
-            value = rows[doc, col]
-            self.value.append(value)
-            self.share.append(value.double() / totals[doc, self.layer_of[col]])
-            self.kept += int(col.numel())
-        self.above_df += torch.count_nonzero(above, dim=0)
-        share = self.layout.divide_(values, totals)
-        self.above_tf += share.masked_fill_(above.logical_not_(), 0.0).sum(dim=0)
+        n = rows.shape[0]
+        above = torch.ge(rows, self.high32, out=self._above[:n])
+        inside = torch.ge(rows, self.low32, out=self._inside[:n])
+        inside ^= above  # low32 <= high32, and low32 > 0
+        share = self.layout.divide_(values, self.layout.totals(values))
+        flat = inside.view(-1).nonzero().squeeze(1)
+        if flat.numel():
+            # A value's share is the one of the shares matrix at its place: the same float64
+            # division either way, so gathering it is exact.
+            self.channel.append(flat.remainder(rows.shape[1]).to(torch.int32))
+            self.value.append(rows.view(-1).index_select(0, flat))
+            self.share.append(share.view(-1).index_select(0, flat))
+            self.kept += int(flat.numel())
+        # 1.0 above, 0.0 elsewhere: a product keeps exactly the shares above (all finite and
+        # non-negative) and is many times faster than masked_fill_; the counts stay integers.
+        mask = self._mask[:n].copy_(above)
+        self.above_df += mask.sum(dim=0)
+        self.above_tf += share.mul_(mask).sum(dim=0)
 
     def memory_bytes(self) -> int:
         """Bytes the kept entries take now (the per-channel vectors aside)."""
@@ -215,12 +236,18 @@ class SampleCounts:
             col = torch.cat(self.channel).long()
             value, share = torch.cat(self.value), torch.cat(self.share)
             above = value >= self.high32[col]
-            self.above_df.index_add_(0, col[above], torch.ones_like(share[above]))
-            self.above_tf.index_add_(0, col[above], share[above])
-            keep = ~above & (value >= self.low32[col])
-            col, value, share = col[keep], value[keep], share[keep]
-            self.channel, self.value, self.share = [col.to(torch.int32)], [value], [share]
-            self.kept = int(col.numel())
+            # One index list per mask, in ascending order: the entries are added in the
+            # order they were kept, whatever the selection costs.
+            hit = above.nonzero().squeeze(1)
+            self.above_df.index_add_(0, col.index_select(0, hit),
+                                     torch.ones(hit.numel(), dtype=torch.float64))
+            self.above_tf.index_add_(0, col.index_select(0, hit), share.index_select(0, hit))
+            keep = above.logical_not_().logical_and_(value >= self.low32[col]).nonzero()
+            keep = keep.squeeze(1)
+            self.channel = [col.index_select(0, keep).to(torch.int32)]
+            self.value = [value.index_select(0, keep)]
+            self.share = [share.index_select(0, keep)]
+            self.kept = int(keep.numel())
         self._next_compaction = (2 * self.images, max(2 * self.kept, 1 << 16))
 
     def finish(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
