@@ -131,6 +131,20 @@ def test_nan_activations_name_the_layer(small_net, loader):
         collect_stats(small_net, loader, progress=False)
 
 
+def test_inf_activations_name_the_layer_and_large_finite_ones_pass(small_net, loader):
+    from cdprune.importance.stats import _check_finite
+
+    offsets = [("a", (0, 2)), ("b", (2, 4))]
+    huge = torch.full((3, 4), 1e308, dtype=torch.float64)  # finite, but the sum overflows
+    _check_finite(huge, offsets)
+    huge[1, 3] = float("inf")
+    with pytest.raises(DataError, match="layer 'b'"):
+        _check_finite(huge, offsets)
+    small_net.conv3.weight.data[0] = float("inf")
+    with pytest.raises(DataError, match="layer 'conv3'"):
+        collect_stats(small_net, loader, progress=False)
+
+
 @pytest.mark.parametrize("documents", ["sample", "class"])
 def test_save_load_round_trip(small_net, loader, tmp_path, documents):
     stats = collect_stats(small_net, loader, documents=documents, progress=False)

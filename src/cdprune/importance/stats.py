@@ -368,7 +368,10 @@ def _reduce_samples(chunks: list[torch.Tensor], stats: ActivationStats, device: 
 
 
 def _check_finite(values: torch.Tensor, offsets: list[tuple[str, tuple[int, int]]]) -> None:
-    if bool(torch.isfinite(values).all()):
+    # A NaN or inf term makes a sum non-finite, so a finite float64 sum clears every value
+    # in one reduction; only a sum that overflowed needs the per-value test.
+    if (math.isfinite(float(values.sum(dtype=torch.float64)))
+            or bool(torch.isfinite(values).all())):
         return
     bad = torch.isfinite(values).all(dim=0).logical_not().nonzero().flatten().tolist()
     for name, (lo, hi) in offsets:
