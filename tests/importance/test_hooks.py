@@ -85,6 +85,15 @@ class Aliased(Chain):
         self.bn1 = PassThroughNorm(8)
 
 
+class SharedNorm(Chain):
+    """One BatchNorm module normalises both conv outputs: each is read by one call, but
+    the module's input is not always the same layer's output."""
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn1(self.conv2(x)))
+
+
 class ChannelsLast(Chain):
     def forward(self, x):
         return super().forward(x.contiguous(memory_format=torch.channels_last))
@@ -92,6 +101,7 @@ class ChannelsLast(Chain):
 
 CASES = {  # model: layers whose ReLU may be taken in place
     "chain": (Chain, {0, 1}),
+    "shared-norm": (SharedNorm, {0, 1}),
     "read-again": (ReadAgain, {1}),
     "two-norms": (TwoNorms, {1}),
     "concat": (Concat, {1}),
@@ -140,7 +150,8 @@ def _collect(model: nn.Module, batches) -> tuple[list[torch.Tensor], list[torch.
                 collector.forward(model, x)
                 rows.append(collector.take().clone())
                 results.append(outputs.pop())
-        return rows, results, collector.late
+        assert collector.late <= collector.in_place
+        return rows, results, collector.in_place
     finally:
         handle.remove()
         collector.remove()
@@ -182,8 +193,25 @@ def test_the_probe_watches_the_first_batch_only():
     assert hooks_before == 1  # the probe's
     with torch.inference_mode():
         collector.forward(model, torch.randn(2, 3, 8, 8))
-    assert len(modules["bn1"]._forward_pre_hooks) == 0 and collector.late == {0, 1}
+    assert len(modules["bn1"]._forward_pre_hooks) == 0 and collector.in_place == {0, 1}
     assert len(modules["bn1"]._forward_hooks) == len(modules["bn2"]._forward_hooks) == 1
+    # Each conv ran once, as did its BatchNorm: the BatchNorm's hook alone pools it.
+    assert collector.late == set()
+    assert not modules["conv1"]._forward_hooks and not modules["conv2"]._forward_hooks
+    collector.remove()
+    assert not modules["bn1"]._forward_hooks and not modules["bn2"]._forward_hooks
+
+
+def test_a_batchnorm_that_runs_twice_gets_its_input_by_identity():
+    model = _randomise(SharedNorm())
+    modules = dict(model.named_modules())
+    collector = Collector([modules["conv1"], modules["conv2"]], model)
+    with torch.inference_mode():
+        collector.forward(model, torch.randn(2, 3, 8, 8))
+    assert collector.in_place == collector.late == {0, 1}
+    assert len(modules["conv1"]._forward_hooks) == len(modules["conv2"]._forward_hooks) == 1
+    assert len(modules["bn1"]._forward_hooks) == 1
+    collector.remove()
 
 
 def test_only_the_batchnorms_that_pool_keep_a_hook():
@@ -192,8 +220,9 @@ def test_only_the_batchnorms_that_pool_keep_a_hook():
     collector = Collector([modules["conv1"], modules["conv2"]], model)
     with torch.inference_mode():
         collector.forward(model, torch.randn(2, 3, 8, 8))
-    assert collector.late == {1}
+    assert collector.in_place == {1} and collector.late == set()
     assert not modules["bn1"]._forward_hooks and len(modules["bn2"]._forward_hooks) == 1
+    assert len(modules["conv1"]._forward_hooks) == 1 and not modules["conv2"]._forward_hooks
     collector.remove()
     assert not modules["bn2"]._forward_hooks
     collector.remove()

@@ -14,6 +14,9 @@ traffic down without changing a single bit of the pooled values:
   records who reads each output. The later batches are trusted to take the same path
   (a model in eval mode whose forward read a conv output elsewhere for some inputs only
   would defeat this; the CNNs and transformers tried do not).
+* Every hook makes its module's call slower. Where a layer and its BatchNorm each ran
+  once, the BatchNorm's hook alone pools the layer (its input is the layer's output), so
+  in a plain CNN there is one hook per scored layer.
 """
 
 from __future__ import annotations
@@ -55,10 +58,13 @@ class ReaderProbe(TorchFunctionMode):
         self.reader: dict[int, nn.Module] = {}  # layer -> the BatchNorm that read it
         self.stray_reads: set[int] = set()  # layers read outside their BatchNorm call
         self.aliased: set[int] = set()  # layers whose BatchNorm returned a view of them
+        self.outputs: dict[int, int] = {}  # layer -> outputs it produced (calls)
+        self.norm_calls: dict[nn.Module, int] = {}  # BatchNorm -> times it ran
         self.paused = False
 
     def watch(self, index: int, tensor: torch.Tensor) -> None:
         self.watched[id(tensor)] = (weakref.ref(tensor), index)
+        self.outputs[index] = self.outputs.get(index, 0) + 1
 
     def layer_of(self, tensor: Any) -> int | None:
         entry = self.watched.get(id(tensor))
@@ -67,6 +73,7 @@ class ReaderProbe(TorchFunctionMode):
         return entry[1]
 
     def norm_started(self, norm: nn.Module, x: torch.Tensor) -> None:
+        self.norm_calls[norm] = self.norm_calls.get(norm, 0) + 1
         index = self.layer_of(x)
         if index is not None:
             self.norm_reads[index] = self.norm_reads.get(index, 0) + 1
@@ -91,6 +98,12 @@ class ReaderProbe(TorchFunctionMode):
         """Layers whose output only one BatchNorm call read, with that BatchNorm."""
         return {i: self.reader[i] for i, reads in self.norm_reads.items()
                 if reads == 1 and i not in self.stray_reads and i not in self.aliased}
+
+    def sole_inputs(self) -> dict[int, nn.Module]:
+        """In-place layers that ran once and whose BatchNorm ran once, on their output:
+        that BatchNorm's input *is* the layer's output, so its hook alone can pool it."""
+        return {i: norm for i, norm in self.in_place_layers().items()
+                if self.outputs.get(i) == 1 and self.norm_calls.get(norm) == 1}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -131,15 +144,17 @@ class Collector:
         self.batch = 0
         self.scratch = torch.empty(0)
         self.tap = tap
-        self.late: set[int] = set()  # layers pooled from their BatchNorm's hook
+        self.in_place: set[int] = set()  # layers whose ReLU is taken on their output
+        self.late: set[int] = set()  # of those, layers that hand their output over by id
         self.pending: dict[int, tuple[int, torch.Tensor]] = {}
         self.probe: ReaderProbe | None = None
         # act pools every BatchNorm'd layer late anyway; a torch.compile'd model would
         # trace the probe's bookkeeping, so it keeps the scratch path.
         self.probed = tap != "conv" or hasattr(model, "_orig_mod")
         norms = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
-        self.handles = [m.register_forward_hook(self._conv_hook(i))
-                        for i, m in enumerate(modules)]
+        self.layer_handles = {i: m.register_forward_hook(self._conv_hook(i))
+                              for i, m in enumerate(modules)}
+        self.handles: list[Any] = []
         if tap == "act":  # with conv, only the BatchNorms the probe picks get one
             self.handles += [m.register_forward_hook(self._norm_hook) for m in norms]
         self.probe_handles = [] if self.probed else [
@@ -173,6 +188,12 @@ class Collector:
             self._pool(index, output)
         else:  # only this BatchNorm read the conv output, and it is done with it
             self._pool(index, conv_output, in_place=conv_output.is_contiguous())
+
+    def _sole_input_hook(self, index: int):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            x = inputs[0]  # the layer's output, which only this call read
+            self._pool(index, x, in_place=x.is_contiguous())
+        return hook
 
     def _probe_norm_start(self, module: nn.Module, inputs: Any) -> None:
         if self.probe is not None and inputs:
@@ -233,10 +254,17 @@ class Collector:
             self.probe_handles = []
             self.probed = True
         readers = probe.in_place_layers()
-        self.late = set(readers)
-        # A BatchNorm hook costs a slow module call each batch: only where it pools.
-        self.handles += [m.register_forward_hook(self._norm_hook)
-                         for m in {id(m): m for m in readers.values()}.values()]
+        # Every hook makes its module's call slower, so where the BatchNorm's input is known
+        # to be the layer's output its hook alone pools it, and the layer keeps none; the
+        # other in-place layers hand their output over by tensor identity.
+        sole = probe.sole_inputs()
+        for index, norm in sole.items():
+            self.layer_handles.pop(index).remove()
+            self.handles.append(norm.register_forward_hook(self._sole_input_hook(index)))
+        self.in_place = set(readers)
+        self.late = self.in_place - set(sole)
+        self.handles += [m.register_forward_hook(self._norm_hook) for m in
+                         {id(m): m for i, m in readers.items() if i not in sole}.values()]
 
     def take(self) -> torch.Tensor:
         """The ``[images, channels]`` pooled rows of the batch just run (a view of the
@@ -256,9 +284,9 @@ class Collector:
         return self.rows[:self.batch]
 
     def remove(self) -> None:
-        for h in self.handles + self.probe_handles:
+        for h in [*self.layer_handles.values(), *self.handles, *self.probe_handles]:
             h.remove()
-        self.handles, self.probe_handles = [], []
+        self.layer_handles, self.handles, self.probe_handles = {}, [], []
         self.scratch = torch.empty(0)
         self.rows = torch.empty(0, self.total)
         self.targets.clear()
