@@ -180,7 +180,7 @@ def test_statistics_hooks_leave_real_models_untouched(source, name, in_place):
                 collector.forward(model, x)
                 assert torch.equal(collector.take(), ref_rows)
                 assert torch.equal(outputs.pop(), ref_out)
-        late = len(collector.late)
+        late = len(collector.in_place)
     finally:
         handle.remove()
         collector.remove()
