@@ -8,13 +8,15 @@ conv output's ReLU into a reused scratch and its mean into a row buffer (``scrat
 collector before it took the ReLU in place, same values) and through a copy that pools
 only the raw conv outputs' spatial means (``mean_only``: what a fused ReLU+mean, reading
 each output once and writing nothing, would cost at best), the position of the
-statistics pass rotating from batch to batch. A slow moment of a shared machine therefore lands on all
-three passes of a batch alike. Time is CPU time: the main thread's at 1 thread (other
+statistics pass rotating from batch to batch. A slow moment of a shared machine therefore
+lands on all four passes of a batch alike. Time is CPU time: the main thread's at 1 thread (other
 processes' load does not count), the process's at more; wall-clock ratios beside.
 
 Reported per case and thread count:
   ratio_cpu          median over batches of (statistics batch / plain batch), with its
                      quartiles: what each batch costs (target: at most 1.05)
+  ratio_cpu_ci_low/high  a 95% bootstrap interval of that median (a shared VM's batches
+                     scatter by +-5%: the interval says what the median can tell apart)
   ratio_cpu_total    the whole ``collect_stats`` call (setup, the first batch it watches,
                      the final counting) over the plain batches' sum
   ratio_cpu_scratch  the scratch-ReLU pass, per batch, median
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import random
 import statistics
 import time
 
@@ -39,8 +42,8 @@ from cdprune.importance.stats import collect_stats
 from cdprune.models import create_model
 
 CASES = {  # name: (model, input size, batch size, batches)
-    "resnet56-cifar": ("resnet56", 32, 128, 40),
-    "resnet50-224": ("resnet50", 224, 16, 16),
+    "resnet56-cifar": ("resnet56", 32, 128, 80),
+    "resnet50-224": ("resnet50", 224, 16, 32),
 }
 
 
@@ -84,6 +87,14 @@ def add_scratch_hooks(model: torch.nn.Module) -> None:
 
     for m in convs:
         m.register_forward_hook(hook)
+
+
+def median_interval(ratios: list[float], draws: int = 2000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median (seeded: reruns agree)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
+                     for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def measure(name: str, threads: int, batches: int | None = None) -> dict:
@@ -130,10 +141,12 @@ def measure(name: str, threads: int, batches: int | None = None) -> dict:
     call = clock() - start - sum(sum(times[k]) for k in copies)
     ratios = [s / p for s, p in zip(times["stats"], times["plain"])]
     quartiles = statistics.quantiles(ratios, n=4)
+    low, high = median_interval(ratios)
     return {"case": name, "threads": threads, "images": batch * count,
             "plain_cpu_s": sum(times["plain"]), "stats_cpu_s": call,
             "ratio_cpu": statistics.median(ratios),
             "ratio_cpu_q1": quartiles[0], "ratio_cpu_q3": quartiles[2],
+            "ratio_cpu_ci_low": low, "ratio_cpu_ci_high": high,
             "ratio_cpu_total": call / sum(times["plain"]),
             "ratio_wall": statistics.median(
                 s / p for s, p in zip(walls["stats"], walls["plain"])),
@@ -144,7 +157,8 @@ def measure(name: str, threads: int, batches: int | None = None) -> dict:
 
 
 COLUMNS = ("case", "threads", "images", "plain_cpu_s", "stats_cpu_s", "ratio_cpu",
-           "ratio_cpu_q1", "ratio_cpu_q3", "ratio_cpu_total", "ratio_wall",
+           "ratio_cpu_q1", "ratio_cpu_q3", "ratio_cpu_ci_low", "ratio_cpu_ci_high",
+           "ratio_cpu_total", "ratio_wall",
            "ratio_cpu_scratch", "ratio_cpu_mean_only")
 
 
