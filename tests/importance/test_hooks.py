@@ -202,12 +202,18 @@ def test_the_probe_watches_the_first_batch_only():
     assert not modules["bn1"]._forward_hooks and not modules["bn2"]._forward_hooks
 
 
-def test_a_batchnorm_that_runs_twice_gets_its_input_by_identity():
-    model = _randomise(SharedNorm())
+def _probed(build) -> tuple[dict[str, nn.Module], Collector]:
+    """A two-conv model's collector after its first (watched) batch."""
+    model = _randomise(build())
     modules = dict(model.named_modules())
     collector = Collector([modules["conv1"], modules["conv2"]], model)
     with torch.inference_mode():
         collector.forward(model, torch.randn(2, 3, 8, 8))
+    return modules, collector
+
+
+def test_a_batchnorm_that_runs_twice_gets_its_input_by_identity():
+    modules, collector = _probed(SharedNorm)
     assert collector.in_place == collector.late == {0, 1}
     assert len(modules["conv1"]._forward_hooks) == len(modules["conv2"]._forward_hooks) == 1
     assert len(modules["bn1"]._forward_hooks) == 1
@@ -215,11 +221,7 @@ def test_a_batchnorm_that_runs_twice_gets_its_input_by_identity():
 
 
 def test_only_the_batchnorms_that_pool_keep_a_hook():
-    model = _randomise(ReadAgain())
-    modules = dict(model.named_modules())
-    collector = Collector([modules["conv1"], modules["conv2"]], model)
-    with torch.inference_mode():
-        collector.forward(model, torch.randn(2, 3, 8, 8))
+    modules, collector = _probed(ReadAgain)
     assert collector.in_place == {1} and collector.late == set()
     assert not modules["bn1"]._forward_hooks and len(modules["bn2"]._forward_hooks) == 1
     assert len(modules["conv1"]._forward_hooks) == 1 and not modules["conv2"]._forward_hooks
