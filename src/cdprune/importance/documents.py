@@ -174,7 +174,6 @@ class SampleCounts:
             self._square = torch.empty(shape, dtype=torch.float64)
             self._above = torch.empty(shape, dtype=torch.bool)
             self._inside = torch.empty(shape, dtype=torch.bool)
-            self._mask = torch.empty(shape, dtype=torch.float64)
         return self._buffer[:n].copy_(rows)
 
     def _classify(self, rows: torch.Tensor, values: torch.Tensor) -> None:
@@ -199,7 +198,7 @@ class SampleCounts:
             self.kept += int(flat.numel())
         # 1.0 above, 0.0 elsewhere: a product keeps exactly the shares above (all finite and
         # non-negative) and is many times faster than masked_fill_; the counts stay integers.
-        mask = self._mask[:n].copy_(above)
+        mask = self._square[:n].copy_(above)  # the squares are summed by now
         self.above_df += mask.sum(dim=0)
         self.above_tf += share.mul_(mask).sum(dim=0)
 
