@@ -59,8 +59,6 @@ class _Layout:
 
     def __init__(self, offsets: Sequence[tuple[int, int]]):
         self.layers = len(offsets)
-        self.layer_of = torch.cat([torch.full((hi - lo,), i, dtype=torch.long)
-                                   for i, (lo, hi) in enumerate(offsets)])
         # Consecutive layers of one width are summed as one [images, layers, width] view.
         self.runs: list[tuple[int, int, int]] = []  # (first layer, layers, width)
         for i, (lo, hi) in enumerate(offsets):
@@ -114,8 +112,7 @@ class SampleCounts:
     def __init__(self, offsets: Sequence[tuple[int, int]], *, z: float = Z_WIDTH,
                  warmup: int | None = None):
         self.layout = _Layout(offsets)
-        self.layer_of = self.layout.layer_of
-        total = int(self.layer_of.numel())
+        total = sum(hi - lo for lo, hi in offsets)
         self.z, self.warmup = z, WARMUP_IMAGES if warmup is None else warmup
         self.images = 0
         self.sums = torch.zeros(total, dtype=torch.float64)
