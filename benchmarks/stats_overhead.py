@@ -42,8 +42,8 @@ from cdprune.importance.stats import collect_stats
 from cdprune.models import create_model
 
 CASES = {  # name: (model, input size, batch size, batches)
-    "resnet56-cifar": ("resnet56", 32, 128, 80),
-    "resnet50-224": ("resnet50", 224, 16, 32),
+    "resnet56-cifar": ("resnet56", 32, 128, 240),
+    "resnet50-224": ("resnet50", 224, 16, 80),
 }
 
 
