@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from cdprune.importance import hooks
 from cdprune.importance.activations import conv_layer_names
 from cdprune.importance.hooks import Collector
 from cdprune.importance.stats import collect_stats
@@ -173,6 +174,46 @@ def test_pooled_values_and_outputs_are_exactly_those_of_a_plain_pass(case):
         assert late == expected
     else:  # real CNNs: every conv output is read by its BatchNorm alone
         assert late == set(range(len(conv_layer_names(model))))
+
+
+class OneChannel(nn.Module):
+    """A one-channel conv before a wider one: its chunks would each hold one plane."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 1, 3, padding=1), nn.BatchNorm2d(1)
+        self.conv2, self.bn2 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 3])
+@pytest.mark.parametrize("case", ["chain", "resnet20", "one-channel"])
+def test_large_outputs_pooled_in_chunks_are_bit_identical(monkeypatch, case, images_per_chunk):
+    build = OneChannel if case == "one-channel" else CASES[case][0]
+    model = _randomise(build())
+    torch.manual_seed(1)
+    batches = [torch.randn(7, 3, 16, 16) for _ in range(2)]  # 7: a last, shorter chunk
+    ref_rows, ref_out = _reference(model, batches)
+    # Chunks of 1 or 3 images of the smallest output (bytes a float32 image takes there):
+    # larger outputs get one image a chunk.
+    smallest = {"chain": 8 * 16 * 16, "resnet20": 64 * 4 * 4, "one-channel": 1 * 16 * 16}[case] * 4
+    monkeypatch.setattr(hooks, "CHUNK_BYTES", images_per_chunk * smallest)
+    chunked: list[tuple[int, bool]] = []
+    original = Collector._pool_in_chunks
+
+    def spy(output, target):
+        done = original(output, target)
+        chunked.append((output.shape[1], done))
+        return done
+
+    monkeypatch.setattr(Collector, "_pool_in_chunks", staticmethod(spy))
+    rows, out, _ = _collect(model, batches)
+    assert all(torch.equal(a, b) for a, b in zip(rows, ref_rows))
+    assert all(torch.equal(a, b) for a, b in zip(out, ref_out))
+    assert any(done for _, done in chunked)  # the chunked path ran
+    assert not any(done for width, done in chunked if width == 1)
 
 
 def test_channels_last_outputs_keep_the_scratch_path():
